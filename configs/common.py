@@ -1,0 +1,42 @@
+"""Shared defaults for every stage's config: data source, simulation, augmentation.
+
+Presets: `demo` (a CPU-minutes simulated set), `seed` (the full DeepLense Model II
+size, 30k images per class) and `tiny` (a few images, for tests).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+PRESETS = ("demo", "seed", "tiny")
+
+# Simulated images per class for each preset (the real Model II set has ~30k).
+_SIM_PER_CLASS = {"demo": 1000, "seed": 30000, "tiny": 24}
+
+
+def parse_preset(arg: str | None) -> str:
+  """The preset named by a config argument (`--config=file.py:PRESET`), default demo."""
+  preset = arg or "demo"
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+  return preset
+
+
+def data_config(preset: str) -> ml_collections.ConfigDict:
+  """Where the images come from and how they are prepared and augmented."""
+  data = ml_collections.ConfigDict()
+  # 'simulated': generate the folder below with the Model II simulator if needed;
+  # 'deeplense': read a DeepLense folder the user brings (never written to).
+  data.source = "simulated"
+  data.dir = "data/model_ii_sim" if preset == "seed" else f"data/model_ii_sim_{preset}"
+  # Prepared tfds datasets, one sub-folder per source fingerprint.
+  data.cache_dir = "~/tensorflow_datasets/mae_jax"
+  data.validation_fraction = 0.1
+  data.on_bad_file = "error"   # or 'skip': leave bad files out and list them
+  data.cache_in_memory = True
+  data.sim = ml_collections.ConfigDict(dict(
+      per_class=_SIM_PER_CLASS[preset], seed=0, noise=False,
+      workers=0,  # 0: one worker per CPU core
+  ))
+  data.augment = ml_collections.ConfigDict(dict(flip=True, rot90=True, max_shift=4))
+  return data

@@ -1,0 +1,554 @@
+"""Simulator of the DeepLense "Model II" strong-lensing dataset.
+
+Reproduces the recipe of DeepLenseSim (M. Toomey, built on lenstronomy) for
+Euclid-VIS-like 64x64 images of a galaxy-scale lens with three classes of
+substructure: none (`no_sub`), CDM point-mass subhalos (`cdm`) and an axion
+vortex (`axion`). Files are written in exactly the released DeepLense layout
+(see `layout.py`) with `npy_io.write_lens_file`, so readers cannot tell a
+simulated folder from a downloaded one.
+
+Every image draws from its own generator seeded by (seed, class index, image
+index), and its file name is derived from the same triple, so a run gives
+byte-identical files whatever the worker count or order, and an interrupted run
+can be resumed by simulating only the files that are missing.
+
+Usage:
+  python -m mae_jax.data.simulate --out DIR --per_class N [--seed S]
+      [--workers W] [--noise]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import functools
+import json
+import math
+import multiprocessing
+import os
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from mae_jax.data.layout import CLASS_NAMES
+from mae_jax.data.npy_io import write_lens_file
+
+# --- The recipe (DeepLense Model II). Recorded verbatim in simulation.json. ---
+
+# Cosmology (astropy FlatLambdaCDM) and redshifts.
+H0 = 70.0
+OM0 = 0.3
+OB0 = 0.05
+Z_LENS = 0.5
+Z_SOURCE = 1.0
+# Redshift at which lenstronomy's multi-plane deflections are normalised.
+# Kept from the original code: it makes the effective ring smaller than
+# `einstein_radius` (the source sits at z=1.0, not 2.5).
+Z_SOURCE_CONVENTION = 2.5
+# The original code converts radians to arcsec with this rounded constant.
+ARCSEC_PER_RAD = 206265.0
+
+# Instrument: lenstronomy's Euclid VIS configuration.
+NUM_PIX = 64
+PIXEL_SCALE = 0.101  # arcsec; what Euclid(band='VIS') gives, checked at run time.
+EUCLID_BAND = "VIS"
+EUCLID_PSF_TYPE = "GAUSSIAN"
+EUCLID_COADD_YEARS = 6
+
+# Main lens: SIE plus external shear.
+MAIN_LENS_MASS = 1e12  # M_sun
+MAIN_LENS_E1 = 0.1
+MAIN_LENS_E2 = 0.0
+SHEAR_GAMMA1 = 0.05
+SHEAR_GAMMA2 = 0.0
+
+# Source: elliptical Sersic at a random position.
+SOURCE_MAGNITUDE = 20.0
+SOURCE_R_SERSIC = 0.25
+SOURCE_N_SERSIC = 1.0
+SOURCE_E1 = -0.1
+SOURCE_E2 = 0.1
+SOURCE_CENTER_MAX = 0.35  # center_x, center_y ~ U[-max, max] arcsec
+
+# CDM: point-mass subhalos with dN/dm ∝ m^beta.
+CDM_NUM_SUBHALOS = 25
+CDM_MASS_MIN = 1e6
+CDM_MASS_MAX = 1e10
+CDM_MASS_SLOPE = -0.9
+CDM_R_MIN = 0.25  # arcsec
+CDM_R_MAX = 2.0
+
+# Axion: straight vortex of point masses through the image centre.
+AXION_LOG10_MASS_MIN = -24.0  # eV
+AXION_LOG10_MASS_MAX = -22.0
+AXION_VORTEX_MASS = 3e10  # M_sun, total
+AXION_VORTEX_POINTS = 100
+AXION_VORTEX_SCALE = 0.03e-22  # half-length lambda = scale / m_a, in arcsec
+
+MANIFEST_NAME = "simulation.json"
+MANIFEST_FORMAT = "deeplense-model-ii-sim/1"
+
+# Mixed into the name seed so names and image randomness use different streams.
+_NAME_STREAM = 0x6E616D65  # "name"
+
+
+def recipe() -> dict[str, Any]:
+  """All recipe numbers, as recorded in simulation.json (JSON types only)."""
+  return {
+      "model": "DeepLense Model II (DeepLenseSim recipe)",
+      "cosmology": {"name": "FlatLambdaCDM", "H0": H0, "Om0": OM0, "Ob0": OB0},
+      "z_lens": Z_LENS,
+      "z_source": Z_SOURCE,
+      "z_source_convention": Z_SOURCE_CONVENTION,
+      "einstein_radius": ("sqrt(4 G M / c^2 * (D_S - D_L) / (D_L * D_S)) * "
+                          "206265 with luminosity distances D_L, D_S"),
+      "arcsec_per_rad": ARCSEC_PER_RAD,
+      "instrument": {"name": "Euclid", "band": EUCLID_BAND,
+                     "psf_type": EUCLID_PSF_TYPE,
+                     "coadd_years": EUCLID_COADD_YEARS,
+                     "num_pix": NUM_PIX, "pixel_scale": PIXEL_SCALE,
+                     "point_source_supersampling_factor": 1},
+      "main_lens": {"models": ["SIE", "SHEAR"], "mass_msun": MAIN_LENS_MASS,
+                    "e1": MAIN_LENS_E1, "e2": MAIN_LENS_E2,
+                    "center": [0.0, 0.0],
+                    "gamma1": SHEAR_GAMMA1, "gamma2": SHEAR_GAMMA2},
+      "source": {"model": "SERSIC_ELLIPSE", "magnitude": SOURCE_MAGNITUDE,
+                 "R_sersic": SOURCE_R_SERSIC, "n_sersic": SOURCE_N_SERSIC,
+                 "e1": SOURCE_E1, "e2": SOURCE_E2,
+                 "center_uniform": [-SOURCE_CENTER_MAX, SOURCE_CENTER_MAX]},
+      "cdm": {"model": "POINT_MASS", "num_subhalos": CDM_NUM_SUBHALOS,
+              "mass_range_msun": [CDM_MASS_MIN, CDM_MASS_MAX],
+              "mass_slope": CDM_MASS_SLOPE,
+              "radius_uniform": [CDM_R_MIN, CDM_R_MAX],
+              "angle_uniform": [0.0, 2 * math.pi]},
+      "axion": {"model": "POINT_MASS",
+                "log10_mass_ev_uniform": [AXION_LOG10_MASS_MIN,
+                                          AXION_LOG10_MASS_MAX],
+                "vortex_mass_msun": AXION_VORTEX_MASS,
+                "vortex_points": AXION_VORTEX_POINTS,
+                # Half-length lambda = vortex_half_length_scale / m_a (arcsec).
+                "vortex_half_length_scale": AXION_VORTEX_SCALE,
+                "angle_uniform": [0.0, 2 * math.pi]},
+      "scaling": "per-image min-max to [0, 1]",
+  }
+
+
+class SimulationMismatchError(ValueError):
+  """An output folder holds a dataset made with other settings."""
+
+
+# --- Physics ---------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _cosmology():
+  """The recipe's astropy cosmology (built once per process)."""
+  from astropy.cosmology import FlatLambdaCDM  # pylint: disable=import-outside-toplevel
+  return FlatLambdaCDM(H0=H0, Om0=OM0, Ob0=OB0)
+
+
+@functools.lru_cache(maxsize=None)
+def _einstein_factor(z_lens: float, z_source: float) -> float:
+  """sqrt(4 G M_sun / c^2 * D_LS / (D_L D_S)) * 206265 (arcsec per sqrt(M_sun)).
+
+  D_L, D_S are *luminosity* distances, reproducing the original code.
+  """
+  from astropy import constants, units  # pylint: disable=import-outside-toplevel
+  cosmo = _cosmology()
+  d_l = cosmo.luminosity_distance(z_lens).to_value(units.m)
+  d_s = cosmo.luminosity_distance(z_source).to_value(units.m)
+  g = constants.G.to_value(units.m**3 / units.kg / units.s**2)
+  c = constants.c.to_value(units.m / units.s)
+  m_sun = constants.M_sun.to_value(units.kg)
+  return math.sqrt(4 * g * m_sun / c**2 * (d_s - d_l) / (d_l * d_s)) * ARCSEC_PER_RAD
+
+
+def einstein_radius(mass_msun: float | np.ndarray, z_lens: float = Z_LENS,
+                    z_source: float = Z_SOURCE) -> float | np.ndarray:
+  """Einstein radius in arcsec of point mass(es) `mass_msun` (solar masses).
+
+  Uses the original DeepLenseSim formula (luminosity distances); ≈1.28" for
+  1e12 M_sun at the default redshifts. Distances are computed once per
+  (z_lens, z_source) and cached.
+
+  Raises:
+    ValueError: a negative or non-finite mass, or z_source <= z_lens.
+  """
+  if not z_source > z_lens >= 0:
+    raise ValueError(f"need 0 <= z_lens < z_source, got z_lens={z_lens}, "
+                     f"z_source={z_source}")
+  mass = np.asarray(mass_msun, dtype=np.float64)
+  if not np.all(np.isfinite(mass)) or np.any(mass < 0):
+    raise ValueError("masses must be finite and non-negative (solar masses)")
+  radius = _einstein_factor(float(z_lens), float(z_source)) * np.sqrt(mass)
+  return float(radius) if radius.ndim == 0 else radius
+
+
+@functools.lru_cache(maxsize=None)
+def _kwargs_single_band() -> dict[str, Any]:
+  """Euclid VIS instrument kwargs (once per process); checks the pixel scale."""
+  from lenstronomy.SimulationAPI.ObservationConfig.Euclid import Euclid  # pylint: disable=import-outside-toplevel
+  kwargs = Euclid(band=EUCLID_BAND, psf_type=EUCLID_PSF_TYPE,
+                  coadd_years=EUCLID_COADD_YEARS).kwargs_single_band()
+  if not math.isclose(kwargs["pixel_scale"], PIXEL_SCALE):
+    raise RuntimeError(f"lenstronomy's Euclid VIS pixel scale is "
+                       f"{kwargs['pixel_scale']}\", the recipe needs {PIXEL_SCALE}\"")
+  return kwargs
+
+
+@functools.lru_cache(maxsize=None)
+def _image_model(num_point_masses: int):
+  """(SimAPI, ImageModel) for the main lens plus `num_point_masses` point masses.
+
+  The model lists depend only on the class (its number of point masses), not on
+  an image's parameters, so each worker builds these once per class.
+  """
+  from lenstronomy.SimulationAPI.sim_api import SimAPI  # pylint: disable=import-outside-toplevel
+  lens_models = ["SIE", "SHEAR"] + ["POINT_MASS"] * num_point_masses
+  kwargs_model = {
+      "lens_model_list": lens_models,
+      "lens_redshift_list": [Z_LENS] * len(lens_models),
+      "source_light_model_list": ["SERSIC_ELLIPSE"],
+      "source_redshift_list": [Z_SOURCE],
+      "cosmo": _cosmology(),
+      "z_source_convention": Z_SOURCE_CONVENTION,
+      "z_source": Z_SOURCE,
+  }
+  with warnings.catch_warnings():
+    # "Cosmology is provided ...": intended, we pass the recipe's cosmology.
+    warnings.filterwarnings("ignore", message="Cosmology is provided")
+    sim = SimAPI(NUM_PIX, _kwargs_single_band(), kwargs_model)
+    image_model = sim.image_model_class({"point_source_supersampling_factor": 1})
+  return sim, image_model
+
+
+def _point_masses(masses: np.ndarray, x: np.ndarray,
+                  y: np.ndarray) -> list[dict[str, float]]:
+  """POINT_MASS lens kwargs for masses (M_sun) at positions (x, y) arcsec."""
+  theta_e = einstein_radius(masses)
+  return [{"theta_E": float(t), "center_x": float(cx), "center_y": float(cy)}
+          for t, cx, cy in zip(theta_e, x, y)]
+
+
+def _cdm_subhalos(rng: np.random.Generator) -> list[dict[str, float]]:
+  """25 point masses, dN/dm ∝ m^-0.9 on [1e6, 1e10], r ~ U[0.25, 2]"."""
+  p = CDM_MASS_SLOPE + 1
+  lo, hi = CDM_MASS_MIN**p, CDM_MASS_MAX**p
+  masses = (lo + (hi - lo) * rng.uniform(size=CDM_NUM_SUBHALOS))**(1 / p)
+  r = rng.uniform(CDM_R_MIN, CDM_R_MAX, size=CDM_NUM_SUBHALOS)
+  th = rng.uniform(0, 2 * np.pi, size=CDM_NUM_SUBHALOS)
+  return _point_masses(masses, r * np.sin(th), r * np.cos(th))
+
+
+def _axion_vortex(rng: np.random.Generator) -> tuple[list[dict[str, float]], float]:
+  """A straight vortex of 100 point masses; returns (lens kwargs, axion mass eV)."""
+  axion_mass = 10.0**rng.uniform(AXION_LOG10_MASS_MIN, AXION_LOG10_MASS_MAX)
+  phi = rng.uniform(0, 2 * np.pi)
+  half_length = AXION_VORTEX_SCALE / axion_mass
+  t = np.linspace(-half_length, half_length, AXION_VORTEX_POINTS)
+  masses = np.full(AXION_VORTEX_POINTS, AXION_VORTEX_MASS / AXION_VORTEX_POINTS)
+  return _point_masses(masses, t * np.cos(phi), t * np.sin(phi)), float(axion_mass)
+
+
+def _min_max(image: np.ndarray) -> np.ndarray:
+  """Scales to [0, 1]; a constant image becomes all zeros (not NaN)."""
+  if not np.all(np.isfinite(image)):
+    raise FloatingPointError("lenstronomy returned non-finite pixels")
+  lo, hi = float(image.min()), float(image.max())
+  if hi <= lo:
+    return np.zeros_like(image, dtype=np.float64)
+  return np.clip((image - lo) / (hi - lo), 0.0, 1.0).astype(np.float64, copy=False)
+
+
+def simulate_image(class_name: str, rng: np.random.Generator,
+                   noise: bool = False) -> tuple[np.ndarray, float | None]:
+  """Simulates one Model II image of class `class_name` from `rng`.
+
+  Draw order is fixed (source position first, then substructure, then the
+  noise seed), so the same `rng` state gives the same source position in every
+  class. With `noise`, lenstronomy's background + Poisson noise is added from a
+  seed drawn from `rng` (global np.random state is neither used nor touched).
+
+  Returns:
+    The image scaled to [0, 1] (float64, (64, 64)) and the axion mass in eV
+    (None for no_sub and cdm).
+
+  Raises:
+    ValueError: `class_name` is not one of CLASS_NAMES.
+  """
+  if class_name not in CLASS_NAMES:
+    raise ValueError(f"unknown class {class_name!r}; expected one of "
+                     f"{', '.join(CLASS_NAMES)}")
+  if not isinstance(rng, np.random.Generator):
+    raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+
+  center_x, center_y = rng.uniform(-SOURCE_CENTER_MAX, SOURCE_CENTER_MAX, size=2)
+  kwargs_source_mag = [{
+      "magnitude": SOURCE_MAGNITUDE, "R_sersic": SOURCE_R_SERSIC,
+      "n_sersic": SOURCE_N_SERSIC, "e1": SOURCE_E1, "e2": SOURCE_E2,
+      "center_x": float(center_x), "center_y": float(center_y)}]
+  kwargs_lens = [
+      {"theta_E": einstein_radius(MAIN_LENS_MASS), "e1": MAIN_LENS_E1,
+       "e2": MAIN_LENS_E2, "center_x": 0.0, "center_y": 0.0},
+      {"gamma1": SHEAR_GAMMA1, "gamma2": SHEAR_GAMMA2},
+  ]
+  axion_mass = None
+  if class_name == "cdm":
+    kwargs_lens += _cdm_subhalos(rng)
+  elif class_name == "axion":
+    vortex, axion_mass = _axion_vortex(rng)
+    kwargs_lens += vortex
+
+  sim, image_model = _image_model(len(kwargs_lens) - 2)
+  _, kwargs_source, _ = sim.magnitude2amplitude(None, kwargs_source_mag, None)
+  image = image_model.image(kwargs_lens, kwargs_source, None)
+  if noise:
+    noise_seed = int(rng.integers(0, 2**32))  # np.random.RandomState's range
+    image = image + sim.noise_for_model(model=image, seed=noise_seed)
+  return _min_max(np.asarray(image, dtype=np.float64)), axion_mass
+
+
+# --- Files -----------------------------------------------------------------
+
+
+def _class_index(class_name: str) -> int:
+  try:
+    return CLASS_NAMES.index(class_name)
+  except ValueError:
+    raise ValueError(f"unknown class {class_name!r}; expected one of "
+                     f"{', '.join(CLASS_NAMES)}") from None
+
+
+def _check_seed(seed: int) -> int:
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+  return int(seed)
+
+
+def image_rng(seed: int, class_name: str, index: int) -> np.random.Generator:
+  """The generator of image `index` of `class_name` in a run with `seed`."""
+  return np.random.default_rng(
+      np.random.SeedSequence([_check_seed(seed), _class_index(class_name), index]))
+
+
+def image_path(out: str | os.PathLike[str], class_name: str, seed: int,
+               index: int) -> Path:
+  """Where image `index` of `class_name` of a run with `seed` is stored.
+
+  `OUT/<class>/<class>_sim_<N>.npy` as in the released data, with the 128-bit
+  N derived deterministically from (seed, class index, index).
+  """
+  entropy = [_check_seed(seed), _class_index(class_name), int(index), _NAME_STREAM]
+  words = np.random.SeedSequence(entropy).generate_state(4, np.uint32)
+  number = sum(int(w) << (32 * k) for k, w in enumerate(words))
+  return Path(out) / class_name / f"{class_name}_sim_{number}.npy"
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  try:
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def _versions() -> dict[str, str]:
+  import astropy  # pylint: disable=import-outside-toplevel
+  import lenstronomy  # pylint: disable=import-outside-toplevel
+  return {"lenstronomy": lenstronomy.__version__, "numpy": np.__version__,
+          "astropy": astropy.__version__}
+
+
+def _prepare_manifest(out: Path, seed: int, per_class: int,
+                      noise: bool) -> dict[str, Any]:
+  """Checks `out` holds nothing made with other settings; returns the manifest.
+
+  Raises:
+    SimulationMismatchError: `out` was made with another seed, noise flag or
+      recipe, or holds .npy files without a simulation.json.
+  """
+  settings = {"format": MANIFEST_FORMAT, "seed": seed, "noise": noise,
+              "recipe": json.loads(json.dumps(recipe()))}
+  path = out / MANIFEST_NAME
+  previous = None
+  if path.exists():
+    try:
+      previous = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+      raise SimulationMismatchError(f"{path} is unreadable ({e}); refusing to "
+                                    "add images to this folder") from None
+    if not isinstance(previous, dict):
+      raise SimulationMismatchError(f"{path} is not a simulation manifest; "
+                                    "refusing to add images to this folder")
+    diffs = [k for k in settings if previous.get(k) != settings[k]]
+    if diffs:
+      shown = {k: previous.get(k) for k in diffs if k != "recipe"}
+      raise SimulationMismatchError(
+          f"{out} holds a dataset simulated with other settings "
+          f"(differs in: {', '.join(diffs)}; there: {shown or 'other recipe'}; "
+          f"now: seed={seed}, noise={noise}). Mixing them would corrupt the "
+          "dataset: use another --out folder or the original settings.")
+    if previous.get("versions") != _versions():
+      warnings.warn(f"{out} was simulated with {previous.get('versions')}, "
+                    f"now running {_versions()}; images may differ slightly.")
+  else:
+    stray = [name for name in CLASS_NAMES if (out / name).is_dir()
+             and any(e.endswith(".npy") and not e.startswith(".")
+                     for e in os.listdir(out / name))]
+    if stray:
+      raise SimulationMismatchError(
+          f"{out} already holds .npy files ({', '.join(stray)}) but no "
+          f"{MANIFEST_NAME}: not made by this simulator; use another --out folder.")
+  return {**settings,
+          "per_class": max(per_class, int((previous or {}).get("per_class", 0))),
+          "class_names": list(CLASS_NAMES),
+          "versions": (previous or {}).get("versions", _versions())}
+
+
+def _simulate_chunk(out: str, seed: int, noise: bool,
+                    jobs: Sequence[tuple[str, int]]) -> int:
+  """Simulates and atomically writes the listed (class, index) images."""
+  for class_name, index in jobs:
+    image, axion_mass = simulate_image(class_name, image_rng(seed, class_name, index),
+                                       noise=noise)
+    write_lens_file(image_path(out, class_name, seed, index), image, axion_mass)
+  return len(jobs)
+
+
+def generate(out: str | os.PathLike[str], per_class: int, seed: int = 0,
+             workers: int | None = None, noise: bool = False,
+             progress: bool = True) -> dict[str, int]:
+  """Simulates `per_class` images per class into `out` (DeepLense layout).
+
+  Resumable: only missing files are simulated, each written atomically, so an
+  interrupted run is finished by rerunning it, and a larger `per_class` extends
+  a folder. Output is identical for a given seed whatever `workers` is.
+  Workers are 'spawn'ed processes (safe with JAX/TF loaded in the parent);
+  `workers=1` runs in this process.
+
+  Returns:
+    How many files were written now, per class.
+
+  Raises:
+    SimulationMismatchError: `out` holds a dataset made with other settings.
+    ValueError: a negative per_class or seed, or workers < 1.
+  """
+  if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) \
+      or per_class < 0:
+    raise ValueError(f"per_class must be a non-negative integer, got {per_class!r}")
+  seed = _check_seed(seed)
+  workers = (os.cpu_count() or 1) if workers is None else int(workers)
+  if workers < 1:
+    raise ValueError(f"workers must be >= 1, got {workers}")
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  manifest = _prepare_manifest(out, seed, int(per_class), bool(noise))
+  manifest["complete"] = False
+  _write_json_atomic(out / MANIFEST_NAME, manifest)
+  for class_name in CLASS_NAMES:
+    (out / class_name).mkdir(exist_ok=True)
+
+  # Index-major order keeps the classes balanced if a run is interrupted.
+  jobs = [(c, i) for i in range(int(per_class)) for c in CLASS_NAMES
+          if not image_path(out, c, seed, i).exists()]
+  written = dict.fromkeys(CLASS_NAMES, 0)
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  with tqdm(total=len(jobs), unit="img", file=sys.stderr, disable=not progress,
+            desc="simulating", dynamic_ncols=True) as bar:
+    if workers == 1 or len(jobs) <= 1:
+      for job in jobs:
+        _simulate_chunk(str(out), seed, bool(noise), [job])
+        written[job[0]] += 1
+        bar.update(1)
+    else:
+      _run_pool(out, seed, bool(noise), jobs, workers, written, bar)
+  manifest["complete"] = all(image_path(out, c, seed, i).exists()
+                             for i in range(manifest["per_class"]) for c in CLASS_NAMES)
+  _write_json_atomic(out / MANIFEST_NAME, manifest)
+  return written
+
+
+def _ignore_sigint() -> None:
+  # Ctrl-C reaches the whole process group: let the parent cancel pending
+  # chunks and wait for running ones instead of every worker dying mid-write.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _run_pool(out: Path, seed: int, noise: bool, jobs: list[tuple[str, int]],
+              workers: int, written: dict[str, int], bar) -> None:
+  """Runs `jobs` in chunks on a pool of spawned processes, updating `bar`."""
+  workers = min(workers, len(jobs))
+  # Chunks of a few images amortise IPC yet keep the progress bar smooth.
+  size = max(1, min(16, len(jobs) // (workers * 8)))
+  chunks = [jobs[k:k + size] for k in range(0, len(jobs), size)]
+  context = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=context, initializer=_ignore_sigint) as pool:
+    futures = {pool.submit(_simulate_chunk, str(out), seed, noise, chunk): chunk
+               for chunk in chunks}
+    try:
+      for future in concurrent.futures.as_completed(futures):
+        future.result()
+        for class_name, _ in futures[future]:
+          written[class_name] += 1
+        bar.update(len(futures[future]))
+    except BaseException:
+      pool.shutdown(wait=True, cancel_futures=True)
+      raise
+
+
+# --- CLI -------------------------------------------------------------------
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog="python -m mae_jax.data.simulate",
+      description="Simulate the DeepLense Model II dataset (no_sub/cdm/axion) "
+                  "in the DeepLense folder layout. Rerun to resume.")
+  parser.add_argument("--out", required=True, help="output folder")
+  parser.add_argument("--per_class", type=int, required=True,
+                      help="images per class")
+  parser.add_argument("--seed", type=int, default=0, help="dataset seed (>= 0)")
+  parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                      help="worker processes (default: all cores)")
+  parser.add_argument("--noise", action="store_true",
+                      help="add Euclid background + Poisson noise (the original "
+                           "Model II data has none)")
+  parser.add_argument("--no_progress", action="store_true",
+                      help="hide the progress bar")
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command-line entry point; prints a one-line summary."""
+  args = _parse_args(argv)
+  start = time.perf_counter()
+  try:
+    written = generate(args.out, args.per_class, seed=args.seed,
+                       workers=args.workers, noise=args.noise,
+                       progress=not args.no_progress)
+  except (SimulationMismatchError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("\ninterrupted; rerun the same command to resume.", file=sys.stderr)
+    return 130
+  elapsed = time.perf_counter() - start
+  total = sum(written.values())
+  counts = ", ".join(f"{n} {c}" for c, n in written.items())
+  print(f"wrote {total} images ({counts}; {3 * args.per_class - total} already "
+        f"present) to {args.out} in {elapsed:.1f} s "
+        f"({total / elapsed if elapsed > 0 else 0.0:.1f} images/s, "
+        f"{args.workers} workers)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,41 @@
+"""From a `data` config to a prepared tfds dataset and input pipelines.
+
+The embedded default: with `data.source='simulated'` the folder is generated
+(or completed, if an earlier generation was interrupted) before it is read.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from mae_jax.data import builder
+from mae_jax.data import pipeline
+from mae_jax.data import simulate
+
+SOURCES = ("deeplense", "simulated")
+
+
+def load(data: ml_collections.ConfigDict, progress: bool = True) -> builder.PreparedData:
+  """Makes sure the data folder exists (simulating it if so configured) and prepares it.
+
+  Raises:
+    ValueError: unknown `data.source`.
+    layout.LayoutError: a `deeplense` folder without the class folders; the
+      message says what is expected and how to simulate a folder.
+    builder.BadDataError: bad files while `data.on_bad_file='error'`.
+  """
+  if data.source not in SOURCES:
+    raise ValueError(f"data.source must be one of {SOURCES}, got {data.source!r}")
+  if data.source == "simulated":
+    simulate.generate(data.dir, per_class=data.sim.per_class, seed=data.sim.seed,
+                      workers=data.sim.workers or None, noise=data.sim.noise,
+                      progress=progress)
+  return builder.prepare(data.dir, data.cache_dir,
+                         validation_fraction=data.validation_fraction,
+                         on_bad_file=data.on_bad_file, progress=progress)
+
+
+def augment_config(data: ml_collections.ConfigDict) -> pipeline.AugmentConfig:
+  """The augmentation settings of a `data` config."""
+  return pipeline.AugmentConfig(flip=data.augment.flip, rot90=data.augment.rot90,
+                                max_shift=data.augment.max_shift)

@@ -1,0 +1,83 @@
+"""Figures (matplotlib, headless): sample grids of lensing images.
+
+  python -m mae_jax.plots samples --data DIR --out samples.png [--per_class 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+
+def sample_grid(images: Mapping[str, np.ndarray], path: str | os.PathLike[str],
+                title: str | None = None,
+                captions: Mapping[str, list[str]] | None = None) -> Path:
+  """Saves a grid with one row per class of (N, H, W) or (N, H, W, 1) images.
+
+  Each image is shown on its own [min, max] colour scale (as the models see it).
+  """
+  names = [n for n in images if len(images[n])]
+  cols = max(len(images[n]) for n in names)
+  fig, axes = plt.subplots(len(names), cols, figsize=(1.6 * cols + 0.6, 1.7 * len(names)),
+                           squeeze=False)
+  for r, name in enumerate(names):
+    for c in range(cols):
+      ax = axes[r, c]
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if c >= len(images[name]):
+        ax.axis("off")
+        continue
+      ax.imshow(np.squeeze(images[name][c]), cmap="inferno", interpolation="nearest")
+      if captions and name in captions:
+        ax.set_title(captions[name][c], fontsize=7)
+      if c == 0:
+        ax.set_ylabel(name, fontsize=11)
+  if title:
+    fig.suptitle(title, fontsize=11)
+  fig.tight_layout()
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def _samples_from_folder(data: str, per_class: int):
+  from mae_jax.data import layout, npy_io  # pylint: disable=g-import-not-at-top
+  images, captions = {}, {}
+  for name, paths in layout.list_class_files(data).items():
+    imgs, caps = [], []
+    for p in paths[:per_class]:
+      rec = npy_io.read_lens_file(p)
+      imgs.append(rec.image)
+      caps.append(f"m_a={rec.axion_mass:.1e} eV" if rec.axion_mass else p.stem[:14])
+    images[name], captions[name] = np.stack(imgs) if imgs else np.zeros((0, 1, 1)), caps
+  return images, captions
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description="mae_jax figures")
+  sub = parser.add_subparsers(dest="what", required=True)
+  s = sub.add_parser("samples", help="grid of images per class of a DeepLense folder")
+  s.add_argument("--data", required=True, help="DeepLense-layout folder")
+  s.add_argument("--out", required=True, help="PNG file to write")
+  s.add_argument("--per_class", type=int, default=6)
+  s.add_argument("--title", default=None)
+  args = parser.parse_args(argv)
+  images, captions = _samples_from_folder(args.data, args.per_class)
+  out = sample_grid(images, args.out, title=args.title or f"samples of {args.data}",
+                    captions=captions)
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,45 @@
+"""mae_jax entry point: one stage per config.
+
+  python main.py --config=configs/data.py:demo --workdir=runs/data_demo
+
+The config file's `stage` key picks what runs; the logic lives in `mae_jax/`.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Stage config file, e.g. configs/data.py:demo.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for this stage's outputs.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _stages():
+  from mae_jax import data_stage  # pylint: disable=g-import-not-at-top
+  return {"data": data_stage.run}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = _CONFIG.value
+  stages = _stages()
+  if config.stage not in stages:
+    raise app.UsageError(f"unknown stage {config.stage!r}; known: {', '.join(stages)}")
+  logging.info("stage %s, workdir %s, config:\n%s", config.stage, _WORKDIR.value, config)
+  from mae_jax.data import builder, layout  # pylint: disable=g-import-not-at-top
+  try:
+    stages[config.stage](config, _WORKDIR.value)
+  except (layout.LayoutError, builder.BadDataError) as e:
+    # Problems with the user's data: one clear message, no traceback.
+    raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+  app.run(main)
