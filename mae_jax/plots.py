@@ -59,7 +59,7 @@ def _samples_from_folder(data: str, per_class: int):
     for p in paths[:per_class]:
       rec = npy_io.read_lens_file(p)
       imgs.append(rec.image)
-      caps.append(f"m_a={rec.axion_mass:.1e} eV" if rec.axion_mass else p.stem[:14])
+      caps.append(f"m_a={rec.axion_mass:.1e} eV" if rec.axion_mass else "")
     images[name], captions[name] = np.stack(imgs) if imgs else np.zeros((0, 1, 1)), caps
   return images, captions
 

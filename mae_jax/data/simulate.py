@@ -460,7 +460,7 @@ def generate(out: str | os.PathLike[str], per_class: int, seed: int = 0,
           if not image_path(out, c, seed, i).exists()]
   written = dict.fromkeys(CLASS_NAMES, 0)
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-  with tqdm(total=len(jobs), unit="img", file=sys.stderr, disable=not progress,
+  with tqdm(total=len(jobs), unit="img", file=sys.stderr, disable=not progress or not jobs,
             desc="simulating", dynamic_ncols=True) as bar:
     if workers == 1 or len(jobs) <= 1:
       for job in jobs:

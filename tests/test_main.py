@@ -1,0 +1,92 @@
+"""End-to-end runs of main.py (subprocesses) on tiny simulated data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mae_jax import plots
+from mae_jax.data import simulate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _main(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+  return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_data_stage_simulates_prepares_and_reports(tmp_path):
+  data = tmp_path / "sim"
+  args = ["--config=configs/data.py:tiny", f"--workdir={tmp_path / 'run'}",
+          f"--config.data.dir={data}", f"--config.data.cache_dir={tmp_path / 'cache'}",
+          "--config.data.sim.workers=1", "--config.batch_size=16"]
+  result = _main(*args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads((tmp_path / "run" / "data_summary.json").read_text())
+  assert summary["image_shape"] == [64, 64]
+  per_class = {c: summary["counts"]["train"][c] + summary["counts"]["validation"][c]
+               for c in ("no_sub", "cdm", "axion")}
+  assert per_class == {"no_sub": 24, "cdm": 24, "axion": 24}
+  assert summary["train_pipeline_images_per_s"] > 0
+  png = tmp_path / "run" / "plots" / "samples.png"
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert json.loads((data / "simulation.json").read_text())["complete"] is True
+  # A second run finds the folder complete and the tfds dataset prepared.
+  again = _main(*args)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "simulating" not in again.stderr and "Downloading and preparing" not in again.stderr
+
+
+def test_missing_deeplense_folder_explains_layout(tmp_path):
+  result = _main("--config=configs/data.py:tiny", f"--workdir={tmp_path / 'run'}",
+                 "--config.data.source=deeplense", f"--config.data.dir={tmp_path / 'none'}",
+                 f"--config.data.cache_dir={tmp_path / 'cache'}")
+  assert result.returncode != 0
+  assert "does not exist" in result.stderr
+  assert "python -m mae_jax.data.simulate --out" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_bad_files_are_listed(tmp_path):
+  data = tmp_path / "src"
+  simulate.generate(data, per_class=3, workers=1, progress=False)
+  trunc = data / "cdm" / "broken.npy"
+  np.save(trunc, np.zeros((64, 64)))
+  trunc.write_bytes(trunc.read_bytes()[:200])
+  nan = data / "no_sub" / "nan.npy"
+  np.save(nan, np.full((64, 64), np.nan))
+  common = ["--config=configs/data.py:tiny", "--config.data.source=deeplense",
+            f"--config.data.dir={data}", f"--config.data.cache_dir={tmp_path / 'cache'}",
+            "--config.batch_size=4"]
+  result = _main(*common, f"--workdir={tmp_path / 'run'}")
+  assert result.returncode != 0
+  assert "2 bad file(s)" in result.stderr
+  assert f"{trunc}: truncated" in result.stderr and f"{nan}: 4096 non-finite" in result.stderr
+  skipped = _main(*common, f"--workdir={tmp_path / 'run2'}", "--config.data.on_bad_file=skip")
+  assert skipped.returncode == 0, skipped.stderr[-3000:]
+  summary = json.loads((tmp_path / "run2" / "data_summary.json").read_text())
+  assert summary["bad_files"] == 2
+  report = Path(summary["bad_files_report"]).read_text()
+  assert str(trunc) in report and str(nan) in report
+
+
+def test_misspelled_config_key_fails(tmp_path):
+  result = _main("--config=configs/data.py:tiny", f"--workdir={tmp_path}",
+                 "--config.data.validaton_fraction=0.2")
+  assert result.returncode != 0
+  assert "validaton_fraction" in result.stderr
+
+
+def test_sample_grid_cli(tmp_path):
+  data = tmp_path / "src"
+  simulate.generate(data, per_class=2, workers=1, progress=False)
+  out = tmp_path / "grid.png"
+  plots.main(["samples", "--data", str(data), "--out", str(out), "--per_class", "2"])
+  assert out.read_bytes()[:4] == b"\x89PNG"
