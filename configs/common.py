@@ -40,3 +40,20 @@ def data_config(preset: str) -> ml_collections.ConfigDict:
   ))
   data.augment = ml_collections.ConfigDict(dict(flip=True, rot90=True, max_shift=4))
   return data
+
+
+def model_config(preset: str) -> ml_collections.ConfigDict:
+  """ViT encoder / MAE decoder sizes. `seed` is DESIGN §1; `demo` fits a 2-core CPU."""
+  sizes = {
+      # patch, dim, depth, heads, decoder dim, depth, heads
+      "seed": (4, 256, 8, 8, 128, 4, 8),
+      "demo": (8, 128, 4, 4, 64, 2, 4),
+      "tiny": (16, 32, 2, 2, 16, 1, 2),
+  }[preset]
+  p, dim, depth, heads, ddim, ddepth, dheads = sizes
+  return ml_collections.ConfigDict(dict(
+      image_size=64, channels=1, patch=p, dim=dim, depth=depth, heads=heads, mlp_ratio=4.0,
+      decoder_dim=ddim, decoder_depth=ddepth, decoder_heads=dheads,
+      mask_ratio=0.75,
+      dtype="float32",
+  ))

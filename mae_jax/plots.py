@@ -1,4 +1,4 @@
-"""Figures (matplotlib, headless): sample grids of lensing images.
+"""Figures (matplotlib, headless): sample grids, loss curves, MAE reconstructions.
 
   python -m mae_jax.plots samples --data DIR --out samples.png [--per_class 6]
 """
@@ -43,6 +43,68 @@ def sample_grid(images: Mapping[str, np.ndarray], path: str | os.PathLike[str],
         ax.set_ylabel(name, fontsize=11)
   if title:
     fig.suptitle(title, fontsize=11)
+  fig.tight_layout()
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def loss_curves(history: list[dict], path: str | os.PathLike[str],
+                phase_starts: list[int] | None = None, title: str | None = None) -> Path:
+  """Train and validation loss per epoch; dashed lines where a new phase starts.
+
+  `history` holds one dict per epoch with `epoch` (1-based) and any of
+  `train_loss`, `val_loss`.
+  """
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+    pts = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
+    if pts:
+      ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, ms=3, label=label)
+  for i, start in enumerate(phase_starts or []):
+    if start > 0:
+      ax.axvline(start + 0.5, color="grey", ls="--", lw=1)
+      ax.text(start + 0.6, 0.98, f"phase {i + 1}", transform=ax.get_xaxis_transform(),
+              va="top", fontsize=8, color="grey")
+  ax.set_xlabel("epoch")
+  ax.set_ylabel("reconstruction loss")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  if title:
+    ax.set_title(title)
+  fig.tight_layout()
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def reconstructions(rows: Mapping[str, np.ndarray], path: str | os.PathLike[str],
+                    title: str | None = None) -> Path:
+  """One row per entry of `rows` ((N, H, W[, 1]) images), one column per example.
+
+  Rows share a [0, 1] colour scale; NaN pixels (masked patches) are drawn grey.
+  """
+  names = list(rows)
+  cols = len(rows[names[0]])
+  fig, axes = plt.subplots(len(names), cols, figsize=(1.5 * cols + 1.2, 1.55 * len(names)),
+                           squeeze=False)
+  cmap = matplotlib.colormaps["inferno"].copy()
+  cmap.set_bad("0.55")
+  for r, name in enumerate(names):
+    for c in range(cols):
+      ax = axes[r, c]
+      ax.imshow(np.squeeze(rows[name][c]), cmap=cmap, vmin=0.0, vmax=1.0,
+                interpolation="nearest")
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if c == 0:
+        ax.set_ylabel(name, fontsize=9)
+  if title:
+    fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)

@@ -90,3 +90,45 @@ def test_sample_grid_cli(tmp_path):
   out = tmp_path / "grid.png"
   plots.main(["samples", "--data", str(data), "--out", str(out), "--per_class", "2"])
   assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def _pretrain_args(tmp_path: Path, *extra: str) -> list[str]:
+  return ["--config=configs/pretrain.py:tiny", f"--workdir={tmp_path / 'run'}",
+          f"--config.data.dir={tmp_path / 'sim'}", f"--config.data.cache_dir={tmp_path / 'cache'}",
+          "--config.data.sim.workers=1", *extra]
+
+
+def test_pretrain_writes_checkpoints_events_figures_and_resumes(tmp_path):
+  run = tmp_path / "run"
+  first = _main(*_pretrain_args(tmp_path))
+  assert first.returncode == 0, first.stderr[-3000:]
+  history = json.loads((run / "history.json").read_text())
+  assert [h["epoch"] for h in history] == [1, 2] and [h["phase"] for h in history] == [1, 2]
+  steps = history[-1]["step"]
+  assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [steps // 2, steps]
+  assert list(run.glob("events.out.tfevents.*"))
+  for fig in ("loss_curve.png", "reconstructions.png"):
+    assert (run / "plots" / fig).read_bytes()[:4] == b"\x89PNG"
+  assert all(np.isfinite(h["val_loss"]) for h in history)
+
+  again = _main(*_pretrain_args(tmp_path))
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"resuming from checkpoint step {steps}" in again.stderr
+  assert json.loads((run / "history.json").read_text()) == history  # nothing retrained
+
+  longer = _main(*_pretrain_args(tmp_path, "--config.phase_epochs=(1, 2)"))
+  assert longer.returncode == 0, longer.stderr[-3000:]
+  assert f"resuming from checkpoint step {steps}" in longer.stderr
+  extended = json.loads((run / "history.json").read_text())
+  assert extended[:2] == history and extended[2]["epoch"] == 3
+  assert (run / "checkpoints" / str(extended[2]["step"])).is_dir()
+
+
+def test_pretrain_divergence_stops_with_a_message(tmp_path):
+  result = _main(*_pretrain_args(tmp_path, "--config.optim.lr=1e30",
+                                 "--config.optim.warmup_epochs=0"))
+  assert result.returncode != 0
+  assert "non-finite" in result.stderr and "at step" in result.stderr
+  assert "Traceback" not in result.stderr
+  ckpts = tmp_path / "run" / "checkpoints"
+  assert not ckpts.exists() or not any(p.name.isdigit() for p in ckpts.iterdir())

@@ -1,0 +1,54 @@
+"""MAE pretraining on `no_sub` images, in phases (seed: 100 epochs without, then
+250 with augmentation).
+
+  python main.py --config=configs/pretrain.py:demo --workdir=runs/pretrain_demo
+  python main.py --config=configs/pretrain.py:seed --workdir=runs/pretrain_seed
+
+Presets: `seed` is the seed recipe (DESIGN §1: patch 4, encoder 256/8/8,
+decoder 128/4/8, mask 0.75, AdamW lr 8e-4, wd 0.05) for a GPU; `demo` is a
+smaller ViT that finishes on a 2-core CPU in minutes; `tiny` is for tests.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  preset = common.parse_preset(arg)
+  config = ml_collections.ConfigDict()
+  config.stage = "pretrain"
+  config.preset = preset
+  config.seed = 0
+  config.data = common.data_config(preset)
+  config.classes = ("no_sub",)   # the seed pretrains on no-substructure images only
+  config.model = common.model_config(preset)
+
+  config.loss = ml_collections.ConfigDict(dict(
+      type="bce",          # seed: BCE-with-logits on [0, 1] pixels; 'mse' is the MAE reference
+      norm_pix=False,      # MAE norm_pix_loss (with 'mse')
+      masked_only=True,    # MAE: loss on removed patches only; the seed used all patches
+  ))
+
+  # Phases run in order; each has its epoch count and whether to augment.
+  config.phase_epochs = {"seed": (100, 250), "demo": (10, 20), "tiny": (1, 1)}[preset]
+  config.phase_augment = (False, True)
+
+  config.batch_size = {"seed": 256, "demo": 64, "tiny": 8}[preset]   # global
+  config.eval_batch_size = config.get_ref("batch_size")
+  config.optim = ml_collections.ConfigDict(dict(
+      lr={"seed": 8e-4, "demo": 1.5e-3, "tiny": 1e-3}[preset],
+      b1=0.9, b2=0.95, weight_decay=0.05,
+      warmup_epochs={"seed": 10.0, "demo": 2.0, "tiny": 0.5}[preset],
+      min_lr=0.0, grad_clip_norm=0.0,
+      # No weight decay on biases, norms, tokens (position embeddings are fixed).
+      no_decay=(r".*/bias", r".*norm[0-9]*/scale", r".*_token"),
+  ))
+
+  config.log_every_steps = {"seed": 50, "demo": 10, "tiny": 1}[preset]
+  config.checkpoint_every_epochs = {"seed": 5, "demo": 5, "tiny": 1}[preset]
+  config.checkpoint_every_steps = 0   # also save every N steps (0: off)
+  config.keep_checkpoints = 3
+  config.plot_every_epochs = {"seed": 10, "demo": 5, "tiny": 1}[preset]
+  config.num_reconstructions = 8      # columns of plots/reconstructions.png
+  return config

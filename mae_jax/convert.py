@@ -1,0 +1,257 @@
+"""Import PyTorch MAE weights: facebookresearch/mae state dicts or Hugging Face
+`ViTMAEForPreTraining` checkpoints, into this project's MAE params.
+
+  python -m mae_jax.convert --checkpoint mae_pretrain.pth \
+      --config configs/pretrain.py:seed --out runs/imported
+
+Position embeddings are fixed sin-cos in both codebases and are recomputed here,
+not loaded. Shapes must match the target model exactly; a mismatch names the
+tensor and both shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from absl import logging
+
+PyTree = Any
+
+
+class ConversionError(ValueError):
+  """A checkpoint that cannot be loaded into the target params."""
+
+
+# Hugging Face ViTMAE names (transformers 4.x and 5.x) -> facebookresearch/mae names.
+_HF_RULES = [
+    (r"vit\.embeddings\.cls_token", "cls_token"),
+    (r"vit\.embeddings\.position_embeddings", "pos_embed"),
+    (r"vit\.embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"vit\.(?:layers|encoder\.layer)\.(\d+)\.(.+)", r"blocks.\1.\2"),
+    (r"vit\.layernorm\.(weight|bias)", r"norm.\1"),
+    (r"decoder\.decoder_layers\.(\d+)\.(.+)", r"decoder_blocks.\1.\2"),
+    (r"decoder\.(mask_token|decoder_pos_embed|decoder_embed\..+|decoder_norm\..+|"
+     r"decoder_pred\..+)", r"\1"),
+]
+# Inside a block: HF sub-module names -> MAE's; q/k/v are fused afterwards.
+_HF_BLOCK_RULES = [
+    (r"attention\.(?:q_proj|attention\.query)\.(weight|bias)", r"attn.q.\1"),
+    (r"attention\.(?:k_proj|attention\.key)\.(weight|bias)", r"attn.k.\1"),
+    (r"attention\.(?:v_proj|attention\.value)\.(weight|bias)", r"attn.v.\1"),
+    (r"attention\.(?:o_proj|output\.dense)\.(weight|bias)", r"attn.proj.\1"),
+    (r"layernorm_before\.(weight|bias)", r"norm1.\1"),
+    (r"layernorm_after\.(weight|bias)", r"norm2.\1"),
+    (r"(?:mlp\.fc1|intermediate\.dense)\.(weight|bias)", r"mlp.fc1.\1"),
+    (r"(?:mlp\.fc2|output\.dense)\.(weight|bias)", r"mlp.fc2.\1"),
+]
+
+
+def _rename(name: str, rules) -> str | None:
+  for pattern, repl in rules:
+    if re.fullmatch(pattern, name):
+      return re.sub(pattern, repl, name)
+  return None
+
+
+def _from_hf(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  out, unused = {}, []
+  for name, value in state.items():
+    new = _rename(name, _HF_RULES)
+    if new is None:
+      unused.append(name)
+      continue
+    m = re.fullmatch(r"((?:decoder_)?blocks\.\d+)\.(.+)", new)
+    if m:
+      inner = _rename(m.group(2), _HF_BLOCK_RULES)
+      if inner is None:
+        unused.append(name)
+        continue
+      new = f"{m.group(1)}.{inner}"
+    out[new] = value
+  for key in [k for k in out if re.fullmatch(r".*\.attn\.q\.(weight|bias)", k)]:
+    prefix, kind = key.rsplit(".attn.q.", 1)
+    parts = [out.pop(f"{prefix}.attn.{x}.{kind}", None) for x in "qkv"]
+    if any(p is None for p in parts):
+      raise ConversionError(f"{prefix}: q, k and v projections are not all present")
+    out[f"{prefix}.attn.qkv.{kind}"] = np.concatenate(parts, axis=0)
+  if unused:
+    logging.info("ignored %d checkpoint tensors: %s", len(unused), ", ".join(unused[:8]))
+  return out
+
+
+def canonical_state(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Numpy tensors under facebookresearch/mae names, from either format.
+
+  Raises:
+    ConversionError: the mapping is neither an MAE nor a ViTMAE state dict.
+  """
+  state = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, np.float32)
+           for k, v in state.items() if hasattr(v, "shape")}
+  if "vit.embeddings.cls_token" in state:
+    return _from_hf(state)
+  if "cls_token" in state and "patch_embed.proj.weight" in state:
+    return dict(state)
+  keys = ", ".join(list(state)[:6]) or "none"
+  raise ConversionError(
+      "not an MAE checkpoint: expected facebookresearch/mae keys (cls_token, "
+      "patch_embed.proj.weight, blocks.N.attn.qkv.weight, ...) or Hugging Face ViTMAE keys "
+      f"(vit.embeddings.cls_token, ...); found: {keys}")
+
+
+def _linear(state, name):
+  return {"kernel": state[f"{name}.weight"].T, "bias": state[f"{name}.bias"]}
+
+
+def _norm(state, name):
+  return {"scale": state[f"{name}.weight"], "bias": state[f"{name}.bias"]}
+
+
+def _block(state, prefix):
+  return {
+      "norm1": _norm(state, f"{prefix}.norm1"),
+      "attn": {"qkv": _linear(state, f"{prefix}.attn.qkv"),
+               "proj": _linear(state, f"{prefix}.attn.proj")},
+      "norm2": _norm(state, f"{prefix}.norm2"),
+      "mlp": {"fc1": _linear(state, f"{prefix}.mlp.fc1"),
+              "fc2": _linear(state, f"{prefix}.mlp.fc2")},
+  }
+
+
+def _count_blocks(state, prefix):
+  return len({int(m.group(1)) for k in state
+              if (m := re.fullmatch(rf"{prefix}\.(\d+)\..+", k))})
+
+
+def _to_tree(state: dict[str, np.ndarray], with_decoder: bool) -> PyTree:
+  try:
+    encoder = {
+        "patch_embed": {"kernel": state["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+                        "bias": state["patch_embed.proj.bias"]},
+        "cls_token": state["cls_token"],
+        **{f"block_{i}": _block(state, f"blocks.{i}")
+           for i in range(_count_blocks(state, "blocks"))},
+        "norm": _norm(state, "norm"),
+    }
+    if not with_decoder:
+      return {"encoder": encoder}
+    decoder = {
+        "embed": _linear(state, "decoder_embed"),
+        "mask_token": state["mask_token"],
+        **{f"block_{i}": _block(state, f"decoder_blocks.{i}")
+           for i in range(_count_blocks(state, "decoder_blocks"))},
+        "norm": _norm(state, "decoder_norm"),
+        "pred": _linear(state, "decoder_pred"),
+    }
+  except KeyError as e:
+    raise ConversionError(f"checkpoint lacks tensor {e.args[0]}") from None
+  return {"encoder": encoder, "decoder": decoder}
+
+
+def _check_against(tree: PyTree, template: PyTree, path: str = "") -> None:
+  if isinstance(template, Mapping):
+    if not isinstance(tree, Mapping):
+      raise ConversionError(f"{path or 'params'}: expected a group, found a tensor")
+    missing = sorted(set(template) - set(tree))
+    extra = sorted(set(tree) - set(template))
+    if missing or extra:
+      raise ConversionError(f"{path or 'params'}: checkpoint lacks {missing or 'nothing'}, "
+                            f"has unexpected {extra or 'nothing'} (different depth?)")
+    for k in template:
+      _check_against(tree[k], template[k], f"{path}/{k}" if path else k)
+    return
+  if tuple(np.shape(tree)) != tuple(template.shape):
+    raise ConversionError(f"tensor {path}: checkpoint shape {tuple(np.shape(tree))} != "
+                          f"model shape {tuple(template.shape)}")
+
+
+def _check_pos_embed(canonical: dict[str, np.ndarray], name: str, dim: int,
+                     num_patches: int) -> None:
+  """Warns when a checkpoint's position embeddings are not the fixed sin-cos ones we use."""
+  if name not in canonical:
+    return
+  from mae_jax import masking  # pylint: disable=g-import-not-at-top
+  side = int(round(num_patches ** 0.5))
+  expected = masking.sincos_pos_embed(dim, (side, side))
+  found = canonical[name].reshape(-1, canonical[name].shape[-1])
+  if found.shape != expected.shape or np.abs(found - expected).max() > 1e-4:
+    logging.warning("checkpoint %s differs from the fixed 2-D sin-cos embeddings this model "
+                    "uses (shape %s vs %s); the imported model will not reproduce the "
+                    "original's outputs exactly", name, found.shape, expected.shape)
+
+
+def convert(state: Mapping[str, Any], template: PyTree) -> PyTree:
+  """Params shaped like `template` (an MAE's params, or `{'encoder': ...}`) from a
+  PyTorch state dict in facebookresearch/mae or Hugging Face ViTMAE naming."""
+  canonical = canonical_state(state)
+  tree = _to_tree(canonical, with_decoder="decoder" in template)
+  _check_against(tree, template)
+  kernel = template["encoder"]["patch_embed"]["kernel"]
+  num_patches = None
+  if "pos_embed" in canonical:
+    num_patches = canonical["pos_embed"].reshape(-1, kernel.shape[-1]).shape[0] - 1
+  if num_patches:
+    _check_pos_embed(canonical, "pos_embed", kernel.shape[-1], num_patches)
+    if "decoder" in template:
+      _check_pos_embed(canonical, "decoder_pos_embed",
+                       template["decoder"]["embed"]["kernel"].shape[-1], num_patches)
+  return tree
+
+
+def load_state_dict(path: str | Path) -> dict[str, Any]:
+  """Reads a `.pth`/`.pt`/`.bin` (torch), `.safetensors` file, or a Hugging Face folder."""
+  path = Path(path)
+  if path.is_dir():
+    for name in ("model.safetensors", "pytorch_model.bin"):
+      if (path / name).exists():
+        return load_state_dict(path / name)
+    raise ConversionError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
+  if not path.exists():
+    raise ConversionError(f"{path} does not exist")
+  if path.suffix == ".safetensors":
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    return load_file(str(path))
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ConversionError("reading PyTorch checkpoints needs torch: pip install torch") from None
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({e})") from None
+  for key in ("model", "state_dict"):
+    if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+      obj = obj[key]
+  if not isinstance(obj, dict):
+    raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state dict")
+  return obj
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m mae_jax.convert", description=__doc__)
+  parser.add_argument("--checkpoint", required=True, help=".pth/.safetensors file or HF folder")
+  parser.add_argument("--config", default="configs/pretrain.py:seed",
+                      help="pretrain config (file.py:preset) whose model sizes to match")
+  parser.add_argument("--out", required=True, help="folder for the converted params (orbax)")
+  args = parser.parse_args(argv)
+
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from mae_jax import train  # pylint: disable=g-import-not-at-top
+
+  config = config_flags.config_flags._ConfigFileParser("config").parse(args.config)  # pylint: disable=protected-access
+  mae = train.build_mae(config.model)
+  template = train.init_mae(mae, jax.random.key(0))
+  params = convert(load_state_dict(args.checkpoint), template)
+  out = Path(args.out).absolute()
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(out / "params", params)
+  print(f"converted {args.checkpoint} -> {out / 'params'}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,57 @@
+"""Run by test_parallel.py in a subprocess with 4 forced CPU devices: the same
+pretraining steps on a 1-device mesh and a 4-device mesh; prints the max
+differences as JSON."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top
+import optax  # pylint: disable=g-import-not-at-top
+from mae_jax import parallel  # pylint: disable=g-import-not-at-top
+from mae_jax import train  # pylint: disable=g-import-not-at-top
+
+
+def run(devices, steps=3):
+  config = pretrain_config.get_config("tiny")
+  mae = train.build_mae(config.model)
+  params = train.init_mae(mae, jax.random.key(0))
+  # Plain SGD: Adam's g / sqrt(v) turns float-rounding differences of near-zero
+  # gradients into lr-sized updates, which would hide what is compared here.
+  tx = optax.sgd(0.5)
+  mesh = parallel.make_mesh(devices)
+  state = parallel.replicate(train.TrainState.create(apply_fn=mae.apply, params=params, tx=tx),
+                             mesh)
+  step = train.make_pretrain_step(mae, config.loss, mesh)
+  evaluate = train.make_pretrain_eval(mae, config.loss, mesh)
+  rng = np.random.default_rng(0)
+  losses = []
+  for _ in range(steps):
+    images = rng.random((8, 64, 64, 1), dtype=np.float32)
+    batch = parallel.global_batch({"image": images}, mesh)
+    state, metrics = step(state, batch["image"], jax.random.key(1))
+    losses.append(float(metrics["loss"]))
+  images = rng.random((8, 64, 64, 1), dtype=np.float32)
+  example_mask = np.array([True] * 6 + [False] * 2)
+  g = parallel.global_batch({"image": images, "mask": example_mask}, mesh)
+  total, count = evaluate(state.params, g["image"], g["mask"], jax.random.key(2), 0)
+  return losses, jax.device_get(state.params), float(total / count)
+
+
+def main():
+  assert jax.device_count() == 4, jax.devices()
+  l1, p1, e1 = run(jax.devices()[:1])
+  l4, p4, e4 = run(jax.devices())
+  diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), p1, p4))
+  print(json.dumps({"loss_1": l1, "loss_4": l4, "max_param_diff": max(diffs),
+                    "eval_1": e1, "eval_4": e4,
+                    "devices": [len(jax.devices()[:1]), jax.device_count()]}))
+
+
+if __name__ == "__main__":
+  main()

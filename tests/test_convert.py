@@ -1,0 +1,161 @@
+"""Weight import and parity with Hugging Face ViTMAEForPreTraining."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mae_jax import convert
+from mae_jax import losses
+from mae_jax import masking
+from mae_jax import models
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+SHAPES = {
+    # image, channels, patch, dim, depth, heads, decoder dim, depth, heads
+    "seed": (64, 1, 4, 256, 8, 8, 128, 4, 8),
+    "rgb32": (32, 3, 8, 64, 2, 4, 32, 1, 2),
+}
+
+
+def _pair(shape, norm_pix):
+  size, ch, p, dim, depth, heads, ddim, ddepth, dheads = SHAPES[shape]
+  hf_config = transformers.ViTMAEConfig(
+      image_size=size, patch_size=p, num_channels=ch, hidden_size=dim,
+      num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=4 * dim,
+      decoder_hidden_size=ddim, decoder_num_hidden_layers=ddepth,
+      decoder_num_attention_heads=dheads, decoder_intermediate_size=4 * ddim,
+      mask_ratio=0.75, norm_pix_loss=norm_pix, layer_norm_eps=1e-6, hidden_act="gelu",
+      qkv_bias=True)
+  torch.manual_seed(0)
+  hf = transformers.ViTMAEForPreTraining(hf_config).eval()
+  # Published ViTMAE checkpoints hold the fixed sin-cos embeddings; some transformers
+  # releases initialise them to zeros, so set them as a real checkpoint has them.
+  grid = (size // p, size // p)
+  with torch.no_grad():
+    hf.vit.embeddings.position_embeddings.copy_(
+        torch.from_numpy(masking.sincos_pos_embed(dim, grid))[None])
+    hf.decoder.decoder_pos_embed.copy_(torch.from_numpy(masking.sincos_pos_embed(ddim, grid))[None])
+  ours = models.MAE(
+      encoder=models.ViTConfig(image_size=size, channels=ch, patch=p, dim=dim, depth=depth,
+                               heads=heads),
+      decoder=models.DecoderConfig(dim=ddim, depth=ddepth, heads=dheads), mask_ratio=0.75)
+  return hf, ours
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_parity_with_hugging_face(shape, norm_pix):
+  hf, ours = _pair(shape, norm_pix)
+  enc = ours.encoder
+  template = jax.jit(ours.init)(jax.random.key(0), jnp.zeros((1, enc.image_size, enc.image_size,
+                                                               enc.channels)),
+                                jnp.zeros((1, enc.num_patches)))["params"]
+  params = convert.convert(hf.state_dict(), template)
+  rng = np.random.default_rng(1)
+  images = rng.random((3, enc.image_size, enc.image_size, enc.channels), dtype=np.float32)
+  noise = rng.random((3, enc.num_patches), dtype=np.float32)
+  with torch.no_grad():
+    out = hf(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)),
+             noise=torch.from_numpy(noise))
+  ref_logits, ref_mask, ref_loss = out.logits.numpy(), out.mask.numpy(), float(out.loss)
+  ours_out = ours.apply({"params": params}, jnp.asarray(images), jnp.asarray(noise))
+  np.testing.assert_array_equal(np.asarray(ours_out["mask"]), ref_mask)
+  np.testing.assert_allclose(np.asarray(ours_out["logits"]), ref_logits, atol=1e-5, rtol=0)
+  loss = losses.reconstruction_loss(ours_out["logits"], jnp.asarray(images), ours_out["mask"],
+                                    patch=enc.patch, loss="mse", norm_pix=norm_pix)
+  assert abs(float(loss) - ref_loss) <= 1e-5
+
+
+def _fb_state(params) -> dict[str, np.ndarray]:
+  """A facebookresearch/mae-style state dict made from our params (inverse mapping)."""
+  enc, dec = params["encoder"], params["decoder"]
+  sd = {"cls_token": enc["cls_token"], "mask_token": dec["mask_token"],
+        "patch_embed.proj.weight": np.asarray(enc["patch_embed"]["kernel"]).transpose(3, 2, 0, 1),
+        "patch_embed.proj.bias": enc["patch_embed"]["bias"]}
+
+  def block(prefix, b):
+    for name, sub in (("norm1", b["norm1"]), ("norm2", b["norm2"])):
+      sd[f"{prefix}.{name}.weight"], sd[f"{prefix}.{name}.bias"] = sub["scale"], sub["bias"]
+    for name, sub in (("attn.qkv", b["attn"]["qkv"]), ("attn.proj", b["attn"]["proj"]),
+                      ("mlp.fc1", b["mlp"]["fc1"]), ("mlp.fc2", b["mlp"]["fc2"])):
+      sd[f"{prefix}.{name}.weight"] = np.asarray(sub["kernel"]).T
+      sd[f"{prefix}.{name}.bias"] = sub["bias"]
+
+  for k, v in enc.items():
+    if k.startswith("block_"):
+      block(f"blocks.{k[6:]}", v)
+  for k, v in dec.items():
+    if k.startswith("block_"):
+      block(f"decoder_blocks.{k[6:]}", v)
+  for name, key in (("norm", enc["norm"]), ("decoder_norm", dec["norm"])):
+    sd[f"{name}.weight"], sd[f"{name}.bias"] = key["scale"], key["bias"]
+  for name, key in (("decoder_embed", dec["embed"]), ("decoder_pred", dec["pred"])):
+    sd[f"{name}.weight"], sd[f"{name}.bias"] = np.asarray(key["kernel"]).T, key["bias"]
+  sd["pos_embed"] = masking.sincos_pos_embed(16, (4, 4))[None]
+  return {k: np.asarray(v) for k, v in sd.items()}
+
+
+@pytest.fixture
+def small():
+  mae = models.MAE(encoder=models.ViTConfig(image_size=16, patch=4, dim=16, depth=2, heads=2),
+                   decoder=models.DecoderConfig(dim=8, depth=1, heads=2))
+  params = mae.init(jax.random.key(3), jnp.zeros((1, 16, 16, 1)), jnp.zeros((1, 16)))["params"]
+  return mae, jax.device_get(params)
+
+
+def test_facebook_format_roundtrip_and_pth_file(small, tmp_path):
+  mae, params = small
+  state = _fb_state(params)
+  back = convert.convert(state, params)
+  jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, params))
+  torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}}, tmp_path / "m.pth")
+  loaded = convert.convert(convert.load_state_dict(tmp_path / "m.pth"), params)
+  jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, params))
+  encoder_only = convert.convert(state, {"encoder": params["encoder"]})
+  assert set(encoder_only) == {"encoder"}
+
+
+def test_mismatched_shape_names_the_tensor(small):
+  _, params = small
+  state = _fb_state(params)
+  state["blocks.1.mlp.fc1.weight"] = np.zeros((32, 16), np.float32)  # hidden 64 expected
+  with pytest.raises(convert.ConversionError, match=r"encoder/block_1/mlp/fc1/kernel.*\(16, 32\)"):
+    convert.convert(state, params)
+
+
+def test_not_an_mae_checkpoint(small, tmp_path):
+  _, params = small
+  with pytest.raises(convert.ConversionError, match="not an MAE checkpoint"):
+    convert.convert({"fc.weight": np.zeros((2, 2))}, params)
+  (tmp_path / "junk.pth").write_bytes(b"junk")
+  with pytest.raises(convert.ConversionError, match="not a readable PyTorch checkpoint"):
+    convert.load_state_dict(tmp_path / "junk.pth")
+
+
+def test_sincos_matches_mae_reference_formula():
+  """facebookresearch/mae get_2d_sincos_pos_embed, transcribed for a 2x3 check."""
+  dim, gs = 8, 3
+  grid = np.stack(np.meshgrid(np.arange(gs, dtype=np.float32), np.arange(gs, dtype=np.float32)))
+
+  def one_d(d, pos):
+    omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  ref = np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
+  ref = np.concatenate([np.zeros((1, dim)), ref])
+  np.testing.assert_allclose(masking.sincos_pos_embed(dim, (gs, gs)), ref, atol=1e-7)
+
+
+def test_position_embeddings_that_differ_are_reported(small, caplog):
+  _, params = small
+  state = _fb_state(params)
+  state["pos_embed"] = np.ones_like(state["pos_embed"])
+  with caplog.at_level("WARNING"):
+    convert.convert(state, params)
+  assert "pos_embed" in caplog.text and "sin-cos" in caplog.text

@@ -1,0 +1,92 @@
+"""MAE modules: shapes, parameter counts, determinism, masking behaviour."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import pretrain as pretrain_config
+from mae_jax import models
+from mae_jax import optim
+from mae_jax import train
+
+
+def test_seed_model_sizes_match_the_design():
+  config = pretrain_config.get_config("seed")
+  mae = train.build_mae(config.model)
+  params = jax.eval_shape(lambda k: train.init_mae(mae, k), jax.random.key(0))
+  n_encoder = optim.count_params(params["encoder"])
+  assert 6.2e6 < n_encoder < 6.6e6, n_encoder  # DESIGN §1: ~6.4M
+  assert params["encoder"]["patch_embed"]["kernel"].shape == (4, 4, 1, 256)
+  assert params["decoder"]["pred"]["kernel"].shape == (128, 16)
+  assert len([k for k in params["encoder"] if k.startswith("block_")]) == 8
+  assert len([k for k in params["decoder"] if k.startswith("block_")]) == 4
+
+
+@pytest.fixture
+def tiny():
+  mae = train.build_mae(pretrain_config.get_config("tiny").model)
+  return mae, train.init_mae(mae, jax.random.key(0))
+
+
+def test_mae_outputs(tiny):
+  mae, params = tiny
+  enc = mae.encoder
+  images = jax.random.uniform(jax.random.key(1), (3, 64, 64, 1))
+  noise = jax.random.uniform(jax.random.key(2), (3, enc.num_patches))
+  out = mae.apply({"params": params}, images, noise)
+  kept = int(enc.num_patches * 0.25)
+  assert out["logits"].shape == (3, enc.num_patches, enc.patch ** 2)
+  assert out["latent"].shape == (3, 1 + kept, enc.dim)
+  np.testing.assert_array_equal(out["mask"].sum(1), enc.num_patches - kept)
+  again = mae.apply({"params": params}, images, noise)
+  np.testing.assert_array_equal(out["logits"], again["logits"])
+
+
+def test_encoder_sees_only_kept_patches(tiny):
+  """Changing a removed patch cannot change the latent; changing a kept one does."""
+  mae, params = tiny
+  enc = mae.encoder
+  images = jax.random.uniform(jax.random.key(1), (1, 64, 64, 1))
+  noise = jax.random.uniform(jax.random.key(2), (1, enc.num_patches))
+  out = mae.apply({"params": params}, images, noise)
+  mask = np.asarray(out["mask"][0])
+  p, g = enc.patch, enc.grid[1]
+  removed, kept = int(np.flatnonzero(mask == 1)[0]), int(np.flatnonzero(mask == 0)[0])
+
+  def bump(idx):
+    r, c = divmod(idx, g)
+    return images.at[0, r * p:(r + 1) * p, c * p:(c + 1) * p, 0].add(0.5)
+
+  same = mae.apply({"params": params}, bump(removed), noise)
+  np.testing.assert_allclose(same["latent"], out["latent"], atol=1e-6)
+  diff = mae.apply({"params": params}, bump(kept), noise)
+  assert np.abs(np.asarray(diff["latent"] - out["latent"])).max() > 1e-4
+
+
+def test_encoder_without_noise_encodes_every_patch(tiny):
+  mae, params = tiny
+  enc = mae.encoder
+  latent, mask, _ = models.Encoder(enc).apply({"params": params["encoder"]},
+                                              jnp.zeros((2, 64, 64, 1)))
+  assert latent.shape == (2, 1 + enc.num_patches, enc.dim) and mask is None
+
+
+def test_wrong_image_shape_is_refused(tiny):
+  mae, params = tiny
+  with pytest.raises(ValueError, match="expected images of shape"):
+    mae.apply({"params": params}, jnp.zeros((1, 32, 32, 1)), jnp.zeros((1, 4)))
+
+
+def test_initialisation_follows_mae(tiny):
+  _, params = tiny
+  enc = params["encoder"]
+  assert float(jnp.std(enc["cls_token"])) < 0.1
+  np.testing.assert_array_equal(enc["block_0"]["attn"]["qkv"]["bias"], 0.0)
+  np.testing.assert_array_equal(enc["norm"]["scale"], 1.0)
+  # xavier-uniform bound for the fused qkv kernel (32 -> 96): sqrt(6 / (32 + 96))
+  bound = (6 / (32 + 96)) ** 0.5
+  k = np.asarray(enc["block_0"]["attn"]["qkv"]["kernel"])
+  assert np.abs(k).max() <= bound and np.abs(k).max() > 0.8 * bound
