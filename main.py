@@ -2,6 +2,8 @@
 
   python main.py --config=configs/data.py:demo --workdir=runs/data_demo
   python main.py --config=configs/pretrain.py:demo --workdir=runs/pretrain_demo
+  python main.py --config=configs/probe.py:demo --workdir=runs/probe_demo
+  python main.py --config=configs/finetune.py:demo --workdir=runs/finetune_demo
 
 The config file's `stage` key picks what runs; the logic lives in `mae_jax/`.
 """
@@ -31,8 +33,10 @@ class _QuietLibraries(logging.logging.Filter):
 
 def _stages():
   from mae_jax import data_stage  # pylint: disable=g-import-not-at-top
-  from mae_jax import train  # pylint: disable=g-import-not-at-top
-  return {"data": data_stage.run, "pretrain": train.pretrain}
+  from mae_jax import classify  # pylint: disable=g-import-not-at-top
+  from mae_jax import pretrain  # pylint: disable=g-import-not-at-top
+  return {"data": data_stage.run, "pretrain": pretrain.pretrain, "probe": classify.classify,
+          "finetune": classify.classify}
 
 
 def main(argv):
@@ -44,11 +48,13 @@ def main(argv):
   if config.stage not in stages:
     raise app.UsageError(f"unknown stage {config.stage!r}; known: {', '.join(stages)}")
   logging.info("stage %s, workdir %s, config:\n%s", config.stage, _WORKDIR.value, config)
+  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from mae_jax import train  # pylint: disable=g-import-not-at-top
   from mae_jax.data import builder, layout  # pylint: disable=g-import-not-at-top
   try:
     stages[config.stage](config, _WORKDIR.value)
-  except (layout.LayoutError, builder.BadDataError, train.NonFiniteError) as e:
+  except (layout.LayoutError, builder.BadDataError, train.NonFiniteError,
+          checkpoint.MissingCheckpointError, checkpoint.IncompatibleCheckpointError) as e:
     # Problems with the user's data or a diverging run: one clear message, no traceback.
     raise SystemExit(f"error: {e}") from None
 

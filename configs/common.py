@@ -57,3 +57,46 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
       mask_ratio=0.75,
       dtype="float32",
   ))
+
+
+def classifier_config(preset: str, stage: str) -> ml_collections.ConfigDict:
+  """Shared keys of the probe and fine-tune stages (the model, data, logging)."""
+  config = ml_collections.ConfigDict()
+  config.stage = stage
+  config.preset = preset
+  config.seed = 0
+  config.data = data_config(preset)
+  config.model = model_config(preset)
+  del config.model.decoder_dim, config.model.decoder_depth, config.model.decoder_heads
+  del config.model.mask_ratio
+  config.model.update(dict(
+      head="mlp",              # the seed's 256->512->256 MLP head; 'linear' is MAE's BN + linear
+      head_hidden=(512, 256),
+      pool="cls",              # CLS token after the final norm, or 'mean' of the patch tokens
+      dropout=0.2,
+      drop_path=0.0,
+  ))
+  # The stage whose latest checkpoint initialises this one (`--config.init_from=DIR`),
+  # and params never taken from it (the new head).
+  config.init_from = f"runs/pretrain_{preset}"
+  config.init_from_stage = "pretrain"
+  config.dont_load = (r"classifier/.*",)
+  config.augment = True
+  config.label_smoothing = 0.0
+  config.log_every_steps = {"seed": 50, "demo": 10, "tiny": 1}[preset]
+  config.checkpoint_every_epochs = 1
+  config.checkpoint_every_steps = 0
+  config.keep_checkpoints = 2
+  return config
+
+
+def classifier_optim(**overrides) -> ml_collections.ConfigDict:
+  """Optimiser keys read by `mae_jax.optim.classifier_optimizer`."""
+  optim = dict(
+      name="adamw", lr_groups=((r".*", 1e-3),), lr_scaling="none", layer_decay=1.0,
+      frozen=(), weight_decay=0.0, b1=0.9, b2=0.999, momentum=0.9, trust_coefficient=0.001,
+      warmup_epochs=1.0, min_lr=0.0, grad_clip_norm=0.0,
+      no_decay=(r".*/bias", r".*norm[0-9]*/scale", r".*_token", r"classifier/bn[0-9]*/.*"),
+  )
+  optim.update(overrides)
+  return ml_collections.ConfigDict(optim)

@@ -31,13 +31,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
 
   # Phases run in order; each has its epoch count and whether to augment.
-  config.phase_epochs = {"seed": (100, 250), "demo": (10, 20), "tiny": (1, 1)}[preset]
+  config.phase_epochs = {"seed": (100, 250), "demo": (20, 40), "tiny": (1, 1)}[preset]
   config.phase_augment = (False, True)
 
   config.batch_size = {"seed": 256, "demo": 64, "tiny": 8}[preset]   # global
   config.eval_batch_size = config.get_ref("batch_size")
   config.optim = ml_collections.ConfigDict(dict(
-      lr={"seed": 8e-4, "demo": 1.5e-3, "tiny": 1e-3}[preset],
+      lr={"seed": 8e-4, "demo": 3e-3, "tiny": 1e-3}[preset],
       b1=0.9, b2=0.95, weight_decay=0.05,
       warmup_epochs={"seed": 10.0, "demo": 2.0, "tiny": 0.5}[preset],
       min_lr=0.0, grad_clip_norm=0.0,

@@ -16,9 +16,10 @@ import orbax.checkpoint as ocp
 PyTree = Any
 
 
-def manager(workdir: str | Path, max_to_keep: int = 3) -> ocp.CheckpointManager:
-  """A checkpoint manager over `<workdir>/checkpoints` keeping the last `max_to_keep`."""
-  path = Path(workdir).absolute() / "checkpoints"
+def manager(workdir: str | Path, max_to_keep: int = 3,
+            folder: str = "checkpoints") -> ocp.CheckpointManager:
+  """A checkpoint manager over `<workdir>/<folder>` keeping the last `max_to_keep`."""
+  path = Path(workdir).absolute() / folder
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          enable_async_checkpointing=True)
   return ocp.CheckpointManager(path, options=options)
@@ -47,3 +48,83 @@ def latest_step(workdir: str | Path) -> int | None:
     return None
   with ocp.CheckpointManager(path) as mngr:
     return mngr.latest_step()
+
+
+class MissingCheckpointError(FileNotFoundError):
+  """The stage to start from has no checkpoint; says which command makes one."""
+
+
+class IncompatibleCheckpointError(ValueError):
+  """A checkpoint of another architecture; names the first mismatched param."""
+
+
+def _flat(tree: PyTree, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    name = f"{prefix}/{k}" if prefix else str(k)
+    if isinstance(v, dict):
+      out.update(_flat(v, name))
+    else:
+      out[name] = v
+  return out
+
+
+def _merge(template: PyTree, loaded: dict[str, Any], dont_load: list, required: str,
+           what: str, prefix: str = "") -> tuple[PyTree, list[str]]:
+  """Template with leaves replaced by same-named loaded ones (shape-checked)."""
+  import re  # pylint: disable=g-import-not-at-top
+  fresh = []
+
+  def walk(node, path):
+    if isinstance(node, dict):
+      return {k: walk(v, f"{path}/{k}" if path else k) for k, v in node.items()}
+    name = f"{prefix}{path}"
+    if any(re.fullmatch(p, name) for p in dont_load) or name not in loaded:
+      if name not in loaded and re.fullmatch(required, name):
+        raise IncompatibleCheckpointError(
+            f"{what} has no param {name} (model shape {tuple(node.shape)}): it was made for "
+            "another architecture")
+      fresh.append(name)
+      return node
+    value = loaded[name]
+    if tuple(value.shape) != tuple(node.shape):
+      raise IncompatibleCheckpointError(
+          f"{what}: param {name} has shape {tuple(value.shape)} there but "
+          f"{tuple(node.shape)} in this model; the model config must match the source stage's")
+    return jax.numpy.asarray(value, node.dtype)
+
+  return walk(template, ""), fresh
+
+
+def restore_from_stage(source_workdir: str | Path, params: PyTree, batch_stats: PyTree,
+                       *, dont_load: list[str], required: str = r"encoder/.*",
+                       make_it: str = "") -> tuple[PyTree, PyTree, int, list[str]]:
+  """Initialises params (and BatchNorm statistics) from another stage's latest checkpoint.
+
+  Every param whose name is in the checkpoint with the same shape is taken,
+  except those matching a `dont_load` pattern; the rest keep their fresh
+  initialisation (listed in the result). Optimiser state is never taken.
+
+  Raises:
+    MissingCheckpointError: no checkpoint there (`make_it` says how to make one).
+    IncompatibleCheckpointError: a `required` param is missing or any shape differs.
+
+  Returns:
+    (params, batch_stats, the source step, names left freshly initialised).
+  """
+  path = Path(source_workdir).absolute() / "checkpoints"
+  step = None
+  if path.is_dir():
+    with ocp.CheckpointManager(path) as mngr:
+      step = mngr.latest_step()
+      if step is not None:
+        restored = mngr.restore(step, args=ocp.args.StandardRestore())
+  if step is None:
+    raise MissingCheckpointError(f"no checkpoint in {path}" + (f"; make one with:\n  {make_it}"
+                                                                if make_it else ""))
+  what = f"checkpoint {path}/{step}"
+  params, fresh = _merge(params, _flat(restored["params"]), dont_load, required, what)
+  if batch_stats:
+    stats = _flat(restored.get("batch_stats") or {})
+    batch_stats, _ = _merge(batch_stats, stats, dont_load, r"$^", what)
+  return params, batch_stats, step, fresh

@@ -241,11 +241,11 @@ def main(argv: list[str] | None = None) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from mae_jax import train  # pylint: disable=g-import-not-at-top
+  from mae_jax import pretrain  # pylint: disable=g-import-not-at-top
 
   config = config_flags.config_flags._ConfigFileParser("config").parse(args.config)  # pylint: disable=protected-access
-  mae = train.build_mae(config.model)
-  template = train.init_mae(mae, jax.random.key(0))
+  mae = pretrain.build_mae(config.model)
+  template = pretrain.init_mae(mae, jax.random.key(0))
   params = convert(load_state_dict(args.checkpoint), template)
   out = Path(args.out).absolute()
   with ocp.StandardCheckpointer() as ckptr:

@@ -6,7 +6,6 @@ class, bad files, input-pipeline throughput) and `<workdir>/plots/samples.png`.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
+from mae_jax import fileio
 from mae_jax import plots
 from mae_jax.data import builder
 from mae_jax.data import layout
@@ -74,7 +74,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "train_pipeline_batch": batch,
   }
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "data_summary.json").write_text(json.dumps(summary, indent=1))
+  fileio.write_json_atomic(workdir / "data_summary.json", summary)
   for name, c in counts.items():
     logging.info("%-10s %s (total %d)", name, c, sum(c.values()))
   logging.info("image size %dx%d; %d bad file(s); augmented train batches: %.0f images/s",

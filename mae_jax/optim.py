@@ -75,3 +75,98 @@ def adamw(params: PyTree, optim: ml_collections.ConfigDict, total_steps: int,
 
 def count_params(params: PyTree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def _ndim_at_least_2(params: PyTree) -> PyTree:
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def lars(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 0.0,
+         momentum: float = 0.9, trust_coefficient: float = 0.001) -> optax.GradientTransformation:
+  """LARS as in the MAE reference (`util/lars.py`), for params of any pytree.
+
+  For params with ndim >= 2 only: add weight decay, then scale the update by
+  `trust_coefficient * |p| / |update|` (1 where either norm is 0). Then, for all
+  params, momentum `mu = momentum * mu + update` and `p -= lr * mu`; the learning
+  rate multiplies the accumulated momentum, as in the reference (optax.lars
+  scales before accumulating, which differs when the rate changes).
+  """
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay, mask=_ndim_at_least_2),
+      optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=0.0),
+                   _ndim_at_least_2),
+      optax.trace(decay=momentum),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def layer_id(name: str, depth: int) -> int:
+  """MAE's layer index for layer-wise lr decay: 0 for the patch embedding and
+  tokens, i + 1 for encoder block i, depth + 1 for everything after the blocks."""
+  m = re.fullmatch(r"encoder/block_(\d+)/.*", name)
+  if m:
+    return int(m.group(1)) + 1
+  if re.fullmatch(r"encoder/(patch_embed/.*|cls_token)", name):
+    return 0
+  return depth + 1
+
+
+def classifier_optimizer(params: PyTree, optim_cfg: ml_collections.ConfigDict, *,
+                         total_steps: int, steps_per_epoch: int, global_batch: int,
+                         depth: int) -> tuple[optax.GradientTransformation, PyTree]:
+  """The probe / fine-tune optimiser from the config, with frozen params in it.
+
+  `optim_cfg.name` is 'lars' or 'adamw'. Params matching `optim_cfg.frozen`
+  patterns get `optax.set_to_zero()` (no update, no optimiser state). The rest
+  are split by `optim_cfg.lr_groups` (pattern, base lr) pairs, first match wins,
+  every param must match one; with `layer_decay` < 1, encoder params' rates are
+  scaled by layer_decay ** (depth + 1 - layer_id) as in MAE. With `lr_scaling`
+  'linear', rates are multiplied by global_batch / 256. Each distinct (rate,
+  decays?) pair becomes one `optax.partition` group with its own warmup + cosine
+  schedule; weight decay skips `optim_cfg.no_decay` params.
+
+  Returns:
+    The transformation and a pytree of each param's peak learning rate (0 when frozen).
+  """
+  if optim_cfg.name not in ("lars", "adamw"):
+    raise ValueError(f"optim.name must be 'lars' or 'adamw', got {optim_cfg.name!r}")
+  names = param_names(params)
+  frozen = match(params, optim_cfg.frozen)
+  decays = decay_mask(params, optim_cfg.no_decay)
+  groups = [(re.compile(p), lr) for p, lr in optim_cfg.lr_groups]
+  scale = global_batch / 256.0 if optim_cfg.lr_scaling == "linear" else 1.0
+
+  def peak(name: str, is_frozen: bool) -> float:
+    if is_frozen:
+      return 0.0
+    for pattern, lr in groups:
+      if pattern.fullmatch(name):
+        factor = 1.0
+        if optim_cfg.layer_decay != 1.0 and name.startswith("encoder/"):
+          factor = optim_cfg.layer_decay ** (depth + 1 - layer_id(name, depth))
+        return lr * scale * factor
+    raise ValueError(f"param {name} matches no optim.lr_groups pattern "
+                     f"{[p for p, _ in optim_cfg.lr_groups]}; add a catch-all such as '.*'")
+
+  peaks = jax.tree.map(peak, names, frozen)
+  labels = jax.tree.map(
+      lambda lr, d, f: "frozen" if f else f"lr={lr!r}{'' if d else ',no_decay'}",
+      peaks, decays, frozen)
+  warmup = int(optim_cfg.warmup_epochs * steps_per_epoch)
+  transforms = {"frozen": optax.set_to_zero()}
+  for label in sorted(set(jax.tree.leaves(labels)) - {"frozen"}):
+    lr = float(label.split(",")[0][3:])
+    wd = 0.0 if label.endswith("no_decay") else optim_cfg.weight_decay
+    schedule = warmup_cosine(lr, total_steps, warmup, min(optim_cfg.min_lr, lr))
+    if optim_cfg.name == "lars":
+      transforms[label] = lars(schedule, wd, optim_cfg.momentum, optim_cfg.trust_coefficient)
+    else:
+      transforms[label] = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2,
+                                      weight_decay=wd)
+  for label in sorted(set(jax.tree.leaves(labels))):
+    chosen = jax.tree.map(lambda l, lab=label: l == lab, labels)
+    _log_matches(f"optimiser group {label}", params, chosen)
+  chain = [optax.partition(transforms, labels)]
+  if optim_cfg.grad_clip_norm:
+    chain.insert(0, optax.clip_by_global_norm(optim_cfg.grad_clip_norm))
+  return optax.chain(*chain), peaks

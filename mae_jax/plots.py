@@ -1,4 +1,5 @@
-"""Figures (matplotlib, headless): sample grids, loss curves, MAE reconstructions.
+"""Figures (matplotlib, headless): sample grids, loss curves, MAE reconstructions,
+ROC curves and confusion matrices.
 
   python -m mae_jax.plots samples --data DIR --out samples.png [--per_class 6]
 """
@@ -15,6 +16,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
+
+
+def _save(fig, path: str | os.PathLike[str]) -> Path:
+  fig.tight_layout()
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
 
 
 def sample_grid(images: Mapping[str, np.ndarray], path: str | os.PathLike[str],
@@ -43,16 +53,12 @@ def sample_grid(images: Mapping[str, np.ndarray], path: str | os.PathLike[str],
         ax.set_ylabel(name, fontsize=11)
   if title:
     fig.suptitle(title, fontsize=11)
-  fig.tight_layout()
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 def loss_curves(history: list[dict], path: str | os.PathLike[str],
-                phase_starts: list[int] | None = None, title: str | None = None) -> Path:
+                phase_starts: list[int] | None = None, title: str | None = None,
+                ylabel: str = "reconstruction loss") -> Path:
   """Train and validation loss per epoch; dashed lines where a new phase starts.
 
   `history` holds one dict per epoch with `epoch` (1-based) and any of
@@ -69,17 +75,12 @@ def loss_curves(history: list[dict], path: str | os.PathLike[str],
       ax.text(start + 0.6, 0.98, f"phase {i + 1}", transform=ax.get_xaxis_transform(),
               va="top", fontsize=8, color="grey")
   ax.set_xlabel("epoch")
-  ax.set_ylabel("reconstruction loss")
+  ax.set_ylabel(ylabel)
   ax.grid(alpha=0.3)
   ax.legend()
   if title:
     ax.set_title(title)
-  fig.tight_layout()
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 def reconstructions(rows: Mapping[str, np.ndarray], path: str | os.PathLike[str],
@@ -105,12 +106,55 @@ def reconstructions(rows: Mapping[str, np.ndarray], path: str | os.PathLike[str]
         ax.set_ylabel(name, fontsize=9)
   if title:
     fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
+
+
+def roc(curves: Mapping[str, tuple], path: str | os.PathLike[str], title: str | None = None,
+        baseline: Mapping[str, tuple] | None = None) -> Path:
+  """One-vs-rest ROC curve per class plus the micro average, AUC in the legend.
+
+  `curves` maps a class name (and 'micro') to (fpr, tpr, auc); `baseline`, if
+  given, is drawn dashed in the same colours.
+  """
+  fig, ax = plt.subplots(figsize=(5.2, 5))
+  colours = {}
+  for name, (fpr, tpr, auc) in curves.items():
+    style = dict(ls=":", lw=2, color="black") if name == "micro" else dict(lw=1.8)
+    (line,) = ax.plot(fpr, tpr, label=f"{name} (AUC = {auc:.3f})", **style)
+    colours[name] = line.get_color()
+  for name, (fpr, tpr, auc) in (baseline or {}).items():
+    ax.plot(fpr, tpr, ls="--", lw=1, alpha=0.7, color=colours.get(name, "grey"),
+            label=f"baseline {name} ({auc:.3f})")
+  ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0, 1.01)
+  ax.set_xlabel("false positive rate")
+  ax.set_ylabel("true positive rate")
+  ax.legend(loc="lower right", fontsize=8)
+  ax.grid(alpha=0.3)
+  if title:
+    ax.set_title(title, fontsize=10)
+  return _save(fig, path)
+
+
+def confusion(matrix, class_names, path: str | os.PathLike[str],
+              title: str | None = None) -> Path:
+  """Confusion matrix (rows: true class, columns: predicted), counts and row shares."""
+  m = np.asarray(matrix, dtype=np.float64)
+  share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+  fig, ax = plt.subplots(figsize=(4.6, 4))
+  ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+  for i in range(m.shape[0]):
+    for j in range(m.shape[1]):
+      ax.text(j, i, f"{int(m[i, j])}\n{share[i, j]:.0%}", ha="center", va="center",
+              fontsize=9, color="white" if share[i, j] > 0.5 else "black")
+  ax.set_xticks(range(len(class_names)), class_names)
+  ax.set_yticks(range(len(class_names)), class_names)
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("true")
+  if title:
+    ax.set_title(title, fontsize=10)
+  return _save(fig, path)
 
 
 def _samples_from_folder(data: str, per_class: int):

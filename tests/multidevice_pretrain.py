@@ -13,22 +13,23 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top
 import optax  # pylint: disable=g-import-not-at-top
+from mae_jax import pretrain  # pylint: disable=g-import-not-at-top
 from mae_jax import parallel  # pylint: disable=g-import-not-at-top
 from mae_jax import train  # pylint: disable=g-import-not-at-top
 
 
 def run(devices, steps=3):
   config = pretrain_config.get_config("tiny")
-  mae = train.build_mae(config.model)
-  params = train.init_mae(mae, jax.random.key(0))
+  mae = pretrain.build_mae(config.model)
+  params = pretrain.init_mae(mae, jax.random.key(0))
   # Plain SGD: Adam's g / sqrt(v) turns float-rounding differences of near-zero
   # gradients into lr-sized updates, which would hide what is compared here.
   tx = optax.sgd(0.5)
   mesh = parallel.make_mesh(devices)
   state = parallel.replicate(train.TrainState.create(apply_fn=mae.apply, params=params, tx=tx),
                              mesh)
-  step = train.make_pretrain_step(mae, config.loss, mesh)
-  evaluate = train.make_pretrain_eval(mae, config.loss, mesh)
+  step = pretrain.make_pretrain_step(mae, config.loss, mesh)
+  evaluate = pretrain.make_pretrain_eval(mae, config.loss, mesh)
   rng = np.random.default_rng(0)
   losses = []
   for _ in range(steps):

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 
 from configs import pretrain as pretrain_config
+from mae_jax import pretrain
 from mae_jax import models
 from mae_jax import optim
-from mae_jax import train
 
 
 def test_seed_model_sizes_match_the_design():
   config = pretrain_config.get_config("seed")
-  mae = train.build_mae(config.model)
-  params = jax.eval_shape(lambda k: train.init_mae(mae, k), jax.random.key(0))
+  mae = pretrain.build_mae(config.model)
+  params = jax.eval_shape(lambda k: pretrain.init_mae(mae, k), jax.random.key(0))
   n_encoder = optim.count_params(params["encoder"])
   assert 6.2e6 < n_encoder < 6.6e6, n_encoder  # DESIGN §1: ~6.4M
   assert params["encoder"]["patch_embed"]["kernel"].shape == (4, 4, 1, 256)
@@ -27,8 +27,8 @@ def test_seed_model_sizes_match_the_design():
 
 @pytest.fixture
 def tiny():
-  mae = train.build_mae(pretrain_config.get_config("tiny").model)
-  return mae, train.init_mae(mae, jax.random.key(0))
+  mae = pretrain.build_mae(pretrain_config.get_config("tiny").model)
+  return mae, pretrain.init_mae(mae, jax.random.key(0))
 
 
 def test_mae_outputs(tiny):

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tqdm import tqdm
 
+from mae_jax import fileio
 from mae_jax.data import layout
 from mae_jax.data import npy_io
 
@@ -183,12 +184,6 @@ def _file_lock(path: Path):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  tmp.write_text(json.dumps(obj, indent=1))
-  os.replace(tmp, path)
-
-
 def prepare(source_dir: str | os.PathLike[str], cache_root: str | os.PathLike[str],
             validation_fraction: float = 0.1, on_bad_file: str = "error",
             progress: bool = True) -> PreparedData:
@@ -235,7 +230,7 @@ def prepare(source_dir: str | os.PathLike[str], cache_root: str | os.PathLike[st
                         data_dir=str(cache_dir))
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(verify_ssl=False))
-    _write_json_atomic(scan_path, {
+    fileio.write_json_atomic(scan_path, {
         "source_dir": str(Path(source_dir).resolve()),
         "image_shape": list(scan.image_shape),
         "num_files": len(scan.files),

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mae_jax import fileio
+
 # Largest file we agree to read; DeepLense files are ~33 kB (64x64) or ~180 kB (150x150).
 MAX_FILE_BYTES = 64 * 1024 * 1024
 # Largest image we accept (pixels); guards against absurd shapes in headers/pickles.
@@ -180,19 +182,6 @@ def read_lens_file(path: str | os.PathLike[str]) -> LensImage:
   return LensImage(_check_image(obj[0], path), _check_mass(obj[1], path))
 
 
-def _write_atomic(path: Path, write) -> None:
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  try:
-    with open(tmp, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-
-
 def write_lens_file(path: str | os.PathLike[str], image: np.ndarray,
                     axion_mass: float | None = None) -> None:
   """Writes one image in the DeepLense format, atomically (never half-written).
@@ -207,4 +196,4 @@ def write_lens_file(path: str | os.PathLike[str], image: np.ndarray,
     array = np.empty(2, dtype=object)
     array[0] = image
     array[1] = np.float64(axion_mass)
-  _write_atomic(Path(path), lambda f: np.save(f, array, allow_pickle=axion_mass is not None))
+  fileio.write_atomic(path, lambda f: np.save(f, array, allow_pickle=axion_mass is not None))

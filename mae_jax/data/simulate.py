@@ -35,6 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mae_jax import fileio
 from mae_jax.data.layout import CLASS_NAMES
 from mae_jax.data.npy_io import write_lens_file
 
@@ -349,16 +350,6 @@ def image_path(out: str | os.PathLike[str], class_name: str, seed: int,
   return Path(out) / class_name / f"{class_name}_sim_{number}.npy"
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  try:
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-
-
 def _versions() -> dict[str, str]:
   import astropy  # pylint: disable=import-outside-toplevel
   import lenstronomy  # pylint: disable=import-outside-toplevel
@@ -451,7 +442,7 @@ def generate(out: str | os.PathLike[str], per_class: int, seed: int = 0,
   out.mkdir(parents=True, exist_ok=True)
   manifest = _prepare_manifest(out, seed, int(per_class), bool(noise))
   manifest["complete"] = False
-  _write_json_atomic(out / MANIFEST_NAME, manifest)
+  fileio.write_json_atomic(out / MANIFEST_NAME, manifest)
   for class_name in CLASS_NAMES:
     (out / class_name).mkdir(exist_ok=True)
 
@@ -471,7 +462,7 @@ def generate(out: str | os.PathLike[str], per_class: int, seed: int = 0,
       _run_pool(out, seed, bool(noise), jobs, workers, written, bar)
   manifest["complete"] = all(image_path(out, c, seed, i).exists()
                              for i in range(manifest["per_class"]) for c in CLASS_NAMES)
-  _write_json_atomic(out / MANIFEST_NAME, manifest)
+  fileio.write_json_atomic(out / MANIFEST_NAME, manifest)
   return written
 
 

@@ -1,0 +1,242 @@
+"""Linear probing and fine-tuning: the classifier from a config, data-parallel
+steps, evaluation, and the stage loop shared by both stages.
+
+  python main.py --config=configs/probe.py:demo --workdir=runs/probe_demo
+  python main.py --config=configs/finetune.py:demo --workdir=runs/finetune_demo
+
+The two stages differ only in their configs: which params the optimiser
+freezes (the probe freezes the encoder with `optax.set_to_zero`, and its step
+then computes features outside the differentiated function, so the encoder's
+backward pass is never built), which optimiser, and which stage they start from.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax import lax
+from jax.experimental import multihost_utils
+
+from mae_jax import checkpoint
+from mae_jax import evaluate
+from mae_jax import fileio
+from mae_jax import models
+from mae_jax import optim
+from mae_jax import parallel
+from mae_jax import plots
+from mae_jax import train
+from mae_jax.data import layout
+from mae_jax.data import source
+
+EVAL_FILE = "eval_metrics.json"
+
+
+class ClassifierState(train.TrainState):
+  """Train state plus BatchNorm statistics of the head."""
+  batch_stats: Any = flax.struct.field(default_factory=dict)
+
+
+def build_classifier(config: ml_collections.ConfigDict) -> models.Classifier:
+  """The classifier of a probe / fine-tune config (BatchNorm synced across devices)."""
+  m = config.model
+  return models.Classifier(
+      vit=train.vit_config(m), num_classes=len(layout.CLASS_NAMES), head=m.head, pool=m.pool,
+      head_hidden=tuple(m.head_hidden), dropout=m.dropout, drop_path=m.drop_path,
+      bn_axis_name=parallel.AXIS, dtype=train.dtype_of(m.dtype))
+
+
+def init_classifier(model: models.Classifier, key: jax.Array) -> tuple[Any, Any]:
+  """(params, batch_stats) of `model` from `key`."""
+  vit = model.vit
+  images = jnp.zeros((2, vit.image_size, vit.image_size, vit.channels), jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False))(key, images)
+  return variables["params"], variables.get("batch_stats", {})
+
+
+def make_train_step(model: models.Classifier, mesh: jax.sharding.Mesh, *,
+                    frozen_encoder: bool, label_smoothing: float = 0.0):
+  """A jitted data-parallel step: (state, images, labels, key) -> (state, metrics).
+
+  With `frozen_encoder`, features come from the encoder in inference mode
+  outside the differentiated function: no encoder backward pass, and its
+  (frozen) params receive exactly zero gradient.
+  """
+  classes = model.num_classes
+
+  def per_device(state: ClassifierState, images, labels, key):
+    rng = jax.random.fold_in(jax.random.fold_in(key, state.step), lax.axis_index(parallel.AXIS))
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, classes), label_smoothing)
+    if frozen_encoder:
+      feats = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
+                          False, method=models.Classifier.features)
+
+    def loss_fn(params):
+      variables = {"params": params, "batch_stats": state.batch_stats}
+      if frozen_encoder:
+        logits, updates = model.apply(variables, feats, True, method=models.Classifier.classify,
+                                      mutable=["batch_stats"], rngs={"dropout": rng})
+      else:
+        out, updates = model.apply(variables, images, True, mutable=["batch_stats"],
+                                   rngs={"dropout": rng})
+        logits = out["logits"]
+      loss = optax.softmax_cross_entropy(logits, targets).mean()
+      return loss, (logits, updates.get("batch_stats", {}))
+
+    (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = lax.pmean(grads, parallel.AXIS)
+    loss = lax.pmean(loss, parallel.AXIS)
+    accuracy = lax.pmean(jnp.mean(jnp.argmax(logits, -1) == labels), parallel.AXIS)
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = state.apply_gradients(grads=grads, batch_stats=stats)
+    new_state = train.keep_if_finite(ok, new_state, state)
+    return new_state, {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "finite": ok}
+
+  mapped = parallel.data_parallel(
+      per_device, mesh,
+      in_specs=(parallel.REPLICATED, parallel.BATCH, parallel.BATCH, parallel.REPLICATED),
+      out_specs=(parallel.REPLICATED, parallel.REPLICATED))
+  return jax.jit(mapped, donate_argnums=0)
+
+
+def make_predict(model: models.Classifier, mesh: jax.sharding.Mesh):
+  """A jitted data-parallel forward pass in inference mode: logits of a global batch."""
+
+  def per_device(params, batch_stats, images):
+    return model.apply({"params": params, "batch_stats": batch_stats}, images, False)["logits"]
+
+  return jax.jit(parallel.data_parallel(
+      per_device, mesh, in_specs=(parallel.REPLICATED, parallel.REPLICATED, parallel.BATCH),
+      out_specs=parallel.BATCH))
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def predict_split(predict, state: ClassifierState, ip, local_batch: int, num_batches: int,
+                  mesh) -> tuple[np.ndarray, np.ndarray]:
+  """(probabilities, labels) of every example of a split exactly once (padding dropped)."""
+  probs, labels = [], []
+  for b in ip.eval_batches(local_batch, num_batches):
+    g = parallel.global_batch(b, mesh)
+    logits = _gather(predict(state.params, state.batch_stats, g["image"]))
+    keep = _gather(g["mask"]).astype(bool)
+    probs.append(evaluate.softmax(logits.astype(np.float64))[keep])
+    labels.append(_gather(g["label"])[keep])
+  return np.concatenate(probs), np.concatenate(labels)
+
+
+def _source_stage(config: ml_collections.ConfigDict) -> str:
+  """The command that makes the checkpoint `init_from` points at (for error messages)."""
+  return (f"python main.py --config=configs/{config.init_from_stage}.py:{config.preset} "
+          f"--workdir={config.init_from}")
+
+
+def classify(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) a probe or fine-tune stage; returns the best evaluation."""
+  workdir = Path(workdir)
+  main = train.is_main_process()
+  mesh = parallel.make_mesh()
+  local_batch = parallel.check_batch(config.batch_size)
+  local_eval = parallel.check_batch(config.eval_batch_size, "eval_batch_size")
+  model = build_classifier(config)
+  if main:
+    workdir.mkdir(parents=True, exist_ok=True)
+
+  params, batch_stats = init_classifier(model, jax.random.fold_in(jax.random.key(config.seed), 0))
+  if checkpoint.latest_step(workdir) is None:  # a fresh run starts from the previous stage
+    if config.init_from:
+      params, batch_stats, src_step, fresh = checkpoint.restore_from_stage(
+          config.init_from, params, batch_stats, dont_load=list(config.dont_load),
+          make_it=_source_stage(config))
+      logging.info("initialised from %s step %d; fresh: %s", config.init_from, src_step,
+                   ", ".join(sorted({n.rsplit("/", 2)[0] for n in fresh})) or "none")
+    else:
+      logging.warning("init_from is empty: training the encoder from scratch")
+
+  _, train_ip, val_ip = train.input_pipelines(config, layout.CLASS_NAMES)
+  steps_per_epoch = train.agree_min(train_ip.num_examples // local_batch)
+  if steps_per_epoch < 1:
+    raise ValueError(f"batch_size={config.batch_size} exceeds the {train_ip.num_examples} "
+                     "training images on this process")
+  eval_batches = train.agree_max(-(-val_ip.num_examples // local_eval))
+  total_steps = config.epochs * steps_per_epoch
+  tx, peaks = optim.classifier_optimizer(
+      params, config.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+      global_batch=config.batch_size, depth=config.model.depth)
+  frozen = optim.match(params, config.optim.frozen)
+  frozen_encoder = all(jax.tree.leaves(frozen["encoder"]))
+  logging.info("%s: %s params, %s trained%s", config.stage,
+               f"{optim.count_params(params):,}",
+               f"{sum(int(np.prod(p.shape)) for p, f in zip(jax.tree.leaves(params), jax.tree.leaves(frozen)) if not f):,}",
+               " (encoder frozen: features only, no encoder backward)" if frozen_encoder else "")
+  head_lr = max(jax.tree.leaves(peaks))
+  schedule = optim.warmup_cosine(head_lr, total_steps,
+                                 int(config.optim.warmup_epochs * steps_per_epoch),
+                                 min(config.optim.min_lr, head_lr))
+  state = parallel.replicate(ClassifierState.create(apply_fn=model.apply, params=params, tx=tx,
+                                                    batch_stats=batch_stats), mesh)
+  mngr = checkpoint.manager(workdir, config.keep_checkpoints)
+  best_mngr = checkpoint.manager(workdir, 1, folder="best_checkpoint")
+  state, step, history, writer = train.open_run(workdir, config, state, steps_per_epoch, mngr)
+  predict = make_predict(model, mesh)
+  best = max((h["val_macro_auc"] for h in history if h.get("val_macro_auc") is not None),
+             default=-1.0)
+  title = f"{config.stage} ({config.preset})"
+
+  def end_epoch(state, epoch, record):
+    nonlocal best
+    probs, labels = predict_split(predict, state, val_ip, local_eval, eval_batches, mesh)
+    metrics = evaluate.classification_metrics(probs, labels)
+    record.update({"val_accuracy": metrics["accuracy"], "val_macro_auc": metrics["macro_auc"],
+                   "val_micro_auc": metrics["micro_auc"]})
+    record.update({f"val_auc_{k}": v for k, v in metrics["auc"].items()})
+    if metrics["macro_auc"] is not None and metrics["macro_auc"] > best:
+      best = metrics["macro_auc"]
+      checkpoint.save(best_mngr, record["step"], state)
+      if main:
+        fileio.write_json_atomic(workdir / EVAL_FILE, {**metrics, "step": record["step"],
+                                                       "epoch": epoch + 1, "split": "validation"})
+        plots.roc(evaluate.roc_curves(probs, labels), workdir / "plots" / "roc.png",
+                  title=f"{title}, epoch {epoch + 1}")
+        plots.confusion(metrics["confusion_matrix"], layout.CLASS_NAMES,
+                        workdir / "plots" / "confusion.png",
+                        title=f"{title}, accuracy {metrics['accuracy']:.3f}")
+
+  loop = train.Loop(
+      config=config, workdir=workdir, state=state,
+      step_fn=make_train_step(model, mesh, frozen_encoder=frozen_encoder,
+                              label_smoothing=config.label_smoothing),
+      to_global=lambda b: tuple(parallel.global_batch(
+          {"image": b["image"], "label": b["label"]}, mesh).values()),
+      train=train_ip, local_batch=local_batch, steps_per_epoch=steps_per_epoch,
+      total_epochs=config.epochs, schedule=schedule,
+      augment=lambda e: source.augment_config(config.data) if config.augment else None)
+  start = time.time()
+  train.run_epochs(loop, step, history, mngr, writer, end_epoch)
+  mngr.wait_until_finished()
+  best_mngr.wait_until_finished()
+  if main:
+    plots.loss_curves(history, workdir / "plots" / "loss_curve.png", title=title,
+                      ylabel="cross-entropy")
+  writer.flush()
+  mngr.close()
+  best_mngr.close()
+  result = fileio.read_json(workdir / EVAL_FILE) if (workdir / EVAL_FILE).exists() else {}
+  logging.info("%s done in %.1f s; best validation: macro AUC %s, micro AUC %s, accuracy %s",
+               config.stage, time.time() - start, result.get("macro_auc"),
+               result.get("micro_auc"), result.get("accuracy"))
+  return result
