@@ -132,3 +132,43 @@ def test_pretrain_divergence_stops_with_a_message(tmp_path):
   assert "Traceback" not in result.stderr
   ckpts = tmp_path / "run" / "checkpoints"
   assert not ckpts.exists() or not any(p.name.isdigit() for p in ckpts.iterdir())
+
+
+def test_pretrain_probe_finetune_chain(tmp_path):
+  data = [f"--config.data.dir={tmp_path / 'sim'}", f"--config.data.cache_dir={tmp_path / 'cache'}",
+          "--config.data.sim.workers=1"]
+  pre, probe, fine = tmp_path / "pre", tmp_path / "probe", tmp_path / "fine"
+  result = _main("--config=configs/pretrain.py:tiny", f"--workdir={pre}", *data)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  missing = _main("--config=configs/probe.py:tiny", f"--workdir={probe}",
+                  f"--config.init_from={tmp_path / 'nowhere'}", *data)
+  assert missing.returncode != 0 and "no checkpoint in" in missing.stderr
+  assert "python main.py --config=configs/pretrain.py:tiny" in missing.stderr
+
+  result = _main("--config=configs/probe.py:tiny", f"--workdir={probe}",
+                 f"--config.init_from={pre}", *data)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "encoder frozen" in result.stderr and f"initialised from {pre}" in result.stderr
+
+  result = _main("--config=configs/finetune.py:tiny", f"--workdir={fine}",
+                 f"--config.init_from={probe}", "--config.init_from_stage=probe",
+                 "--config.dont_load=()", *data)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "fresh: none" in result.stderr  # the probe's head was kept
+
+  for run in (probe, fine):
+    metrics = json.loads((run / "eval_metrics.json").read_text())
+    assert set(metrics["auc"]) == {"no_sub", "cdm", "axion"}
+    for key in ("micro_auc", "macro_auc", "accuracy", "confusion_matrix", "step"):
+      assert key in metrics
+    history = json.loads((run / "history.json").read_text())
+    assert metrics["macro_auc"] == max(h["val_macro_auc"] for h in history)
+    assert sum(map(sum, metrics["confusion_matrix"])) == metrics["num_examples"]
+    for fig in ("roc.png", "confusion.png", "loss_curve.png"):
+      assert (run / "plots" / fig).read_bytes()[:4] == b"\x89PNG"
+    assert list((run / "best_checkpoint").iterdir())
+
+  wrong = _main("--config=configs/finetune.py:tiny", f"--workdir={tmp_path / 'wrong'}",
+                f"--config.init_from={pre}", "--config.model.dim=64", *data)
+  assert wrong.returncode != 0 and "has shape" in wrong.stderr and "Traceback" not in wrong.stderr

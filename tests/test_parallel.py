@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -30,10 +29,13 @@ def test_one_and_four_devices_give_the_same_steps():
   assert out["loss_1"][0] != out["loss_1"][-1]  # the steps did train
 
 
-def test_batch_must_divide_over_devices():
-  assert parallel.check_batch(8 * jax.device_count()) == 8 * jax.device_count()
-  if jax.device_count() == 1:
-    pytest.skip("needs several devices to be indivisible")
+def test_batch_must_divide_over_devices(monkeypatch):
+  monkeypatch.setattr(parallel.jax, "device_count", lambda: 4)
+  monkeypatch.setattr(parallel.jax, "process_count", lambda: 2)
+  assert parallel.check_batch(16) == 8  # per-process share
+  with pytest.raises(ValueError, match=r"batch_size=10 must be a positive multiple of the "
+                                       r"device count \(4\); e.g. 8"):
+    parallel.check_batch(10)
 
 
 def test_global_batch_shape():
