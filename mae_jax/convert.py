@@ -3,6 +3,7 @@
 
   python -m mae_jax.convert --checkpoint mae_pretrain.pth \
       --config configs/pretrain.py:seed --out runs/imported
+  python main.py --config=configs/finetune.py:seed --config.init_from=runs/imported ...
 
 Position embeddings are fixed sin-cos in both codebases and are recomputed here,
 not loaded. Shapes must match the target model exactly; a mismatch names the
@@ -33,7 +34,8 @@ _HF_RULES = [
     (r"vit\.embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
     (r"vit\.(?:layers|encoder\.layer)\.(\d+)\.(.+)", r"blocks.\1.\2"),
     (r"vit\.layernorm\.(weight|bias)", r"norm.\1"),
-    (r"decoder\.decoder_layers\.(\d+)\.(.+)", r"decoder_blocks.\1.\2"),
+    # Files written by save_pretrained use the legacy names (decoder_encoder.layer.N).
+    (r"decoder\.decoder_(?:layers|encoder\.layer)\.(\d+)\.(.+)", r"decoder_blocks.\1.\2"),
     (r"decoder\.(mask_token|decoder_pos_embed|decoder_embed\..+|decoder_norm\..+|"
      r"decoder_pred\..+)", r"\1"),
 ]
@@ -238,19 +240,28 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--out", required=True, help="folder for the converted params (orbax)")
   args = parser.parse_args(argv)
 
+  import importlib.util  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from mae_jax import pretrain  # pylint: disable=g-import-not-at-top
 
-  config = config_flags.config_flags._ConfigFileParser("config").parse(args.config)  # pylint: disable=protected-access
+  file, _, preset = args.config.partition(":")
+  spec = importlib.util.spec_from_file_location("mae_jax_convert_config", file)
+  if spec is None or not Path(file).exists():
+    raise ConversionError(f"config file {file} not found")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(preset or None)
   mae = pretrain.build_mae(config.model)
   template = pretrain.init_mae(mae, jax.random.key(0))
   params = convert(load_state_dict(args.checkpoint), template)
-  out = Path(args.out).absolute()
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(out / "params", params)
-  print(f"converted {args.checkpoint} -> {out / 'params'}")
+  # Written like a stage's checkpoint, so `--config.init_from=OUT` can start from it.
+  mngr = checkpoint.manager(args.out, max_to_keep=1)
+  checkpoint.save(mngr, 0, {"params": params})
+  mngr.wait_until_finished()
+  mngr.close()
+  print(f"converted {args.checkpoint} -> {Path(args.out).absolute() / 'checkpoints' / '0'}; "
+        f"start a stage from it with --config.init_from={args.out}")
 
 
 if __name__ == "__main__":

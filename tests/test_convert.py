@@ -71,7 +71,7 @@ def test_parity_with_hugging_face(shape, norm_pix):
   assert abs(float(loss) - ref_loss) <= 1e-5
 
 
-def _fb_state(params) -> dict[str, np.ndarray]:
+def _fb_state(params, with_pos: bool = True) -> dict[str, np.ndarray]:
   """A facebookresearch/mae-style state dict made from our params (inverse mapping)."""
   enc, dec = params["encoder"], params["decoder"]
   sd = {"cls_token": enc["cls_token"], "mask_token": dec["mask_token"],
@@ -96,8 +96,13 @@ def _fb_state(params) -> dict[str, np.ndarray]:
     sd[f"{name}.weight"], sd[f"{name}.bias"] = key["scale"], key["bias"]
   for name, key in (("decoder_embed", dec["embed"]), ("decoder_pred", dec["pred"])):
     sd[f"{name}.weight"], sd[f"{name}.bias"] = np.asarray(key["kernel"]).T, key["bias"]
-  sd["pos_embed"] = masking.sincos_pos_embed(16, (4, 4))[None]
+  if with_pos:
+    sd["pos_embed"] = masking.sincos_pos_embed(16, (4, 4))[None]
   return {k: np.asarray(v) for k, v in sd.items()}
+
+
+def _fb_state_any(params) -> dict[str, np.ndarray]:
+  return _fb_state(params, with_pos=False)
 
 
 @pytest.fixture
@@ -159,3 +164,32 @@ def test_position_embeddings_that_differ_are_reported(small, caplog):
   with caplog.at_level("WARNING"):
     convert.convert(state, params)
   assert "pos_embed" in caplog.text and "sin-cos" in caplog.text
+
+
+def test_hugging_face_folder_and_cli(tmp_path):
+  """A model written by save_pretrained (legacy key names on disk) converts like the live one."""
+  hf, ours = _pair("rgb32", False)
+  hf.save_pretrained(tmp_path / "hf")
+  enc = ours.encoder
+  template = jax.jit(ours.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                jnp.zeros((1, enc.num_patches)))["params"]
+  live = convert.convert(hf.state_dict(), template)
+  from_disk = convert.convert(convert.load_state_dict(tmp_path / "hf"), template)
+  jax.tree.map(np.testing.assert_array_equal, from_disk, live)
+
+
+def test_cli_output_initialises_a_stage(tmp_path):
+  """The CLI writes a stage-style checkpoint that restore_from_stage (init_from) reads."""
+  from configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top
+  from mae_jax import checkpoint, pretrain  # pylint: disable=g-import-not-at-top
+  mae = pretrain.build_mae(pretrain_config.get_config("tiny").model)
+  params = jax.device_get(pretrain.init_mae(mae, jax.random.key(5)))
+  torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in
+                        _fb_state_any(params).items()}}, tmp_path / "m.pth")
+  convert.main(["--checkpoint", str(tmp_path / "m.pth"), "--config", "configs/pretrain.py:tiny",
+                "--out", str(tmp_path / "imported")])
+  fresh = pretrain.init_mae(mae, jax.random.key(6))
+  loaded, _, step, left = checkpoint.restore_from_stage(tmp_path / "imported", fresh, {},
+                                                        dont_load=[])
+  assert step == 0 and not left
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
