@@ -7,6 +7,7 @@ never listed as the latest.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +97,24 @@ def _merge(template: PyTree, loaded: dict[str, Any], dont_load: list, required: 
   return walk(template, ""), fresh
 
 
+def _restore_on_one_device(item: Path) -> dict:
+  """Restores a saved pytree onto this process's first device, whatever mesh wrote it
+  (a stage may start from one that ran on another number of devices)."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.metadata(item).item_metadata.tree
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+    return ckptr.restore(item, abstract)
+
+
+ENCODER_KEYS = ("image_size", "channels", "patch", "dim", "depth", "heads", "mlp_ratio")
+
+
 def restore_from_stage(source_workdir: str | Path, params: PyTree, batch_stats: PyTree,
                        *, dont_load: list[str], required: str = r"encoder/.*",
-                       make_it: str = "") -> tuple[PyTree, PyTree, int, list[str]]:
+                       make_it: str = "", model: dict | None = None
+                       ) -> tuple[PyTree, PyTree, int, list[str]]:
   """Initialises params (and BatchNorm statistics) from another stage's latest checkpoint.
 
   Every param whose name is in the checkpoint with the same shape is taken,
@@ -107,7 +123,10 @@ def restore_from_stage(source_workdir: str | Path, params: PyTree, batch_stats: 
 
   Raises:
     MissingCheckpointError: no checkpoint there (`make_it` says how to make one).
-    IncompatibleCheckpointError: a `required` param is missing or any shape differs.
+    IncompatibleCheckpointError: a `required` param is missing, any shape differs,
+      the checkpoint has encoder params this model lacks (a deeper encoder), or the
+      source's `config.json` names other encoder sizes than `model` (e.g. heads,
+      which no shape reveals).
 
   Returns:
     (params, batch_stats, the source step, names left freshly initialised).
@@ -117,13 +136,27 @@ def restore_from_stage(source_workdir: str | Path, params: PyTree, batch_stats: 
   if path.is_dir():
     with ocp.CheckpointManager(path) as mngr:
       step = mngr.latest_step()
-      if step is not None:
-        restored = mngr.restore(step, args=ocp.args.StandardRestore())
   if step is None:
     raise MissingCheckpointError(f"no checkpoint in {path}" + (f"; make one with:\n  {make_it}"
                                                                 if make_it else ""))
+  restored = _restore_on_one_device(path / str(step) / "default")
   what = f"checkpoint {path}/{step}"
-  params, fresh = _merge(params, _flat(restored["params"]), dont_load, required, what)
+  source_config = Path(source_workdir) / "config.json"
+  if model is not None and source_config.exists():
+    theirs = json.loads(source_config.read_text()).get("model", {})
+    for key in ENCODER_KEYS:
+      if key in theirs and key in model and theirs[key] != model[key]:
+        raise IncompatibleCheckpointError(
+            f"{what}: the source stage used model.{key}={theirs[key]}, this one "
+            f"model.{key}={model[key]}; the encoder config must match")
+  loaded = _flat(restored["params"])
+  params, fresh = _merge(params, loaded, dont_load, required, what)
+  ours = set(_flat(params))
+  extra = sorted(n for n in loaded if n.startswith("encoder/") and n not in ours)
+  if extra:
+    raise IncompatibleCheckpointError(
+        f"{what} has encoder param {extra[0]} that this model lacks ({len(extra)} in all): "
+        "it was made for a deeper or different encoder")
   if batch_stats:
     stats = _flat(restored.get("batch_stats") or {})
     batch_stats, _ = _merge(batch_stats, stats, dont_load, r"$^", what)

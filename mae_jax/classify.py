@@ -161,7 +161,7 @@ def classify(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.init_from:
       params, batch_stats, src_step, fresh = checkpoint.restore_from_stage(
           config.init_from, params, batch_stats, dont_load=list(config.dont_load),
-          make_it=_source_stage(config))
+          make_it=_source_stage(config), model=config.model.to_dict())
       logging.info("initialised from %s step %d; fresh: %s", config.init_from, src_step,
                    ", ".join(sorted({n.rsplit("/", 2)[0] for n in fresh})) or "none")
     else:
@@ -192,6 +192,8 @@ def classify(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mngr = checkpoint.manager(workdir, config.keep_checkpoints)
   best_mngr = checkpoint.manager(workdir, 1, folder="best_checkpoint")
   state, step, history, writer = train.open_run(workdir, config, state, steps_per_epoch, mngr)
+  for stale in [s for s in best_mngr.all_steps() if s > step]:  # from a run we no longer continue
+    best_mngr.delete(stale)
   predict = make_predict(model, mesh)
   best = max((h["val_macro_auc"] for h in history if h.get("val_macro_auc") is not None),
              default=-1.0)

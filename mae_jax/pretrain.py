@@ -168,6 +168,11 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
   local_batch = parallel.check_batch(config.batch_size)
   local_eval = parallel.check_batch(config.eval_batch_size, "eval_batch_size")
   mae = build_mae(config.model)
+  if config.loss.masked_only and masking.num_kept(mae.encoder.num_patches,
+                                                  config.model.mask_ratio) == mae.encoder.num_patches:
+    raise ValueError(f"model.mask_ratio={config.model.mask_ratio} removes no patch of "
+                     f"{mae.encoder.num_patches}, so loss.masked_only=True has nothing to score; "
+                     "raise the ratio or set loss.masked_only=False")
   if main:
     workdir.mkdir(parents=True, exist_ok=True)
   _, train_ip, val_ip = train.input_pipelines(config, config.classes)
@@ -212,7 +217,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
       total, count = total + float(t), count + float(c)
     record["phase"] = _phase_of(epoch, phase_epochs) + 1
     record["val_loss"] = total / max(count, 1.0)
-    if (epoch + 1) % config.plot_every_epochs == 0 or epoch + 1 == total_epochs:
+    if (config.plot_every_epochs > 0 and (epoch + 1) % config.plot_every_epochs == 0) or \
+        epoch + 1 == total_epochs:
       save_plots(state)
 
   loop = train.Loop(

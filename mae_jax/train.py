@@ -124,8 +124,13 @@ def input_pipelines(config: ml_collections.ConfigDict, classes) -> tuple:
                      f"model.image_size={config.model.image_size}")
   read = dict(classes=classes, process_index=jax.process_index(),
               process_count=jax.process_count(), cache=config.data.cache_in_memory)
-  return (prepared, pipeline.InputPipeline(prepared.builder, "train", **read),
-          pipeline.InputPipeline(prepared.builder, "validation", **read))
+  pipes = [pipeline.InputPipeline(prepared.builder, split, **read)
+           for split in ("train", "validation")]
+  for ip in pipes:
+    if agree_min(ip.num_examples) == 0:
+      raise ValueError(f"the {ip.split} split holds no image of {list(classes)} for some process "
+                       f"({config.data.dir}); add images or raise data.validation_fraction")
+  return (prepared, *pipes)
 
 
 # --- The epoch loop ----------------------------------------------------------------
@@ -182,6 +187,14 @@ def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer,
   record joins `history.json` and a checkpoint is saved when due.
   """
   cfg, main = loop.config, is_main_process()
+  due = lambda n, every: every > 0 and n % every == 0  # pylint: disable=unnecessary-lambda-assignment
+  done = step // loop.steps_per_epoch
+  if step and step % loop.steps_per_epoch == 0 and (not history or history[-1]["epoch"] < done):
+    # A step checkpoint at an epoch's last step, then a stop before its evaluation: do it now.
+    record = {"epoch": done, "step": step, "train_loss": None,
+              "lr": float(loop.schedule(step - 1)), "seconds": 0.0}
+    end_epoch(loop.state, done - 1, record)
+    history.append(record)
   report = periodic_actions.ReportProgress(
       num_train_steps=loop.total_epochs * loop.steps_per_epoch, writer=writer, every_secs=60)
   key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
@@ -201,11 +214,11 @@ def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer,
       pending, step = metrics, step + 1
       bar.update(1)
       report(step)
-      if step % cfg.log_every_steps == 0 or i == loop.steps_per_epoch - 1:
+      if due(step, cfg.log_every_steps) or i == loop.steps_per_epoch - 1:
         host = check_finite(pending, step)
         writer.write_scalars(step, {f"train_{k}": v for k, v in host.items() if k != "finite"}
                              | {"lr": float(loop.schedule(step - 1))})
-      if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
+      if due(step, cfg.checkpoint_every_steps):
         check_finite(pending, step)
         checkpoint.save(mngr, step, state)
     bar.close()
@@ -223,6 +236,6 @@ def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer,
                            if isinstance(v, float)))
     if main:
       fileio.write_json_atomic(loop.workdir / HISTORY_FILE, history)
-    if (epoch + 1) % cfg.checkpoint_every_epochs == 0 or epoch + 1 == loop.total_epochs:
+    if due(epoch + 1, cfg.checkpoint_every_epochs) or epoch + 1 == loop.total_epochs:
       checkpoint.save(mngr, step, state)
   return state

@@ -201,3 +201,26 @@ def test_restore_errors_are_explicit(tmp_path):
                                 np.asarray(trained["encoder"]["norm"]["scale"]))
   np.testing.assert_array_equal(loaded["classifier"]["out"]["bias"],
                                 np.asarray(params["classifier"]["out"]["bias"]))
+
+
+def test_restore_refuses_deeper_encoders_and_other_head_counts(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  config = finetune_config.get_config("tiny")
+  params, stats = classify.init_classifier(classify.build_classifier(config), jax.random.key(0))
+  deeper = finetune_config.get_config("tiny")
+  deeper.model.depth = config.model.depth + 1
+  deep_params, _ = classify.init_classifier(classify.build_classifier(deeper), jax.random.key(1))
+  mngr = checkpoint.manager(tmp_path / "deep", 1)
+  checkpoint.save(mngr, 1, {"params": deep_params})
+  mngr.wait_until_finished()
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match="encoder param encoder/block_"):
+    checkpoint.restore_from_stage(tmp_path / "deep", params, stats, dont_load=[])
+  # Same shapes, other head count: only the source's config.json tells.
+  mngr = checkpoint.manager(tmp_path / "heads", 1)
+  checkpoint.save(mngr, 1, {"params": params})
+  mngr.wait_until_finished()
+  other = config.model.to_dict() | {"heads": 1}
+  (tmp_path / "heads" / "config.json").write_text(json.dumps({"model": other}))
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match="model.heads=1, this one"):
+    checkpoint.restore_from_stage(tmp_path / "heads", params, stats, dont_load=[],
+                                  model=config.model.to_dict())

@@ -43,3 +43,29 @@ def test_global_batch_shape():
   batch = parallel.global_batch({"image": np.zeros((4, 2, 2, 1), np.float32)}, mesh)
   assert batch["image"].shape == (4, 2, 2, 1)
   assert batch["image"].sharding.spec == parallel.BATCH
+
+
+def test_stage_restores_a_checkpoint_written_on_more_devices(tmp_path):
+  """Pretrain on 4 devices, then start a stage from it on 1 (this process)."""
+  script = f"""
+import sys; sys.path.insert(0, {str(HERE.parent)!r})
+import jax, numpy as np
+from mae_jax import checkpoint, parallel
+mesh = parallel.make_mesh()
+assert jax.device_count() == 4
+state = parallel.replicate({{"params": {{"encoder": {{"w": np.arange(6.0).reshape(2, 3)}}}},
+                             "step": np.int32(7)}}, mesh)
+mngr = checkpoint.manager({str(tmp_path)!r}, 1)
+checkpoint.save(mngr, 7, state)
+mngr.wait_until_finished()
+"""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
+  result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  template = {"encoder": {"w": np.zeros((2, 3))}}
+  params, _, step, fresh = checkpoint.restore_from_stage(tmp_path, template, {}, dont_load=[])
+  assert step == 7 and not fresh
+  np.testing.assert_array_equal(params["encoder"]["w"], np.arange(6.0).reshape(2, 3))

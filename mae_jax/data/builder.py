@@ -203,8 +203,8 @@ def prepare(source_dir: str | os.PathLike[str], cache_root: str | os.PathLike[st
   """
   if on_bad_file not in ("error", "skip"):
     raise ValueError(f"on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
-  if not 0.0 <= validation_fraction < 1.0:
-    raise ValueError(f"validation_fraction must lie in [0, 1), got {validation_fraction}")
+  if not 0.0 < validation_fraction < 1.0:
+    raise ValueError(f"validation_fraction must lie in (0, 1), got {validation_fraction}")
   fp = fingerprint(source_dir, validation_fraction, on_bad_file)
   cache_dir = Path(cache_root).expanduser() / fp
   builder_dir = cache_dir / "deep_lense" / str(DeepLense.VERSION)
