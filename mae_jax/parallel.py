@@ -45,8 +45,12 @@ def sharded(mesh: Mesh) -> NamedSharding:
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-  """Places a pytree on every device of `mesh` (a replicated global array per leaf)."""
-  return jax.device_put(tree, replicated(mesh))
+  """Places a pytree on every device of `mesh` (a replicated global array per leaf).
+
+  Goes through host memory: each process places its own (identical) copy, so no
+  device-to-device transfer between hosts is needed, whatever device a leaf was on.
+  """
+  return jax.device_put(jax.device_get(tree), replicated(mesh))
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

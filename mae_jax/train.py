@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from mae_jax import checkpoint
+from mae_jax import faults
 from mae_jax import fileio
 from mae_jax import models
 from mae_jax.data import pipeline
@@ -36,8 +37,12 @@ TrainState = train_state.TrainState
 HISTORY_FILE = "history.json"
 
 
-class NonFiniteError(FloatingPointError):
-  """A loss or gradient became NaN/inf; the run stops before saving anything bad."""
+# A loss or gradient became NaN/inf; the run stops before saving anything bad.
+NonFiniteError = checkpoint.NonFiniteError
+
+
+class ResumeMismatchError(ValueError):
+  """The workdir's checkpoint was made with settings that would change the batch order."""
 
 
 def dtype_of(name: str):
@@ -151,18 +156,20 @@ class Loop:
   schedule: optax.Schedule
   augment: Callable[[int], pipeline.AugmentConfig | None]   # epoch -> augmentation
   describe: Callable[[int], str] = lambda e: ""             # epoch -> progress-bar suffix
+  phase: Callable[[int], int] = lambda e: 1                 # epoch -> phase (1-based)
 
 
 def open_run(workdir: Path, config: ml_collections.ConfigDict, state: Any,
-             steps_per_epoch: int, mngr) -> tuple[Any, int, list[dict], Any]:
+             steps_per_epoch: int, mngr) -> tuple[Any, int, list[dict], Any, dict | None]:
   """Resumes `state` from this workdir's latest checkpoint if there is one.
 
-  Returns (state, step, history cut to that step, metric writer).
+  Returns (state, step, history cut to that step, metric writer, the
+  checkpoint's progress record or None).
   """
   restored = checkpoint.restore_latest(mngr, state)
-  step = 0
+  step, progress = 0, None
   if restored is not None:
-    state, step = restored
+    state, step, progress = restored
     logging.info("resuming from checkpoint step %d (epoch %d, batch %d of %d)", step,
                  step // steps_per_epoch + 1, step % steps_per_epoch, steps_per_epoch)
   history = load_history(workdir, step // steps_per_epoch)
@@ -172,58 +179,109 @@ def open_run(workdir: Path, config: ml_collections.ConfigDict, state: Any,
     writer.write_hparams(flat_hparams(config))
     if is_main_process():
       fileio.write_json_atomic(workdir / "config.json", config.to_dict())
-  return state, step, history, writer
+  return state, step, history, writer, progress
+
+
+def _progress(loop: Loop, step: int, key: jax.Array, losses: list[float]) -> dict[str, Any]:
+  """Where a run stands after `step`: enough to continue it exactly (saved with the state).
+
+  `epoch_losses` are the training losses not yet recorded in history.json.
+  """
+  epoch, batch = divmod(step, loop.steps_per_epoch)
+  return {"step": step, "epoch": epoch, "batch_in_epoch": batch,
+          "steps_per_epoch": loop.steps_per_epoch,
+          "global_batch": loop.local_batch * jax.process_count(),
+          "process_count": jax.process_count(), "train_examples": loop.train.num_examples,
+          "seed": loop.config.seed, "rng_key": np.asarray(jax.random.key_data(key)).tolist(),
+          "phase": loop.phase(min(epoch, loop.total_epochs - 1)), "epoch_losses": list(losses)}
+
+
+def _resume_key(loop: Loop, step: int, progress: dict | None, key: jax.Array) -> jax.Array:
+  """The run's PRNG key from the checkpoint, after checking that the checkpoint's
+  data position means the same batches now (else resuming would repeat or skip some)."""
+  if progress is None:
+    return key
+  now = _progress(loop, step, key, [])
+  keys = ["step", "steps_per_epoch", "global_batch", "process_count", "seed", "rng_key"]
+  if is_main_process():
+    keys.append("train_examples")
+  diffs = [f"{k} {progress.get(k)} in the checkpoint, {now[k]} now" for k in keys
+           if progress.get(k) != now[k]]
+  if agree_max(int(bool(diffs))):
+    raise ResumeMismatchError(
+        f"cannot resume {loop.workdir} at step {step} exactly: "
+        f"{'; '.join(diffs) or 'another process differs'}. The batch order would change "
+        "(repeating or skipping images); use the original data and batch_size/seed, or a new "
+        "--workdir.")
+  return jax.random.wrap_key_data(np.asarray(progress["rng_key"], np.uint32))
 
 
 def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer,
-               end_epoch: Callable[[Any, int, dict], None]) -> Any:
+               end_epoch: Callable[[Any, int, dict], None],
+               progress: dict | None = None) -> Any:
   """Trains from `step` to the end, epoch by epoch; returns the final state.
 
   Each epoch's batches depend only on (seed, epoch, batch index), so a resumed
-  run continues with exactly the batch an uninterrupted one would see. Metrics
-  are checked one step late (the device stays busy); a non-finite step stops
-  the run before anything is saved. `end_epoch(state, epoch, record)` adds
-  evaluation results to the epoch's record (and may draw or save); then the
-  record joins `history.json` and a checkpoint is saved when due.
+  run continues with exactly the batch an uninterrupted one would see; the
+  checkpoint's `progress` record (position, PRNG key, the epoch's losses so far)
+  is checked against this run and continued. Metrics are checked one step late
+  (the device stays busy); a non-finite step stops the run before anything is
+  saved. `end_epoch(state, epoch, record)` adds evaluation results to the
+  epoch's record (and may draw or save); then the record joins `history.json`
+  and a checkpoint is saved when due.
   """
   cfg, main = loop.config, is_main_process()
   due = lambda n, every: every > 0 and n % every == 0  # pylint: disable=unnecessary-lambda-assignment
+  key = _resume_key(loop, step, progress, jax.random.fold_in(jax.random.key(cfg.seed), 1))
+  carried = list((progress or {}).get("epoch_losses", []))
   done = step // loop.steps_per_epoch
   if step and step % loop.steps_per_epoch == 0 and (not history or history[-1]["epoch"] < done):
     # A step checkpoint at an epoch's last step, then a stop before its evaluation: do it now.
-    record = {"epoch": done, "step": step, "train_loss": None,
+    record = {"epoch": done, "step": step,
+              "train_loss": float(np.mean(carried)) if carried else None,
               "lr": float(loop.schedule(step - 1)), "seconds": 0.0}
     end_epoch(loop.state, done - 1, record)
     history.append(record)
+    if main:
+      fileio.write_json_atomic(loop.workdir / HISTORY_FILE, history)
   report = periodic_actions.ReportProgress(
       num_train_steps=loop.total_epochs * loop.steps_per_epoch, writer=writer, every_secs=60)
-  key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
   state = loop.state
   for epoch in range(step // loop.steps_per_epoch, loop.total_epochs):
     first = step - epoch * loop.steps_per_epoch
-    losses, pending, t0 = [], None, time.time()
+    losses = carried if first else []
+    pending, last, t0 = None, {}, time.time()
+
+    def flush(step):
+      """Checks the pending step's metrics (raising on NaN/inf) and keeps its loss."""
+      nonlocal pending, last
+      if pending is not None:
+        last = check_finite(pending, step)
+        losses.append(last["loss"])
+        pending = None
+
     batches = loop.train.train_epoch(loop.local_batch, seed=cfg.seed, epoch=epoch,
                                      start_batch=first, augment=loop.augment(epoch))
     bar = tqdm(total=loop.steps_per_epoch, initial=first, disable=not main, unit="step",
                desc=f"epoch {epoch + 1}/{loop.total_epochs}{loop.describe(epoch)}", leave=False)
     for i, local in zip(range(first, loop.steps_per_epoch), batches):
       state, metrics = loop.step_fn(state, *loop.to_global(local), key)
-      if pending is not None:  # checked one step late, so the device stays busy
-        losses.append(check_finite(pending, step)["loss"])
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+      flush(step)  # the previous step's, so the device stays busy
       pending, step = metrics, step + 1
+      faults.maybe_kill("step", step)
       bar.update(1)
+      if losses:
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
       report(step)
       if due(step, cfg.log_every_steps) or i == loop.steps_per_epoch - 1:
-        host = check_finite(pending, step)
-        writer.write_scalars(step, {f"train_{k}": v for k, v in host.items() if k != "finite"}
+        flush(step)
+        writer.write_scalars(step, {f"train_{k}": v for k, v in last.items() if k != "finite"}
                              | {"lr": float(loop.schedule(step - 1))})
       if due(step, cfg.checkpoint_every_steps):
-        check_finite(pending, step)
-        checkpoint.save(mngr, step, state)
+        flush(step)
+        checkpoint.save(mngr, step, state, _progress(loop, step, key, losses))
     bar.close()
-    if pending is not None:
-      losses.append(check_finite(pending, step)["loss"])
+    flush(step)
     record = {"epoch": epoch + 1, "step": step,
               "train_loss": float(np.mean(losses)) if losses else None,
               "lr": float(loop.schedule(step - 1)), "seconds": round(time.time() - t0, 2)}
@@ -237,5 +295,5 @@ def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer,
     if main:
       fileio.write_json_atomic(loop.workdir / HISTORY_FILE, history)
     if due(epoch + 1, cfg.checkpoint_every_epochs) or epoch + 1 == loop.total_epochs:
-      checkpoint.save(mngr, step, state)
+      checkpoint.save(mngr, step, state, _progress(loop, step, key, []))
   return state

@@ -172,4 +172,50 @@ def test_pretrain_probe_finetune_chain(tmp_path):
   wrong = _main("--config=configs/finetune.py:tiny", f"--workdir={tmp_path / 'wrong'}",
                 f"--config.init_from={pre}", "--config.model.dim=64", *data)
   assert wrong.returncode != 0 and "Traceback" not in wrong.stderr
-  assert "the source stage used model.dim=32, this one model.dim=64" in wrong.stderr
+  assert "used model.dim=32, this one model.dim=64" in wrong.stderr
+
+
+class _Evil:
+  """Unpickling this would run a shell command (it must never be unpickled)."""
+
+  def __init__(self, marker: Path):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.system, (f"touch {self.marker}",))
+
+
+def test_bad_data_end_to_end(tmp_path):
+  """A malicious pickle, a truncated file, a 150x150 image and an all-NaN image: one
+  message naming each; with on_bad_file=skip the stage trains on the rest."""
+  data, marker = tmp_path / "src", tmp_path / "PWNED"
+  simulate.generate(data, per_class=24, workers=1, progress=False)
+  evil = data / "axion" / "evil.npy"
+  arr = np.empty(2, dtype=object)
+  arr[0], arr[1] = _Evil(marker), 1e-23
+  np.save(evil, arr, allow_pickle=True)
+  trunc = data / "cdm" / "truncated.npy"
+  np.save(trunc, np.zeros((64, 64)))
+  trunc.write_bytes(trunc.read_bytes()[:300])
+  big = data / "cdm" / "big.npy"
+  np.save(big, np.random.default_rng(0).uniform(size=(150, 150)))
+  nan = data / "no_sub" / "nan.npy"
+  np.save(nan, np.full((64, 64), np.nan))
+  common = ["--config=configs/pretrain.py:tiny", "--config.data.source=deeplense",
+            f"--config.data.dir={data}", f"--config.data.cache_dir={tmp_path / 'cache'}"]
+  result = _main(*common, f"--workdir={tmp_path / 'run'}")
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert "error: 4 bad file(s)" in result.stderr
+  for path, defect in ((evil, "refused to load global"), (trunc, "truncated"),
+                       (big, "150x150"), (nan, "4096 non-finite")):
+    line = next((l for l in result.stderr.splitlines() if str(path) in l), "")
+    assert defect in line, (path, defect, result.stderr[-2000:])
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+  skipped = _main(*common, f"--workdir={tmp_path / 'run2'}", "--config.data.on_bad_file=skip")
+  assert skipped.returncode == 0, skipped.stderr[-3000:]
+  assert json.loads((tmp_path / "run2" / "pretrain_summary.json").read_text())["steps"] > 0
+  reports = list((tmp_path / "cache").rglob("bad_files.tsv"))
+  listed = "".join(r.read_text() for r in reports)
+  assert all(str(p) in listed for p in (evil, trunc, big, nan))
+  assert not marker.exists()

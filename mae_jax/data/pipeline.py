@@ -108,6 +108,7 @@ class InputPipeline:
       raise ValueError(f"split {split!r} not in {list(builder.info.splits)}")
     self.split = split
     self.slice = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
+    self._process = (process_index, process_count)
     self.image_shape = tuple(builder.info.features["image"].shape)
     keep = tf.constant(class_indices(classes), dtype=tf.int64)
     ds = builder.as_dataset(
@@ -136,8 +137,8 @@ class InputPipeline:
                   augment: AugmentConfig | None = None) -> Iterator[Batch]:
     """One epoch of shuffled, normalised (and augmented) batches of `batch_size`.
 
-    Batch order and augmentation depend only on (seed, epoch, batch index);
-    `start_batch` resumes mid-epoch at exactly that batch.
+    Batch order and augmentation depend only on (seed, epoch, batch index) and
+    the process; `start_batch` resumes mid-epoch at exactly that batch.
     """
     n = self.num_examples
     if batch_size < 1 or n < batch_size:
@@ -148,11 +149,14 @@ class InputPipeline:
     ds = ds.enumerate().skip(start_batch)
     augment = augment if augment is not None and augment.enabled else None
 
+    process, processes = self._process
+
     def finish(index, batch):
       images, labels = batch
       images = minmax_normalize(images)
-      if augment is not None:
-        images = augment_batch(images, tf.stack([tf.cast(eseed, tf.int64), index]), augment)
+      if augment is not None:  # each process's rows get their own transforms
+        stream = index * processes + process
+        images = augment_batch(images, tf.stack([tf.cast(eseed, tf.int64), stream]), augment)
       return {"image": images, "label": labels}
 
     ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)

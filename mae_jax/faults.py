@@ -1,0 +1,25 @@
+"""Deterministic crash points, so tests can kill a run exactly where they mean to.
+
+`MAE_JAX_KILL_AT="step:5,save:8"` makes the process SIGKILL itself right after
+training step 5, or right after the save of step 8 has started (its files half
+written). Unset, every call is a no-op. Only the resume tests set it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "MAE_JAX_KILL_AT"
+POINTS = ("step", "save")
+
+
+def maybe_kill(point: str, step: int) -> None:
+  """SIGKILLs this process if `point:step` is listed in $MAE_JAX_KILL_AT."""
+  spec = os.environ.get(ENV)
+  if not spec:
+    return
+  if point not in POINTS:
+    raise ValueError(f"unknown crash point {point!r}; known: {POINTS}")
+  if f"{point}:{step}" in (s.strip() for s in spec.split(",")):
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,75 @@
+"""A stage's workdir: one run at a time (an advisory lock naming its holder) and
+a check that it can be written before any work starts."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Iterator
+
+LOCK_FILE = ".mae_jax.lock"
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another run holds the workdir's lock; the message names it."""
+
+
+def writable_problem(workdir: str | os.PathLike[str]) -> str | None:
+  """Why `workdir` cannot be created or written, or None if it can."""
+  path = Path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write_test.{os.getpid()}"
+    probe.write_bytes(b"ok")
+    probe.unlink()
+  except OSError as e:
+    return f"workdir {path} cannot be written: {e.strerror or e}"
+  return None
+
+
+def _holder(f) -> str:
+  f.seek(0)
+  try:
+    h = json.loads(f.read() or "{}")
+  except json.JSONDecodeError:
+    return "another process"
+  return (f"pid {h.get('pid')} on host {h.get('host')}, started {h.get('started')}, "
+          f"command: {h.get('command')}")
+
+
+@contextlib.contextmanager
+def lock(workdir: str | os.PathLike[str]) -> Iterator[Path]:
+  """Holds `<workdir>/.mae_jax.lock` while a run uses the workdir.
+
+  The lock is the kernel's (flock): it ends with the process, even on SIGKILL,
+  so a crashed run never leaves a stale lock behind.
+
+  Raises:
+    WorkdirBusyError: another live run holds it (its pid, host, start and command).
+  """
+  path = Path(workdir) / LOCK_FILE
+  path.parent.mkdir(parents=True, exist_ok=True)
+  f = open(path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
+  try:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise WorkdirBusyError(
+          f"workdir {Path(workdir)} is in use by another run ({_holder(f)}). Wait for it "
+          "to finish, stop it, or choose another --workdir.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({
+        "pid": os.getpid(), "host": socket.gethostname(),
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv)}))
+    f.flush()
+    yield path
+  finally:
+    f.close()  # releases the lock

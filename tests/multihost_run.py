@@ -1,0 +1,93 @@
+"""Run by test_multihost.py in subprocesses.
+
+  multihost_run.py multi PROCESS_ID PORT ROOT STAGE [main.py flags...]
+      One process of a 2-process run (2 forced CPU devices each), joined through
+      main.py's --coordinator_address flags; records every file this process
+      opens for writing under ROOT/runs in ROOT/writes_<stage>_<id>.json.
+  multihost_run.py single ROOT STAGE [main.py flags...]
+      The reference: one process with 4 devices fed the same global batches
+      (slice 0's local batch, then slice 1's, as the two processes would).
+"""
+
+import atexit
+import json
+import os
+import runpy
+import sys
+from pathlib import Path
+
+ROOT_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT_DIR))
+
+
+class _Concat:
+  """The two process slices of a split, read by one process: batch = slice 0's
+  local batch then slice 1's, exactly the global batch of the 2-process run."""
+
+  def __init__(self, parts, combine):
+    self.parts, self.split = parts, parts[0].split
+    self.num_examples = combine(p.num_examples for p in parts) * len(parts)
+
+  def _zip(self, iterators):
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    for batches in zip(*iterators):
+      yield {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+  def train_epoch(self, batch_size, **kw):
+    return self._zip(p.train_epoch(batch_size // len(self.parts), **kw) for p in self.parts)
+
+  def eval_batches(self, batch_size, num_batches=None):
+    if num_batches is None:
+      num_batches = max(-(-p.num_examples // (batch_size // len(self.parts))) for p in self.parts)
+    return self._zip(p.eval_batches(batch_size // len(self.parts), num_batches)
+                     for p in self.parts)
+
+
+def _two_slice_pipelines(config, classes):
+  from mae_jax.data import pipeline, source  # pylint: disable=g-import-not-at-top
+  prepared = source.load(config.data, progress=False)
+  make = lambda split, i: pipeline.InputPipeline(  # pylint: disable=unnecessary-lambda-assignment
+      prepared.builder, split, classes=classes, process_index=i, process_count=2)
+  return (prepared, _Concat([make("train", i) for i in range(2)], min),
+          _Concat([make("validation", i) for i in range(2)], max))
+
+
+def _record_writes(out: Path, under: Path) -> None:
+  writes = set()
+
+  def hook(event, args):
+    if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+      path, mode, flags = (list(args) + [None, None])[:3]
+      writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+          isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+      if writing and str(os.fsdecode(path)).startswith(str(under)):
+        writes.add(os.fsdecode(path))
+    elif event in ("os.rename", "os.replace", "os.mkdir"):
+      target = os.fsdecode(args[1] if event != "os.mkdir" else args[0])
+      if target.startswith(str(under)):
+        writes.add(f"{event} {target}")
+
+  sys.addaudithook(hook)
+  atexit.register(lambda: out.write_text(json.dumps(sorted(writes))))
+
+
+def main():
+  mode = sys.argv[1]
+  if mode == "multi":
+    process_id, port, root, stage, *flags = sys.argv[2:]
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    flags += [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+              f"--process_id={process_id}"]
+    _record_writes(Path(root) / f"writes_{stage}_{process_id}.json", Path(root) / "runs")
+  else:
+    root, stage, *flags = sys.argv[2:]
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    from mae_jax import train  # pylint: disable=g-import-not-at-top
+    train.input_pipelines = _two_slice_pipelines
+  sys.argv = [str(ROOT_DIR / "main.py"), *flags]
+  os.chdir(ROOT_DIR)
+  runpy.run_path(str(ROOT_DIR / "main.py"), run_name="__main__")
+
+
+if __name__ == "__main__":
+  main()

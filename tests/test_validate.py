@@ -1,0 +1,163 @@
+"""Config validation: every mistake is one clear line, found before any work starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import pytest
+
+from configs import finetune as finetune_config
+from configs import pretrain as pretrain_config
+from configs import probe as probe_config
+from mae_jax import checkpoint
+from mae_jax import validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _problems(config, workdir) -> list[str]:
+  return validate.problems(config, workdir)
+
+
+def test_stock_configs_have_no_problem(tmp_path):
+  assert _problems(pretrain_config.get_config("tiny"), tmp_path / "run") == []
+  config = finetune_config.get_config("tiny")
+  config.init_from = ""   # from scratch
+  assert _problems(config, tmp_path / "run") == []
+
+
+def test_misspelled_keys_get_the_closest_valid_key(tmp_path):
+  config = pretrain_config.get_config("tiny")
+  config.batchsize = 8
+  config.data.validaton_fraction = 0.2
+  config.optim.wieght_decay = 0.1
+  found = _problems(config, tmp_path)
+  assert "unknown config key batchsize; did you mean batch_size?" in found
+  assert "unknown config key data.validaton_fraction; did you mean data.validation_fraction?" \
+      in found
+  assert "unknown config key optim.wieght_decay; did you mean optim.weight_decay?" in found
+
+
+def test_missing_key_names_its_default(tmp_path):
+  config = pretrain_config.get_config("tiny")
+  del config.optim.b2
+  assert _problems(config, tmp_path) == ["missing config key optim.b2 (default: 0.95)"]
+
+
+@pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5])
+def test_mask_ratio_outside_unit_interval(tmp_path, ratio):
+  config = pretrain_config.get_config("tiny")
+  config.model.mask_ratio = ratio
+  assert _problems(config, tmp_path) == [f"model.mask_ratio={ratio} must lie in [0, 1)"]
+
+
+def test_image_size_not_divisible_by_patch(tmp_path):
+  config = pretrain_config.get_config("tiny")
+  config.model.patch = 6
+  assert _problems(config, tmp_path) == ["model.image_size=64 is not divisible by model.patch=6"]
+
+
+def test_batch_not_divisible_by_device_count(tmp_path):
+  config = pretrain_config.get_config("tiny")
+  config.batch_size = 0
+  assert _problems(config, tmp_path) == [  # the eval batch follows the batch by default
+      "batch_size=0 must be a positive multiple of the device count (1), e.g. 1",
+      "eval_batch_size=0 must be a positive multiple of the device count (1), e.g. 1"]
+
+
+def test_phases_must_match_their_augment_flags(tmp_path):
+  config = pretrain_config.get_config("tiny")
+  config.phase_epochs = (2, 2, 3)
+  assert _problems(config, tmp_path) == [
+      "phase_epochs=(2, 2, 3) and phase_augment=(False, True) must be equally long (one entry "
+      "per phase), with whole epochs >= 0"]
+
+
+def test_missing_source_checkpoint_says_how_to_make_it(tmp_path):
+  config = probe_config.get_config("tiny")
+  config.init_from = str(tmp_path / "nowhere")
+  (found,) = _problems(config, tmp_path / "run")
+  assert found.startswith(f"init_from: no checkpoint in {tmp_path / 'nowhere' / 'checkpoints'}")
+  assert f"python main.py --config=configs/pretrain.py:tiny --workdir={tmp_path / 'nowhere'}" \
+      in found
+
+
+def _fake_stage(workdir: Path, model: dict) -> None:
+  with checkpoint.manager(workdir) as mngr:
+    checkpoint.save(mngr, 4, {"params": {"w": jnp.ones(2)}})
+    mngr.wait_until_finished()
+  (workdir / "config.json").write_text(json.dumps({"model": model}))
+
+
+def test_source_checkpoint_of_another_architecture(tmp_path):
+  config = finetune_config.get_config("tiny")
+  theirs = {**config.model.to_dict(), "heads": 4}
+  _fake_stage(tmp_path / "pre", theirs)
+  config.init_from = str(tmp_path / "pre")
+  assert _problems(config, tmp_path / "run") == [
+      f"init_from: the source stage {tmp_path / 'pre'} used model.heads=4, this one "
+      "model.heads=2; the encoder config must match"]
+
+
+def test_resuming_workdir_does_not_need_its_source(tmp_path):
+  config = finetune_config.get_config("tiny")
+  config.init_from = str(tmp_path / "gone")
+  _fake_stage(tmp_path / "run", config.model.to_dict())
+  assert _problems(config, tmp_path / "run") == []
+
+
+def test_missing_public_weights_file(tmp_path):
+  config = pretrain_config.get_config("tiny")
+  config.init_weights = str(tmp_path / "mae_pretrain.pth")
+  assert _problems(config, tmp_path / "run") == [
+      f"init_weights={tmp_path / 'mae_pretrain.pth'}: no such file or folder (a "
+      "facebookresearch/mae .pth, a Hugging Face ViTMAE folder or .safetensors)"]
+
+
+def test_unwritable_workdir(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a folder")
+  config = pretrain_config.get_config("tiny")
+  (found,) = _problems(config, blocker / "run")
+  assert found.startswith(f"workdir {blocker / 'run'} cannot be written")
+
+
+def test_unknown_simulation_variant(tmp_path):
+  config = pretrain_config.get_config("tiny")
+  config.data.sim.variant = "harder"
+  assert _problems(config, tmp_path) == ["data.sim.variant='harder' must be one of model_ii, hard"]
+
+
+def test_data_folder_without_class_folders(tmp_path):
+  (tmp_path / "data" / "no_sub").mkdir(parents=True)
+  config = pretrain_config.get_config("tiny")
+  config.data.source = "deeplense"
+  config.data.dir = str(tmp_path / "data")
+  (found,) = _problems(config, tmp_path / "run")
+  assert found.startswith(f"data folder {tmp_path / 'data'} lacks the class folder(s) cdm, axion")
+  assert "python -m mae_jax.data.simulate --out" in found
+
+
+def test_all_problems_at_once_before_any_work(tmp_path):
+  """Through main.py on 4 devices: every problem listed, no traceback, no data simulated."""
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  data = tmp_path / "sim"
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "main.py"), "--config=configs/pretrain.py:tiny",
+       f"--workdir={tmp_path / 'run'}", f"--config.data.dir={data}", "--config.batch_size=6",
+       "--config.model.mask_ratio=1.0", "--config.model.patch=6"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert "error: 4 config problem(s), nothing was run:" in result.stderr
+  for line in ("batch_size=6 must be a positive multiple of the device count (4), e.g. 4",
+               "eval_batch_size=6 must be a positive multiple of the device count (4), e.g. 4",
+               "model.mask_ratio=1.0 must lie in [0, 1)",
+               "model.image_size=64 is not divisible by model.patch=6"):
+    assert f"  - {line}" in result.stderr
+  assert not data.exists()
