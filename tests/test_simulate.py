@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -18,9 +19,12 @@ _NAME = re.compile(r"^(no_sub|cdm|axion)_sim_(\d+)\.npy$")
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
-  """Relative path -> bytes of every visible .npy file under `root`."""
-  return {f"{c}/{p.name}": p.read_bytes()
-          for c, paths in list_class_files(root).items() for p in paths}
+  """Relative path -> bytes of every visible .npy file under `root`, and of params.csv."""
+  files = {f"{c}/{p.name}": p.read_bytes()
+           for c, paths in list_class_files(root).items() for p in paths}
+  if (root / simulate.PARAMS_NAME).exists():
+    files[simulate.PARAMS_NAME] = (root / simulate.PARAMS_NAME).read_bytes()
+  return files
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +34,22 @@ def dataset(tmp_path_factory) -> Path:
   counts = simulate.generate(root, PER_CLASS, seed=0, workers=1, progress=False)
   assert counts == dict.fromkeys(CLASS_NAMES, PER_CLASS)
   return root
+
+
+@pytest.fixture(scope="module")
+def hard_dataset(tmp_path_factory) -> Path:
+  """A small `hard` dataset made in-process (workers=1), seed 0."""
+  root = tmp_path_factory.mktemp("sim_hard") / "data"
+  counts = simulate.generate(root, PER_CLASS, seed=0, workers=1, progress=False,
+                             variant="hard")
+  assert counts == dict.fromkeys(CLASS_NAMES, PER_CLASS)
+  return root
+
+
+@pytest.fixture(params=simulate.VARIANTS)
+def variant_dataset(request, dataset, hard_dataset) -> tuple[str, Path]:
+  """(variant, its small dataset), for the tests every variant must pass."""
+  return request.param, {"model_ii": dataset, "hard": hard_dataset}[request.param]
 
 
 def test_einstein_radius_value_and_scaling():
@@ -43,8 +63,14 @@ def test_einstein_radius_value_and_scaling():
     simulate.einstein_radius(-1.0)
 
 
-def test_layout(dataset):
-  assert json.loads((dataset / simulate.MANIFEST_NAME).read_text())["complete"]
+def test_layout(variant_dataset):
+  variant, dataset = variant_dataset
+  manifest = json.loads((dataset / simulate.MANIFEST_NAME).read_text())
+  assert manifest["complete"] and manifest["variant"] == variant
+  assert manifest["noise"] == (variant == "hard")
+  assert manifest["recipe"] == json.loads(json.dumps(simulate.recipe(variant)))
+  assert sorted(p.name for p in dataset.iterdir()) == sorted(
+      [*CLASS_NAMES, simulate.MANIFEST_NAME, simulate.PARAMS_NAME])
   for class_name in CLASS_NAMES:
     files = sorted((dataset / class_name).iterdir())
     assert len(files) == PER_CLASS
@@ -68,17 +94,40 @@ def test_layout(dataset):
       assert decoded.axion_mass == mass
 
 
-def test_reproducible_across_workers_and_seeds(dataset, tmp_path):
+def test_reproducible_across_workers_and_seeds(variant_dataset, tmp_path):
+  variant, dataset = variant_dataset
   parallel = tmp_path / "parallel"
-  simulate.generate(parallel, PER_CLASS, seed=0, workers=2, progress=False)
+  simulate.generate(parallel, PER_CLASS, seed=0, workers=2, progress=False, variant=variant)
+  assert simulate.PARAMS_NAME in _snapshot(parallel)
   assert _snapshot(parallel) == _snapshot(dataset)
 
   other = tmp_path / "other_seed"
-  simulate.generate(other, 1, seed=1, workers=1, progress=False)
+  simulate.generate(other, 1, seed=1, workers=1, progress=False, variant=variant)
   for class_name in CLASS_NAMES:
     new = read_lens_file(simulate.image_path(other, class_name, 1, 0)).image
     old = read_lens_file(simulate.image_path(dataset, class_name, 0, 0)).image
     assert not np.array_equal(new, old)
+
+
+# Image 0 of seed 0 per class as the simulator wrote it before variants existed
+# (data/model_ii_sim_demo): pixel sum, sum of squares, pixel [20, 32], axion mass.
+_MODEL_II_IMAGE_0 = {
+    "no_sub": (148.12376149930654, 61.8463345402228, 0.4288958842847798, None),
+    "cdm": (115.29993192013274, 40.23117145011105, 0.09218138843195584, None),
+    "axion": (116.87510042356675, 42.67143805164997, 0.07197517307842596,
+              1.5943307133651416e-23),
+}
+
+
+@pytest.mark.parametrize("class_name", CLASS_NAMES)
+def test_model_ii_images_are_unchanged_by_the_variants(class_name):
+  # The default recipe and its draw order must not move (tolerance only for the
+  # last bits that another CPU's vector maths may change).
+  image, mass = simulate.simulate_image(class_name, simulate.image_rng(0, class_name, 0))
+  total, squares, pixel, expected_mass = _MODEL_II_IMAGE_0[class_name]
+  np.testing.assert_allclose([image.sum(), (image**2).sum(), image[20, 32]],
+                             [total, squares, pixel], rtol=1e-9)
+  assert mass == expected_mass
 
 
 def test_image_path_is_deterministic_and_distinct(tmp_path):
@@ -89,26 +138,34 @@ def test_image_path_is_deterministic_and_distinct(tmp_path):
   assert simulate.image_path(tmp_path, "cdm", 5, 7).parent == tmp_path / "cdm"
 
 
-def test_resume_writes_only_missing_files(dataset, tmp_path):
+def test_resume_writes_only_missing_files(variant_dataset, tmp_path):
+  variant, dataset = variant_dataset
   root = tmp_path / "data"
-  simulate.generate(root, PER_CLASS, seed=0, workers=1, progress=False)
+  simulate.generate(root, PER_CLASS, seed=0, workers=1, progress=False, variant=variant)
   victim = simulate.image_path(root, "cdm", 0, 1)
   victim.unlink()
   stale = victim.with_name(f".{victim.name}.tmp99999")
   stale.write_bytes(b"half-written")
   mtimes = {p: p.stat().st_mtime_ns for p in root.glob("*/*.npy")}
 
-  counts = simulate.generate(root, PER_CLASS, seed=0, workers=1, progress=False)
+  (root / simulate.PARAMS_NAME).unlink()
+  counts = simulate.generate(root, PER_CLASS, seed=0, workers=1, progress=False,
+                             variant=variant)
   assert counts == {"no_sub": 0, "cdm": 1, "axion": 0}
   assert victim.exists()
   assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
   assert _snapshot(root) == _snapshot(dataset)
 
-  # A larger per_class extends the folder; the old files stay untouched.
-  counts = simulate.generate(root, PER_CLASS + 1, seed=0, workers=1, progress=False)
+  # A larger per_class extends the folder (and its table); the old files stay untouched.
+  counts = simulate.generate(root, PER_CLASS + 1, seed=0, workers=1, progress=False,
+                             variant=variant)
   assert counts == dict.fromkeys(CLASS_NAMES, 1)
   assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
   assert json.loads((root / simulate.MANIFEST_NAME).read_text())["per_class"] == PER_CLASS + 1
+  rows = simulate.read_parameters(root)
+  assert len(rows) == 3 * (PER_CLASS + 1)
+  assert (root / simulate.PARAMS_NAME).read_bytes() == simulate.parameters_table(
+      root, PER_CLASS + 1, seed=0, variant=variant)
 
 
 def test_mismatched_settings_refused(dataset):
@@ -117,7 +174,100 @@ def test_mismatched_settings_refused(dataset):
     simulate.generate(dataset, PER_CLASS, seed=1, workers=1, progress=False)
   with pytest.raises(simulate.SimulationMismatchError, match="noise"):
     simulate.generate(dataset, PER_CLASS, seed=0, noise=True, workers=1, progress=False)
+  with pytest.raises(simulate.SimulationMismatchError, match="variant"):
+    simulate.generate(dataset, PER_CLASS, seed=0, workers=1, progress=False, variant="hard")
   assert _snapshot(dataset) == before
+
+
+def test_other_variant_refused(hard_dataset):
+  before = _snapshot(hard_dataset)
+  with pytest.raises(simulate.SimulationMismatchError, match="variant"):
+    simulate.generate(hard_dataset, PER_CLASS, seed=0, workers=1, progress=False)
+  # Noise is part of the hard recipe: asking for it again changes nothing.
+  assert simulate.generate(hard_dataset, PER_CLASS, seed=0, noise=True, workers=1,
+                           progress=False, variant="hard") == dict.fromkeys(CLASS_NAMES, 0)
+  assert _snapshot(hard_dataset) == before
+
+
+def test_manifest_without_variant_is_model_ii(tmp_path):
+  # Folders simulated before variants existed have no "variant" key.
+  root = tmp_path / "old"
+  simulate.generate(root, 1, seed=0, workers=1, progress=False)
+  manifest = json.loads((root / simulate.MANIFEST_NAME).read_text())
+  del manifest["variant"]
+  (root / simulate.MANIFEST_NAME).write_text(json.dumps(manifest))
+  assert simulate.generate(root, 1, seed=0, workers=1, progress=False) == dict.fromkeys(
+      CLASS_NAMES, 0)
+  with pytest.raises(simulate.SimulationMismatchError, match="variant"):
+    simulate.generate(root, 1, seed=0, workers=1, progress=False, variant="hard")
+
+
+_MAIN_LENS = ("halo_mass_msun", "theta_E", "lens_e1", "lens_e2", "shear_gamma1", "shear_gamma2")
+_SOURCE = ("source_magnitude", "source_R_sersic", "source_n_sersic")
+
+
+def test_hard_main_lens_and_source_vary_per_image(hard_dataset):
+  rows = simulate.read_parameters(hard_dataset)
+  assert [(r["class"], r["index"]) for r in rows] == [
+      (c, i) for c in CLASS_NAMES for i in range(PER_CLASS)]
+  for r in rows:  # every row names its file, and that file exists
+    assert (hard_dataset / r["file"]) == simulate.image_path(hard_dataset, r["class"], 0,
+                                                             r["index"])
+    assert (hard_dataset / r["file"]).exists()
+  for key in _MAIN_LENS + _SOURCE + ("noise_seed",):
+    values = [r[key] for r in rows]
+    assert len(set(values)) == len(rows), f"{key} repeats: {values}"
+  lo, hi = simulate.HARD_LOG10_HALO_MASS
+  for r in rows:
+    assert lo <= np.log10(r["halo_mass_msun"]) <= hi
+    assert r["theta_E"] == simulate.einstein_radius(r["halo_mass_msun"])
+    assert np.hypot(r["lens_e1"], r["lens_e2"]) <= simulate.HARD_LENS_ELLIPTICITY_MAX + 1e-12
+    assert np.hypot(r["shear_gamma1"], r["shear_gamma2"]) <= simulate.HARD_SHEAR_MAX + 1e-12
+    assert simulate.HARD_SOURCE_MAGNITUDE[0] <= r["source_magnitude"] <= simulate.HARD_SOURCE_MAGNITUDE[1]
+    assert simulate.HARD_SOURCE_R_SERSIC[0] <= r["source_R_sersic"] <= simulate.HARD_SOURCE_R_SERSIC[1]
+    assert simulate.HARD_SOURCE_N_SERSIC[0] <= r["source_n_sersic"] <= simulate.HARD_SOURCE_N_SERSIC[1]
+    mass = read_lens_file(hard_dataset / r["file"]).axion_mass
+    assert r["axion_mass_ev"] == mass  # None for no_sub and cdm
+  # The Einstein radii span a good part of the sqrt(10) range even in 9 images.
+  radii = [r["theta_E"] for r in rows]
+  assert max(radii) / min(radii) > 1.5
+
+
+def test_model_ii_main_lens_is_fixed(dataset):
+  rows = simulate.read_parameters(dataset)
+  for key in _MAIN_LENS + _SOURCE:
+    assert len({r[key] for r in rows}) == 1, key
+  assert rows[0]["theta_E"] == simulate.einstein_radius(simulate.MAIN_LENS_MASS)
+  assert all(r["noise_seed"] is None for r in rows)
+  assert len({(r["source_center_x"], r["source_center_y"]) for r in rows}) == len(rows)
+
+
+def test_recorded_parameters_are_those_the_images_were_made_from(hard_dataset):
+  # The rows are the draws that made each file: re-simulating from the same draws
+  # gives the file's bytes, and the ring measured in the file follows the recorded theta_E.
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  rows = simulate.read_parameters(hard_dataset)
+  for r in rows:
+    params = simulate.draw_parameters(r["class"], simulate.image_rng(0, r["class"], r["index"]),
+                                      variant="hard")
+    assert {k: r[k] for k in params.row} == params.row
+  r = rows[0]
+  params = simulate.draw_parameters(r["class"], simulate.image_rng(0, r["class"], r["index"]),
+                                    variant="hard")
+  np.testing.assert_array_equal(simulate.render(params),
+                                read_lens_file(hard_dataset / r["file"]).image)
+  radii = [_ring_radius(read_lens_file(hard_dataset / r["file"]).image) for r in rows]
+  assert stats.spearmanr([r["theta_E"] for r in rows], radii)[0] > 0.8
+
+
+def test_hard_images_carry_noise():
+  params = simulate.draw_parameters("no_sub", np.random.default_rng(3), variant="hard")
+  assert params.noise_seed is not None
+  noisy = simulate.render(params)
+  clean = simulate.render(dataclasses.replace(params, noise_seed=None))
+  assert not np.array_equal(noisy, clean)
+  # Noise, not a different image: the two agree to a few per cent of the peak.
+  assert np.abs(noisy - clean).mean() < 0.05
 
 
 def test_foreign_folder_refused(tmp_path):
@@ -134,6 +284,10 @@ def test_invalid_arguments(tmp_path):
     simulate.generate(tmp_path, 1, seed=-1, progress=False)
   with pytest.raises(ValueError, match="per_class"):
     simulate.generate(tmp_path, -1, progress=False)
+  with pytest.raises(ValueError, match="variant"):
+    simulate.generate(tmp_path, 1, progress=False, variant="wdm")
+  with pytest.raises(ValueError, match="variant"):
+    simulate.simulate_image("cdm", np.random.default_rng(0), variant="easy")
 
 
 def test_constant_image_scales_without_nan():
@@ -177,3 +331,9 @@ def test_cli_summary(tmp_path, capsys):
   assert len(lines) == 1 and lines[0].startswith("wrote 3 images")
   assert simulate.main(["--out", str(tmp_path / "cli"), "--per_class", "1",
                         "--seed", "4", "--workers", "1", "--no_progress"]) == 2
+  assert simulate.main(["--out", str(tmp_path / "cli"), "--per_class", "1", "--variant", "hard",
+                        "--workers", "1", "--no_progress"]) == 2
+  assert simulate.main(["--out", str(tmp_path / "cli_hard"), "--per_class", "1",
+                        "--variant", "hard", "--workers", "1", "--no_progress"]) == 0
+  assert "variant hard" in capsys.readouterr().out
+  assert json.loads((tmp_path / "cli_hard" / simulate.MANIFEST_NAME).read_text())["variant"] == "hard"

@@ -7,21 +7,41 @@ vortex (`axion`). Files are written in exactly the released DeepLense layout
 (see `layout.py`) with `npy_io.write_lens_file`, so readers cannot tell a
 simulated folder from a downloaded one.
 
+Two variants (`--variant`):
+
+- `model_ii` (default): exactly the DeepLense recipe. The main lens is the same
+  in every image (fixed Einstein radius, ellipticity and shear); only the source
+  position varies. Substructure adds 3-4% of the lens mass, which shifts the
+  ring's radial profile, so the classes can be told apart from the total mass
+  alone (see `mae_jax/baseline.py`).
+- `hard`: per image, the main-lens halo mass (log-uniform over a decade, so the
+  Einstein radius varies by sqrt(10)), its ellipticity and the external shear
+  (modulus and orientation), and the source magnitude, size and Sersic index
+  are drawn, and Euclid VIS background + Poisson noise (lenstronomy's noise
+  model of the same instrument) is always added. The ranges are `HARD_*` below,
+  recorded in simulation.json.
+
 Every image draws from its own generator seeded by (seed, class index, image
 index), and its file name is derived from the same triple, so a run gives
 byte-identical files whatever the worker count or order, and an interrupted run
-can be resumed by simulating only the files that are missing.
+can be resumed by simulating only the files that are missing. Each image's
+drawn parameters are recorded in `params.csv` beside the class folders; they
+are re-drawn from the same generators (no image is rendered for that), so the
+table is the same however the folder was made.
 
 Usage:
   python -m mae_jax.data.simulate --out DIR --per_class N [--seed S]
-      [--workers W] [--noise]
+      [--variant model_ii|hard] [--workers W] [--noise]
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import csv
+import dataclasses
 import functools
+import io
 import json
 import math
 import multiprocessing
@@ -91,15 +111,85 @@ AXION_VORTEX_MASS = 3e10  # M_sun, total
 AXION_VORTEX_POINTS = 100
 AXION_VORTEX_SCALE = 0.03e-22  # half-length lambda = scale / m_a, in arcsec
 
+# --- The hard variant: per-image draws (recorded in simulation.json). ---
+# Main-lens halo mass, log10 uniform over a decade around the Model II 1e12:
+# Einstein radius 0.72"-2.28" (Model II: 1.28").
+HARD_LOG10_HALO_MASS = (11.5, 12.5)
+# SIE ellipticity modulus |e| ~ U[0, 0.2] (axis ratio q >= 0.67) and position
+# angle phi ~ U[0, pi): e1 = |e| cos 2phi, e2 = |e| sin 2phi (Model II: 0.1, 0).
+HARD_LENS_ELLIPTICITY_MAX = 0.2
+# External shear modulus ~ U[0, 0.1], orientation as the ellipticity (Model II: 0.05, 0).
+HARD_SHEAR_MAX = 0.1
+# Source: magnitude, half-light radius (arcsec) and Sersic index, each uniform.
+HARD_SOURCE_MAGNITUDE = (20.0, 23.0)
+HARD_SOURCE_R_SERSIC = (0.1, 0.5)
+HARD_SOURCE_N_SERSIC = (0.5, 4.0)
+
+VARIANTS = ("model_ii", "hard")
+
 MANIFEST_NAME = "simulation.json"
 MANIFEST_FORMAT = "deeplense-model-ii-sim/1"
+PARAMS_NAME = "params.csv"
+# Columns of params.csv: one row per image, classes in CLASS_NAMES order, then by index.
+PARAMS_COLUMNS = (
+    "file", "class", "index", "halo_mass_msun", "theta_E", "lens_e1", "lens_e2",
+    "shear_gamma1", "shear_gamma2", "source_magnitude", "source_R_sersic",
+    "source_n_sersic", "source_e1", "source_e2", "source_center_x", "source_center_y",
+    "axion_mass_ev", "noise_seed")
 
 # Mixed into the name seed so names and image randomness use different streams.
 _NAME_STREAM = 0x6E616D65  # "name"
 
 
-def recipe() -> dict[str, Any]:
-  """All recipe numbers, as recorded in simulation.json (JSON types only)."""
+def _check_variant(variant: str) -> str:
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown simulation variant {variant!r}; expected one of "
+                     f"{', '.join(VARIANTS)}")
+  return variant
+
+
+def recipe(variant: str = "model_ii") -> dict[str, Any]:
+  """All recipe numbers of `variant`, as recorded in simulation.json (JSON types only).
+
+  `model_ii` gives the recipe as recorded before variants existed, so folders
+  made then are still accepted. `hard` replaces the fixed main lens and source
+  by the ranges each image draws from, and records the always-on noise.
+  """
+  base = _model_ii_recipe()
+  if _check_variant(variant) == "model_ii":
+    return base
+  return {
+      **base,
+      "model": ("DeepLense Model II recipe, hard variant: main lens, shear and "
+                "source drawn per image, Euclid noise"),
+      "variant": "hard",
+      "main_lens": {
+          "models": ["SIE", "SHEAR"],
+          "log10_mass_msun_uniform": list(HARD_LOG10_HALO_MASS),
+          "theta_E_arcsec_range": [einstein_radius(10.0**m) for m in HARD_LOG10_HALO_MASS],
+          "ellipticity_modulus_uniform": [0.0, HARD_LENS_ELLIPTICITY_MAX],
+          "ellipticity_angle_uniform": [0.0, math.pi],
+          "ellipticity": "e1 = |e| cos(2 phi), e2 = |e| sin(2 phi)",
+          "center": [0.0, 0.0],
+          "shear_modulus_uniform": [0.0, HARD_SHEAR_MAX],
+          "shear_angle_uniform": [0.0, math.pi],
+          "shear": "gamma1 = |g| cos(2 phi), gamma2 = |g| sin(2 phi)"},
+      "source": {
+          "model": "SERSIC_ELLIPSE",
+          "magnitude_uniform": list(HARD_SOURCE_MAGNITUDE),
+          "R_sersic_uniform": list(HARD_SOURCE_R_SERSIC),
+          "n_sersic_uniform": list(HARD_SOURCE_N_SERSIC),
+          "e1": SOURCE_E1, "e2": SOURCE_E2,
+          "center_uniform": [-SOURCE_CENTER_MAX, SOURCE_CENTER_MAX]},
+      "noise": ("always: lenstronomy SimAPI.noise_for_model of the instrument above "
+                "(sky background and read noise of the co-added exposures, plus "
+                "Poisson noise of the lensed source), seeded per image"),
+      "per_image_parameters": PARAMS_NAME,
+  }
+
+
+def _model_ii_recipe() -> dict[str, Any]:
+  """The Model II recipe (unchanged since the first simulator, so old manifests match)."""
   return {
       "model": "DeepLense Model II (DeepLenseSim recipe)",
       "cosmology": {"name": "FlatLambdaCDM", "H0": H0, "Om0": OM0, "Ob0": OB0},
@@ -266,52 +356,130 @@ def _min_max(image: np.ndarray) -> np.ndarray:
   return np.clip((image - lo) / (hi - lo), 0.0, 1.0).astype(np.float64, copy=False)
 
 
-def simulate_image(class_name: str, rng: np.random.Generator,
-                   noise: bool = False) -> tuple[np.ndarray, float | None]:
-  """Simulates one Model II image of class `class_name` from `rng`.
+@dataclasses.dataclass(frozen=True)
+class ImageParameters:
+  """Everything one image is made from: what `draw_parameters` drew.
 
-  Draw order is fixed (source position first, then substructure, then the
-  noise seed), so the same `rng` state gives the same source position in every
-  class. With `noise`, lenstronomy's background + Poisson noise is added from a
-  seed drawn from `rng` (global np.random state is neither used nor touched).
+  Attributes:
+    class_name: the image's class.
+    row: the recorded scalars (the PARAMS_COLUMNS other than file, class and
+      index), as written to params.csv.
+    kwargs_lens: lenstronomy lens kwargs: main SIE, shear, then the point masses.
+    kwargs_source_mag: the source's SERSIC_ELLIPSE kwargs with a magnitude.
+    noise_seed: the seed of lenstronomy's noise realisation, None without noise.
+    axion_mass: eV, None for no_sub and cdm.
+  """
+  class_name: str
+  row: dict[str, float | int | None]
+  kwargs_lens: list[dict[str, float]]
+  kwargs_source_mag: list[dict[str, float]]
+  noise_seed: int | None
+  axion_mass: float | None
 
-  Returns:
-    The image scaled to [0, 1] (float64, (64, 64)) and the axion mass in eV
-    (None for no_sub and cdm).
+
+def _polar(modulus: float, angle: float) -> tuple[float, float]:
+  """(e1, e2) of an ellipticity or shear of `modulus` at position angle `angle`."""
+  return float(modulus * math.cos(2 * angle)), float(modulus * math.sin(2 * angle))
+
+
+def draw_parameters(class_name: str, rng: np.random.Generator, noise: bool = False,
+                    variant: str = "model_ii") -> ImageParameters:
+  """Draws the parameters of one image of `class_name` from `rng`.
+
+  Draw order is fixed per variant. `model_ii` (as the original code): source
+  position, then substructure, then the noise seed (only with `noise`).
+  `hard`: halo mass, lens ellipticity modulus and angle, shear modulus and
+  angle, source magnitude, radius, Sersic index and position, the noise seed
+  (noise is always on), then substructure. So the same `rng` state gives the
+  same main lens and source in every class.
 
   Raises:
-    ValueError: `class_name` is not one of CLASS_NAMES.
+    ValueError: unknown `class_name` or `variant`.
+    TypeError: `rng` is not a numpy Generator.
   """
   if class_name not in CLASS_NAMES:
     raise ValueError(f"unknown class {class_name!r}; expected one of "
                      f"{', '.join(CLASS_NAMES)}")
+  _check_variant(variant)
   if not isinstance(rng, np.random.Generator):
     raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
 
-  center_x, center_y = rng.uniform(-SOURCE_CENTER_MAX, SOURCE_CENTER_MAX, size=2)
-  kwargs_source_mag = [{
-      "magnitude": SOURCE_MAGNITUDE, "R_sersic": SOURCE_R_SERSIC,
-      "n_sersic": SOURCE_N_SERSIC, "e1": SOURCE_E1, "e2": SOURCE_E2,
-      "center_x": float(center_x), "center_y": float(center_y)}]
+  noise_seed = None
+  if variant == "hard":
+    halo_mass = 10.0**rng.uniform(*HARD_LOG10_HALO_MASS)
+    lens_e1, lens_e2 = _polar(rng.uniform(0.0, HARD_LENS_ELLIPTICITY_MAX),
+                              rng.uniform(0.0, math.pi))
+    gamma1, gamma2 = _polar(rng.uniform(0.0, HARD_SHEAR_MAX), rng.uniform(0.0, math.pi))
+    magnitude = float(rng.uniform(*HARD_SOURCE_MAGNITUDE))
+    r_sersic = float(rng.uniform(*HARD_SOURCE_R_SERSIC))
+    n_sersic = float(rng.uniform(*HARD_SOURCE_N_SERSIC))
+    center_x, center_y = rng.uniform(-SOURCE_CENTER_MAX, SOURCE_CENTER_MAX, size=2)
+    noise_seed = int(rng.integers(0, 2**32))  # np.random.RandomState's range
+  else:
+    halo_mass, lens_e1, lens_e2 = MAIN_LENS_MASS, MAIN_LENS_E1, MAIN_LENS_E2
+    gamma1, gamma2 = SHEAR_GAMMA1, SHEAR_GAMMA2
+    magnitude, r_sersic, n_sersic = SOURCE_MAGNITUDE, SOURCE_R_SERSIC, SOURCE_N_SERSIC
+    center_x, center_y = rng.uniform(-SOURCE_CENTER_MAX, SOURCE_CENTER_MAX, size=2)
+
+  theta_e = einstein_radius(float(halo_mass))
   kwargs_lens = [
-      {"theta_E": einstein_radius(MAIN_LENS_MASS), "e1": MAIN_LENS_E1,
-       "e2": MAIN_LENS_E2, "center_x": 0.0, "center_y": 0.0},
-      {"gamma1": SHEAR_GAMMA1, "gamma2": SHEAR_GAMMA2},
+      {"theta_E": theta_e, "e1": lens_e1, "e2": lens_e2, "center_x": 0.0, "center_y": 0.0},
+      {"gamma1": gamma1, "gamma2": gamma2},
   ]
+  kwargs_source_mag = [{
+      "magnitude": magnitude, "R_sersic": r_sersic, "n_sersic": n_sersic,
+      "e1": SOURCE_E1, "e2": SOURCE_E2,
+      "center_x": float(center_x), "center_y": float(center_y)}]
   axion_mass = None
   if class_name == "cdm":
     kwargs_lens += _cdm_subhalos(rng)
   elif class_name == "axion":
     vortex, axion_mass = _axion_vortex(rng)
     kwargs_lens += vortex
+  if variant == "model_ii" and noise:
+    noise_seed = int(rng.integers(0, 2**32))
 
-  sim, image_model = _image_model(len(kwargs_lens) - 2)
-  _, kwargs_source, _ = sim.magnitude2amplitude(None, kwargs_source_mag, None)
-  image = image_model.image(kwargs_lens, kwargs_source, None)
-  if noise:
-    noise_seed = int(rng.integers(0, 2**32))  # np.random.RandomState's range
-    image = image + sim.noise_for_model(model=image, seed=noise_seed)
-  return _min_max(np.asarray(image, dtype=np.float64)), axion_mass
+  row = {"halo_mass_msun": float(halo_mass), "theta_E": theta_e,
+         "lens_e1": lens_e1, "lens_e2": lens_e2,
+         "shear_gamma1": gamma1, "shear_gamma2": gamma2,
+         "source_magnitude": magnitude, "source_R_sersic": r_sersic,
+         "source_n_sersic": n_sersic, "source_e1": SOURCE_E1, "source_e2": SOURCE_E2,
+         "source_center_x": float(center_x), "source_center_y": float(center_y),
+         "axion_mass_ev": axion_mass, "noise_seed": noise_seed}
+  return ImageParameters(class_name, row, kwargs_lens, kwargs_source_mag, noise_seed,
+                         axion_mass)
+
+
+def render(params: ImageParameters) -> np.ndarray:
+  """The image of `params`, scaled to [0, 1] (float64, (64, 64)).
+
+  With a noise seed, lenstronomy's background + Poisson noise is added from it
+  (global np.random state is neither used nor touched).
+  """
+  sim, image_model = _image_model(len(params.kwargs_lens) - 2)
+  _, kwargs_source, _ = sim.magnitude2amplitude(None, params.kwargs_source_mag, None)
+  image = image_model.image(params.kwargs_lens, kwargs_source, None)
+  if params.noise_seed is not None:
+    image = image + sim.noise_for_model(model=image, seed=params.noise_seed)
+  return _min_max(np.asarray(image, dtype=np.float64))
+
+
+def simulate_image(class_name: str, rng: np.random.Generator, noise: bool = False,
+                   variant: str = "model_ii") -> tuple[np.ndarray, float | None]:
+  """Simulates one image of class `class_name` from `rng` (`draw_parameters`, `render`).
+
+  `noise` adds lenstronomy's Euclid background + Poisson noise to a `model_ii`
+  image; `hard` images always carry it.
+
+  Returns:
+    The image scaled to [0, 1] (float64, (64, 64)) and the axion mass in eV
+    (None for no_sub and cdm).
+
+  Raises:
+    ValueError: `class_name` is not one of CLASS_NAMES, or an unknown variant.
+  """
+  params = draw_parameters(class_name, rng, noise=noise, variant=variant)
+  return render(params), params.axion_mass
 
 
 # --- Files -----------------------------------------------------------------
@@ -357,16 +525,18 @@ def _versions() -> dict[str, str]:
           "astropy": astropy.__version__}
 
 
-def _prepare_manifest(out: Path, seed: int, per_class: int,
-                      noise: bool) -> dict[str, Any]:
+def _prepare_manifest(out: Path, seed: int, per_class: int, noise: bool,
+                      variant: str) -> dict[str, Any]:
   """Checks `out` holds nothing made with other settings; returns the manifest.
 
+  A manifest without `variant` (written before variants existed) is `model_ii`.
+
   Raises:
-    SimulationMismatchError: `out` was made with another seed, noise flag or
-      recipe, or holds .npy files without a simulation.json.
+    SimulationMismatchError: `out` was made with another variant, seed, noise
+      flag or recipe, or holds .npy files without a simulation.json.
   """
-  settings = {"format": MANIFEST_FORMAT, "seed": seed, "noise": noise,
-              "recipe": json.loads(json.dumps(recipe()))}
+  settings = {"format": MANIFEST_FORMAT, "variant": variant, "seed": seed, "noise": noise,
+              "recipe": json.loads(json.dumps(recipe(variant)))}
   path = out / MANIFEST_NAME
   previous = None
   if path.exists():
@@ -378,13 +548,14 @@ def _prepare_manifest(out: Path, seed: int, per_class: int,
     if not isinstance(previous, dict):
       raise SimulationMismatchError(f"{path} is not a simulation manifest; "
                                     "refusing to add images to this folder")
+    previous.setdefault("variant", "model_ii")
     diffs = [k for k in settings if previous.get(k) != settings[k]]
     if diffs:
       shown = {k: previous.get(k) for k in diffs if k != "recipe"}
       raise SimulationMismatchError(
           f"{out} holds a dataset simulated with other settings "
           f"(differs in: {', '.join(diffs)}; there: {shown or 'other recipe'}; "
-          f"now: seed={seed}, noise={noise}). Mixing them would corrupt the "
+          f"now: variant={variant}, seed={seed}, noise={noise}). Mixing them would corrupt the "
           "dataset: use another --out folder or the original settings.")
     if previous.get("versions") != _versions():
       warnings.warn(f"{out} was simulated with {previous.get('versions')}, "
@@ -403,44 +574,98 @@ def _prepare_manifest(out: Path, seed: int, per_class: int,
           "versions": (previous or {}).get("versions", _versions())}
 
 
-def _simulate_chunk(out: str, seed: int, noise: bool,
+def _simulate_chunk(out: str, seed: int, noise: bool, variant: str,
                     jobs: Sequence[tuple[str, int]]) -> int:
   """Simulates and atomically writes the listed (class, index) images."""
   for class_name, index in jobs:
     image, axion_mass = simulate_image(class_name, image_rng(seed, class_name, index),
-                                       noise=noise)
+                                       noise=noise, variant=variant)
     write_lens_file(image_path(out, class_name, seed, index), image, axion_mass)
   return len(jobs)
 
 
+def _format_cell(value: Any) -> str:
+  """A params.csv cell: repr of floats (exact round trip), '' for None."""
+  if value is None:
+    return ""
+  if isinstance(value, float):
+    return repr(value)
+  return str(value)
+
+
+def parameters_table(out: str | os.PathLike[str], per_class: int, seed: int = 0,
+                     noise: bool = False, variant: str = "model_ii") -> bytes:
+  """The params.csv of a folder of `per_class` images per class (its bytes).
+
+  Rows are re-drawn with `draw_parameters` from each image's generator, so they
+  are exactly what the images were made from, in a fixed order (class, index).
+  """
+  buffer = io.StringIO()
+  writer = csv.writer(buffer, lineterminator="\n")
+  writer.writerow(PARAMS_COLUMNS)
+  for class_name in CLASS_NAMES:
+    for index in range(per_class):
+      params = draw_parameters(class_name, image_rng(seed, class_name, index), noise=noise,
+                               variant=variant)
+      path = image_path(out, class_name, seed, index)
+      cells = {"file": f"{class_name}/{path.name}", "class": class_name, "index": index,
+               **params.row}
+      writer.writerow([_format_cell(cells[c]) for c in PARAMS_COLUMNS])
+  return buffer.getvalue().encode()
+
+
+def read_parameters(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
+  """The rows of a folder's params.csv: numbers as int / float, empty cells as None."""
+  ints = ("index", "noise_seed")
+  rows = []
+  with open(Path(out) / PARAMS_NAME, newline="") as f:
+    for raw in csv.DictReader(f):
+      row = {}
+      for key, text in raw.items():
+        if key in ("file", "class"):
+          row[key] = text
+        elif text == "":
+          row[key] = None
+        else:
+          row[key] = int(text) if key in ints else float(text)
+      rows.append(row)
+  return rows
+
+
 def generate(out: str | os.PathLike[str], per_class: int, seed: int = 0,
              workers: int | None = None, noise: bool = False,
-             progress: bool = True) -> dict[str, int]:
-  """Simulates `per_class` images per class into `out` (DeepLense layout).
+             progress: bool = True, variant: str = "model_ii") -> dict[str, int]:
+  """Simulates `per_class` images per class of `variant` into `out` (DeepLense layout).
 
   Resumable: only missing files are simulated, each written atomically, so an
   interrupted run is finished by rerunning it, and a larger `per_class` extends
   a folder. Output is identical for a given seed whatever `workers` is.
   Workers are 'spawn'ed processes (safe with JAX/TF loaded in the parent);
-  `workers=1` runs in this process.
+  `workers=1` runs in this process. Once every image exists, params.csv
+  records each image's parameters (rewritten atomically when images were added
+  or the table is missing). `hard` images always carry noise, so for them
+  `noise` changes nothing.
 
   Returns:
     How many files were written now, per class.
 
   Raises:
-    SimulationMismatchError: `out` holds a dataset made with other settings.
-    ValueError: a negative per_class or seed, or workers < 1.
+    SimulationMismatchError: `out` holds a dataset made with other settings
+      (another variant, seed or noise flag).
+    ValueError: a negative per_class or seed, workers < 1, or an unknown variant.
   """
   if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) \
       or per_class < 0:
     raise ValueError(f"per_class must be a non-negative integer, got {per_class!r}")
   seed = _check_seed(seed)
+  variant = _check_variant(variant)
+  noise = bool(noise) or variant == "hard"
   workers = (os.cpu_count() or 1) if workers is None else int(workers)
   if workers < 1:
     raise ValueError(f"workers must be >= 1, got {workers}")
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  manifest = _prepare_manifest(out, seed, int(per_class), bool(noise))
+  manifest = _prepare_manifest(out, seed, int(per_class), noise, variant)
   manifest["complete"] = False
   fileio.write_json_atomic(out / MANIFEST_NAME, manifest)
   for class_name in CLASS_NAMES:
@@ -455,13 +680,18 @@ def generate(out: str | os.PathLike[str], per_class: int, seed: int = 0,
             desc="simulating", dynamic_ncols=True) as bar:
     if workers == 1 or len(jobs) <= 1:
       for job in jobs:
-        _simulate_chunk(str(out), seed, bool(noise), [job])
+        _simulate_chunk(str(out), seed, noise, variant, [job])
         written[job[0]] += 1
         bar.update(1)
     else:
-      _run_pool(out, seed, bool(noise), jobs, workers, written, bar)
+      _run_pool(out, seed, noise, variant, jobs, workers, written, bar)
   manifest["complete"] = all(image_path(out, c, seed, i).exists()
                              for i in range(manifest["per_class"]) for c in CLASS_NAMES)
+  if manifest["complete"] and (any(written.values()) or not (out / PARAMS_NAME).exists()):
+    table = parameters_table(out, manifest["per_class"], seed=seed, noise=noise,
+                             variant=variant)
+    fileio.write_atomic(out / PARAMS_NAME, lambda f: f.write(table))
+  manifest["parameters"] = PARAMS_NAME if (out / PARAMS_NAME).exists() else None
   fileio.write_json_atomic(out / MANIFEST_NAME, manifest)
   return written
 
@@ -472,7 +702,7 @@ def _ignore_sigint() -> None:
   signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _run_pool(out: Path, seed: int, noise: bool, jobs: list[tuple[str, int]],
+def _run_pool(out: Path, seed: int, noise: bool, variant: str, jobs: list[tuple[str, int]],
               workers: int, written: dict[str, int], bar) -> None:
   """Runs `jobs` in chunks on a pool of spawned processes, updating `bar`."""
   workers = min(workers, len(jobs))
@@ -482,7 +712,7 @@ def _run_pool(out: Path, seed: int, noise: bool, jobs: list[tuple[str, int]],
   context = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(
       workers, mp_context=context, initializer=_ignore_sigint) as pool:
-    futures = {pool.submit(_simulate_chunk, str(out), seed, noise, chunk): chunk
+    futures = {pool.submit(_simulate_chunk, str(out), seed, noise, variant, chunk): chunk
                for chunk in chunks}
     try:
       for future in concurrent.futures.as_completed(futures):
@@ -503,6 +733,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
       prog="python -m mae_jax.data.simulate",
       description="Simulate the DeepLense Model II dataset (no_sub/cdm/axion) "
                   "in the DeepLense folder layout. Rerun to resume.")
+  parser.add_argument("--variant", choices=VARIANTS, default="model_ii",
+                      help="model_ii: the DeepLense recipe (fixed main lens); hard: main "
+                           "lens, shear and source drawn per image, Euclid noise always on")
   parser.add_argument("--out", required=True, help="output folder")
   parser.add_argument("--per_class", type=int, required=True,
                       help="images per class")
@@ -511,7 +744,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="worker processes (default: all cores)")
   parser.add_argument("--noise", action="store_true",
                       help="add Euclid background + Poisson noise (the original "
-                           "Model II data has none)")
+                           "Model II data has none; the hard variant always has it)")
   parser.add_argument("--no_progress", action="store_true",
                       help="hide the progress bar")
   return parser.parse_args(argv)
@@ -524,7 +757,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     written = generate(args.out, args.per_class, seed=args.seed,
                        workers=args.workers, noise=args.noise,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, variant=args.variant)
   except (SimulationMismatchError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -535,7 +768,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   total = sum(written.values())
   counts = ", ".join(f"{n} {c}" for c, n in written.items())
   print(f"wrote {total} images ({counts}; {3 * args.per_class - total} already "
-        f"present) to {args.out} in {elapsed:.1f} s "
+        f"present; variant {args.variant}) to {args.out} in {elapsed:.1f} s "
         f"({total / elapsed if elapsed > 0 else 0.0:.1f} images/s, "
         f"{args.workers} workers)")
   return 0

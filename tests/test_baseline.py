@@ -1,0 +1,167 @@
+"""The radial-profile logistic-regression baseline, alone and inside a classify run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn import linear_model
+from sklearn import metrics as skm
+from sklearn import preprocessing
+
+from mae_jax import baseline
+from mae_jax.data import layout
+
+
+def _distance(size: int) -> np.ndarray:
+  yy, xx = np.indices((size, size))
+  c = (size - 1) / 2
+  return np.hypot(yy - c, xx - c)
+
+
+def _ring_images(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Noisy rings whose radius depends a little on the class (labels 0, 1, 2)."""
+  rng = np.random.default_rng(seed)
+  labels = np.arange(n) % 3
+  radius = 8.0 + 0.6 * labels + rng.normal(0, 0.6, n)
+  r = _distance(size)
+  images = np.exp(-0.5 * ((r[None] - radius[:, None, None]) / 1.5)**2)
+  images += rng.normal(0, 0.2, images.shape)
+  return images, labels
+
+
+def test_radial_profile_averages_one_pixel_rings():
+  size = 64
+  r = _distance(size)
+  profile = baseline.radial_profile(r[None])
+  assert profile.shape == (1, 45)  # rings 0..44 reach the corners (half-diagonal 44.5)
+  rings = np.arange(45)
+  assert np.all(profile[0] >= rings) and np.all(profile[0] < rings + 1)
+  # The mean of each ring, pixel by pixel.
+  ring_of = np.floor(r).astype(int)
+  image = np.random.default_rng(0).random((size, size))
+  expected = [image[ring_of == k].mean() for k in rings]
+  np.testing.assert_allclose(baseline.radial_profile(image[None, ..., None])[0], expected,
+                             rtol=1e-12)
+
+
+def test_radial_profile_is_invariant_under_the_square_symmetries():
+  images, _ = _ring_images(4)
+  profile = baseline.radial_profile(images)
+  assert np.argmax(profile[0]) == 8  # the ring's radius
+  for transformed in (np.rot90(images, 1, axes=(1, 2)), images[:, ::-1], images[:, :, ::-1]):
+    np.testing.assert_allclose(baseline.radial_profile(transformed), profile, rtol=1e-12)
+  np.testing.assert_allclose(baseline.radial_profile(np.full((1, 8, 8), 0.3)), 0.3)
+  with pytest.raises(ValueError, match="images"):
+    baseline.radial_profile(np.zeros((8, 8)))
+
+
+def test_metrics_equal_a_direct_scikit_learn_computation():
+  train_images, train_labels = _ring_images(300, seed=1)
+  val_images, val_labels = _ring_images(90, seed=2)
+  train_x, val_x = baseline.radial_profile(train_images), baseline.radial_profile(val_images)
+  result = baseline.evaluate_baseline((train_x, train_labels), (val_x, val_labels))
+  m = result["metrics"]
+
+  scaler = preprocessing.StandardScaler().fit(train_x)
+  direct = linear_model.LogisticRegression(C=1.0, max_iter=2000).fit(
+      scaler.transform(train_x), train_labels)
+  probs = direct.predict_proba(scaler.transform(val_x))
+  onehot = np.eye(3)[val_labels]
+  np.testing.assert_allclose(result["probs"], probs, rtol=1e-9, atol=1e-12)
+  for i, name in enumerate(layout.CLASS_NAMES):
+    assert m["auc"][name] == pytest.approx(skm.roc_auc_score(onehot[:, i], probs[:, i]))
+  assert m["macro_auc"] == pytest.approx(skm.roc_auc_score(onehot, probs, average="macro"))
+  assert m["micro_auc"] == pytest.approx(skm.roc_auc_score(onehot, probs, average="micro"))
+  assert m["accuracy"] == pytest.approx(skm.accuracy_score(val_labels, probs.argmax(1)))
+  assert m["confusion_matrix"] == skm.confusion_matrix(val_labels, probs.argmax(1)).tolist()
+  assert m["num_examples"] == 90 and m["num_train"] == 300 and m["features"] == 22
+  # The ring radius separates these classes: far above chance, yet not perfect.
+  assert 0.7 < m["macro_auc"] < 0.999
+  fpr, tpr, _ = skm.roc_curve(onehot[:, 0], probs[:, 0])
+  np.testing.assert_allclose(result["curves"]["no_sub"][0], fpr)
+  np.testing.assert_allclose(result["curves"]["no_sub"][1], tpr)
+  assert set(result["curves"]) == {*layout.CLASS_NAMES, "micro"}
+  # Deterministic: the same data give the same numbers.
+  again = baseline.evaluate_baseline((train_x, train_labels), (val_x, val_labels))
+  assert again["metrics"] == m
+
+
+def test_a_class_missing_from_training_gets_zero_probability():
+  images, labels = _ring_images(60)
+  x = baseline.radial_profile(images)
+  keep = labels != 2
+  result = baseline.evaluate_baseline((x[keep], labels[keep]), (x, labels))
+  assert np.all(result["probs"][:, 2] == 0.0)
+  np.testing.assert_allclose(result["probs"].sum(1), 1.0)
+  with pytest.raises(ValueError, match="two classes"):
+    baseline.evaluate_baseline((x[labels == 0], labels[labels == 0]), (x, labels))
+
+
+def test_margin():
+  assert baseline.margin({"macro_auc": 0.9, "micro_auc": 0.8, "accuracy": 0.7},
+                         {"macro_auc": 0.6, "micro_auc": 0.85, "accuracy": None}) == pytest.approx(
+                             {"macro_auc": 0.3, "micro_auc": -0.05, "accuracy": None})
+
+
+def test_pipeline_profiles_read_every_example_once(small_folder, tmp_path):
+  from mae_jax.data import builder, pipeline  # pylint: disable=g-import-not-at-top
+  root, _ = small_folder
+  prepared = builder.prepare(root, tmp_path / "cache", progress=False)
+  ip = pipeline.InputPipeline(prepared.builder, "train")
+  batches = list(ip.eval_batches(7))
+  images = np.concatenate([b["image"][b["mask"]] for b in batches])
+  labels = np.concatenate([b["label"][b["mask"]] for b in batches])
+  x, y = baseline.pipeline_profiles(ip, 7)
+  assert len(x) == len(y) == ip.num_examples == len(images)
+  np.testing.assert_allclose(x, baseline.radial_profile(images))
+  np.testing.assert_array_equal(y, labels)
+  # More padding (another process needs more batches) changes nothing.
+  x2, y2 = baseline.pipeline_profiles(ip, 7, agree_max=lambda n: n + 2)
+  np.testing.assert_array_equal(x2, x)
+  np.testing.assert_array_equal(y2, y)
+
+
+def test_classify_writes_the_baseline_beside_the_model(small_folder, tmp_path):
+  """A probe-free fine-tune from scratch on 16x16 images: eval_metrics.json holds the
+  baseline, equal to scikit-learn on the same splits, and the model's margin over it."""
+  from configs import finetune as finetune_config  # pylint: disable=g-import-not-at-top
+  from mae_jax import classify  # pylint: disable=g-import-not-at-top
+  from mae_jax.data import builder, pipeline  # pylint: disable=g-import-not-at-top
+  root, _ = small_folder
+  config = finetune_config.get_config("tiny")
+  config.data.source = "deeplense"
+  config.data.dir = str(root)
+  config.data.cache_dir = str(tmp_path / "cache")
+  config.data.validation_fraction = 0.3
+  config.model.image_size = 16
+  config.model.patch = 8
+  config.init_from = ""
+  config.epochs = 1
+  workdir = tmp_path / "run"
+  classify.classify(config, str(workdir))
+
+  written = json.loads((workdir / classify.EVAL_FILE).read_text())
+  prepared = builder.prepare(root, tmp_path / "cache", validation_fraction=0.3, progress=False)
+  split = {}
+  for name in ("train", "validation"):
+    batches = list(pipeline.InputPipeline(prepared.builder, name).eval_batches(64))
+    split[name] = (baseline.radial_profile(np.concatenate([b["image"][b["mask"]] for b in batches])),
+                   np.concatenate([b["label"][b["mask"]] for b in batches]))
+  scaler = preprocessing.StandardScaler().fit(split["train"][0])
+  direct = linear_model.LogisticRegression(max_iter=2000).fit(
+      scaler.transform(split["train"][0]), split["train"][1])
+  probs = direct.predict_proba(scaler.transform(split["validation"][0]))
+  labels = split["validation"][1]
+  onehot = np.eye(3)[labels]
+
+  base = written["baseline"]
+  assert base["num_examples"] == written["num_examples"] == len(labels)
+  assert base["num_train"] == len(split["train"][1])
+  assert base["macro_auc"] == pytest.approx(skm.roc_auc_score(onehot, probs, average="macro"))
+  assert base["micro_auc"] == pytest.approx(skm.roc_auc_score(onehot, probs, average="micro"))
+  assert base["accuracy"] == pytest.approx(skm.accuracy_score(labels, probs.argmax(1)))
+  assert written["margin_over_baseline"]["macro_auc"] == pytest.approx(
+      written["macro_auc"] - base["macro_auc"])
+  assert (workdir / "plots" / "roc.png").read_bytes()[:4] == b"\x89PNG"
