@@ -28,16 +28,22 @@ def data_config(preset: str) -> ml_collections.ConfigDict:
   # 'simulated': generate the folder below with the Model II simulator if needed;
   # 'deeplense': read a DeepLense folder the user brings (never written to).
   data.source = "simulated"
-  data.dir = "data/model_ii_sim" if preset == "seed" else f"data/model_ii_sim_{preset}"
+  data.sim = ml_collections.ConfigDict(dict(
+      per_class=_SIM_PER_CLASS[preset], seed=0, noise=False,
+      workers=0,  # 0: one worker per CPU core
+      # 'model_ii': the DeepLense recipe (the main lens is the same in every image);
+      # 'hard': main lens, shear and source drawn per image, Euclid noise always on.
+      variant="model_ii",
+  ))
+  # Follows the variant until set: `--config.data.sim.variant=hard` alone simulates and
+  # reads data/hard_sim_<preset> (data/hard_sim for seed), never the model_ii folder.
+  data.dir = ("data/" + data.sim.get_ref("variant")
+              + ("_sim" if preset == "seed" else f"_sim_{preset}"))
   # Prepared tfds datasets, one sub-folder per source fingerprint.
   data.cache_dir = "~/tensorflow_datasets/mae_jax"
   data.validation_fraction = 0.1
   data.on_bad_file = "error"   # or 'skip': leave bad files out and list them
   data.cache_in_memory = True
-  data.sim = ml_collections.ConfigDict(dict(
-      per_class=_SIM_PER_CLASS[preset], seed=0, noise=False,
-      workers=0,  # 0: one worker per CPU core
-  ))
   data.augment = ml_collections.ConfigDict(dict(flip=True, rot90=True, max_shift=4))
   return data
 
@@ -81,6 +87,9 @@ def classifier_config(preset: str, stage: str) -> ml_collections.ConfigDict:
   config.init_from = f"runs/pretrain_{preset}"
   config.init_from_stage = "pretrain"
   config.dont_load = (r"classifier/.*",)
+  # Or start the encoder from public MAE weights instead of `init_from` (a facebookresearch/mae
+  # .pth, a Hugging Face ViTMAE folder or .safetensors; see mae_jax/convert.py).
+  config.init_weights = ""
   # Off by default: in Model II every lens has the same orientation and centre, and the
   # classes differ by ~2% in ring radius (~0.2 px); shifts of a few pixels hide that signal.
   # Measured (demo fine-tune, 15 epochs): macro AUC 0.55 with flips+rot90+shift 4, 0.91 without.

@@ -23,6 +23,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data = common.data_config(preset)
   config.classes = ("no_sub",)   # the seed pretrains on no-substructure images only
   config.model = common.model_config(preset)
+  # Start from public MAE weights (facebookresearch/mae .pth, Hugging Face ViTMAE folder or
+  # .safetensors; see mae_jax/convert.py): the encoder, and the decoder if the file has one.
+  # Only a fresh run reads it; a workdir with a checkpoint resumes from that.
+  config.init_weights = ""
 
   config.loss = ml_collections.ConfigDict(dict(
       type="bce",          # seed: BCE-with-logits on [0, 1] pixels; 'mse' is the MAE reference

@@ -27,7 +27,9 @@ from absl import logging
 from jax import lax
 from jax.experimental import multihost_utils
 
+from mae_jax import baseline
 from mae_jax import checkpoint
+from mae_jax import convert
 from mae_jax import evaluate
 from mae_jax import fileio
 from mae_jax import models
@@ -157,8 +159,10 @@ def classify(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
 
   params, batch_stats = init_classifier(model, jax.random.fold_in(jax.random.key(config.seed), 0))
-  if checkpoint.latest_step(workdir) is None:  # a fresh run starts from the previous stage
-    if config.init_from:
+  if checkpoint.latest_step(workdir) is None:  # a fresh run: public weights or the previous stage
+    if config.init_weights:
+      params = convert.import_weights(config.init_weights, params, model.vit.num_patches)
+    elif config.init_from:
       params, batch_stats, src_step, fresh = checkpoint.restore_from_stage(
           config.init_from, params, batch_stats, dont_load=list(config.dont_load),
           make_it=_source_stage(config), model=config.model.to_dict())
@@ -173,6 +177,12 @@ def classify(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"batch_size={config.batch_size} exceeds the {train_ip.num_examples} "
                      "training images on this process")
   eval_batches = train.agree_max(-(-val_ip.num_examples // local_eval))
+  # The non-deep baseline (mae_jax/baseline.py), once per run: it depends only on the data.
+  base = baseline.evaluate_baseline(*(
+      baseline.pipeline_profiles(ip, local_eval, gather=_gather, agree_max=train.agree_max)
+      for ip in (train_ip, val_ip)))
+  logging.info("baseline, %s: validation macro AUC %s, accuracy %.4f", baseline.DESCRIPTION,
+               base["metrics"]["macro_auc"], base["metrics"]["accuracy"])
   total_steps = config.epochs * steps_per_epoch
   tx, peaks = optim.classifier_optimizer(
       params, config.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
@@ -191,7 +201,7 @@ def classify(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                     batch_stats=batch_stats), mesh)
   mngr = checkpoint.manager(workdir, config.keep_checkpoints)
   best_mngr = checkpoint.manager(workdir, 1, folder="best_checkpoint")
-  state, step, history, writer = train.open_run(workdir, config, state, steps_per_epoch, mngr)
+  state, step, history, writer, progress = train.open_run(workdir, config, state, steps_per_epoch, mngr)
   for stale in [s for s in best_mngr.all_steps() if s > step]:  # from a run we no longer continue
     best_mngr.delete(stale)
   predict = make_predict(model, mesh)
@@ -210,13 +220,17 @@ def classify(config: ml_collections.ConfigDict, workdir: str) -> dict:
       best = metrics["macro_auc"]
       checkpoint.save(best_mngr, record["step"], state)
       if main:
-        fileio.write_json_atomic(workdir / EVAL_FILE, {**metrics, "step": record["step"],
-                                                       "epoch": epoch + 1, "split": "validation"})
-        plots.roc(evaluate.roc_curves(probs, labels), workdir / "plots" / "roc.png",
-                  title=f"{title}, epoch {epoch + 1}")
-        plots.confusion(metrics["confusion_matrix"], layout.CLASS_NAMES,
-                        workdir / "plots" / "confusion.png",
-                        title=f"{title}, accuracy {metrics['accuracy']:.3f}")
+        fileio.write_json_atomic(workdir / EVAL_FILE, {
+            **metrics, "step": record["step"], "epoch": epoch + 1, "split": "validation",
+            "baseline": base["metrics"],
+            "margin_over_baseline": baseline.margin(metrics, base["metrics"])})
+        roc_png = plots.roc(evaluate.roc_curves(probs, labels), workdir / "plots" / "roc.png",
+                            title=f"{title}, epoch {epoch + 1}", baseline=base["curves"])
+        confusion_png = plots.confusion(metrics["confusion_matrix"], layout.CLASS_NAMES,
+                                        workdir / "plots" / "confusion.png",
+                                        title=f"{title}, accuracy {metrics['accuracy']:.3f}")
+        writer.write_images(record["step"], {"roc": plots.image_array(roc_png),
+                                             "confusion": plots.image_array(confusion_png)})
 
   loop = train.Loop(
       config=config, workdir=workdir, state=state,
@@ -228,7 +242,7 @@ def classify(config: ml_collections.ConfigDict, workdir: str) -> dict:
       total_epochs=config.epochs, schedule=schedule,
       augment=lambda e: source.augment_config(config.data) if config.augment else None)
   start = time.time()
-  train.run_epochs(loop, step, history, mngr, writer, end_epoch)
+  train.run_epochs(loop, step, history, mngr, writer, end_epoch, progress)
   mngr.wait_until_finished()
   best_mngr.wait_until_finished()
   if main:
@@ -241,4 +255,6 @@ def classify(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("%s done in %.1f s; best validation: macro AUC %s, micro AUC %s, accuracy %s",
                config.stage, time.time() - start, result.get("macro_auc"),
                result.get("micro_auc"), result.get("accuracy"))
+  logging.info("%s margin over the radial-profile baseline (macro AUC %s): %s", config.stage,
+               base["metrics"]["macro_auc"], result.get("margin_over_baseline"))
   return result

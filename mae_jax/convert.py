@@ -5,9 +5,18 @@
       --config configs/pretrain.py:seed --out runs/imported
   python main.py --config=configs/finetune.py:seed --config.init_from=runs/imported ...
 
-Position embeddings are fixed sin-cos in both codebases and are recomputed here,
-not loaded. Shapes must match the target model exactly; a mismatch names the
-tensor and both shapes.
+Or, from a config, as a stage's starting point (before any resume):
+`--config.init_weights=mae_pretrain.pth` (pretrain: encoder and, when the file
+has one, decoder; probe / fine-tune: the encoder).
+
+Position embeddings are fixed sin-cos in both codebases: this model computes
+them from its own patch grid and stores none, so a checkpoint made for another
+image size (another grid) loads unchanged, its embeddings recomputed, not
+interpolated. A checkpoint for C-channel images loads into a 1-channel model:
+the patch kernel is summed over channels (a grey image then gives the features
+the original gives that image repeated in every channel), and the decoder's
+per-pixel prediction is averaged over channels. Every other shape must match
+the target model exactly; a mismatch names the tensor and both shapes.
 """
 
 from __future__ import annotations
@@ -93,6 +102,8 @@ def canonical_state(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """
   state = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, np.float32)
            for k, v in state.items() if hasattr(v, "shape")}
+  if "embeddings.cls_token" in state:  # a bare ViTMAEModel (encoder only)
+    state = {f"vit.{k}": v for k, v in state.items()}
   if "vit.embeddings.cls_token" in state:
     return _from_hf(state)
   if "cls_token" in state and "patch_embed.proj.weight" in state:
@@ -185,22 +196,117 @@ def _check_pos_embed(canonical: dict[str, np.ndarray], name: str, dim: int,
                     "original's outputs exactly", name, found.shape, expected.shape)
 
 
-def convert(state: Mapping[str, Any], template: PyTree) -> PyTree:
+def adapt_patch_layers(canonical: dict[str, np.ndarray], patch: int,
+                       channels: int) -> dict[str, np.ndarray]:
+  """Maps the patch layers of a checkpoint for C-channel images onto `channels`.
+
+  Only C -> 1 is defined: the patch-embedding kernel (D, C, p, p) is summed over
+  C, and the decoder's prediction (p*p*C outputs per patch, channel fastest, as
+  both codebases patchify) is averaged over C.
+
+  Raises:
+    ConversionError: the patch size differs, or C -> `channels` with `channels` > 1.
+  """
+  weight = canonical.get("patch_embed.proj.weight")
+  if weight is None or weight.ndim != 4:
+    return canonical
+  if weight.shape[2:] != (patch, patch):
+    raise ConversionError(f"the checkpoint's patch size is {weight.shape[2]}x{weight.shape[3]}, "
+                          f"the model's {patch}x{patch}: set model.patch={weight.shape[2]}")
+  c = weight.shape[1]
+  if c == channels:
+    return canonical
+  if channels != 1:
+    raise ConversionError(f"the checkpoint is for {c}-channel images, the model for {channels}; "
+                          f"only {c} -> 1 (kernel summed over channels) is supported")
+  out = dict(canonical)
+  out["patch_embed.proj.weight"] = weight.sum(axis=1, keepdims=True)
+  if "decoder_pred.weight" in out and out["decoder_pred.weight"].shape[0] == patch * patch * c:
+    w, b = out["decoder_pred.weight"], out["decoder_pred.bias"]
+    out["decoder_pred.weight"] = w.reshape(patch * patch, c, w.shape[-1]).mean(axis=1)
+    out["decoder_pred.bias"] = b.reshape(patch * patch, c).mean(axis=1)
+  logging.info("checkpoint for %d-channel images: patch kernel summed over channels%s", c,
+               ", decoder prediction averaged over them" if "decoder_pred.weight" in out else "")
+  return out
+
+
+def has_decoder(canonical: Mapping[str, np.ndarray]) -> bool:
+  """Whether a canonical state dict holds an MAE decoder (released encoders often don't)."""
+  return "decoder_embed.weight" in canonical
+
+
+def convert(state: Mapping[str, Any], template: PyTree, num_patches: int | None = None) -> PyTree:
   """Params shaped like `template` (an MAE's params, or `{'encoder': ...}`) from a
-  PyTorch state dict in facebookresearch/mae or Hugging Face ViTMAE naming."""
+  PyTorch state dict in facebookresearch/mae or Hugging Face ViTMAE naming.
+
+  `num_patches`, the model's patch count if known, only serves to say when the
+  checkpoint's grid differs (its position embeddings are recomputed either way).
+  """
   canonical = canonical_state(state)
+  kernel = template["encoder"]["patch_embed"]["kernel"]   # (p, p, C, D)
+  canonical = adapt_patch_layers(canonical, kernel.shape[0], kernel.shape[2])
   tree = _to_tree(canonical, with_decoder="decoder" in template)
   _check_against(tree, template)
-  kernel = template["encoder"]["patch_embed"]["kernel"]
-  num_patches = None
+  theirs = None
   if "pos_embed" in canonical:
-    num_patches = canonical["pos_embed"].reshape(-1, kernel.shape[-1]).shape[0] - 1
-  if num_patches:
-    _check_pos_embed(canonical, "pos_embed", kernel.shape[-1], num_patches)
+    theirs = canonical["pos_embed"].reshape(-1, kernel.shape[-1]).shape[0] - 1
+  if theirs:
+    _check_pos_embed(canonical, "pos_embed", kernel.shape[-1], theirs)
     if "decoder" in template:
       _check_pos_embed(canonical, "decoder_pos_embed",
-                       template["decoder"]["embed"]["kernel"].shape[-1], num_patches)
+                       template["decoder"]["embed"]["kernel"].shape[-1], theirs)
+    if num_patches and theirs != num_patches:
+      logging.info("the checkpoint's patch grid has %d patches, this model's %d: position "
+                   "embeddings are fixed sin-cos, recomputed for this grid", theirs, num_patches)
   return tree
+
+
+def _flat_names(tree: PyTree, prefix: str = "") -> list[str]:
+  if not isinstance(tree, Mapping):
+    return [prefix]
+  return [n for k, v in tree.items() for n in _flat_names(v, f"{prefix}/{k}" if prefix else k)]
+
+
+def load_params(path: str | Path, template: PyTree,
+                num_patches: int | None = None) -> tuple[PyTree, list[str]]:
+  """`template` (an MAE's or a classifier's params) with its encoder, and its decoder
+  if both it and the file have one, taken from the checkpoint at `path`.
+
+  Returns:
+    (params, names of the params left as in `template`).
+
+  Raises:
+    ConversionError: the file is unreadable, not an MAE / ViTMAE checkpoint, or
+      made for another architecture.
+  """
+  canonical = canonical_state(load_state_dict(path))
+  wanted = {"encoder": template["encoder"]}
+  if "decoder" in template:
+    if has_decoder(canonical):
+      wanted["decoder"] = template["decoder"]
+    else:
+      logging.warning("%s holds no MAE decoder: the decoder starts from scratch", path)
+  loaded = convert(canonical, wanted, num_patches)
+  params = {**template, **loaded}
+  kept = [n for k in template if k not in loaded for n in _flat_names(template[k], k)]
+  return params, kept
+
+
+def import_weights(path: str | Path, params: PyTree, num_patches: int | None = None) -> PyTree:
+  """A stage's `init_weights`: `params` with what `load_params` takes from `path`.
+
+  Raises:
+    checkpoint.IncompatibleCheckpointError: whatever `load_params` refuses, with
+      the file named (main.py prints it without a traceback).
+  """
+  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  try:
+    loaded, kept = load_params(path, params, num_patches)
+  except ConversionError as e:
+    raise checkpoint.IncompatibleCheckpointError(f"init_weights={path}: {e}") from None
+  logging.info("initialised from weights %s; fresh: %s", path,
+               ", ".join(sorted({n.split("/")[0] for n in kept})) or "none")
+  return loaded
 
 
 def load_state_dict(path: str | Path) -> dict[str, Any]:
@@ -210,18 +316,26 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
     for name in ("model.safetensors", "pytorch_model.bin"):
       if (path / name).exists():
         return load_state_dict(path / name)
+    if (path / "checkpoints").is_dir():
+      raise ConversionError(f"{path} is a mae_jax stage workdir, not a PyTorch checkpoint: "
+                            f"start from it with --config.init_from={path}")
     raise ConversionError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
   if not path.exists():
     raise ConversionError(f"{path} does not exist")
   if path.suffix == ".safetensors":
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return load_file(str(path))
+    try:
+      return load_file(str(path))
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConversionError(f"{path} is not a readable safetensors file ({e})") from None
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise ConversionError("reading PyTorch checkpoints needs torch: pip install torch") from None
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    # facebookresearch/mae training checkpoints also hold their argparse.Namespace.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
     raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({e})") from None
   for key in ("model", "state_dict"):

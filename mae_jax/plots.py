@@ -157,6 +157,34 @@ def confusion(matrix, class_names, path: str | os.PathLike[str],
   return _save(fig, path)
 
 
+def image_array(path: str | os.PathLike[str]) -> np.ndarray:
+  """A PNG as a uint8 (H, W, 3) array, e.g. for a TensorBoard image summary."""
+  rgba = plt.imread(Path(path))
+  if rgba.dtype != np.uint8:
+    rgba = np.round(np.clip(rgba, 0.0, 1.0) * 255.0).astype(np.uint8)
+  if rgba.ndim == 2:
+    rgba = np.repeat(rgba[..., None], 3, axis=-1)
+  return np.ascontiguousarray(rgba[..., :3])
+
+
+def figure_grid(figures: list[tuple[str, str | os.PathLike[str]]],
+                path: str | os.PathLike[str], cols: int = 3, title: str | None = None) -> Path:
+  """Tiles saved figures ((caption, PNG path) pairs) into one image, row by row."""
+  if not figures:
+    raise ValueError("figure_grid needs at least one figure")
+  cols = min(cols, len(figures))
+  rows = -(-len(figures) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.4 * rows), squeeze=False)
+  for ax in axes.ravel():
+    ax.axis("off")
+  for ax, (caption, png) in zip(axes.ravel(), figures):
+    ax.imshow(image_array(png), interpolation="lanczos")
+    ax.set_title(caption, fontsize=12)
+  if title:
+    fig.suptitle(title, fontsize=14)
+  return _save(fig, path)
+
+
 def _samples_from_folder(data: str, per_class: int):
   from mae_jax.data import layout, npy_io  # pylint: disable=g-import-not-at-top
   images, captions = {}, {}

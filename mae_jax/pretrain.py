@@ -19,6 +19,7 @@ from absl import logging
 from jax import lax
 
 from mae_jax import checkpoint
+from mae_jax import convert
 from mae_jax import fileio
 from mae_jax import losses
 from mae_jax import masking
@@ -187,27 +188,32 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
   key = jax.random.key(config.seed)
   init_key, eval_key, plot_key = (jax.random.fold_in(key, i) for i in (0, 2, 3))
   params = init_mae(mae, init_key)
+  if config.init_weights and checkpoint.latest_step(workdir) is None:  # a fresh run only
+    params = convert.import_weights(config.init_weights, params, mae.encoder.num_patches)
   tx, schedule = optim.adamw(params, config.optim, total_steps, steps_per_epoch)
   state = parallel.replicate(train.TrainState.create(apply_fn=mae.apply, params=params, tx=tx),
                              mesh)
   logging.info("MAE: %s params (encoder %s)", f"{optim.count_params(params):,}",
                f"{optim.count_params(params['encoder']):,}")
   mngr = checkpoint.manager(workdir, config.keep_checkpoints)
-  state, step, history, writer = train.open_run(workdir, config, state, steps_per_epoch, mngr)
+  state, step, history, writer, progress = train.open_run(workdir, config, state, steps_per_epoch, mngr)
   eval_step = make_pretrain_eval(mae, config.loss, mesh)
   phase_starts = list(np.cumsum((0,) + phase_epochs[:-1]))
   plot_images = next(val_ip.eval_batches(config.num_reconstructions))["image"]
   augment = source.augment_config(config.data)
 
-  def save_plots(state):
+  def save_plots(state, record=None):
     if not main:
       return
-    plots.loss_curves(history, workdir / "plots" / "loss_curve.png", phase_starts,
-                      title=f"MAE pretraining ({config.loss.type} loss)")
+    # `record`: the epoch just ended, not yet in the history.
+    plots.loss_curves(history + ([record] if record else []), workdir / "plots" / "loss_curve.png",
+                      phase_starts, title=f"MAE pretraining ({config.loss.type} loss)")
     rows = reconstruction_rows(mae, jax.device_get(state.params), plot_images, plot_key,
                                config.loss)
-    plots.reconstructions(rows, workdir / "plots" / "reconstructions.png",
-                          title=f"step {int(state.step)}, mask ratio {config.model.mask_ratio}")
+    png = plots.reconstructions(
+        rows, workdir / "plots" / "reconstructions.png",
+        title=f"step {int(state.step)}, mask ratio {config.model.mask_ratio}")
+    writer.write_images(int(state.step), {"reconstructions": plots.image_array(png)})
 
   def end_epoch(state, epoch, record):
     total = count = 0.0
@@ -219,7 +225,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
     record["val_loss"] = total / max(count, 1.0)
     if (config.plot_every_epochs > 0 and (epoch + 1) % config.plot_every_epochs == 0) or \
         epoch + 1 == total_epochs:
-      save_plots(state)
+      save_plots(state, record)
 
   loop = train.Loop(
       config=config, workdir=workdir, state=state, step_fn=make_pretrain_step(mae, config.loss, mesh),
@@ -227,9 +233,10 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
       train=train_ip, local_batch=local_batch, steps_per_epoch=steps_per_epoch,
       total_epochs=total_epochs, schedule=schedule,
       augment=lambda e: augment if config.phase_augment[_phase_of(e, phase_epochs)] else None,
-      describe=lambda e: f" (phase {_phase_of(e, phase_epochs) + 1})")
+      describe=lambda e: f" (phase {_phase_of(e, phase_epochs) + 1})",
+      phase=lambda e: _phase_of(e, phase_epochs) + 1)
   start = time.time()
-  state = train.run_epochs(loop, step, history, mngr, writer, end_epoch)
+  state = train.run_epochs(loop, step, history, mngr, writer, end_epoch, progress)
   mngr.wait_until_finished()
   if not history or history[-1]["step"] != int(state.step):  # nothing trained now: still draw
     save_plots(state)

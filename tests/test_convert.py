@@ -193,3 +193,120 @@ def test_cli_output_initialises_a_stage(tmp_path):
                                                         dont_load=[])
   assert step == 0 and not left
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+def _hf_rgb_checkpoint(path, image=32, patch=8, dim=64, depth=2, heads=4, ddim=32, ddepth=1,
+                       dheads=2):
+  """A randomly initialised 3-channel ViTMAEForPreTraining saved to `path` (sin-cos embeddings
+  set, as published checkpoints hold them)."""
+  hf_config = transformers.ViTMAEConfig(
+      image_size=image, patch_size=patch, num_channels=3, hidden_size=dim,
+      num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=4 * dim,
+      decoder_hidden_size=ddim, decoder_num_hidden_layers=ddepth,
+      decoder_num_attention_heads=dheads, decoder_intermediate_size=4 * ddim,
+      mask_ratio=0.75, layer_norm_eps=1e-6, hidden_act="gelu", qkv_bias=True)
+  torch.manual_seed(1)
+  hf = transformers.ViTMAEForPreTraining(hf_config).eval()
+  grid = (image // patch, image // patch)
+  with torch.no_grad():
+    hf.vit.embeddings.position_embeddings.copy_(
+        torch.from_numpy(masking.sincos_pos_embed(dim, grid))[None])
+    hf.decoder.decoder_pos_embed.copy_(torch.from_numpy(masking.sincos_pos_embed(ddim, grid))[None])
+  hf.save_pretrained(path)
+  return hf
+
+
+def _grey_mae(image):
+  return models.MAE(encoder=models.ViTConfig(image_size=image, channels=1, patch=8, dim=64,
+                                             depth=2, heads=4),
+                    decoder=models.DecoderConfig(dim=32, depth=1, heads=2), mask_ratio=0.75)
+
+
+def _init(mae):
+  enc = mae.encoder
+  return jax.device_get(jax.jit(mae.init)(
+      jax.random.key(0), jnp.zeros((1, enc.image_size, enc.image_size, 1)),
+      jnp.zeros((1, enc.num_patches)))["params"])
+
+
+def test_rgb_hugging_face_checkpoint_into_grey_model_on_another_grid(tmp_path, caplog):
+  """A 3-channel 32x32 (4x4 grid) ViTMAE on disk -> a 1-channel 64x64 (8x8 grid) MAE."""
+  hf = _hf_rgb_checkpoint(tmp_path / "hf")
+  ours = _grey_mae(64)
+  template = _init(ours)
+  with caplog.at_level("INFO"):
+    params, kept = convert.load_params(tmp_path / "hf", template, ours.encoder.num_patches)
+  assert not kept  # encoder and decoder both came from the file
+  assert "16 patches, this model's 64" in caplog.text
+  rgb_kernel = hf.vit.embeddings.patch_embeddings.projection.weight.detach().numpy()
+  np.testing.assert_allclose(params["encoder"]["patch_embed"]["kernel"],
+                             rgb_kernel.sum(axis=1, keepdims=True).transpose(2, 3, 1, 0),
+                             rtol=1e-6)
+  assert params["decoder"]["pred"]["kernel"].shape == (32, 8 * 8 * 1)
+  rng = np.random.default_rng(0)
+  out = ours.apply({"params": params}, jnp.asarray(rng.random((2, 64, 64, 1), np.float32)),
+                   jnp.asarray(rng.random((2, 64), np.float32)))
+  assert out["logits"].shape == (2, 64, 64) and np.isfinite(np.asarray(out["logits"])).all()
+
+
+def test_channel_sum_reproduces_the_rgb_model_on_grey_images(tmp_path):
+  """Same grid: a grey image through the converted 1-channel MAE gives the 3-channel model's
+  output for that image repeated in R, G and B, its prediction averaged over channels."""
+  hf = _hf_rgb_checkpoint(tmp_path / "hf")
+  ours = _grey_mae(32)
+  params, _ = convert.load_params(tmp_path / "hf", _init(ours))
+  rng = np.random.default_rng(2)
+  grey = rng.random((3, 32, 32, 1), dtype=np.float32)
+  noise = rng.random((3, 16), dtype=np.float32)
+  with torch.no_grad():
+    ref = hf(pixel_values=torch.from_numpy(np.repeat(grey, 3, -1).transpose(0, 3, 1, 2)),
+             noise=torch.from_numpy(noise)).logits.numpy()
+  got = np.asarray(ours.apply({"params": params}, jnp.asarray(grey), jnp.asarray(noise))["logits"])
+  np.testing.assert_allclose(got, ref.reshape(3, 16, 64, 3).mean(-1), atol=2e-5, rtol=0)
+
+
+def test_import_weights_into_a_classifier_keeps_the_head(tmp_path):
+  from configs import finetune as finetune_config  # pylint: disable=g-import-not-at-top
+  from mae_jax import classify  # pylint: disable=g-import-not-at-top
+  _hf_rgb_checkpoint(tmp_path / "hf", image=64, patch=16, dim=32, depth=2, heads=2)
+  config = finetune_config.get_config("tiny")   # 64x64, patch 16, dim 32, depth 2
+  model = classify.build_classifier(config)
+  params, stats = classify.init_classifier(model, jax.random.key(0))
+  loaded = convert.import_weights(tmp_path / "hf", params, model.vit.num_patches)
+  jax.tree.map(np.testing.assert_array_equal, loaded["classifier"],
+               jax.device_get(params["classifier"]))
+  assert not np.allclose(loaded["encoder"]["cls_token"], params["encoder"]["cls_token"])
+  logits = model.apply({"params": loaded, "batch_stats": stats}, jnp.ones((2, 64, 64, 1)))["logits"]
+  assert logits.shape == (2, 3) and np.isfinite(np.asarray(logits)).all()
+
+
+def test_encoder_only_checkpoint_leaves_the_decoder_fresh(small, tmp_path, caplog):
+  _, params = small
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  state = {k: np.ascontiguousarray(v) for k, v in _fb_state(params).items()
+           if not k.startswith(("decoder", "mask_token"))}
+  save_file(state, str(tmp_path / "encoder.safetensors"))
+  loaded, kept = convert.load_params(tmp_path / "encoder.safetensors", params)
+  assert kept and all(n.startswith("decoder/") for n in kept)
+  assert "holds no MAE decoder" in caplog.text
+  jax.tree.map(np.testing.assert_array_equal, loaded["encoder"], params["encoder"])
+
+
+def test_files_that_are_not_mae_checkpoints_are_refused_clearly(small, tmp_path):
+  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  _, params = small
+  save_file({"fc.weight": np.zeros((2, 2), np.float32)}, str(tmp_path / "other.safetensors"))
+  with pytest.raises(checkpoint.IncompatibleCheckpointError,
+                     match=r"init_weights=.*other.safetensors: not an MAE checkpoint"):
+    convert.import_weights(tmp_path / "other.safetensors", params)
+  (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
+  with pytest.raises(convert.ConversionError, match="not a readable safetensors file"):
+    convert.load_params(tmp_path / "bad.safetensors", params)
+  (tmp_path / "stage" / "checkpoints").mkdir(parents=True)
+  with pytest.raises(convert.ConversionError, match="stage workdir.*init_from"):
+    convert.load_params(tmp_path / "stage", params)
+  rgb = dict(_fb_state(params))
+  rgb["patch_embed.proj.weight"] = np.zeros((16, 3, 8, 8), np.float32)  # patch 8, model's 4
+  with pytest.raises(convert.ConversionError, match="patch size is 8x8, the model's 4x4"):
+    convert.convert(rgb, params)

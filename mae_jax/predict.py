@@ -1,0 +1,251 @@
+"""The `predict` stage: classify a folder of `.npy` images with the best
+fine-tuned checkpoint.
+
+  python main.py --config=configs/predict.py --workdir=runs/predict \
+      --config.input=/path/to/folder --config.model_dir=runs/pipeline_demo
+
+Files are read safely (`npy_io.read_lens_file`: no pickle code runs) and
+min-max normalised exactly as in training; a file that fails is listed in
+`bad_files.tsv`, and the others are still classified. Writes to the workdir:
+
+- `predictions.csv`: file, predicted class, the three class probabilities (and
+  the true class when the folder's layout tells it);
+- `bad_files.tsv`: each unreadable file and why;
+- with true labels: `metrics.json` (per-class, micro and macro AUC, accuracy,
+  confusion matrix), `plots/roc.png` and `plots/confusion.png`;
+- `prediction_summary.json`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from tqdm import tqdm
+
+from mae_jax import checkpoint
+from mae_jax import classify
+from mae_jax import evaluate
+from mae_jax import fileio
+from mae_jax import parallel
+from mae_jax import plots
+from mae_jax.data import layout
+from mae_jax.data import npy_io
+
+PREDICTIONS_FILE = "predictions.csv"
+BAD_FILES = "bad_files.tsv"
+METRICS_FILE = "metrics.json"
+SUMMARY_FILE = "prediction_summary.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class InputFile:
+  """One file to classify: where it is, its name in the outputs, its label if known."""
+  path: Path
+  name: str
+  label: int | None
+
+
+def list_inputs(input_path: str | os.PathLike[str]) -> list[InputFile]:
+  """The `.npy` files to classify, sorted: one file, a flat folder, or the DeepLense
+  layout (files in `no_sub/`, `cdm/`, `axion/` get that label; any loose `.npy`
+  files beside those folders are classified unlabelled).
+
+  Raises:
+    layout.LayoutError: the input does not exist or holds no `.npy` file.
+  """
+  root = Path(input_path)
+  if root.is_file():
+    return [InputFile(root, root.name, None)]
+  if not root.is_dir():
+    raise layout.LayoutError(
+        f"input {root} does not exist: give a .npy file, a folder of .npy files, or a "
+        f"folder in the DeepLense layout ({', '.join(f'{c}/' for c in layout.CLASS_NAMES)})")
+
+  def npy(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir()
+                   if p.suffix == ".npy" and not p.name.startswith(".") and p.is_file()),
+                  key=lambda p: p.name)
+
+  files = [InputFile(p, f"{name}/{p.name}", label)
+           for label, name in enumerate(layout.CLASS_NAMES) if (root / name).is_dir()
+           for p in npy(root / name)]
+  files += [InputFile(p, p.name, None) for p in npy(root)]
+  if not files:
+    raise layout.LayoutError(f"no .npy file in {root} (nor in its class folders "
+                             f"{', '.join(layout.CLASS_NAMES)})")
+  return files
+
+
+def find_model(model_dir: str | os.PathLike[str]) -> Path:
+  """The fine-tune workdir holding `best_checkpoint/`: `model_dir` or its `finetune/`.
+
+  Raises:
+    checkpoint.MissingCheckpointError: neither has one (says how to make it).
+  """
+  root = Path(model_dir)
+  for candidate in (root, root / "finetune"):
+    if (candidate / "best_checkpoint").is_dir() and (candidate / "config.json").exists():
+      return candidate
+  raise checkpoint.MissingCheckpointError(
+      f"no fine-tuned model in {root}: expected {root}/best_checkpoint/ (a fine-tune workdir) "
+      f"or {root}/finetune/best_checkpoint/ (a pipeline workdir); make one with:\n"
+      f"  python main.py --config=configs/pipeline.py:demo --workdir={root}")
+
+
+def _restore_raw(folder: Path) -> tuple[dict, int]:
+  """The latest step under `folder` (a checkpoint manager's directory), on one device."""
+  with ocp.CheckpointManager(folder.absolute()) as mngr:
+    step = mngr.latest_step()
+  if step is None:
+    raise checkpoint.MissingCheckpointError(f"no complete checkpoint in {folder}")
+  item = folder.absolute() / str(step) / checkpoint.STATE
+  if not item.is_dir():
+    item = item.with_name(checkpoint.LEGACY_STATE)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.metadata(item).item_metadata.tree
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+    return ckptr.restore(item, abstract), step
+
+
+def load_model(run_dir: str | os.PathLike[str]):
+  """(model, params, batch_stats, the run's config, checkpoint step) of a fine-tune
+  workdir's best checkpoint; the model is built from the workdir's `config.json`.
+
+  Raises:
+    checkpoint.IncompatibleCheckpointError: the checkpoint does not fit that config.
+  """
+  run_dir = Path(run_dir)
+  config = ml_collections.ConfigDict(fileio.read_json(run_dir / "config.json"))
+  model = classify.build_classifier(config)
+  params, batch_stats = classify.init_classifier(model, jax.random.key(0))
+  restored, step = _restore_raw(run_dir / "best_checkpoint")
+  loaded = {"params": restored.get("params"), "batch_stats": restored.get("batch_stats") or {}}
+  template = {"params": params, "batch_stats": batch_stats}
+  def shapes(tree):
+    return jax.tree.map(lambda x: tuple(x.shape), tree)
+
+  if jax.tree.structure(shapes(loaded)) != jax.tree.structure(shapes(template)) or \
+      jax.tree.leaves(shapes(loaded)) != jax.tree.leaves(shapes(template)):
+    raise checkpoint.IncompatibleCheckpointError(
+        f"the checkpoint in {run_dir / 'best_checkpoint'} does not fit the model its "
+        f"config.json describes")
+  return model, loaded["params"], loaded["batch_stats"], config, step
+
+
+def normalize(images: np.ndarray) -> np.ndarray:
+  """(N, H, W) images -> (N, H, W, 1) float32, min-max scaled per image exactly as in
+  training (`data.pipeline.minmax_normalize`)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from mae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  x = tf.constant(np.asarray(images, np.float32)[..., None])
+  return pipeline.minmax_normalize(x).numpy()
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+  for i in range(0, len(items), size):
+    yield items[i:i + size]
+
+
+def classify_files(files: list[InputFile], model, params, batch_stats, image_size: int,
+                   batch_size: int) -> tuple[list[tuple[InputFile, np.ndarray]],
+                                             list[tuple[str, str]]]:
+  """(file, class probabilities) of every readable file, and (name, defect) of the rest."""
+  local_batch = parallel.check_batch(batch_size)
+  mesh = parallel.make_mesh()
+  forward = classify.make_predict(model, mesh)
+  params, batch_stats = parallel.replicate((params, batch_stats), mesh)
+  done, bad = [], []
+  for chunk in tqdm(list(_chunks(files, local_batch)), desc="classifying", unit="batch",
+                    disable=not files or len(files) <= local_batch):
+    images, ok = [], []
+    for f in chunk:
+      try:
+        image = npy_io.read_lens_file(f.path).image
+      except npy_io.BadFileError as e:
+        bad.append((f.name, e.defect))
+        continue
+      if image.shape != (image_size, image_size):
+        bad.append((f.name, f"image size {image.shape[0]}x{image.shape[1]} differs from the "
+                            f"model's {image_size}x{image_size}"))
+        continue
+      images.append(image)
+      ok.append(f)
+    if not ok:
+      continue
+    batch = np.zeros((local_batch, image_size, image_size, 1), np.float32)
+    batch[:len(ok)] = normalize(np.stack(images))
+    logits = forward(params, batch_stats, parallel.global_batch({"x": batch}, mesh)["x"])
+    probs = evaluate.softmax(np.asarray(logits, np.float64))[:len(ok)]
+    done += list(zip(ok, probs))
+  return done, sorted(bad)
+
+
+def _csv(rows: list[list[Any]]) -> bytes:
+  buf = io.StringIO()
+  csv.writer(buf, lineterminator="\n").writerows(rows)
+  return buf.getvalue().encode()
+
+
+def predict(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Classifies `config.input` with the best checkpoint under `config.model_dir`."""
+  workdir = Path(workdir)
+  if not config.input:
+    raise layout.LayoutError("set --config.input to a .npy file or a folder of them")
+  files = list_inputs(config.input)
+  run_dir = find_model(config.model_dir)
+  model, params, batch_stats, run_config, step = load_model(run_dir)
+  logging.info("classifying %d file(s) of %s with %s step %d", len(files), config.input,
+               run_dir / "best_checkpoint", step)
+  done, bad = classify_files(files, model, params, batch_stats, run_config.model.image_size,
+                             config.batch_size)
+  names = layout.CLASS_NAMES
+  labelled = any(f.label is not None for f, _ in done)
+  header = ["file", "predicted_class", *(f"p_{c}" for c in names)]
+  header += ["true_class"] if labelled else []
+  rows = [[f.name, names[int(np.argmax(p))], *(f"{v:.6f}" for v in p)]
+          + ([names[f.label] if f.label is not None else ""] if labelled else [])
+          for f, p in done]
+  workdir.mkdir(parents=True, exist_ok=True)
+  fileio.write_atomic(workdir / PREDICTIONS_FILE, lambda f: f.write(_csv([header] + rows)))
+  tsv = "file\tdefect\n" + "".join(f"{n}\t{' '.join(d.split())}\n" for n, d in bad)
+  fileio.write_atomic(workdir / BAD_FILES, lambda f: f.write(tsv.encode()))
+  for name, defect in bad:
+    logging.warning("bad file %s: %s", name, defect)
+  counts = {c: sum(r[1] == c for r in rows) for c in names}
+  summary = {"input": str(Path(config.input).absolute()), "model": str(run_dir.absolute()),
+             "checkpoint_step": step, "files": len(files), "classified": len(done),
+             "bad_files": len(bad), "predicted": counts,
+             "predictions": str(workdir / PREDICTIONS_FILE), "metrics": None}
+  if labelled:
+    known = [(f.label, p) for f, p in done if f.label is not None]
+    labels = np.array([k for k, _ in known])
+    probs = np.stack([p for _, p in known])
+    metrics = {**evaluate.classification_metrics(probs, labels), "checkpoint_step": step,
+               "input": summary["input"]}
+    fileio.write_json_atomic(workdir / METRICS_FILE, metrics)
+    title = f"predictions on {Path(config.input).name} ({len(labels)} labelled files)"
+    plots.roc(evaluate.roc_curves(probs, labels), workdir / "plots" / "roc.png", title=title)
+    plots.confusion(metrics["confusion_matrix"], names, workdir / "plots" / "confusion.png",
+                    title=f"{title}, accuracy {metrics['accuracy']:.3f}")
+    summary["metrics"] = str(workdir / METRICS_FILE)
+    logging.info("labelled files: micro AUC %s, macro AUC %s, accuracy %.4f",
+                 metrics["micro_auc"], metrics["macro_auc"], metrics["accuracy"])
+  fileio.write_json_atomic(workdir / SUMMARY_FILE, summary)
+  logging.info("wrote %s: %d classified (%s), %d bad file(s)%s", workdir / PREDICTIONS_FILE,
+               len(done), ", ".join(f"{c} {n}" for c, n in counts.items()), len(bad),
+               f" listed in {workdir / BAD_FILES}" if bad else "")
+  print(json.dumps(summary, indent=1))
+  return summary

@@ -1,0 +1,380 @@
+"""The pipeline's report, written from what its stages left in their workdirs.
+
+`report.md` (figures linked), `report.html` (figures embedded as base64 PNG, so it
+opens offline, alone), `report.json` (the numbers) and `figures.png` (a grid of
+the main figures). Contents: the metrics of the probe and the fine-tune beside the
+seed study's published ones (and a baseline's, when `eval_metrics.json` holds
+one), every figure, the wall time and hardware of each stage, and the recipe as run.
+Nothing is recomputed: every number is read from a stage's own files.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from mae_jax import fileio
+from mae_jax.data import layout
+
+REPORT_MD, REPORT_HTML, REPORT_JSON, FIGURE_GRID = (
+    "report.md", "report.html", "report.json", "figures.png")
+
+# The seed study's published results (real DeepLense Model II data; DESIGN §1).
+SEED_PUBLISHED = {
+    "probe": {"micro_auc": 0.58},
+    "finetune": {"micro_auc": 0.97, "auc": {"no_sub": 1.00, "cdm": 0.94, "axion": 0.96},
+                 "accuracy": 0.87},
+}
+STAGE_TITLES = {"data": "data", "pretrain": "MAE pretraining", "probe": "linear probe",
+                "finetune": "fine-tune"}
+# Known figures in report order: (stage, file under the stage's workdir, caption).
+FIGURES = (
+    ("data", "plots/samples.png", "Samples of the data (min-max normalised)"),
+    ("pretrain", "plots/loss_curve.png", "MAE pretraining: loss per epoch"),
+    ("pretrain", "plots/reconstructions.png", "MAE reconstructions of validation images"),
+    ("probe", "plots/roc.png", "Linear probe: ROC curves (best epoch)"),
+    ("probe", "plots/confusion.png", "Linear probe: confusion matrix"),
+    ("probe", "plots/loss_curve.png", "Linear probe: loss per epoch"),
+    ("finetune", "plots/roc.png", "Fine-tune: ROC curves (best epoch)"),
+    ("finetune", "plots/confusion.png", "Fine-tune: confusion matrix"),
+    ("finetune", "plots/loss_curve.png", "Fine-tune: loss per epoch"),
+)
+# The figures of the grid (figures.png), in order.
+GRID = (("pretrain", "plots/reconstructions.png"), ("pretrain", "plots/loss_curve.png"),
+        ("probe", "plots/roc.png"), ("finetune", "plots/roc.png"),
+        ("finetune", "plots/confusion.png"), ("finetune", "plots/loss_curve.png"))
+
+
+# --- Collecting ----------------------------------------------------------------------
+
+
+def _read(path: Path) -> Any:
+  return fileio.read_json(path) if path.exists() else None
+
+
+def baselines(metrics: dict | None) -> dict[str, dict]:
+  """Named baseline metrics found under `eval_metrics.json`'s "baseline" key.
+
+  The key may hold one baseline's metrics (named by its `name`/`method` key, if
+  any) or several, keyed by name.
+  """
+  found = (metrics or {}).get("baseline")
+  if not isinstance(found, dict):
+    return {}
+  if any(k in found for k in ("micro_auc", "macro_auc", "auc")):
+    name = found.get("name") or found.get("method") or "baseline"
+    return {str(name): found}
+  return {str(k): v for k, v in found.items()
+          if isinstance(v, dict) and any(m in v for m in ("micro_auc", "macro_auc"))}
+
+
+def collect(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict,
+            stages: dict[str, ml_collections.ConfigDict]) -> dict[str, Any]:
+  """Everything the report shows, read from the stages' files (JSON-ready)."""
+  from mae_jax import pipeline  # pylint: disable=g-import-not-at-top
+  workdir = Path(workdir)
+  out: dict[str, Any] = {"workdir": str(workdir), "preset": config.preset,
+                         "generated": datetime.datetime.now().isoformat(timespec="seconds"),
+                         "command": " ".join(sys.argv), "stages": {}, "metrics": {},
+                         "baselines": {}, "notes": [], "seed_published": SEED_PUBLISHED}
+  for name in pipeline.STAGES:
+    d = workdir / name
+    record = pipeline.read_record(d)
+    if name not in stages and record is None:
+      continue
+    runs = (record or {}).get("runs", [])
+    entry = {
+        "configured": name in stages,
+        "complete": bool(record and record.get("complete")),
+        "runs": len(runs),
+        "seconds": round(sum(r.get("seconds") or 0.0 for r in runs), 1),
+        "hardware": runs[-1].get("hardware") if runs else None,
+        "load_average_1m": ([runs[-1]["hardware"].get("load_average_1m"),
+                             runs[-1].get("load_average_1m_end")] if runs else None),
+        "step": (record or {}).get("step"),
+        "summary": _read(d / pipeline.OUTPUT[name]),
+    }
+    out["stages"][name] = entry
+    if name in ("probe", "finetune") and entry["summary"]:
+      out["metrics"][name] = {k: v for k, v in entry["summary"].items() if k != "baseline"}
+      for bname, b in baselines(entry["summary"]).items():
+        out["baselines"].setdefault(bname, b)
+    source = (record or {}).get("source")
+    if source and source.get("stage"):
+      now = (pipeline.read_record(workdir / source["stage"]) or {}).get("step")
+      if source.get("step") is not None and now is not None and now != source["step"]:
+        out["notes"].append(
+            f"{name} was started from {source['stage']} step {source['step']}, but "
+            f"{source['stage']} now ends at step {now}: delete {d} to redo {name} from it.")
+    if name in stages and not entry["complete"]:
+      out["notes"].append(f"{name} is not complete; rerun the pipeline command to finish it.")
+  return out
+
+
+# --- Blocks: one description, two renderings ---------------------------------------------
+
+
+def _f(value: Any, digits: int = 4) -> str:
+  return "" if value is None else f"{value:.{digits}f}"
+
+
+def duration(seconds: float | None) -> str:
+  """`4 min 22 s`, `38.2 s`, `1 h 05 min`."""
+  if seconds is None:
+    return ""
+  if seconds < 60:
+    return f"{seconds:.1f} s"
+  minutes, s = divmod(int(round(seconds)), 60)
+  if minutes < 60:
+    return f"{minutes} min {s:02d} s"
+  return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def _metric_row(label: str, m: dict, examples: str = "", digits: int = 4) -> list[str]:
+  auc = m.get("auc") or {}
+  f = lambda v: _f(v, digits)  # pylint: disable=unnecessary-lambda-assignment
+  return [label, examples, f(m.get("micro_auc")), f(m.get("macro_auc")),
+          *(f(auc.get(c)) for c in layout.CLASS_NAMES), f(m.get("accuracy"))]
+
+
+def _metrics_blocks(data: dict) -> list[tuple]:
+  header = ["model", "validation images", "micro AUC", "macro AUC",
+            *(f"AUC {c}" for c in layout.CLASS_NAMES), "accuracy"]
+  rows = []
+  for stage in ("probe", "finetune"):
+    m = data["metrics"].get(stage)
+    title = STAGE_TITLES[stage]
+    if m:
+      rows.append(_metric_row(f"**{title}** (this run, epoch {m.get('epoch')})", m,
+                              str(m.get("num_examples", ""))))
+    rows.append(_metric_row(f"{title}, seed study (published, real data)",
+                            SEED_PUBLISHED[stage], digits=2))
+  for name, b in data["baselines"].items():
+    label = "baseline" if name == "baseline" else f"baseline: {name}"
+    rows.append(_metric_row(f"{label} (this run, same split)", b,
+                            str(b.get("num_examples", ""))))
+  blocks = [("h2", "Results"), ("table", header, rows)]
+  lines = []
+  for stage in ("probe", "finetune"):
+    m = data["metrics"].get(stage)
+    if not m:
+      continue
+    seed = SEED_PUBLISHED[stage]["micro_auc"]
+    line = (f"{STAGE_TITLES[stage]}: micro AUC {_f(m['micro_auc'])} against the seed's "
+            f"{seed:.2f} ({m['micro_auc'] - seed:+.4f})" if m.get("micro_auc") is not None
+            else f"{STAGE_TITLES[stage]}: no micro AUC (a class is missing from the split)")
+    for name, b in data["baselines"].items():
+      margins = [f"{key.replace('_auc', ' AUC')} {m[key] - b[key]:+.4f}"
+                 for key in ("macro_auc", "micro_auc")
+                 if m.get(key) is not None and b.get(key) is not None]
+      if margins:
+        line += (f"; margin over the {'baseline' if name == 'baseline' else name}: "
+                 + ", ".join(margins))
+    lines.append(line + ".")
+  for name, b in data["baselines"].items():
+    if b.get("description"):
+      lines.append(f"{'The baseline' if name == 'baseline' else name}: {b['description']}.")
+  if lines:
+    blocks.append(("list", lines))
+  blocks.append(("p", "The model's numbers are the best validation epoch by macro AUC, read "
+                      "from each stage's eval_metrics.json. The seed study's are those its "
+                      "authors published for the real DeepLense Model II data; with the "
+                      "simulated demo set they show the target, not a like-for-like score."))
+  return blocks
+
+
+def _stage_rows(data: dict) -> list[list[str]]:
+  rows, total = [], 0.0
+  for name, s in data["stages"].items():
+    hw = s.get("hardware") or {}
+    load = s.get("load_average_1m") or [None, None]
+    status = "complete" if s["complete"] else ("not run" if not s["runs"] else "incomplete")
+    if not s["configured"]:
+      status += " (not in this pipeline's stages)"
+    rows.append([STAGE_TITLES[name], status, duration(s["seconds"]) if s["runs"] else "",
+                 str(s["runs"]), hw.get("devices", ""),
+                 " → ".join(str(x) for x in load if x is not None)])
+    total += s["seconds"] or 0.0
+  rows.append(["**total**", "", duration(total), "", "", ""])
+  return rows
+
+
+def _summary_lines(data: dict) -> list[str]:
+  lines = []
+  d = (data["stages"].get("data") or {}).get("summary")
+  if d:
+    counts = {split: sum(c.values()) for split, c in d.get("counts", {}).items()}
+    lines.append(f"data: {d.get('source')} images of {d['image_shape'][0]}×"
+                 f"{d['image_shape'][1]} from {d.get('data_dir')}; "
+                 + ", ".join(f"{n} {split}" for split, n in counts.items())
+                 + f"; {d.get('bad_files', 0)} bad file(s).")
+  p = (data["stages"].get("pretrain") or {}).get("summary")
+  if p:
+    lines.append(f"MAE pretraining: {p.get('epochs')} epochs, {p.get('steps')} steps; final "
+                 f"train loss {_f(p.get('final_train_loss'))}, validation loss "
+                 f"{_f(p.get('final_val_loss'))}.")
+  return lines
+
+
+def _hardware_lines(data: dict) -> list[str]:
+  """One line per distinct machine, naming the stages (their latest runs) it ran."""
+  machines: dict[str, list[str]] = {}
+  for name, s in data["stages"].items():
+    hw = s.get("hardware")
+    if hw:
+      text = (f"{hw.get('backend')} backend, {hw.get('devices')}; CPU {hw.get('cpu')} "
+              f"({hw.get('cpu_cores')} cores), {hw.get('memory_gib')} GiB memory; host "
+              f"{hw.get('host')}; Python {hw.get('python')}, JAX {hw.get('jax')}")
+      machines.setdefault(text, []).append(STAGE_TITLES[name])
+  return [f"hardware ({', '.join(stages)}): {text}" for text, stages in machines.items()]
+
+
+def _flat_config(config: ml_collections.ConfigDict) -> str:
+  out = []
+
+  def walk(prefix, node):
+    for k, v in node.items():
+      if isinstance(v, (dict, ml_collections.ConfigDict)):
+        walk(f"{prefix}{k}.", v)
+      else:
+        out.append(f"{prefix}{k} = {v!r}")
+
+  walk("", config.copy_and_resolve_references())
+  return "\n".join(out)
+
+
+def figures(workdir: Path, data: dict) -> list[tuple[str, str]]:
+  """(caption, path relative to the workdir) of every figure the stages wrote."""
+  found = [(caption, f"{stage}/{rel}") for stage, rel, caption in FIGURES
+           if (workdir / stage / rel).exists()]
+  known = {p for _, p in found}
+  for stage in data["stages"]:
+    for png in sorted((workdir / stage / "plots").glob("*.png")):
+      rel = f"{stage}/plots/{png.name}"
+      if rel not in known:
+        found.append((f"{STAGE_TITLES[stage]}: {png.stem.replace('_', ' ')}", rel))
+  return found
+
+
+def blocks(workdir: Path, config: ml_collections.ConfigDict, data: dict) -> list[tuple]:
+  """The report as a list of blocks: (kind, ...) with kinds h1, h2, p, list, table,
+  figure, pre."""
+  out = [("h1", f"mae_jax pipeline report: {config.preset} preset"),
+         ("p", f"Workdir {data['workdir']}, written {data['generated']}.")]
+  if (workdir / FIGURE_GRID).exists():
+    out.append(("figure", "The main figures at a glance", FIGURE_GRID))
+  out += _metrics_blocks(data)
+  out += [("h2", "Stages, wall time and hardware"),
+          ("table", ["stage", "status", "wall time", "runs", "devices",
+                     "CPU load (1-min average, start → end)"], _stage_rows(data)),
+          ("p", "Wall time is the sum over the runs of a stage (a resumed stage has several); "
+                "the load shows how busy the machine was, which slows a shared CPU."),
+          ("list", _summary_lines(data) + _hardware_lines(data))]
+  if data["notes"]:
+    out += [("h2", "Notes"), ("list", data["notes"])]
+  out.append(("h2", "Figures"))
+  out += [("figure", caption, rel) for caption, rel in figures(workdir, data)]
+  out += [("h2", "Recipe as run"),
+          ("p", "The pipeline's config with every override applied. Each stage's full "
+                "config as it ran is in its workdir's config.json."),
+          ("pre", _flat_config(config))]
+  return out
+
+
+def _md_cell(text: str) -> str:
+  return text.replace("|", "\\|")
+
+
+def to_markdown(report: list[tuple]) -> str:
+  """Markdown of `blocks(...)`; figures are linked relative to the workdir."""
+  lines = []
+  for block in report:
+    kind = block[0]
+    if kind == "h1":
+      lines += [f"# {block[1]}", ""]
+    elif kind == "h2":
+      lines += [f"## {block[1]}", ""]
+    elif kind == "p":
+      lines += [block[1], ""]
+    elif kind == "list":
+      lines += [f"- {item}" for item in block[1]] + [""]
+    elif kind == "table":
+      header, rows = block[1], block[2]
+      lines.append("| " + " | ".join(map(_md_cell, header)) + " |")
+      lines.append("|" + "---|" * len(header))
+      lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in rows]
+      lines.append("")
+    elif kind == "figure":
+      lines += [f"**{block[1]}**", "", f"![{block[1]}]({block[2]})", ""]
+    elif kind == "pre":
+      lines += ["```", block[1], "```", ""]
+  return "\n".join(lines)
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;
+padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}
+th{background:#f3f3f3}figure{margin:1.5em 0}img{max-width:100%}figcaption{font-weight:600}
+pre{background:#f6f6f6;padding:1em;overflow-x:auto;font-size:85%}"""
+
+
+def _inline(text: str) -> str:
+  """Escapes text, then renders **bold** (the only inline markup blocks use)."""
+  parts = html.escape(text).split("**")
+  return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def to_html(report: list[tuple], workdir: Path) -> str:
+  """A self-contained HTML page of `blocks(...)`: figures embedded as base64 PNG."""
+  body = []
+  for block in report:
+    kind = block[0]
+    if kind in ("h1", "h2", "p"):
+      body.append(f"<{kind}>{_inline(block[1])}</{kind}>")
+    elif kind == "list":
+      body.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in block[1]) + "</ul>")
+    elif kind == "table":
+      head = "".join(f"<th>{_inline(h)}</th>" for h in block[1])
+      rows = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>"
+                     for row in block[2])
+      body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+    elif kind == "figure":
+      png = base64.b64encode((workdir / block[2]).read_bytes()).decode("ascii")
+      body.append(f'<figure><figcaption>{_inline(block[1])}</figcaption>'
+                  f'<img alt="{html.escape(block[1])}" src="data:image/png;base64,{png}">'
+                  "</figure>")
+    elif kind == "pre":
+      body.append(f"<details><summary>show</summary><pre>{html.escape(block[1])}</pre></details>")
+  title = html.escape(report[0][1]) if report and report[0][0] == "h1" else "mae_jax report"
+  return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}'
+          f"</title><style>{_CSS}</style></head><body>\n" + "\n".join(body)
+          + "\n</body></html>\n")
+
+
+def write(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict,
+          stages: dict[str, ml_collections.ConfigDict]) -> dict[str, Path]:
+  """Writes report.md, report.html, report.json and figures.png into `workdir`."""
+  from mae_jax import plots  # pylint: disable=g-import-not-at-top
+  workdir = Path(workdir)
+  data = collect(workdir, config, stages)
+  captions = {(stage, rel): caption for stage, rel, caption in FIGURES}
+  grid = [(captions[key], workdir / key[0] / key[1]) for key in GRID
+          if (workdir / key[0] / key[1]).exists()]
+  if grid:
+    plots.figure_grid(grid, workdir / FIGURE_GRID,
+                      title=f"mae_jax pipeline, {config.preset} preset")
+  report = blocks(workdir, config, data)
+  paths = {"markdown": workdir / REPORT_MD, "html": workdir / REPORT_HTML,
+           "json": workdir / REPORT_JSON}
+  fileio.write_atomic(paths["markdown"], lambda f: f.write(to_markdown(report).encode()))
+  fileio.write_atomic(paths["html"], lambda f: f.write(to_html(report, workdir).encode()))
+  fileio.write_json_atomic(paths["json"], json.loads(json.dumps(data, default=str)))
+  return paths
