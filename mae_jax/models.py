@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mae_jax import attention
 from mae_jax import masking
 
 Dtype = Any
@@ -58,15 +59,22 @@ class Attention(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.dim % self.heads:
       raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
-    n, length, _ = x.shape
-    head_dim = self.dim // self.heads
     qkv = nn.Dense(3 * self.dim, kernel_init=_xavier, dtype=self.dtype, name="qkv")(x)
-    qkv = qkv.reshape(n, length, 3, self.heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) * (head_dim ** -0.5)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-    out = jnp.einsum("nhqk,nkhd->nqhd", weights, v).reshape(n, length, self.dim)
+    # Exact softmax attention in cache-sized blocks with a hand-written backward (see
+    # mae_jax/attention.py): the plain einsum-softmax-einsum form was half of the CPU step.
+    out = attention.multi_head_attention(qkv, self.heads)
     return nn.Dense(self.dim, kernel_init=_xavier, dtype=self.dtype, name="proj")(out)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU, x * Phi(x), in torch.nn.GELU's erf form.
+
+  The same function as `nn.gelu(x, approximate=False)`, which XLA lowers through
+  `erfc` (an exp and two polynomial branches); `erf` is one clamped polynomial,
+  cheaper on a CPU, and its error near the far negative tail (where GELU is ~0)
+  stays at float32 rounding.
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(2 ** -0.5, x.dtype)))
 
 
 class Mlp(nn.Module):
@@ -78,7 +86,7 @@ class Mlp(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     dim = x.shape[-1]
     x = nn.Dense(self.hidden, kernel_init=_xavier, dtype=self.dtype, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)
+    x = gelu(x)
     return nn.Dense(dim, kernel_init=_xavier, dtype=self.dtype, name="fc2")(x)
 
 

@@ -1,0 +1,77 @@
+"""Blocked attention and the erf GELU match their plain forms."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mae_jax import attention
+from mae_jax import models
+
+
+def _plain_attention(qkv: jax.Array, heads: int) -> jax.Array:
+  n, length, three_dim = qkv.shape
+  d = three_dim // 3 // heads
+  x = qkv.reshape(n, length, 3, heads, d)
+  logits = jnp.einsum("nqhd,nkhd->nhqk", x[:, :, 0], x[:, :, 1]) * d ** -0.5
+  weights = jax.nn.softmax(logits, axis=-1)
+  return jnp.einsum("nhqk,nkhd->nqhd", weights, x[:, :, 2]).reshape(n, length, -1)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 3 * 4 * 2 * 17 * 17, 1 << 20])
+def test_blocked_attention_matches_softmax_attention(block_bytes):
+  """Values and gradients, with blocks of 1, 3 (a divisor of 6) and all 6 examples."""
+  heads, n, length = 2, 6, 17
+  qkv = 2.0 * jax.random.normal(jax.random.key(0), (n, length, 3 * heads * 8))
+  g = jax.random.normal(jax.random.key(1), (n, length, heads * 8))
+  out, vjp = jax.vjp(lambda x: attention.multi_head_attention(x, heads, block_bytes), qkv)
+  ref, ref_vjp = jax.vjp(lambda x: _plain_attention(x, heads), qkv)
+  np.testing.assert_allclose(out, ref, atol=2e-5)
+  np.testing.assert_allclose(vjp(g)[0], ref_vjp(g)[0], atol=5e-5)
+
+
+def test_block_size_is_a_divisor_within_the_budget():
+  assert attention.block_size(64, 2 << 20, 1 << 20) == 1     # one example is over budget
+  assert attention.block_size(64, 135_200, 1 << 20) == 4     # 7 fit; 4 is the largest divisor
+  assert attention.block_size(6, 10, 1 << 20) == 6
+  assert attention.block_size(7, 300, 1000) == 1             # 3 fit, but 7 is prime
+
+
+def test_bfloat16_attention_keeps_its_dtype_and_accuracy():
+  heads = 2
+  qkv = jax.random.normal(jax.random.key(0), (4, 9, 3 * heads * 8))
+  out = attention.multi_head_attention(qkv.astype(jnp.bfloat16), heads)
+  grad = jax.grad(lambda x: attention.multi_head_attention(x, heads).astype(jnp.float32).sum())(
+      qkv.astype(jnp.bfloat16))
+  assert out.dtype == jnp.bfloat16 and grad.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out.astype(jnp.float32), _plain_attention(qkv, heads), atol=0.05)
+
+
+def test_gelu_is_the_exact_erf_gelu():
+  x = jnp.linspace(-10.0, 10.0, 20001)
+  np.testing.assert_allclose(models.gelu(x), jax.nn.gelu(x, approximate=False), atol=2e-6)
+  np.testing.assert_allclose(jax.vmap(jax.grad(models.gelu))(x),
+                             jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x),
+                             atol=2e-6)
+  # far from the tanh approximation, which differs by ~1e-3 near |x| = 2
+  assert np.abs(models.gelu(x) - jax.nn.gelu(x, approximate=True)).max() > 1e-4
+
+
+def test_xla_form_matches_blocked_and_is_the_default_off_cpu(monkeypatch):
+  """The GPU/TPU path (jax.nn.dot_product_attention) gives the blocked result."""
+  heads = 2
+  qkv = jax.random.normal(jax.random.key(0), (4, 9, 3 * heads * 8))
+  blocked, vjp_b = jax.vjp(lambda x: attention.multi_head_attention(x, heads, impl="blocked"), qkv)
+  fused, vjp_x = jax.vjp(lambda x: attention.multi_head_attention(x, heads, impl="xla"), qkv)
+  np.testing.assert_allclose(fused, blocked, atol=2e-5)
+  np.testing.assert_allclose(vjp_x(fused)[0], vjp_b(fused)[0], atol=5e-5)
+  assert attention.implementation() == "blocked"            # tests run on the CPU backend
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert attention.implementation() == "xla"
+  monkeypatch.setenv(attention.ENV_VAR, "cudnn")
+  assert attention.implementation() == "cudnn"
+  monkeypatch.setenv(attention.ENV_VAR, "flash")
+  with pytest.raises(ValueError, match="MAE_JAX_ATTENTION='flash' must be one of"):
+    attention.implementation()
