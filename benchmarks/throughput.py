@@ -1,0 +1,405 @@
+"""Images/s of the MAE pretrain step and the fine-tune step: ours (JAX) against PyTorch.
+
+  python benchmarks/throughput.py [--preset seed] [--batch 256] [--task pretrain,finetune]
+      [--systems ours,ours_1dev,torch,torch_compile] [--repeats 3] [--steps 2]
+      [--dtype float32] [--host_devices N] [--no_pipeline]
+
+Ours are the real jitted steps (`pretrain.make_pretrain_step`,
+`classify.make_train_step`) of the preset's configs (configs/pretrain.py,
+configs/finetune.py); `torch` and `torch_compile` run the same architecture,
+masking, loss and optimiser written in PyTorch (`benchmarks/torch_mae.py`),
+eagerly and under `torch.compile`, from the same initial weights. Each system
+runs in its own subprocess, one after the other, so thread pools never compete.
+`ours` runs data-parallel over `--host_devices` XLA host devices (default one per
+CPU core; this only matters on a CPU), `ours_1dev` on a single device.
+
+Per system: a warm-up (compilation, reported apart and excluded), then `repeats`
+timed runs of `steps` steps on a fixed batch; the line shows the median images/s
+(min and max). The input pipeline's images/s (tf.data batches of the same size
+from a prepared tfds set of random images, pretraining's augmentation on) is
+printed beside the steps. With a known GPU it also prints achieved TFLOP/s and
+model-FLOPs utilisation (MFU) from an analytic count of the matmul FLOPs
+(forward x 3 for a training step). The last line is
+`ratio ours/pytorch-eager: pretrain X.XX finetune Y.YY`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(_ROOT))
+sys.path.insert(0, str(_ROOT / "benchmarks"))
+
+TASKS = ("pretrain", "finetune")
+SYSTEMS = ("ours", "ours_1dev", "torch", "torch_compile")
+LABELS = {"ours": "ours (jax)", "ours_1dev": "ours, 1 device", "torch": "pytorch eager",
+          "torch_compile": "torch.compile"}
+RESULT = "RESULT "
+
+# Dense peak FLOP/s of known accelerators (bf16; float32 matmuls run as TF32 by default).
+PEAK_FLOPS = {  # device-kind substring: {dtype: FLOP/s}
+    "H200": {"bfloat16": 989e12, "float32": 494e12},
+    "H100": {"bfloat16": 989e12, "float32": 494e12},
+    "A100": {"bfloat16": 312e12, "float32": 156e12},
+    "L4": {"bfloat16": 121e12, "float32": 60e12},
+    "V100": {"bfloat16": 125e12, "float32": 15.7e12},
+}
+
+
+# --- FLOP count ---------------------------------------------------------------------
+
+
+def _block_flops(tokens: int, dim: int, mlp_ratio: float) -> int:
+  """Matmul FLOPs of one transformer block's forward pass on one example."""
+  qkv = 2 * tokens * dim * 3 * dim
+  attention = 2 * 2 * tokens * tokens * dim    # q k^T and weights v
+  proj = 2 * tokens * dim * dim
+  mlp = 2 * 2 * tokens * dim * int(dim * mlp_ratio)
+  return qkv + attention + proj + mlp
+
+
+def train_flops(task: str, model: Any, batch: int) -> int:
+  """Model FLOPs of one training step: 3 x the forward matmul FLOPs (the backward
+  pass costs twice the forward), summed over the batch.
+
+  `model` is the preset's `config.model`; for 'pretrain' the encoder sees the kept
+  patches (plus CLS) and the decoder all of them; for 'finetune' the encoder sees
+  every patch and the MLP head the CLS feature.
+  """
+  from mae_jax import masking  # pylint: disable=g-import-not-at-top
+  patches = (model.image_size // model.patch) ** 2
+  patch_dim = model.patch * model.patch * model.channels
+  fwd = 2 * patches * patch_dim * model.dim    # patch embedding (all patches)
+  if task == "pretrain":
+    enc_tokens = 1 + masking.num_kept(patches, model.mask_ratio)
+    fwd += model.depth * _block_flops(enc_tokens, model.dim, model.mlp_ratio)
+    fwd += 2 * enc_tokens * model.dim * model.decoder_dim
+    fwd += model.decoder_depth * _block_flops(1 + patches, model.decoder_dim, model.mlp_ratio)
+    fwd += 2 * (1 + patches) * model.decoder_dim * patch_dim
+  else:
+    fwd += model.depth * _block_flops(1 + patches, model.dim, model.mlp_ratio)
+    widths = (model.dim, *model.head_hidden, 3)
+    fwd += sum(2 * a * b for a, b in zip(widths[:-1], widths[1:]))
+  return 3 * fwd * batch
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+  for name, peaks in PEAK_FLOPS.items():
+    if name in device_kind:
+      return peaks[dtype]
+  return None
+
+
+# --- Timing -------------------------------------------------------------------------
+
+
+def time_steps(step: Callable[[], Any], sync: Callable[[Any], None], *, warmup: int,
+               repeats: int, steps: int, batch: int) -> dict[str, Any]:
+  """Warm-up steps (timed apart), then `repeats` x `steps` timed steps: images/s each."""
+  start = time.perf_counter()
+  for _ in range(warmup):
+    out = step()
+  sync(out)
+  warmup_s = time.perf_counter() - start
+  rates = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(steps):
+      out = step()
+    sync(out)
+    rates.append(steps * batch / (time.perf_counter() - start))
+  return {"rates": rates, "warmup_s": warmup_s}
+
+
+def _configs(preset: str, dtype: str):
+  from configs import finetune as finetune_config  # pylint: disable=g-import-not-at-top
+  from configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top
+  pre, fine = pretrain_config.get_config(preset), finetune_config.get_config(preset)
+  pre.model.dtype = fine.model.dtype = dtype
+  return {"pretrain": pre, "finetune": fine}
+
+
+def _random_batch(config, batch: int) -> dict[str, Any]:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  size, channels = config.model.image_size, config.model.channels
+  return {"image": rng.random((batch, size, size, channels), np.float32),
+          "label": rng.integers(0, 3, batch).astype(np.int32)}
+
+
+# --- Systems (each runs in a worker subprocess) ------------------------------------------
+
+
+def _ours(task: str, config, batch: int, args) -> dict[str, Any]:
+  """The real mae_jax steps, jitted over a mesh of every JAX device."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mae_jax import classify  # pylint: disable=g-import-not-at-top
+  from mae_jax import optim  # pylint: disable=g-import-not-at-top
+  from mae_jax import parallel  # pylint: disable=g-import-not-at-top
+  from mae_jax import pretrain  # pylint: disable=g-import-not-at-top
+  from mae_jax import train  # pylint: disable=g-import-not-at-top
+
+  mesh = parallel.make_mesh()
+  parallel.check_batch(batch)
+  data = parallel.global_batch(_random_batch(config, batch), mesh)
+  key = jax.random.key(1)
+  if task == "pretrain":
+    model = pretrain.build_mae(config.model)
+    params = pretrain.init_mae(model, jax.random.key(0))
+    tx, _ = optim.adamw(params, config.optim, total_steps=1000, steps_per_epoch=100)
+    state = train.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    fn = pretrain.make_pretrain_step(model, config.loss, mesh)
+    inputs = (data["image"], key)
+  else:
+    model = classify.build_classifier(config)
+    params, stats = classify.init_classifier(model, jax.random.key(0))
+    tx, _ = optim.classifier_optimizer(params, config.optim, total_steps=1000,
+                                       steps_per_epoch=100, global_batch=batch,
+                                       depth=config.model.depth)
+    state = classify.ClassifierState.create(apply_fn=model.apply, params=params, tx=tx,
+                                            batch_stats=stats)
+    fn = classify.make_train_step(model, mesh, frozen_encoder=False,
+                                  label_smoothing=config.label_smoothing)
+    inputs = (data["image"], data["label"], key)
+  state = parallel.replicate(state, mesh)
+  start = time.perf_counter()
+  compiled = fn.lower(state, *inputs).compile()
+  compile_s = time.perf_counter() - start
+  holder = {"state": state}
+
+  def step():
+    holder["state"], metrics = compiled(holder["state"], *inputs)
+    return metrics
+
+  out = time_steps(step, jax.block_until_ready, warmup=1, repeats=args.repeats,
+                   steps=args.steps, batch=batch)
+  metrics = jax.device_get(step())
+  out.update(compile_s=compile_s, loss=float(metrics["loss"]),
+             device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+             threads=os.environ.get("XLA_FLAGS", ""))
+  return out
+
+
+def _torch(task: str, config, batch: int, args, compiled: bool) -> dict[str, Any]:
+  """The same step in PyTorch (eager or torch.compile), from the same initial weights."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  import torch_mae  # pylint: disable=g-import-not-at-top
+  from mae_jax import classify  # pylint: disable=g-import-not-at-top
+  from mae_jax import pretrain  # pylint: disable=g-import-not-at-top
+
+  jax.config.update("jax_platforms", "cpu")
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  m = config.model
+  sizes = dict(image_size=m.image_size, channels=m.channels, patch=m.patch, dim=m.dim,
+               depth=m.depth, heads=m.heads, mlp_ratio=m.mlp_ratio)
+  o = config.optim
+  data = _random_batch(config, batch)
+  images = torch.from_numpy(data["image"]).permute(0, 3, 1, 2).contiguous().to(device)
+  labels = torch.from_numpy(data["label"]).long().to(device)
+  if task == "pretrain":
+    model = torch_mae.MaskedAutoencoder(
+        **sizes, decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth,
+        decoder_heads=m.decoder_heads, mask_ratio=m.mask_ratio, loss=config.loss.type,
+        norm_pix=config.loss.norm_pix, masked_only=config.loss.masked_only)
+    params = pretrain.init_mae(pretrain.build_mae(m), jax.random.key(0))
+    model.load_state_dict(torch_mae.state_dict_from_jax(model, params))
+    groups, wd, betas, min_lr = [(".*", o.lr)], o.weight_decay, (o.b1, o.b2), o.min_lr
+    patches = (m.image_size // m.patch) ** 2
+  else:
+    model = torch_mae.Classifier(**sizes, hidden=tuple(m.head_hidden), dropout=m.dropout)
+    params, stats = classify.init_classifier(classify.build_classifier(config),
+                                             jax.random.key(0))
+    model.load_state_dict(torch_mae.state_dict_from_jax(model, params, stats))
+    groups, wd, betas, min_lr = list(o.lr_groups), o.weight_decay, (o.b1, o.b2), o.min_lr
+  model = model.to(device).train()
+  opt, sched = torch_mae.adamw(model, groups, weight_decay=wd, no_decay=o.no_decay,
+                               betas=betas, total_steps=1000,
+                               warmup_steps=int(o.warmup_epochs * 100), min_lr=min_lr)
+  forward = torch.compile(model) if compiled else model
+  autocast = (torch.autocast(device, dtype=torch.bfloat16) if m.dtype == "bfloat16"
+              else contextlib.nullcontext())
+
+  def loss_fn():
+    with autocast:
+      if task == "pretrain":
+        noise = torch.rand(batch, patches, device=device)
+        return forward(images, noise)[0].float()
+      return F.cross_entropy(forward(images).float(), labels)
+
+  def step():
+    return torch_mae.train_step(model, opt, sched, loss_fn)
+
+  def sync(_):
+    if device == "cuda":
+      torch.cuda.synchronize()
+
+  out = time_steps(step, sync, warmup=2 if compiled else 1, repeats=args.repeats,
+                   steps=args.steps, batch=batch)
+  median_step = batch / statistics.median(out["rates"])
+  out.update(compile_s=max(out["warmup_s"] - (2 if compiled else 1) * median_step, 0.0)
+             if compiled else None,
+             loss=float(step()["loss"]),
+             device=(torch.cuda.get_device_name() if device == "cuda"
+                     else f"cpu, {torch.get_num_threads()} threads"))
+  return out
+
+
+def _pipeline(task: str, config, batch: int, args) -> dict[str, Any]:
+  """Images/s of tf.data training batches from a prepared tfds set of random images."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mae_jax.data import builder  # pylint: disable=g-import-not-at-top
+  from mae_jax.data import layout  # pylint: disable=g-import-not-at-top
+  from mae_jax.data import npy_io  # pylint: disable=g-import-not-at-top
+  from mae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from mae_jax.data import source  # pylint: disable=g-import-not-at-top
+
+  size = config.model.image_size
+  per_class = max(3 * batch, 16)
+  with tempfile.TemporaryDirectory() as tmp:
+    rng = np.random.default_rng(0)
+    for name in layout.CLASS_NAMES:
+      (Path(tmp) / "src" / name).mkdir(parents=True)
+      for i in range(per_class):
+        npy_io.write_lens_file(Path(tmp) / "src" / name / f"{name}_{i}.npy",
+                               rng.random((size, size)), 1e-23 if name == "axion" else None)
+    prepared = builder.prepare(Path(tmp) / "src", Path(tmp) / "cache", progress=False)
+    classes = tuple(config.classes) if task == "pretrain" else layout.CLASS_NAMES
+    augment = (source.augment_config(config.data) if task == "pretrain"
+               else (source.augment_config(config.data) if config.augment else None))
+    ip = pipeline.InputPipeline(prepared.builder, "train", classes=classes)
+    for _ in ip.train_epoch(batch, seed=0, epoch=0, augment=augment):
+      pass   # first pass fills the in-memory cache
+    rates = []
+    for epoch in range(1, 1 + max(args.repeats, 3)):
+      start, n = time.perf_counter(), 0
+      for b in ip.train_epoch(batch, seed=0, epoch=epoch, augment=augment):
+        n += b["image"].shape[0]
+      rates.append(n / (time.perf_counter() - start))
+  return {"rates": rates, "augment": augment is not None, "classes": list(classes)}
+
+
+def worker(args) -> None:
+  configs = _configs(args.preset, args.dtype)
+  for task in args.task:
+    config = configs[task]
+    if args.worker in ("ours", "ours_1dev"):
+      out = _ours(task, config, args.batch, args)
+    elif args.worker == "pipeline":
+      out = _pipeline(task, config, args.batch, args)
+    else:
+      out = _torch(task, config, args.batch, args, compiled=args.worker == "torch_compile")
+    print(RESULT + json.dumps({"task": task, "system": args.worker, **out}), flush=True)
+
+
+# --- Driver -------------------------------------------------------------------------
+
+
+def _run_worker(system: str, args) -> list[dict[str, Any]]:
+  cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system,
+         "--preset", args.preset, "--batch", str(args.batch), "--task", ",".join(args.task),
+         "--repeats", str(args.repeats), "--steps", str(args.steps), "--dtype", args.dtype]
+  env = dict(os.environ)
+  devices = math.gcd(args.batch, max(args.host_devices, 1))   # the batch must divide
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  if system == "ours" and devices > 1:
+    # One XLA host device per core, the step data-parallel over them (the same
+    # shard_map step a multi-GPU run uses): XLA runs small batched matmuls, such
+    # as attention's, on one thread, so a single device leaves a core idle.
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  env["XLA_FLAGS"] = " ".join(flags)
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+  if proc.returncode:
+    sys.stderr.write(proc.stderr[-4000:])
+    raise SystemExit(f"{system} failed (exit {proc.returncode})")
+  return [json.loads(line[len(RESULT):]) for line in proc.stdout.splitlines()
+          if line.startswith(RESULT)]
+
+
+def _line(r: dict[str, Any], flops: int, peak: float | None) -> str:
+  rates = r["rates"]
+  med = statistics.median(rates)
+  text = (f"{r['task']:<9}{LABELS[r['system']]:<15}{med:9.1f} images/s "
+          f"(min {min(rates):.1f}, max {max(rates):.1f})")
+  text += f"  compile {r['compile_s']:.1f} s" if r.get("compile_s") is not None else ""
+  text += f"  loss {r['loss']:.4f}"
+  if peak:
+    achieved = flops * med / r["batch"]
+    text += f"  {achieved / 1e12:.1f} TFLOP/s  MFU {100 * achieved / peak:.1f}%"
+  return text
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--preset", default="seed")
+  parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--task", default="pretrain,finetune")
+  parser.add_argument("--systems", default="ours,torch,torch_compile")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=2, help="steps per timed repeat")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--no_pipeline", action="store_true", help="skip the input pipeline")
+  parser.add_argument("--host_devices", type=int, default=os.cpu_count() or 1,
+                      help="XLA host (CPU) devices for `ours` (default: one per core); "
+                           "`ours_1dev` always uses one")
+  parser.add_argument("--worker", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  args.task = [t for t in args.task.split(",") if t]
+  systems = [s for s in args.systems.split(",") if s]
+  bad = [t for t in args.task if t not in TASKS] + [s for s in systems if s not in SYSTEMS]
+  if bad:
+    parser.error(f"unknown task or system {bad}; tasks: {TASKS}, systems: {SYSTEMS}")
+  if args.worker:
+    worker(args)
+    return
+
+  configs = _configs(args.preset, args.dtype)
+  load = os.getloadavg()
+  print(f"preset {args.preset}, batch {args.batch}, {args.dtype}, {args.repeats} timed runs of "
+        f"{args.steps} steps (median images/s; compilation excluded); {os.cpu_count()} CPUs "
+        f"({platform.processor() or platform.machine()}), load {load[0]:.2f}", flush=True)
+  results = []
+  for system in (([] if args.no_pipeline else ["pipeline"]) + systems):
+    results += _run_worker(system, args)
+  device = next((r["device"] for r in results if r["system"] in ("ours", "ours_1dev")), "")
+  peak = peak_flops(device, args.dtype)
+  for r in results:
+    r["batch"] = args.batch
+  for r in results:
+    if r["system"] == "pipeline":
+      print(f"{r['task']:<9}{'input pipeline':<15}{statistics.median(r['rates']):9,.0f} images/s "
+            f"(tf.data, {'augmented' if r['augment'] else 'no augmentation'}, "
+            f"classes {','.join(r['classes'])})")
+  for task in args.task:
+    flops = train_flops(task, configs[task].model, args.batch)
+    for r in results:
+      if r["task"] == task and r["system"] != "pipeline":
+        print(_line(r, flops, peak))
+  devices = sorted({f"{LABELS[r['system']]}: {r['device']}" for r in results if "device" in r})
+  print("devices: " + "; ".join(devices) + f"; load at end {os.getloadavg()[0]:.2f}")
+  ratios = []
+  for task in TASKS:
+    rate = {r["system"]: statistics.median(r["rates"]) for r in results if r["task"] == task}
+    ratios.append(f"{task} {rate['ours'] / rate['torch']:.2f}"
+                  if "ours" in rate and "torch" in rate else f"{task} n/a")
+  print("ratio ours/pytorch-eager: " + " ".join(ratios))
+
+
+if __name__ == "__main__":
+  main()

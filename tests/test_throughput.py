@@ -1,0 +1,161 @@
+"""benchmarks/throughput.py: its PyTorch twin computes what our model computes, its FLOP
+count matches the model's matmuls, and a tiny run prints every line it promises."""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
+import torch_mae  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import finetune as finetune_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mae_jax import classify  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mae_jax import convert  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mae_jax import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mae_jax import pretrain  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _sizes(m):
+  return dict(image_size=m.image_size, channels=m.channels, patch=m.patch, dim=m.dim,
+              depth=m.depth, heads=m.heads, mlp_ratio=m.mlp_ratio)
+
+
+def _inputs(n, num_patches):
+  rng = np.random.default_rng(0)
+  return (rng.random((n, 64, 64, 1), dtype=np.float32),
+          rng.random((n, num_patches), dtype=np.float32))
+
+
+def test_torch_mae_matches_ours_with_the_same_weights():
+  config = pretrain_config.get_config("tiny")
+  m = config.model
+  mae = pretrain.build_mae(m)
+  params = pretrain.init_mae(mae, jax.random.key(0))
+  model = torch_mae.MaskedAutoencoder(**_sizes(m), decoder_dim=m.decoder_dim,
+                                      decoder_depth=m.decoder_depth,
+                                      decoder_heads=m.decoder_heads, mask_ratio=m.mask_ratio)
+  model.load_state_dict(torch_mae.state_dict_from_jax(model, params))
+  images, noise = _inputs(3, mae.encoder.num_patches)
+  out = mae.apply({"params": params}, images, noise)
+  loss = losses.reconstruction_loss(out["logits"], images, out["mask"], patch=m.patch)
+  t_loss, t_logits, t_mask = model(torch.from_numpy(images).permute(0, 3, 1, 2),
+                                   torch.from_numpy(noise))
+  np.testing.assert_array_equal(t_mask.numpy(), out["mask"])
+  np.testing.assert_allclose(t_logits.detach().numpy(), out["logits"], atol=2e-5)
+  np.testing.assert_allclose(float(t_loss.detach()), float(loss), rtol=1e-5)
+  # Names are facebookresearch/mae's: mae_jax.convert reads the torch model back.
+  back = convert.convert(model.state_dict_mae(), params)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_torch_classifier_matches_ours_with_the_same_weights():
+  config = finetune_config.get_config("tiny")
+  model = classify.build_classifier(config)
+  params, stats = classify.init_classifier(model, jax.random.key(0))
+  stats = jax.tree.map(lambda s: s + 0.5, stats)   # non-trivial BatchNorm statistics
+  t_model = torch_mae.Classifier(**_sizes(config.model), hidden=tuple(config.model.head_hidden))
+  t_model.load_state_dict(torch_mae.state_dict_from_jax(t_model, params, stats))
+  images, _ = _inputs(4, 1)
+  logits = model.apply({"params": params, "batch_stats": stats}, images, False)["logits"]
+  t_logits = t_model.eval()(torch.from_numpy(images).permute(0, 3, 1, 2))
+  np.testing.assert_allclose(t_logits.detach().numpy(), logits, atol=2e-5)
+
+
+def test_torch_optimizer_groups_follow_our_configs():
+  config = finetune_config.get_config("seed")
+  model = torch_mae.Classifier()
+  opt, _ = torch_mae.adamw(model, config.optim.lr_groups, weight_decay=0.1,
+                           no_decay=config.optim.no_decay, betas=(0.9, 0.999),
+                           total_steps=100, warmup_steps=10)
+  groups = {(g["initial_lr"], g["weight_decay"]): len(g["params"]) for g in opt.param_groups}
+  assert set(groups) == {(9.5e-5, 0.1), (9.5e-5, 0.0), (8e-4, 0.1), (8e-4, 0.0)}
+  assert groups[(8e-4, 0.1)] == 3                        # the head's three Dense kernels
+  assert sum(groups.values()) == len(list(model.parameters()))
+  schedule = torch_mae.warmup_cosine(100, 10, 1e-3, 1e-5)
+  assert schedule(0) == 0 and schedule(10) == pytest.approx(1.0)
+  assert schedule(100) == pytest.approx(1e-2)
+
+
+def _matmul_flops(jaxpr) -> int:
+  """2 x multiply-adds of every dot_general / convolution in a jaxpr, loops unrolled."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      lhs = eqn.invars[0].aval
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
+          lhs.shape[i] for i in contract)
+    elif name == "conv_general_dilated":
+      kernel = eqn.invars[1].aval.shape
+      total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(kernel) // kernel[-1]
+    times = eqn.params.get("length", 1) if name == "scan" else 1
+    for value in eqn.params.values():
+      inner = getattr(value, "jaxpr", value)
+      if hasattr(inner, "eqns"):
+        total += times * _matmul_flops(inner)
+  return total
+
+
+def test_flop_count_matches_the_models_matmuls():
+  """train_flops / 3 is the forward pass's matmul FLOPs, counted here from the jaxpr."""
+  pre = pretrain_config.get_config("seed")
+  mae = pretrain.build_mae(pre.model)
+  params = jax.eval_shape(lambda k: pretrain.init_mae(mae, k), jax.random.key(0))
+  images = jax.ShapeDtypeStruct((2, 64, 64, 1), jnp.float32)
+  noise = jax.ShapeDtypeStruct((2, mae.encoder.num_patches), jnp.float32)
+  jaxpr = jax.make_jaxpr(mae.apply)({"params": params}, images, noise)
+  assert _matmul_flops(jaxpr.jaxpr) == throughput.train_flops("pretrain", pre.model, 2) // 3
+
+  fine = finetune_config.get_config("seed")
+  model = classify.build_classifier(fine)
+  variables = jax.eval_shape(lambda k: model.init(k, jnp.zeros((2, 64, 64, 1)), False),
+                             jax.random.key(0))
+  jaxpr = jax.make_jaxpr(functools.partial(model.apply, train=False))(variables, images)
+  assert _matmul_flops(jaxpr.jaxpr) == throughput.train_flops("finetune", fine.model, 2) // 3
+
+
+def test_peak_flops_of_known_accelerators():
+  assert throughput.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+  assert throughput.peak_flops("cpu", "float32") is None
+
+
+def test_tiny_run_prints_every_line():
+  """End to end at tiny size (~30 s on 2 cores): pipeline, ours and PyTorch eager."""
+  cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--preset", "tiny",
+         "--batch", "8", "--steps", "2", "--repeats", "2", "--systems", "ours,torch"]
+  result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()
+  number = r"([\d,]+\.?\d*)"
+  rates = {}
+  for task in ("pretrain", "finetune"):
+    assert any(re.match(rf"{task}\s+input pipeline\s+{number} images/s", l) for l in lines), lines
+    for system in ("ours \\(jax\\)", "pytorch eager"):
+      found = [re.match(rf"{task}\s+{system}\s+{number} images/s \(min .*loss", l) for l in lines]
+      found = [f for f in found if f]
+      assert len(found) == 1, lines
+      rates[task, system] = float(found[0].group(1).replace(",", ""))
+  assert "compile" in next(l for l in lines if "ours (jax)" in l)
+  last = re.fullmatch(r"ratio ours/pytorch-eager: pretrain (\d+\.\d\d) finetune (\d+\.\d\d)",
+                      lines[-1])
+  assert last, lines[-1]
+  for task, value in zip(("pretrain", "finetune"), last.groups()):
+    expected = rates[task, "ours \\(jax\\)"] / rates[task, "pytorch eager"]
+    assert float(value) == pytest.approx(expected, rel=0.02, abs=0.01)
