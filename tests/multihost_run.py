@@ -4,9 +4,11 @@
       One process of a 2-process run (2 forced CPU devices each), joined through
       main.py's --coordinator_address flags; records every file this process
       opens for writing under ROOT/runs in ROOT/writes_<stage>_<id>.json.
-  multihost_run.py single ROOT STAGE [main.py flags...]
+  multihost_run.py single PORT ROOT STAGE [main.py flags...]
       The reference: one process with 4 devices fed the same global batches
-      (slice 0's local batch, then slice 1's, as the two processes would).
+      (slice 0's local batch, then slice 1's, as the two processes would). It joins
+      a one-process jax.distributed run, so its collectives are gloo's too, summing
+      in the same order as across the two processes.
 """
 
 import atexit
@@ -80,8 +82,9 @@ def main():
               f"--process_id={process_id}"]
     _record_writes(Path(root) / f"writes_{stage}_{process_id}.json", Path(root) / "runs")
   else:
-    root, stage, *flags = sys.argv[2:]
+    port, root, stage, *flags = sys.argv[2:]
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    flags += [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=1", "--process_id=0"]
     from mae_jax import train  # pylint: disable=g-import-not-at-top
     train.input_pipelines = _two_slice_pipelines
   sys.argv = [str(ROOT_DIR / "main.py"), *flags]
