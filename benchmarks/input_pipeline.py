@@ -26,7 +26,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from mae_jax.data import builder  # pylint: disable=g-import-not-at-top
 from mae_jax.data import layout  # pylint: disable=g-import-not-at-top
 from mae_jax.data import npy_io  # pylint: disable=g-import-not-at-top
-from mae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+from mae_jax.data import input_pipeline as pipeline  # pylint: disable=g-import-not-at-top
 
 
 def _write_random(root: Path, per_class: int, size: int) -> None:

@@ -22,10 +22,11 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top
-from mae_jax import pretrain  # pylint: disable=g-import-not-at-top
-from mae_jax import optim  # pylint: disable=g-import-not-at-top
-from mae_jax import parallel  # pylint: disable=g-import-not-at-top
-from mae_jax import train  # pylint: disable=g-import-not-at-top
+from mae_jax.models import build  # pylint: disable=g-import-not-at-top
+from mae_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
+from mae_jax.train import losses  # pylint: disable=g-import-not-at-top
+from mae_jax.train import optim  # pylint: disable=g-import-not-at-top
+from mae_jax.train import steps  # pylint: disable=g-import-not-at-top
 
 
 def main() -> None:
@@ -37,14 +38,14 @@ def main() -> None:
   args = parser.parse_args()
 
   config = pretrain_config.get_config(args.preset)
-  mae = pretrain.build_mae(config.model)
-  params = pretrain.init_mae(mae, jax.random.key(0))
+  mae = build.build_mae(config.model)
+  params = build.init_mae(mae, jax.random.key(0))
   tx, _ = optim.adamw(params, config.optim, total_steps=1000, steps_per_epoch=100)
   mesh = parallel.make_mesh()
   parallel.check_batch(args.batch)
-  state = parallel.replicate(train.TrainState.create(apply_fn=mae.apply, params=params, tx=tx),
+  state = parallel.replicate(steps.TrainState.create(apply_fn=mae.apply, params=params, tx=tx),
                              mesh)
-  step = pretrain.make_pretrain_step(mae, config.loss, mesh)
+  step = steps.make_pretrain_step(mae, losses.Reconstruction.from_config(config.loss), mesh)
   size = config.model.image_size
   images = parallel.global_batch(
       {"image": np.random.default_rng(0).random((args.batch, size, size, 1), np.float32)},

@@ -4,8 +4,8 @@
       [--systems ours,ours_1dev,torch,torch_compile] [--repeats 3] [--steps 2]
       [--dtype float32] [--host_devices N] [--no_pipeline]
 
-Ours are the real jitted steps (`pretrain.make_pretrain_step`,
-`classify.make_train_step`) of the preset's configs (configs/pretrain.py,
+Ours are the real jitted steps (`steps.make_pretrain_step`,
+`steps.make_classifier_step`) of the preset's configs (configs/pretrain.py,
 configs/finetune.py); `torch` and `torch_compile` run the same architecture,
 masking, loss and optimiser written in PyTorch (`benchmarks/torch_mae.py`),
 eagerly and under `torch.compile`, from the same initial weights. Each system
@@ -79,7 +79,7 @@ def train_flops(task: str, model: Any, batch: int) -> int:
   patches (plus CLS) and the decoder all of them; for 'finetune' the encoder sees
   every patch and the MLP head the CLS feature.
   """
-  from mae_jax import masking  # pylint: disable=g-import-not-at-top
+  from mae_jax.models import masking  # pylint: disable=g-import-not-at-top
   patches = (model.image_size // model.patch) ** 2
   patch_dim = model.patch * model.patch * model.channels
   fwd = 2 * patches * patch_dim * model.dim    # patch embedding (all patches)
@@ -146,33 +146,33 @@ def _random_batch(config, batch: int) -> dict[str, Any]:
 def _ours(task: str, config, batch: int, args) -> dict[str, Any]:
   """The real mae_jax steps, jitted over a mesh of every JAX device."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mae_jax import classify  # pylint: disable=g-import-not-at-top
-  from mae_jax import optim  # pylint: disable=g-import-not-at-top
-  from mae_jax import parallel  # pylint: disable=g-import-not-at-top
-  from mae_jax import pretrain  # pylint: disable=g-import-not-at-top
-  from mae_jax import train  # pylint: disable=g-import-not-at-top
+  from mae_jax.models import build  # pylint: disable=g-import-not-at-top
+  from mae_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
+  from mae_jax.train import losses  # pylint: disable=g-import-not-at-top
+  from mae_jax.train import optim  # pylint: disable=g-import-not-at-top
+  from mae_jax.train import steps  # pylint: disable=g-import-not-at-top
 
   mesh = parallel.make_mesh()
   parallel.check_batch(batch)
   data = parallel.global_batch(_random_batch(config, batch), mesh)
   key = jax.random.key(1)
   if task == "pretrain":
-    model = pretrain.build_mae(config.model)
-    params = pretrain.init_mae(model, jax.random.key(0))
+    model = build.build_mae(config.model)
+    params = build.init_mae(model, jax.random.key(0))
     tx, _ = optim.adamw(params, config.optim, total_steps=1000, steps_per_epoch=100)
-    state = train.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-    fn = pretrain.make_pretrain_step(model, config.loss, mesh)
+    state = steps.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    fn = steps.make_pretrain_step(model, losses.Reconstruction.from_config(config.loss), mesh)
     inputs = (data["image"], key)
   else:
-    model = classify.build_classifier(config)
-    params, stats = classify.init_classifier(model, jax.random.key(0))
+    model = build.build_classifier(config.model, 3, parallel.AXIS)
+    params, stats = build.init_classifier(model, jax.random.key(0))
     tx, _ = optim.classifier_optimizer(params, config.optim, total_steps=1000,
                                        steps_per_epoch=100, global_batch=batch,
                                        depth=config.model.depth)
-    state = classify.ClassifierState.create(apply_fn=model.apply, params=params, tx=tx,
-                                            batch_stats=stats)
-    fn = classify.make_train_step(model, mesh, frozen_encoder=False,
-                                  label_smoothing=config.label_smoothing)
+    state = steps.ClassifierState.create(apply_fn=model.apply, params=params, tx=tx,
+                                         batch_stats=stats)
+    fn = steps.make_classifier_step(model, mesh, frozen_encoder=False,
+                                    label_smoothing=config.label_smoothing)
     inputs = (data["image"], data["label"], key)
   state = parallel.replicate(state, mesh)
   start = time.perf_counter()
@@ -200,8 +200,7 @@ def _torch(task: str, config, batch: int, args, compiled: bool) -> dict[str, Any
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   import torch_mae  # pylint: disable=g-import-not-at-top
-  from mae_jax import classify  # pylint: disable=g-import-not-at-top
-  from mae_jax import pretrain  # pylint: disable=g-import-not-at-top
+  from mae_jax.models import build  # pylint: disable=g-import-not-at-top
 
   jax.config.update("jax_platforms", "cpu")
   device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -217,14 +216,14 @@ def _torch(task: str, config, batch: int, args, compiled: bool) -> dict[str, Any
         **sizes, decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth,
         decoder_heads=m.decoder_heads, mask_ratio=m.mask_ratio, loss=config.loss.type,
         norm_pix=config.loss.norm_pix, masked_only=config.loss.masked_only)
-    params = pretrain.init_mae(pretrain.build_mae(m), jax.random.key(0))
+    params = build.init_mae(build.build_mae(m), jax.random.key(0))
     model.load_state_dict(torch_mae.state_dict_from_jax(model, params))
     groups, wd, betas, min_lr = [(".*", o.lr)], o.weight_decay, (o.b1, o.b2), o.min_lr
     patches = (m.image_size // m.patch) ** 2
   else:
     model = torch_mae.Classifier(**sizes, hidden=tuple(m.head_hidden), dropout=m.dropout)
-    params, stats = classify.init_classifier(classify.build_classifier(config),
-                                             jax.random.key(0))
+    params, stats = build.init_classifier(build.build_classifier(config.model, 3),
+                                          jax.random.key(0))
     model.load_state_dict(torch_mae.state_dict_from_jax(model, params, stats))
     groups, wd, betas, min_lr = list(o.lr_groups), o.weight_decay, (o.b1, o.b2), o.min_lr
   model = model.to(device).train()
@@ -266,7 +265,7 @@ def _pipeline(task: str, config, batch: int, args) -> dict[str, Any]:
   from mae_jax.data import builder  # pylint: disable=g-import-not-at-top
   from mae_jax.data import layout  # pylint: disable=g-import-not-at-top
   from mae_jax.data import npy_io  # pylint: disable=g-import-not-at-top
-  from mae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from mae_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from mae_jax.data import source  # pylint: disable=g-import-not-at-top
 
   size = config.model.image_size
@@ -282,7 +281,7 @@ def _pipeline(task: str, config, batch: int, args) -> dict[str, Any]:
     classes = tuple(config.classes) if task == "pretrain" else layout.CLASS_NAMES
     augment = (source.augment_config(config.data) if task == "pretrain"
                else (source.augment_config(config.data) if config.augment else None))
-    ip = pipeline.InputPipeline(prepared.builder, "train", classes=classes)
+    ip = input_pipeline.InputPipeline(prepared.builder, "train", classes=classes)
     for _ in ip.train_epoch(batch, seed=0, epoch=0, augment=augment):
       pass   # first pass fills the in-memory cache
     rates = []

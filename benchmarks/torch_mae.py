@@ -1,7 +1,7 @@
 """The seed MAE and its fine-tune classifier in PyTorch, for the throughput benchmark.
 
-The same architecture, masking, loss and optimiser as `mae_jax` (models.py,
-masking.py, losses.py, optim.py), written the way a PyTorch user would
+The same architecture, masking, loss and optimiser as `mae_jax` (models/,
+train/losses.py, train/optim.py), written the way a PyTorch user would
 (facebookresearch/mae `models_mae.py`, timm blocks), so that
 `benchmarks/throughput.py` compares like with like:
 
@@ -273,7 +273,7 @@ def adamw(model: nn.Module, groups: Sequence[tuple[str, float]], *, weight_decay
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, loss_fn) -> dict[str, Any]:
   """One step: loss, backward, global grad norm; the update only when both are finite
-  (as `mae_jax.train.keep_if_finite`)."""
+  (as `mae_jax.train.steps.keep_if_finite`)."""
   opt.zero_grad(set_to_none=True)
   loss = loss_fn()
   loss.backward()

@@ -6,6 +6,8 @@ size, 30k images per class) and `tiny` (a few images, for tests).
 
 from __future__ import annotations
 
+import difflib
+
 import ml_collections
 
 PRESETS = ("demo", "seed", "tiny")
@@ -18,7 +20,9 @@ def parse_preset(arg: str | None) -> str:
   """The preset named by a config argument (`--config=file.py:PRESET`), default demo."""
   preset = arg or "demo"
   if preset not in PRESETS:
-    raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    close = difflib.get_close_matches(preset, PRESETS, n=1)
+    raise ValueError(f"unknown preset {preset!r}" + (f"; did you mean {close[0]}?" if close else "")
+                     + f" Presets: {', '.join(PRESETS)}")
   return preset
 
 
@@ -49,7 +53,7 @@ def data_config(preset: str) -> ml_collections.ConfigDict:
 
 
 def model_config(preset: str) -> ml_collections.ConfigDict:
-  """ViT encoder / MAE decoder sizes. `seed` is DESIGN §1; `demo` fits a 2-core CPU."""
+  """ViT encoder / MAE decoder sizes. `seed` is the seed recipe (docs/design.md); `demo` fits a 2-core CPU."""
   sizes = {
       # patch, dim, depth, heads, decoder dim, depth, heads
       "seed": (4, 256, 8, 8, 128, 4, 8),
@@ -88,7 +92,7 @@ def classifier_config(preset: str, stage: str) -> ml_collections.ConfigDict:
   config.init_from_stage = "pretrain"
   config.dont_load = (r"classifier/.*",)
   # Or start the encoder from public MAE weights instead of `init_from` (a facebookresearch/mae
-  # .pth, a Hugging Face ViTMAE folder or .safetensors; see mae_jax/convert.py).
+  # .pth, a Hugging Face ViTMAE folder or .safetensors; see mae_jax/models/load.py).
   config.init_weights = ""
   # Off by default: in Model II every lens has the same orientation and centre, and the
   # classes differ by ~2% in ring radius (~0.2 px); shifts of a few pixels hide that signal.

@@ -4,7 +4,7 @@
   python main.py --config=configs/pretrain.py:demo --workdir=runs/pretrain_demo
   python main.py --config=configs/pretrain.py:seed --workdir=runs/pretrain_seed
 
-Presets: `seed` is the seed recipe (DESIGN §1: patch 4, encoder 256/8/8,
+Presets: `seed` is the seed recipe (docs/design.md: patch 4, encoder 256/8/8,
 decoder 128/4/8, mask 0.75, AdamW lr 8e-4, wd 0.05) for a GPU; `demo` is a
 smaller ViT that finishes on a 2-core CPU in minutes; `tiny` is for tests.
 """
@@ -24,7 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.classes = ("no_sub",)   # the seed pretrains on no-substructure images only
   config.model = common.model_config(preset)
   # Start from public MAE weights (facebookresearch/mae .pth, Hugging Face ViTMAE folder or
-  # .safetensors; see mae_jax/convert.py): the encoder, and the decoder if the file has one.
+  # .safetensors; see mae_jax/models/load.py): the encoder, and the decoder if the file has one.
   # Only a fresh run reads it; a workdir with a checkpoint resumes from that.
   config.init_weights = ""
 

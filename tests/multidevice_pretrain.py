@@ -13,35 +13,37 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top
 import optax  # pylint: disable=g-import-not-at-top
-from mae_jax import pretrain  # pylint: disable=g-import-not-at-top
-from mae_jax import parallel  # pylint: disable=g-import-not-at-top
-from mae_jax import train  # pylint: disable=g-import-not-at-top
+from mae_jax.models import build  # pylint: disable=g-import-not-at-top
+from mae_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
+from mae_jax.train import losses  # pylint: disable=g-import-not-at-top
+from mae_jax.train import steps  # pylint: disable=g-import-not-at-top
 
 
-def run(devices, steps=3):
+def run(devices, num_steps=3):
   config = pretrain_config.get_config("tiny")
-  mae = pretrain.build_mae(config.model)
-  params = pretrain.init_mae(mae, jax.random.key(0))
+  mae = build.build_mae(config.model)
+  params = build.init_mae(mae, jax.random.key(0))
   # Plain SGD: Adam's g / sqrt(v) turns float-rounding differences of near-zero
   # gradients into lr-sized updates, which would hide what is compared here.
   tx = optax.sgd(0.5)
   mesh = parallel.make_mesh(devices)
-  state = parallel.replicate(train.TrainState.create(apply_fn=mae.apply, params=params, tx=tx),
+  state = parallel.replicate(steps.TrainState.create(apply_fn=mae.apply, params=params, tx=tx),
                              mesh)
-  step = pretrain.make_pretrain_step(mae, config.loss, mesh)
-  evaluate = pretrain.make_pretrain_eval(mae, config.loss, mesh)
+  loss = losses.Reconstruction.from_config(config.loss)
+  step = steps.make_pretrain_step(mae, loss, mesh)
+  evaluate = steps.make_pretrain_eval(mae, loss, mesh)
   rng = np.random.default_rng(0)
-  losses = []
-  for _ in range(steps):
+  history = []
+  for _ in range(num_steps):
     images = rng.random((8, 64, 64, 1), dtype=np.float32)
     batch = parallel.global_batch({"image": images}, mesh)
     state, metrics = step(state, batch["image"], jax.random.key(1))
-    losses.append(float(metrics["loss"]))
+    history.append(float(metrics["loss"]))
   images = rng.random((8, 64, 64, 1), dtype=np.float32)
   example_mask = np.array([True] * 6 + [False] * 2)
   g = parallel.global_batch({"image": images, "mask": example_mask}, mesh)
   total, count = evaluate(state.params, g["image"], g["mask"], jax.random.key(2), 0)
-  return losses, jax.device_get(state.params), float(total / count)
+  return history, jax.device_get(state.params), float(total / count)
 
 
 def main():

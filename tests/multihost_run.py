@@ -46,9 +46,9 @@ class _Concat:
 
 
 def _two_slice_pipelines(config, classes):
-  from mae_jax.data import pipeline, source  # pylint: disable=g-import-not-at-top
+  from mae_jax.data import input_pipeline, source  # pylint: disable=g-import-not-at-top
   prepared = source.load(config.data, progress=False)
-  make = lambda split, i: pipeline.InputPipeline(  # pylint: disable=unnecessary-lambda-assignment
+  make = lambda split, i: input_pipeline.InputPipeline(  # pylint: disable=unnecessary-lambda-assignment
       prepared.builder, split, classes=classes, process_index=i, process_count=2)
   return (prepared, _Concat([make("train", i) for i in range(2)], min),
           _Concat([make("validation", i) for i in range(2)], max))
@@ -85,8 +85,8 @@ def main():
     port, root, stage, *flags = sys.argv[2:]
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     flags += [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=1", "--process_id=0"]
-    from mae_jax import train  # pylint: disable=g-import-not-at-top
-    train.input_pipelines = _two_slice_pipelines
+    from mae_jax.stages import common  # pylint: disable=g-import-not-at-top
+    common.input_pipelines = _two_slice_pipelines
   sys.argv = [str(ROOT_DIR / "main.py"), *flags]
   os.chdir(ROOT_DIR)
   runpy.run_path(str(ROOT_DIR / "main.py"), run_name="__main__")

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mae_jax import attention
-from mae_jax import models
+from mae_jax.models import attention
+from mae_jax.models import vit
 
 
 def _plain_attention(qkv: jax.Array, heads: int) -> jax.Array:
@@ -51,12 +51,12 @@ def test_bfloat16_attention_keeps_its_dtype_and_accuracy():
 
 def test_gelu_is_the_exact_erf_gelu():
   x = jnp.linspace(-10.0, 10.0, 20001)
-  np.testing.assert_allclose(models.gelu(x), jax.nn.gelu(x, approximate=False), atol=2e-6)
-  np.testing.assert_allclose(jax.vmap(jax.grad(models.gelu))(x),
+  np.testing.assert_allclose(vit.gelu(x), jax.nn.gelu(x, approximate=False), atol=2e-6)
+  np.testing.assert_allclose(jax.vmap(jax.grad(vit.gelu))(x),
                              jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x),
                              atol=2e-6)
   # far from the tanh approximation, which differs by ~1e-3 near |x| = 2
-  assert np.abs(models.gelu(x) - jax.nn.gelu(x, approximate=True)).max() > 1e-4
+  assert np.abs(vit.gelu(x) - jax.nn.gelu(x, approximate=True)).max() > 1e-4
 
 
 def test_xla_form_matches_blocked_and_is_the_default_off_cpu(monkeypatch):

@@ -10,8 +10,11 @@ from sklearn import linear_model
 from sklearn import metrics as skm
 from sklearn import preprocessing
 
-from mae_jax import baseline
+from mae_jax.data import builder
+from mae_jax.data import input_pipeline
 from mae_jax.data import layout
+from mae_jax.eval import baseline
+from mae_jax.stages import classify
 
 
 def _distance(size: int) -> np.ndarray:
@@ -106,10 +109,9 @@ def test_margin():
 
 
 def test_pipeline_profiles_read_every_example_once(small_folder, tmp_path):
-  from mae_jax.data import builder, pipeline  # pylint: disable=g-import-not-at-top
   root, _ = small_folder
   prepared = builder.prepare(root, tmp_path / "cache", progress=False)
-  ip = pipeline.InputPipeline(prepared.builder, "train")
+  ip = input_pipeline.InputPipeline(prepared.builder, "train")
   batches = list(ip.eval_batches(7))
   images = np.concatenate([b["image"][b["mask"]] for b in batches])
   labels = np.concatenate([b["label"][b["mask"]] for b in batches])
@@ -127,8 +129,6 @@ def test_classify_writes_the_baseline_beside_the_model(small_folder, tmp_path):
   """A probe-free fine-tune from scratch on 16x16 images: eval_metrics.json holds the
   baseline, equal to scikit-learn on the same splits, and the model's margin over it."""
   from configs import finetune as finetune_config  # pylint: disable=g-import-not-at-top
-  from mae_jax import classify  # pylint: disable=g-import-not-at-top
-  from mae_jax.data import builder, pipeline  # pylint: disable=g-import-not-at-top
   root, _ = small_folder
   config = finetune_config.get_config("tiny")
   config.data.source = "deeplense"
@@ -140,13 +140,13 @@ def test_classify_writes_the_baseline_beside_the_model(small_folder, tmp_path):
   config.init_from = ""
   config.epochs = 1
   workdir = tmp_path / "run"
-  classify.classify(config, str(workdir))
+  classify.run(config, str(workdir))
 
   written = json.loads((workdir / classify.EVAL_FILE).read_text())
   prepared = builder.prepare(root, tmp_path / "cache", validation_fraction=0.3, progress=False)
   split = {}
   for name in ("train", "validation"):
-    batches = list(pipeline.InputPipeline(prepared.builder, name).eval_batches(64))
+    batches = list(input_pipeline.InputPipeline(prepared.builder, name).eval_batches(64))
     split[name] = (baseline.radial_profile(np.concatenate([b["image"][b["mask"]] for b in batches])),
                    np.concatenate([b["label"][b["mask"]] for b in batches]))
   scaler = preprocessing.StandardScaler().fit(split["train"][0])

@@ -7,6 +7,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from mae_jax.data import builder
+from mae_jax.data import splits
+from mae_jax.runtime import errors
 from mae_jax.data import layout
 from mae_jax.data import npy_io
 from tests.conftest import write_folder
@@ -42,7 +44,7 @@ def test_features_labels_and_splits(small_folder, tmp_path):
     assert ex["image"].dtype == np.float32 and ex["image"].shape == (16, 16, 1)
   names = _names_by_split(prepared)
   for split, files in names.items():
-    assert all(builder.split_of(f, 0.1) == split for f in files)
+    assert all(splits.split_of(f, 0.1) == split for f in files)
 
 
 def test_split_is_stable_when_files_are_added(small_folder, tmp_path):
@@ -63,7 +65,7 @@ def test_prepared_dataset_is_reused_until_the_folder_changes(small_folder, tmp_p
   def no_scan(*args, **kwargs):
     raise AssertionError("rescanned an unchanged folder")
 
-  monkeypatch.setattr(builder, "scan_source", no_scan)
+  monkeypatch.setattr(splits, "scan_source", no_scan)
   again = builder.prepare(root, tmp_path / "cache", progress=False)
   assert again.cache_dir == first.cache_dir
   assert again.builder.info.splits["train"].num_examples == \
@@ -103,7 +105,7 @@ def _add_bad_files(root):
 def test_bad_files_error_lists_every_file(small_folder, tmp_path):
   root, _ = small_folder
   bad = _add_bad_files(root)
-  with pytest.raises(builder.BadDataError) as info:
+  with pytest.raises(errors.BadDataError) as info:
     builder.prepare(root, tmp_path / "cache", progress=False)
   message = str(info.value)
   assert f"{len(bad)} bad file(s)" in message
@@ -144,5 +146,5 @@ def test_bad_settings_rejected(small_folder, tmp_path):
 
 def test_hash_split_fraction_is_close_to_requested():
   keys = [f"cdm/cdm_sim_{i}.npy" for i in range(20000)]
-  share = np.mean([builder.split_of(k, 0.1) == "validation" for k in keys])
+  share = np.mean([splits.split_of(k, 0.1) == "validation" for k in keys])
   assert abs(share - 0.1) < 0.01

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mae_jax import checkpoint
-from mae_jax import faults
+from mae_jax.runtime import checkpoint
+from mae_jax.runtime import errors
+from mae_jax.runtime import faults
 
 
 def _state(value: float) -> dict:
@@ -33,7 +34,7 @@ def test_non_finite_state_is_never_saved(tmp_path):
     checkpoint.save(mngr, 1, _state(1.0))
     mngr.wait_until_finished()
     for bad in (np.nan, np.inf):
-      with pytest.raises(checkpoint.NonFiniteError, match="latest checkpoint stays step 1"):
+      with pytest.raises(errors.NonFiniteError, match="latest checkpoint stays step 1"):
         checkpoint.save(mngr, 2, _state(bad))
     assert mngr.all_steps() == [1]
   assert checkpoint.all_finite({"a": jnp.ones(2), "n": jnp.asarray(3)})
@@ -60,7 +61,7 @@ def test_crash_points(tmp_path, monkeypatch):
   faults.maybe_kill("step", 3)
   with pytest.raises(ValueError, match="unknown crash point"):
     faults.maybe_kill("epoch", 2)
-  code = "from mae_jax import faults; faults.maybe_kill('step', 1); faults.maybe_kill('step', 2)"
+  code = "from mae_jax.runtime import faults; faults.maybe_kill('step', 1); faults.maybe_kill('step', 2)"
   result = subprocess.run([sys.executable, "-c", code], env={**os.environ, faults.ENV: "step:2"},
                           capture_output=True, timeout=60)
   assert result.returncode == -9

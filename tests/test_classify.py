@@ -11,23 +11,29 @@ from sklearn import metrics as skm
 
 from configs import finetune as finetune_config
 from configs import probe as probe_config
-from mae_jax import checkpoint
-from mae_jax import classify
-from mae_jax import evaluate
-from mae_jax import optim
-from mae_jax import parallel
+from mae_jax.data import builder
+from mae_jax.data import input_pipeline
+from mae_jax.eval import metrics as metrics_lib
+from mae_jax.models import build
+from mae_jax.models import load
+from mae_jax.runtime import checkpoint
+from mae_jax.runtime import errors
+from mae_jax.runtime import parallel
+from mae_jax.stages import classify
+from mae_jax.train import optim
+from mae_jax.train import steps
 
 
 def _setup(config, epochs_steps=(10, 5)):
-  model = classify.build_classifier(config)
-  params, stats = classify.init_classifier(model, jax.random.key(0))
+  model = build.build_classifier(config.model, 3, parallel.AXIS)
+  params, stats = build.init_classifier(model, jax.random.key(0))
   total, per_epoch = epochs_steps
   tx, peaks = optim.classifier_optimizer(params, config.optim, total_steps=total,
                                          steps_per_epoch=per_epoch,
                                          global_batch=config.batch_size,
                                          depth=config.model.depth)
   mesh = parallel.make_mesh()
-  state = parallel.replicate(classify.ClassifierState.create(
+  state = parallel.replicate(steps.ClassifierState.create(
       apply_fn=model.apply, params=params, tx=tx, batch_stats=stats), mesh)
   return model, params, state, mesh, peaks
 
@@ -43,7 +49,7 @@ def _batch(mesh, n=8, seed=0):
 def test_probe_freezes_the_encoder_and_keeps_no_state_for_it():
   config = probe_config.get_config("tiny")
   model, params, state, mesh, _ = _setup(config)
-  step = classify.make_train_step(model, mesh, frozen_encoder=True)
+  step = steps.make_classifier_step(model, mesh, frozen_encoder=True)
   before = jax.device_get(state.params)
   for i in range(3):
     state, metrics = step(state, *_batch(mesh, seed=i), jax.random.key(0))
@@ -129,21 +135,28 @@ def test_uncovered_param_is_refused():
     _setup(config)
 
 
-def test_classification_forward_is_deterministic():
+def test_prediction_of_an_image_does_not_depend_on_its_batch():
+  """Inference mode: BatchNorm uses its running statistics and dropout is off, so an
+  image's logits are the same whatever else is in the batch (with batch statistics or
+  dropout they would differ)."""
   config = finetune_config.get_config("tiny")
   model, params, state, mesh, _ = _setup(config)
-  predict = classify.make_predict(model, mesh)
-  images, _ = _batch(mesh)
-  a = predict(state.params, state.batch_stats, images)
-  b = predict(state.params, state.batch_stats, images)
-  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  stats = jax.tree.map(lambda s: 0.5 * s + 0.1, state.batch_stats)   # not the identity
+  predict = steps.make_predict(model, mesh)
+  rng = np.random.default_rng(3)
+  first = rng.random((4, 64, 64, 1), np.float32)
+  others = [rng.random((4, 64, 64, 1), np.float32) for _ in range(2)]
+  logits = [np.asarray(predict(state.params, stats, parallel.global_batch(
+      {"x": np.concatenate([first, o])}, mesh)["x"]))[:4] for o in others]
+  np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-6)
+  assert np.abs(logits[0]).max() > 0
 
 
 def test_metrics_equal_scikit_learn():
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 3, 200)
-  probs = evaluate.softmax(rng.normal(size=(200, 3)) + 2 * np.eye(3)[labels])
-  m = evaluate.classification_metrics(probs, labels)
+  probs = metrics_lib.softmax(rng.normal(size=(200, 3)) + 2 * np.eye(3)[labels])
+  m = metrics_lib.classification_metrics(probs, labels)
   onehot = np.eye(3)[labels]
   for i, name in enumerate(("no_sub", "cdm", "axion")):
     assert m["auc"][name] == pytest.approx(skm.roc_auc_score(onehot[:, i], probs[:, i]))
@@ -155,15 +168,14 @@ def test_metrics_equal_scikit_learn():
 
 
 def test_prediction_counts_every_validation_example_once(small_folder, tmp_path):
-  from mae_jax.data import builder, pipeline  # pylint: disable=g-import-not-at-top
   root, _ = small_folder
   prepared = builder.prepare(root, tmp_path / "cache", progress=False)
   config = finetune_config.get_config("tiny")
   config.model.image_size = 16
   config.model.patch = 8
   model, _, state, mesh, _ = _setup(config)
-  ip = pipeline.InputPipeline(prepared.builder, "validation")
-  predict = classify.make_predict(model, mesh)
+  ip = input_pipeline.InputPipeline(prepared.builder, "validation")
+  predict = steps.make_predict(model, mesh)
   probs, labels = classify.predict_split(predict, state, ip, 4, -(-ip.num_examples // 4), mesh)
   assert len(probs) == len(labels) == ip.num_examples
   np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
@@ -173,28 +185,28 @@ def test_prediction_counts_every_validation_example_once(small_folder, tmp_path)
 
 def test_restore_errors_are_explicit(tmp_path):
   config = finetune_config.get_config("tiny")
-  model = classify.build_classifier(config)
-  params, stats = classify.init_classifier(model, jax.random.key(0))
-  with pytest.raises(checkpoint.MissingCheckpointError, match="make one with:\n  python main"):
-    checkpoint.restore_from_stage(tmp_path / "nothing", params, stats, dont_load=[],
+  model = build.build_classifier(config.model, 3, parallel.AXIS)
+  params, stats = build.init_classifier(model, jax.random.key(0))
+  with pytest.raises(errors.MissingCheckpointError, match="make one with:\n  python main"):
+    load.restore_from_stage(tmp_path / "nothing", params, stats, dont_load=[],
                                   make_it="python main.py --config=configs/pretrain.py:tiny")
   # A checkpoint of a wider encoder: the first mismatch is named with both shapes.
   other = finetune_config.get_config("tiny")
   other.model.dim = 64
-  other_params, other_stats = classify.init_classifier(classify.build_classifier(other),
+  other_params, other_stats = build.init_classifier(build.build_classifier(other.model, 3, parallel.AXIS),
                                                        jax.random.key(1))
   mngr = checkpoint.manager(tmp_path / "wide", 1)
   checkpoint.save(mngr, 1, {"params": other_params, "batch_stats": other_stats})
   mngr.wait_until_finished()
-  with pytest.raises(checkpoint.IncompatibleCheckpointError,
+  with pytest.raises(errors.IncompatibleCheckpointError,
                      match=r"param \S+ has shape \(.*64.*\) there but \(.*32.*\) in this"):
-    checkpoint.restore_from_stage(tmp_path / "wide", params, stats, dont_load=[])
+    load.restore_from_stage(tmp_path / "wide", params, stats, dont_load=[])
   # The same architecture loads, except what dont_load names.
   mngr = checkpoint.manager(tmp_path / "same", 1)
   trained = jax.tree.map(lambda x: x + 1.0, params)
   checkpoint.save(mngr, 3, {"params": trained, "batch_stats": stats})
   mngr.wait_until_finished()
-  loaded, _, step, fresh = checkpoint.restore_from_stage(tmp_path / "same", params, stats,
+  loaded, _, step, fresh = load.restore_from_stage(tmp_path / "same", params, stats,
                                                          dont_load=[r"classifier/.*"])
   assert step == 3 and fresh and all(n.startswith("classifier/") for n in fresh)
   np.testing.assert_array_equal(loaded["encoder"]["norm"]["scale"],
@@ -206,21 +218,21 @@ def test_restore_errors_are_explicit(tmp_path):
 def test_restore_refuses_deeper_encoders_and_other_head_counts(tmp_path):
   import json  # pylint: disable=g-import-not-at-top
   config = finetune_config.get_config("tiny")
-  params, stats = classify.init_classifier(classify.build_classifier(config), jax.random.key(0))
+  params, stats = build.init_classifier(build.build_classifier(config.model, 3, parallel.AXIS), jax.random.key(0))
   deeper = finetune_config.get_config("tiny")
   deeper.model.depth = config.model.depth + 1
-  deep_params, _ = classify.init_classifier(classify.build_classifier(deeper), jax.random.key(1))
+  deep_params, _ = build.init_classifier(build.build_classifier(deeper.model, 3, parallel.AXIS), jax.random.key(1))
   mngr = checkpoint.manager(tmp_path / "deep", 1)
   checkpoint.save(mngr, 1, {"params": deep_params})
   mngr.wait_until_finished()
-  with pytest.raises(checkpoint.IncompatibleCheckpointError, match="encoder param encoder/block_"):
-    checkpoint.restore_from_stage(tmp_path / "deep", params, stats, dont_load=[])
+  with pytest.raises(errors.IncompatibleCheckpointError, match="encoder param encoder/block_"):
+    load.restore_from_stage(tmp_path / "deep", params, stats, dont_load=[])
   # Same shapes, other head count: only the source's config.json tells.
   mngr = checkpoint.manager(tmp_path / "heads", 1)
   checkpoint.save(mngr, 1, {"params": params})
   mngr.wait_until_finished()
   other = config.model.to_dict() | {"heads": 1}
   (tmp_path / "heads" / "config.json").write_text(json.dumps({"model": other}))
-  with pytest.raises(checkpoint.IncompatibleCheckpointError, match="model.heads=1, this one"):
-    checkpoint.restore_from_stage(tmp_path / "heads", params, stats, dont_load=[],
+  with pytest.raises(errors.IncompatibleCheckpointError, match="model.heads=1, this one"):
+    load.restore_from_stage(tmp_path / "heads", params, stats, dont_load=[],
                                   model=config.model.to_dict())

@@ -7,13 +7,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mae_jax import convert
-from mae_jax import losses
-from mae_jax import masking
-from mae_jax import models
+from mae_jax.models import build
+from mae_jax.models import heads
+from mae_jax.models import load as convert
+from mae_jax.models import mae as mae_lib
+from mae_jax.models import masking
+from mae_jax.models import vit
+from mae_jax.runtime import checkpoint
+from mae_jax.runtime import errors
+from mae_jax.train import losses
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+
+def _torch():
+  """torch, or skip the test that needs it (the other tests here run without it)."""
+  return pytest.importorskip("torch")
+
+
+def _transformers():
+  """transformers, or skip the test that needs it."""
+  return pytest.importorskip("transformers")
 
 SHAPES = {
     # image, channels, patch, dim, depth, heads, decoder dim, depth, heads
@@ -23,6 +35,8 @@ SHAPES = {
 
 
 def _pair(shape, norm_pix):
+  torch = _torch()
+  transformers = _transformers()
   size, ch, p, dim, depth, heads, ddim, ddepth, dheads = SHAPES[shape]
   hf_config = transformers.ViTMAEConfig(
       image_size=size, patch_size=p, num_channels=ch, hidden_size=dim,
@@ -40,16 +54,17 @@ def _pair(shape, norm_pix):
     hf.vit.embeddings.position_embeddings.copy_(
         torch.from_numpy(masking.sincos_pos_embed(dim, grid))[None])
     hf.decoder.decoder_pos_embed.copy_(torch.from_numpy(masking.sincos_pos_embed(ddim, grid))[None])
-  ours = models.MAE(
-      encoder=models.ViTConfig(image_size=size, channels=ch, patch=p, dim=dim, depth=depth,
+  ours = mae_lib.MAE(
+      encoder=vit.ViTConfig(image_size=size, channels=ch, patch=p, dim=dim, depth=depth,
                                heads=heads),
-      decoder=models.DecoderConfig(dim=ddim, depth=ddepth, heads=dheads), mask_ratio=0.75)
+      decoder=mae_lib.DecoderConfig(dim=ddim, depth=ddepth, heads=dheads), mask_ratio=0.75)
   return hf, ours
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("norm_pix", [False, True])
 def test_parity_with_hugging_face(shape, norm_pix):
+  torch = _torch()
   hf, ours = _pair(shape, norm_pix)
   enc = ours.encoder
   template = jax.jit(ours.init)(jax.random.key(0), jnp.zeros((1, enc.image_size, enc.image_size,
@@ -107,13 +122,14 @@ def _fb_state_any(params) -> dict[str, np.ndarray]:
 
 @pytest.fixture
 def small():
-  mae = models.MAE(encoder=models.ViTConfig(image_size=16, patch=4, dim=16, depth=2, heads=2),
-                   decoder=models.DecoderConfig(dim=8, depth=1, heads=2))
+  mae = mae_lib.MAE(encoder=vit.ViTConfig(image_size=16, patch=4, dim=16, depth=2, heads=2),
+                   decoder=mae_lib.DecoderConfig(dim=8, depth=1, heads=2))
   params = mae.init(jax.random.key(3), jnp.zeros((1, 16, 16, 1)), jnp.zeros((1, 16)))["params"]
   return mae, jax.device_get(params)
 
 
 def test_facebook_format_roundtrip_and_pth_file(small, tmp_path):
+  torch = _torch()
   mae, params = small
   state = _fb_state(params)
   back = convert.convert(state, params)
@@ -133,10 +149,14 @@ def test_mismatched_shape_names_the_tensor(small):
     convert.convert(state, params)
 
 
-def test_not_an_mae_checkpoint(small, tmp_path):
+def test_not_an_mae_checkpoint(small):
   _, params = small
   with pytest.raises(convert.ConversionError, match="not an MAE checkpoint"):
     convert.convert({"fc.weight": np.zeros((2, 2))}, params)
+
+
+def test_unreadable_pth_file_is_refused(tmp_path):
+  _torch()
   (tmp_path / "junk.pth").write_bytes(b"junk")
   with pytest.raises(convert.ConversionError, match="not a readable PyTorch checkpoint"):
     convert.load_state_dict(tmp_path / "junk.pth")
@@ -180,16 +200,16 @@ def test_hugging_face_folder_and_cli(tmp_path):
 
 def test_cli_output_initialises_a_stage(tmp_path):
   """The CLI writes a stage-style checkpoint that restore_from_stage (init_from) reads."""
+  torch = _torch()
   from configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top
-  from mae_jax import checkpoint, pretrain  # pylint: disable=g-import-not-at-top
-  mae = pretrain.build_mae(pretrain_config.get_config("tiny").model)
-  params = jax.device_get(pretrain.init_mae(mae, jax.random.key(5)))
+  mae = build.build_mae(pretrain_config.get_config("tiny").model)
+  params = jax.device_get(build.init_mae(mae, jax.random.key(5)))
   torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in
                         _fb_state_any(params).items()}}, tmp_path / "m.pth")
   convert.main(["--checkpoint", str(tmp_path / "m.pth"), "--config", "configs/pretrain.py:tiny",
                 "--out", str(tmp_path / "imported")])
-  fresh = pretrain.init_mae(mae, jax.random.key(6))
-  loaded, _, step, left = checkpoint.restore_from_stage(tmp_path / "imported", fresh, {},
+  fresh = build.init_mae(mae, jax.random.key(6))
+  loaded, _, step, left = convert.restore_from_stage(tmp_path / "imported", fresh, {},
                                                         dont_load=[])
   assert step == 0 and not left
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
@@ -199,6 +219,8 @@ def _hf_rgb_checkpoint(path, image=32, patch=8, dim=64, depth=2, heads=4, ddim=3
                        dheads=2):
   """A randomly initialised 3-channel ViTMAEForPreTraining saved to `path` (sin-cos embeddings
   set, as published checkpoints hold them)."""
+  torch = _torch()
+  transformers = _transformers()
   hf_config = transformers.ViTMAEConfig(
       image_size=image, patch_size=patch, num_channels=3, hidden_size=dim,
       num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=4 * dim,
@@ -217,9 +239,9 @@ def _hf_rgb_checkpoint(path, image=32, patch=8, dim=64, depth=2, heads=4, ddim=3
 
 
 def _grey_mae(image):
-  return models.MAE(encoder=models.ViTConfig(image_size=image, channels=1, patch=8, dim=64,
+  return mae_lib.MAE(encoder=vit.ViTConfig(image_size=image, channels=1, patch=8, dim=64,
                                              depth=2, heads=4),
-                    decoder=models.DecoderConfig(dim=32, depth=1, heads=2), mask_ratio=0.75)
+                    decoder=mae_lib.DecoderConfig(dim=32, depth=1, heads=2), mask_ratio=0.75)
 
 
 def _init(mae):
@@ -252,6 +274,7 @@ def test_rgb_hugging_face_checkpoint_into_grey_model_on_another_grid(tmp_path, c
 def test_channel_sum_reproduces_the_rgb_model_on_grey_images(tmp_path):
   """Same grid: a grey image through the converted 1-channel MAE gives the 3-channel model's
   output for that image repeated in R, G and B, its prediction averaged over channels."""
+  torch = _torch()
   hf = _hf_rgb_checkpoint(tmp_path / "hf")
   ours = _grey_mae(32)
   params, _ = convert.load_params(tmp_path / "hf", _init(ours))
@@ -267,11 +290,10 @@ def test_channel_sum_reproduces_the_rgb_model_on_grey_images(tmp_path):
 
 def test_import_weights_into_a_classifier_keeps_the_head(tmp_path):
   from configs import finetune as finetune_config  # pylint: disable=g-import-not-at-top
-  from mae_jax import classify  # pylint: disable=g-import-not-at-top
   _hf_rgb_checkpoint(tmp_path / "hf", image=64, patch=16, dim=32, depth=2, heads=2)
   config = finetune_config.get_config("tiny")   # 64x64, patch 16, dim 32, depth 2
-  model = classify.build_classifier(config)
-  params, stats = classify.init_classifier(model, jax.random.key(0))
+  model = build.build_classifier(config.model, 3)
+  params, stats = build.init_classifier(model, jax.random.key(0))
   loaded = convert.import_weights(tmp_path / "hf", params, model.vit.num_patches)
   jax.tree.map(np.testing.assert_array_equal, loaded["classifier"],
                jax.device_get(params["classifier"]))
@@ -293,11 +315,10 @@ def test_encoder_only_checkpoint_leaves_the_decoder_fresh(small, tmp_path, caplo
 
 
 def test_files_that_are_not_mae_checkpoints_are_refused_clearly(small, tmp_path):
-  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   _, params = small
   save_file({"fc.weight": np.zeros((2, 2), np.float32)}, str(tmp_path / "other.safetensors"))
-  with pytest.raises(checkpoint.IncompatibleCheckpointError,
+  with pytest.raises(errors.ConversionError,
                      match=r"init_weights=.*other.safetensors: not an MAE checkpoint"):
     convert.import_weights(tmp_path / "other.safetensors", params)
   (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)

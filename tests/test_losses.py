@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mae_jax import losses
-from mae_jax import masking
+from mae_jax.train import losses
+from mae_jax.models import masking
 
 
 @pytest.fixture

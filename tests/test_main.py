@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mae_jax import plots
+from mae_jax.eval import plots
 from mae_jax.data import simulate
 
 ROOT = Path(__file__).resolve().parents[1]

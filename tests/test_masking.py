@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mae_jax import masking
+from mae_jax.models import masking
 
 
 def test_patchify_roundtrip_and_order():

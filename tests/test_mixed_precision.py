@@ -10,11 +10,11 @@ import pytest
 
 from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
-from mae_jax import classify
-from mae_jax import optim
-from mae_jax import parallel
-from mae_jax import pretrain
-from mae_jax import train
+from mae_jax.models import build
+from mae_jax.runtime import parallel
+from mae_jax.train import losses
+from mae_jax.train import optim
+from mae_jax.train import steps
 
 
 def _float_leaves(tree) -> list[jax.Array]:
@@ -35,25 +35,25 @@ def _images(n: int, seed: int = 0) -> np.ndarray:
   return np.clip(0.5 + a * xx + b * yy + c, 0, 1)[..., None].astype(np.float32)
 
 
-def _pretrain(dtype: str, steps: int = 40):
+def _pretrain(dtype: str, num_steps: int = 40):
   config = pretrain_config.get_config("tiny")
   config.model.dtype = dtype
-  mae = pretrain.build_mae(config.model)
-  params = pretrain.init_mae(mae, jax.random.key(0))
-  tx, _ = optim.adamw(params, config.optim, total_steps=steps, steps_per_epoch=steps // 2)
+  mae = build.build_mae(config.model)
+  params = build.init_mae(mae, jax.random.key(0))
+  tx, _ = optim.adamw(params, config.optim, total_steps=num_steps, steps_per_epoch=num_steps // 2)
   mesh = parallel.make_mesh()
-  state = parallel.replicate(train.TrainState.create(apply_fn=mae.apply, params=params, tx=tx),
+  state = parallel.replicate(steps.TrainState.create(apply_fn=mae.apply, params=params, tx=tx),
                              mesh)
-  step = pretrain.make_pretrain_step(mae, config.loss, mesh)
+  step = steps.make_pretrain_step(mae, losses.Reconstruction.from_config(config.loss), mesh)
   images = parallel.global_batch({"image": _images(8)}, mesh)["image"]
   key = jax.random.key(1)
   hlo = step.lower(state, images, key).as_text()
-  losses = []
-  for _ in range(steps):
+  history = []
+  for _ in range(num_steps):
     state, metrics = step(state, images, key)
     assert bool(metrics["finite"])
-    losses.append(float(metrics["loss"]))
-  return mae, params, images, state, losses, hlo
+    history.append(float(metrics["loss"]))
+  return mae, params, images, state, history, hlo
 
 
 def test_bfloat16_pretrain_computes_in_bfloat16_and_learns():
@@ -73,14 +73,14 @@ def test_bfloat16_pretrain_computes_in_bfloat16_and_learns():
 def test_bfloat16_finetune_learns_with_float32_state():
   config = finetune_config.get_config("tiny")
   config.model.dtype = "bfloat16"
-  model = classify.build_classifier(config)
-  params, stats = classify.init_classifier(model, jax.random.key(0))
+  model = build.build_classifier(config.model, 3, parallel.AXIS)
+  params, stats = build.init_classifier(model, jax.random.key(0))
   tx, _ = optim.classifier_optimizer(params, config.optim, total_steps=40, steps_per_epoch=20,
                                      global_batch=12, depth=config.model.depth)
   mesh = parallel.make_mesh()
-  state = parallel.replicate(classify.ClassifierState.create(
+  state = parallel.replicate(steps.ClassifierState.create(
       apply_fn=model.apply, params=params, tx=tx, batch_stats=stats), mesh)
-  step = classify.make_train_step(model, mesh, frozen_encoder=False)
+  step = steps.make_classifier_step(model, mesh, frozen_encoder=False)
   # Label = which third of the brightness range the image's mean falls in: learnable.
   images = _images(12, seed=1)
   labels = np.digitize(images.mean(axis=(1, 2, 3)), np.quantile(images.mean(axis=(1, 2, 3)),
@@ -88,12 +88,12 @@ def test_bfloat16_finetune_learns_with_float32_state():
   batch = parallel.global_batch({"image": images, "label": labels}, mesh)
   key = jax.random.key(2)
   assert "bf16" in step.lower(state, batch["image"], batch["label"], key).as_text()
-  losses = []
+  history = []
   for _ in range(40):
     state, metrics = step(state, batch["image"], batch["label"], key)
     assert bool(metrics["finite"])
-    losses.append(float(metrics["loss"]))
-  assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    history.append(float(metrics["loss"]))
+  assert np.mean(history[-5:]) < 0.8 * np.mean(history[:5]), history
   _assert_float32(state)
   assert {x.dtype for x in _float_leaves(state.batch_stats)} == {jnp.dtype(jnp.float32)}
 
@@ -101,5 +101,5 @@ def test_bfloat16_finetune_learns_with_float32_state():
 def test_unknown_dtype_is_refused():
   config = pretrain_config.get_config("tiny")
   config.model.dtype = "float16"
-  with pytest.raises(ValueError, match="dtype must be 'float32' or 'bfloat16'"):
-    pretrain.build_mae(config.model)
+  with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16"):
+    build.build_mae(config.model)

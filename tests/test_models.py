@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 
 from configs import pretrain as pretrain_config
-from mae_jax import pretrain
-from mae_jax import models
-from mae_jax import optim
+from mae_jax.models import build
+from mae_jax.models import vit
+from mae_jax.train import optim
 
 
 def test_seed_model_sizes_match_the_design():
   config = pretrain_config.get_config("seed")
-  mae = pretrain.build_mae(config.model)
-  params = jax.eval_shape(lambda k: pretrain.init_mae(mae, k), jax.random.key(0))
+  mae = build.build_mae(config.model)
+  params = jax.eval_shape(lambda k: build.init_mae(mae, k), jax.random.key(0))
   n_encoder = optim.count_params(params["encoder"])
-  assert 6.2e6 < n_encoder < 6.6e6, n_encoder  # DESIGN §1: ~6.4M
+  assert 6.2e6 < n_encoder < 6.6e6, n_encoder  # the seed recipe (docs/design.md): ~6.4M
   assert params["encoder"]["patch_embed"]["kernel"].shape == (4, 4, 1, 256)
   assert params["decoder"]["pred"]["kernel"].shape == (128, 16)
   assert len([k for k in params["encoder"] if k.startswith("block_")]) == 8
@@ -27,8 +27,8 @@ def test_seed_model_sizes_match_the_design():
 
 @pytest.fixture
 def tiny():
-  mae = pretrain.build_mae(pretrain_config.get_config("tiny").model)
-  return mae, pretrain.init_mae(mae, jax.random.key(0))
+  mae = build.build_mae(pretrain_config.get_config("tiny").model)
+  return mae, build.init_mae(mae, jax.random.key(0))
 
 
 def test_mae_outputs(tiny):
@@ -69,7 +69,7 @@ def test_encoder_sees_only_kept_patches(tiny):
 def test_encoder_without_noise_encodes_every_patch(tiny):
   mae, params = tiny
   enc = mae.encoder
-  latent, mask, _ = models.Encoder(enc).apply({"params": params["encoder"]},
+  latent, mask, _ = vit.Encoder(enc).apply({"params": params["encoder"]},
                                               jnp.zeros((2, 64, 64, 1)))
   assert latent.shape == (2, 1 + enc.num_patches, enc.dim) and mask is None
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from mae_jax import checkpoint
+from mae_jax.runtime import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = str(ROOT / "tests" / "multihost_run.py")

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mae_jax import parallel
+from mae_jax.models import load
+from mae_jax.runtime import parallel
 
 HERE = Path(__file__).resolve().parent
 
@@ -34,7 +35,7 @@ def test_batch_must_divide_over_devices(monkeypatch):
   monkeypatch.setattr(parallel.jax, "process_count", lambda: 2)
   assert parallel.check_batch(16) == 8  # per-process share
   with pytest.raises(ValueError, match=r"batch_size=10 must be a positive multiple of the "
-                                       r"device count \(4\); e.g. 8"):
+                                       r"device count \(4\), e.g. 8"):
     parallel.check_batch(10)
 
 
@@ -50,7 +51,10 @@ def test_stage_restores_a_checkpoint_written_on_more_devices(tmp_path):
   script = f"""
 import sys; sys.path.insert(0, {str(HERE.parent)!r})
 import jax, numpy as np
-from mae_jax import checkpoint, parallel
+from mae_jax.models import load
+from mae_jax.runtime import checkpoint
+from mae_jax.models import load
+from mae_jax.runtime import parallel
 mesh = parallel.make_mesh()
 assert jax.device_count() == 4
 state = parallel.replicate({{"params": {{"encoder": {{"w": np.arange(6.0).reshape(2, 3)}}}},
@@ -64,8 +68,7 @@ mngr.wait_until_finished()
   result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
   template = {"encoder": {"w": np.zeros((2, 3))}}
-  params, _, step, fresh = checkpoint.restore_from_stage(tmp_path, template, {}, dont_load=[])
+  params, _, step, fresh = load.restore_from_stage(tmp_path, template, {}, dont_load=[])
   assert step == 7 and not fresh
   np.testing.assert_array_equal(params["encoder"]["w"], np.arange(6.0).reshape(2, 3))

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from mae_jax.data import builder
 from mae_jax.data import layout
-from mae_jax.data import pipeline
+from mae_jax.data import input_pipeline as pipeline
 from tests.conftest import image_id
 
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from configs import pipeline as pipeline_config
-from mae_jax import fileio
-from mae_jax import pipeline
-from mae_jax import plots
-from mae_jax import report
-from mae_jax import validate
+from mae_jax.eval import plots
+from mae_jax.runtime import fileio
+from mae_jax.stages import pipeline
+from mae_jax.stages import report
+from mae_jax.stages import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -203,7 +203,7 @@ def test_pipeline_end_to_end_then_only_the_report(tmp_path):
   assert first.returncode == 0, first.stderr[-3000:]
   for stage in pipeline.STAGES:
     assert f"stage {stage}: not run yet; running it in {run / stage}" in first.stderr
-    record = pipeline.read_record(run / stage)
+    record = report.read_record(run / stage)
     assert record["complete"] and len(record["runs"]) == 1 and record["runs"][0]["seconds"] > 0
   if hf is not None:
     assert f"initialised from weights {hf}" in first.stderr

@@ -1,4 +1,4 @@
-"""Predicting on new `.npy` files with a fine-tuned checkpoint (mae_jax/predict.py)."""
+"""Predicting on new `.npy` files with a fine-tuned checkpoint (mae_jax/stages/predict.py)."""
 
 from __future__ import annotations
 
@@ -18,13 +18,16 @@ import pytest
 
 from configs import finetune as finetune_config
 from configs import predict as predict_config
-from mae_jax import checkpoint
-from mae_jax import classify
-from mae_jax import evaluate
-from mae_jax import fileio
-from mae_jax import predict
 from mae_jax.data import layout
 from mae_jax.data import npy_io
+from mae_jax.eval import metrics as metrics_lib
+from mae_jax.models import build
+from mae_jax.runtime import checkpoint
+from mae_jax.runtime import errors
+from mae_jax.runtime import fileio
+from mae_jax.runtime import parallel
+from mae_jax.stages import predict
+from mae_jax.train import steps
 from tests import conftest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,11 +40,11 @@ def finetuned(tmp_path_factory):
   run = tmp_path_factory.mktemp("pipeline") / "finetune"
   config = finetune_config.get_config("tiny")
   config.model.image_size = SIZE   # patch 16: a 2x2 grid
-  model = classify.build_classifier(config)
-  params, stats = classify.init_classifier(model, jax.random.key(7))
+  model = build.build_classifier(config.model, 3, parallel.AXIS)
+  params, stats = build.init_classifier(model, jax.random.key(7))
   # Non-trivial BatchNorm statistics, so inference mode is really what is tested.
   stats = jax.tree.map(lambda x: x + 0.3, stats)
-  state = classify.ClassifierState.create(apply_fn=model.apply, params=params,
+  state = steps.ClassifierState.create(apply_fn=model.apply, params=params,
                                           tx=optax.sgd(0.1), batch_stats=stats)
   mngr = checkpoint.manager(run, 1, folder="best_checkpoint")
   checkpoint.save(mngr, 5, state)
@@ -68,7 +71,7 @@ def _expected_probs(model, params, stats, paths):
   hi = images.max(axis=(1, 2), keepdims=True)
   x = ((images - lo) / (hi - lo))[..., None]
   logits = model.apply({"params": params, "batch_stats": stats}, jnp.asarray(x))["logits"]
-  return evaluate.softmax(np.asarray(logits, np.float64))
+  return metrics_lib.softmax(np.asarray(logits, np.float64))
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -87,7 +90,7 @@ def test_layout_folder_with_a_bad_file(finetuned, tmp_path):
   data = _folder(tmp_path / "new")
   out = tmp_path / "out"
   # A pipeline workdir (its finetune/ is found) and batches of 8 (two, the last padded).
-  summary = predict.predict(_config(input=str(data), model_dir=str(run.parent), batch_size=8),
+  summary = predict.run(_config(input=str(data), model_dir=str(run.parent), batch_size=8),
                             str(out))
   assert summary["files"] == 14 and summary["classified"] == 12 and summary["bad_files"] == 2
   assert summary["checkpoint_step"] == 5
@@ -112,7 +115,7 @@ def test_layout_folder_with_a_bad_file(finetuned, tmp_path):
 
   labels = np.array([layout.CLASS_NAMES.index(p.parent.name) for p in good])
   metrics = json.loads((out / "metrics.json").read_text())
-  reference = evaluate.classification_metrics(expected, labels)
+  reference = metrics_lib.classification_metrics(expected, labels)
   for key in ("micro_auc", "macro_auc", "accuracy"):
     assert metrics[key] == pytest.approx(reference[key], abs=1e-9)
   assert metrics["confusion_matrix"] == reference["confusion_matrix"]
@@ -129,7 +132,7 @@ def test_flat_folder_has_no_labels(finetuned, tmp_path):
   for p in files:
     shutil.copy(p, flat / p.name)
   out = tmp_path / "out"
-  summary = predict.predict(_config(input=str(flat), model_dir=str(run)), str(out))
+  summary = predict.run(_config(input=str(flat), model_dir=str(run)), str(out))
   rows = _read_csv(out / "predictions.csv")
   assert list(rows[0]) == ["file", "predicted_class", "p_no_sub", "p_cdm", "p_axion"]
   assert sorted(r["file"] for r in rows) == sorted(p.name for p in files)
@@ -149,7 +152,7 @@ def test_missing_inputs_and_models_are_explained(finetuned, tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(layout.LayoutError, match="no .npy file"):
     predict.list_inputs(tmp_path / "empty")
-  with pytest.raises(checkpoint.MissingCheckpointError,
+  with pytest.raises(errors.MissingCheckpointError,
                      match="configs/pipeline.py:demo --workdir="):
     predict.find_model(tmp_path)
   assert predict.find_model(run.parent) == run

@@ -16,8 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from mae_jax import checkpoint
-from mae_jax import faults
+from mae_jax.runtime import checkpoint
+from mae_jax.runtime import faults
 from mae_jax.data import simulate
 
 ROOT = Path(__file__).resolve().parents[1]

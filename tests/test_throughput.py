@@ -15,19 +15,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
-import torch_mae  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import finetune as finetune_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mae_jax import classify  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mae_jax import convert  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mae_jax import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mae_jax import pretrain  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mae_jax.models import build  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mae_jax.models import load as convert  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mae_jax.train import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _torch_mae():
+  """(torch, benchmarks/torch_mae.py), or skip the test that needs them."""
+  torch = pytest.importorskip("torch")
+  import torch_mae  # pylint: disable=g-import-not-at-top
+  return torch, torch_mae
 
 
 def _sizes(m):
@@ -42,10 +45,11 @@ def _inputs(n, num_patches):
 
 
 def test_torch_mae_matches_ours_with_the_same_weights():
+  torch, torch_mae = _torch_mae()
   config = pretrain_config.get_config("tiny")
   m = config.model
-  mae = pretrain.build_mae(m)
-  params = pretrain.init_mae(mae, jax.random.key(0))
+  mae = build.build_mae(m)
+  params = build.init_mae(mae, jax.random.key(0))
   model = torch_mae.MaskedAutoencoder(**_sizes(m), decoder_dim=m.decoder_dim,
                                       decoder_depth=m.decoder_depth,
                                       decoder_heads=m.decoder_heads, mask_ratio=m.mask_ratio)
@@ -58,16 +62,17 @@ def test_torch_mae_matches_ours_with_the_same_weights():
   np.testing.assert_array_equal(t_mask.numpy(), out["mask"])
   np.testing.assert_allclose(t_logits.detach().numpy(), out["logits"], atol=2e-5)
   np.testing.assert_allclose(float(t_loss.detach()), float(loss), rtol=1e-5)
-  # Names are facebookresearch/mae's: mae_jax.convert reads the torch model back.
+  # Names are facebookresearch/mae's: mae_jax.models.load reads the torch model back.
   back = convert.convert(model.state_dict_mae(), params)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b)
 
 
 def test_torch_classifier_matches_ours_with_the_same_weights():
+  torch, torch_mae = _torch_mae()
   config = finetune_config.get_config("tiny")
-  model = classify.build_classifier(config)
-  params, stats = classify.init_classifier(model, jax.random.key(0))
+  model = build.build_classifier(config.model, 3)
+  params, stats = build.init_classifier(model, jax.random.key(0))
   stats = jax.tree.map(lambda s: s + 0.5, stats)   # non-trivial BatchNorm statistics
   t_model = torch_mae.Classifier(**_sizes(config.model), hidden=tuple(config.model.head_hidden))
   t_model.load_state_dict(torch_mae.state_dict_from_jax(t_model, params, stats))
@@ -78,6 +83,7 @@ def test_torch_classifier_matches_ours_with_the_same_weights():
 
 
 def test_torch_optimizer_groups_follow_our_configs():
+  _, torch_mae = _torch_mae()
   config = finetune_config.get_config("seed")
   model = torch_mae.Classifier()
   opt, _ = torch_mae.adamw(model, config.optim.lr_groups, weight_decay=0.1,
@@ -116,15 +122,15 @@ def _matmul_flops(jaxpr) -> int:
 def test_flop_count_matches_the_models_matmuls():
   """train_flops / 3 is the forward pass's matmul FLOPs, counted here from the jaxpr."""
   pre = pretrain_config.get_config("seed")
-  mae = pretrain.build_mae(pre.model)
-  params = jax.eval_shape(lambda k: pretrain.init_mae(mae, k), jax.random.key(0))
+  mae = build.build_mae(pre.model)
+  params = jax.eval_shape(lambda k: build.init_mae(mae, k), jax.random.key(0))
   images = jax.ShapeDtypeStruct((2, 64, 64, 1), jnp.float32)
   noise = jax.ShapeDtypeStruct((2, mae.encoder.num_patches), jnp.float32)
   jaxpr = jax.make_jaxpr(mae.apply)({"params": params}, images, noise)
   assert _matmul_flops(jaxpr.jaxpr) == throughput.train_flops("pretrain", pre.model, 2) // 3
 
   fine = finetune_config.get_config("seed")
-  model = classify.build_classifier(fine)
+  model = build.build_classifier(fine.model, 3)
   variables = jax.eval_shape(lambda k: model.init(k, jnp.zeros((2, 64, 64, 1)), False),
                              jax.random.key(0))
   jaxpr = jax.make_jaxpr(functools.partial(model.apply, train=False))(variables, images)
@@ -138,6 +144,7 @@ def test_peak_flops_of_known_accelerators():
 
 def test_tiny_run_prints_every_line():
   """End to end at tiny size (~30 s on 2 cores): pipeline, ours and PyTorch eager."""
+  _torch_mae()
   cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--preset", "tiny",
          "--batch", "8", "--steps", "2", "--repeats", "2", "--systems", "ours,torch"]
   result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)

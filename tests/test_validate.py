@@ -14,8 +14,8 @@ import pytest
 from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
 from configs import probe as probe_config
-from mae_jax import checkpoint
-from mae_jax import validate
+from mae_jax.runtime import checkpoint
+from mae_jax.stages import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,3 +161,31 @@ def test_all_problems_at_once_before_any_work(tmp_path):
                "model.image_size=64 is not divisible by model.patch=6"):
     assert f"  - {line}" in result.stderr
   assert not data.exists()
+
+
+def _main(*args: str) -> subprocess.CompletedProcess:
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+  return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def _last_line(result: subprocess.CompletedProcess) -> str:
+  assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  return result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/pretrain.py:demo", "--config.optim.lr_warmup=3"],
+     "error: unknown config key optim.lr_warmup; did you mean optim.warmup_epochs?"),
+    (["--config=configs/pretrain.py:demmo"],
+     "error: configs/pretrain.py: unknown preset 'demmo'; did you mean demo? Presets: demo, "
+     "seed, tiny"),
+    (["--config=configs/pretrian.py"], "error: config file configs/pretrian.py not found"),
+    (["--config=configs/probe.py:tiny", "--config.stage=prob"],
+     "error: unknown stage 'prob'; did you mean probe? Known: "),
+])
+def test_a_newcomers_first_mistakes_get_one_line(tmp_path, args, message):
+  """Through main.py: a misspelled override, preset, file or stage ends in one line."""
+  line = _last_line(_main(*args, f"--workdir={tmp_path / 'run'}"))
+  assert line.startswith(message), line
+  assert not (tmp_path / "run").exists()

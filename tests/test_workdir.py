@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mae_jax import workdir
+from mae_jax.runtime import errors
+from mae_jax.runtime import workdir
 from mae_jax.data import builder
 from tests import conftest
 
@@ -20,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 _HOLD = """
 import sys, time
-from mae_jax import workdir
+from mae_jax.runtime import errors
+from mae_jax.runtime import workdir
 with workdir.lock(sys.argv[1]):
   print("locked", flush=True)
   time.sleep(600)
@@ -38,7 +40,7 @@ def test_second_run_on_a_workdir_is_refused_with_the_holder(tmp_path):
   run = tmp_path / "run"
   holder = _hold(run)
   try:
-    with pytest.raises(workdir.WorkdirBusyError, match=f"pid {holder.pid} on host"):
+    with pytest.raises(errors.WorkdirBusyError, match=f"pid {holder.pid} on host"):
       with workdir.lock(run):
         pass
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}

@@ -1,0 +1,2 @@
+"""The DeepLense layout, safe .npy reading, the simulator, splits, the tfds builder and
+the input pipelines."""

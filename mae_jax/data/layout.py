@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mae_jax.runtime import errors
+
 # Fixed label order: index i of a ClassLabel is CLASS_NAMES[i], never os.listdir order.
 CLASS_NAMES: tuple[str, ...] = ("no_sub", "cdm", "axion")
 
@@ -17,8 +19,7 @@ CLASS_NAMES: tuple[str, ...] = ("no_sub", "cdm", "axion")
 AXION_MASS_NONE: float = -1.0
 
 
-class LayoutError(ValueError):
-  """A folder does not follow the DeepLense layout."""
+LayoutError = errors.LayoutError
 
 
 def expected_layout_message(root: str | os.PathLike[str]) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mae_jax import fileio
+from mae_jax.runtime import fileio
 
 # Largest file we agree to read; DeepLense files are ~33 kB (64x64) or ~180 kB (150x150).
 MAX_FILE_BYTES = 64 * 1024 * 1024

@@ -13,7 +13,7 @@ Two variants (`--variant`):
   in every image (fixed Einstein radius, ellipticity and shear); only the source
   position varies. Substructure adds 3-4% of the lens mass, which shifts the
   ring's radial profile, so the classes can be told apart from the total mass
-  alone (see `mae_jax/baseline.py`).
+  alone (see `mae_jax/eval/baseline.py`).
 - `hard`: per image, the main-lens halo mass (log-uniform over a decade, so the
   Einstein radius varies by sqrt(10)), its ellipticity and the external shear
   (modulus and orientation), and the source magnitude, size and Sersic index
@@ -55,7 +55,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mae_jax import fileio
+from mae_jax.runtime import errors
+from mae_jax.runtime import fileio
 from mae_jax.data.layout import CLASS_NAMES
 from mae_jax.data.npy_io import write_lens_file
 
@@ -229,8 +230,7 @@ def _model_ii_recipe() -> dict[str, Any]:
   }
 
 
-class SimulationMismatchError(ValueError):
-  """An output folder holds a dataset made with other settings."""
+SimulationMismatchError = errors.SimulationMismatchError
 
 
 # --- Physics ---------------------------------------------------------------

@@ -11,7 +11,7 @@ import ml_collections
 from jax.experimental import multihost_utils
 
 from mae_jax.data import builder
-from mae_jax.data import pipeline
+from mae_jax.data import input_pipeline
 from mae_jax.data import simulate
 
 SOURCES = ("deeplense", "simulated")
@@ -22,11 +22,11 @@ def load(data: ml_collections.ConfigDict, progress: bool = True) -> builder.Prep
 
   Raises:
     ValueError: unknown `data.source` or `data.sim.variant`.
-    simulate.SimulationMismatchError: the simulated folder was made with other
+    errors.SimulationMismatchError: the simulated folder was made with other
       settings (e.g. the other `data.sim.variant`).
-    layout.LayoutError: a `deeplense` folder without the class folders; the
+    errors.LayoutError: a `deeplense` folder without the class folders; the
       message says what is expected and how to simulate a folder.
-    builder.BadDataError: bad files while `data.on_bad_file='error'`.
+    errors.BadDataError: bad files while `data.on_bad_file='error'`.
   """
   if data.source not in SOURCES:
     raise ValueError(f"data.source must be one of {SOURCES}, got {data.source!r}")
@@ -49,7 +49,7 @@ def load(data: ml_collections.ConfigDict, progress: bool = True) -> builder.Prep
   return prepared if prepared is not None else make()
 
 
-def augment_config(data: ml_collections.ConfigDict) -> pipeline.AugmentConfig:
+def augment_config(data: ml_collections.ConfigDict) -> input_pipeline.AugmentConfig:
   """The augmentation settings of a `data` config."""
-  return pipeline.AugmentConfig(flip=data.augment.flip, rot90=data.augment.rot90,
+  return input_pipeline.AugmentConfig(flip=data.augment.flip, rot90=data.augment.rot90,
                                 max_shift=data.augment.max_shift)

@@ -1,9 +1,10 @@
-"""What every training stage shares: train state, host-side checks and the epoch loop.
+"""The epoch loop every training stage shares, and the host-side checks around it.
 
-Data flows one way: tfds -> tf.data numpy batches (per process) -> global
-device arrays -> jitted shard_map'ed step -> metrics / checkpoints / figures.
-The stages (`pretrain.py`, `classify.py`) supply the step and what happens at
-the end of each epoch.
+A stage supplies the step, its batches and what happens at the end of each epoch;
+this loop steps, logs, checks for NaN/inf, checkpoints and resumes exactly. It
+imports no data library and no logging framework: batches arrive from a callable
+and metrics leave through a `MetricWriter` (clu's, or the TensorFlow-free one the
+stages make when TensorFlow is absent).
 """
 
 from __future__ import annotations
@@ -12,57 +13,38 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
-from clu import periodic_actions
-from flax.training import train_state
+from flax import traverse_util
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from mae_jax import checkpoint
-from mae_jax import faults
-from mae_jax import fileio
-from mae_jax import models
-from mae_jax.data import pipeline
-from mae_jax.data import source
+from mae_jax.runtime import checkpoint
+from mae_jax.runtime import errors
+from mae_jax.runtime import faults
+from mae_jax.runtime import fileio
 
-TrainState = train_state.TrainState
 HISTORY_FILE = "history.json"
+CONFIG_FILE = "config.json"
+# How often (seconds) the loop logs steps/s and the time left.
+REPORT_EVERY_SECONDS = 60.0
 
 
-# A loss or gradient became NaN/inf; the run stops before saving anything bad.
-NonFiniteError = checkpoint.NonFiniteError
+class MetricWriter(Protocol):
+  """What the loop writes metrics through (the methods of clu's `MetricWriter` it uses)."""
 
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None: ...
 
-class ResumeMismatchError(ValueError):
-  """The workdir's checkpoint was made with settings that would change the batch order."""
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None: ...
 
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None: ...
 
-def dtype_of(name: str):
-  if name not in ("float32", "bfloat16"):
-    raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {name!r}")
-  return jnp.dtype(name)
-
-
-def vit_config(model: ml_collections.ConfigDict) -> models.ViTConfig:
-  """The encoder sizes of a `model` config."""
-  if model.image_size % model.patch:
-    raise ValueError(f"image size {model.image_size} is not divisible by patch {model.patch}")
-  return models.ViTConfig(image_size=model.image_size, channels=model.channels,
-                          patch=model.patch, dim=model.dim, depth=model.depth,
-                          heads=model.heads, mlp_ratio=model.mlp_ratio)
-
-
-def keep_if_finite(ok: jax.Array, new: Any, old: Any) -> Any:
-  """`new` where `ok`, else `old` (a step with non-finite numbers changes nothing)."""
-  return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+  def flush(self) -> None: ...
 
 
 # --- Host-side helpers -------------------------------------------------------------
@@ -91,9 +73,9 @@ def check_finite(metrics: dict, step: int) -> dict[str, float]:
   host = {k: float(v) for k, v in jax.device_get(metrics).items()}
   if not host.get("finite", 1.0):
     bad = [f"{k}={v}" for k, v in host.items() if k != "finite" and not np.isfinite(v)]
-    raise NonFiniteError(f"non-finite {', '.join(bad) or 'values'} at step {step}; the "
-                         "update was not applied and no checkpoint of it was written. "
-                         "Lower the learning rate or enable grad_clip_norm.")
+    raise errors.NonFiniteError(
+        f"non-finite {', '.join(bad) or 'values'} at step {step}; the update was not applied "
+        "and no checkpoint of it was written. Lower the learning rate or enable grad_clip_norm.")
   return host
 
 
@@ -105,37 +87,10 @@ def load_history(workdir: Path, completed_epochs: int) -> list[dict]:
   return [h for h in json.loads(path.read_text()) if h["epoch"] <= completed_epochs]
 
 
-def flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config as flat `a.b.c` scalars, for TensorBoard's hparams."""
-  out = {}
-
-  def walk(prefix, node):
-    for k, v in node.items():
-      name = f"{prefix}{k}"
-      if isinstance(v, (dict, ml_collections.ConfigDict)):
-        walk(name + ".", v)
-      else:
-        out[name] = v if isinstance(v, (int, float, str, bool)) else str(v)
-
-  walk("", config.to_dict())
-  return out
-
-
-def input_pipelines(config: ml_collections.ConfigDict, classes) -> tuple:
-  """(prepared data, train pipeline, validation pipeline) of this process."""
-  prepared = source.load(config.data, progress=is_main_process())
-  if tuple(prepared.image_shape) != (config.model.image_size,) * 2:
-    raise ValueError(f"the data's images are {prepared.image_shape}, but "
-                     f"model.image_size={config.model.image_size}")
-  read = dict(classes=classes, process_index=jax.process_index(),
-              process_count=jax.process_count(), cache=config.data.cache_in_memory)
-  pipes = [pipeline.InputPipeline(prepared.builder, split, **read)
-           for split in ("train", "validation")]
-  for ip in pipes:
-    if agree_min(ip.num_examples) == 0:
-      raise ValueError(f"the {ip.split} split holds no image of {list(classes)} for some process "
-                       f"({config.data.dir}); add images or raise data.validation_fraction")
-  return (prepared, *pipes)
+  flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
+  return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
 
 
 # --- The epoch loop ----------------------------------------------------------------
@@ -144,27 +99,30 @@ def input_pipelines(config: ml_collections.ConfigDict, classes) -> tuple:
 @dataclasses.dataclass
 class Loop:
   """A stage's training run: what to step, over which data, for how long."""
-  config: ml_collections.ConfigDict   # reads seed, log_every_steps, checkpoint_every_*, keep_checkpoints
+  config: ml_collections.ConfigDict   # reads seed, log_every_steps, checkpoint_every_*
   workdir: Path
   state: Any                          # replicated train state with `.step`
   step_fn: Callable                   # (state, *global_inputs, key) -> (state, metrics)
   to_global: Callable[[dict], tuple]  # local numpy batch -> global step inputs
-  train: pipeline.InputPipeline
+  # (epoch, first batch) -> this process's batches of that epoch from that batch on;
+  # each depends only on (seed, epoch, batch index), so a resumed run sees the same.
+  batches: Callable[[int, int], Iterable[dict]]
+  train_examples: int                 # this process's training examples (resume check)
   local_batch: int
   steps_per_epoch: int
   total_epochs: int
   schedule: optax.Schedule
-  augment: Callable[[int], pipeline.AugmentConfig | None]   # epoch -> augmentation
   describe: Callable[[int], str] = lambda e: ""             # epoch -> progress-bar suffix
   phase: Callable[[int], int] = lambda e: 1                 # epoch -> phase (1-based)
 
 
 def open_run(workdir: Path, config: ml_collections.ConfigDict, state: Any,
-             steps_per_epoch: int, mngr) -> tuple[Any, int, list[dict], Any, dict | None]:
+             steps_per_epoch: int, mngr, writer: MetricWriter
+             ) -> tuple[Any, int, list[dict], dict | None]:
   """Resumes `state` from this workdir's latest checkpoint if there is one.
 
-  Returns (state, step, history cut to that step, metric writer, the
-  checkpoint's progress record or None).
+  A fresh run writes its hparams and `config.json`. Returns (state, step,
+  history cut to that step, the checkpoint's progress record or None).
   """
   restored = checkpoint.restore_latest(mngr, state)
   step, progress = 0, None
@@ -173,13 +131,11 @@ def open_run(workdir: Path, config: ml_collections.ConfigDict, state: Any,
     logging.info("resuming from checkpoint step %d (epoch %d, batch %d of %d)", step,
                  step // steps_per_epoch + 1, step % steps_per_epoch, steps_per_epoch)
   history = load_history(workdir, step // steps_per_epoch)
-  writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main_process(),
-                                                asynchronous=True)
   if step == 0:
-    writer.write_hparams(flat_hparams(config))
+    writer.write_hparams(hparams(config))
     if is_main_process():
-      fileio.write_json_atomic(workdir / "config.json", config.to_dict())
-  return state, step, history, writer, progress
+      fileio.write_json_atomic(workdir / CONFIG_FILE, config.to_dict())
+  return state, step, history, progress
 
 
 def _progress(loop: Loop, step: int, key: jax.Array, losses: list[float]) -> dict[str, Any]:
@@ -191,7 +147,7 @@ def _progress(loop: Loop, step: int, key: jax.Array, losses: list[float]) -> dic
   return {"step": step, "epoch": epoch, "batch_in_epoch": batch,
           "steps_per_epoch": loop.steps_per_epoch,
           "global_batch": loop.local_batch * jax.process_count(),
-          "process_count": jax.process_count(), "train_examples": loop.train.num_examples,
+          "process_count": jax.process_count(), "train_examples": loop.train_examples,
           "seed": loop.config.seed, "rng_key": np.asarray(jax.random.key_data(key)).tolist(),
           "phase": loop.phase(min(epoch, loop.total_epochs - 1)), "epoch_losses": list(losses)}
 
@@ -208,7 +164,7 @@ def _resume_key(loop: Loop, step: int, progress: dict | None, key: jax.Array) ->
   diffs = [f"{k} {progress.get(k)} in the checkpoint, {now[k]} now" for k in keys
            if progress.get(k) != now[k]]
   if agree_max(int(bool(diffs))):
-    raise ResumeMismatchError(
+    raise errors.ResumeMismatchError(
         f"cannot resume {loop.workdir} at step {step} exactly: "
         f"{'; '.join(diffs) or 'another process differs'}. The batch order would change "
         "(repeating or skipping images); use the original data and batch_size/seed, or a new "
@@ -216,7 +172,28 @@ def _resume_key(loop: Loop, step: int, progress: dict | None, key: jax.Array) ->
   return jax.random.wrap_key_data(np.asarray(progress["rng_key"], np.uint32))
 
 
-def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer,
+class _Pace:
+  """Logs steps/s and the time left every REPORT_EVERY_SECONDS (and writes steps_per_sec)."""
+
+  def __init__(self, total_steps: int, writer: MetricWriter):
+    self.total, self.writer = total_steps, writer
+    self.t0, self.s0 = time.time(), None
+
+  def __call__(self, step: int) -> None:
+    now = time.time()
+    if self.s0 is None:  # the first step compiles: time from after it
+      self.t0, self.s0 = now, step
+      return
+    if now - self.t0 < REPORT_EVERY_SECONDS:
+      return
+    rate = (step - self.s0) / (now - self.t0)
+    left = (self.total - step) / rate if rate > 0 else float("inf")
+    logging.info("step %d/%d: %.2f steps/s, %.1f min left", step, self.total, rate, left / 60)
+    self.writer.write_scalars(step, {"steps_per_sec": rate})
+    self.t0, self.s0 = now, step
+
+
+def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer: MetricWriter,
                end_epoch: Callable[[Any, int, dict], None],
                progress: dict | None = None) -> Any:
   """Trains from `step` to the end, epoch by epoch; returns the final state.
@@ -244,8 +221,7 @@ def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer,
     history.append(record)
     if main:
       fileio.write_json_atomic(loop.workdir / HISTORY_FILE, history)
-  report = periodic_actions.ReportProgress(
-      num_train_steps=loop.total_epochs * loop.steps_per_epoch, writer=writer, every_secs=60)
+  pace = _Pace(loop.total_epochs * loop.steps_per_epoch, writer)
   state = loop.state
   for epoch in range(step // loop.steps_per_epoch, loop.total_epochs):
     first = step - epoch * loop.steps_per_epoch
@@ -260,11 +236,9 @@ def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer,
         losses.append(last["loss"])
         pending = None
 
-    batches = loop.train.train_epoch(loop.local_batch, seed=cfg.seed, epoch=epoch,
-                                     start_batch=first, augment=loop.augment(epoch))
     bar = tqdm(total=loop.steps_per_epoch, initial=first, disable=not main, unit="step",
                desc=f"epoch {epoch + 1}/{loop.total_epochs}{loop.describe(epoch)}", leave=False)
-    for i, local in zip(range(first, loop.steps_per_epoch), batches):
+    for i, local in zip(range(first, loop.steps_per_epoch), loop.batches(epoch, first)):
       state, metrics = loop.step_fn(state, *loop.to_global(local), key)
       flush(step)  # the previous step's, so the device stays busy
       pending, step = metrics, step + 1
@@ -272,7 +246,7 @@ def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer,
       bar.update(1)
       if losses:
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
-      report(step)
+      pace(step)
       if due(step, cfg.log_every_steps) or i == loop.steps_per_epoch - 1:
         flush(step)
         writer.write_scalars(step, {f"train_{k}": v for k, v in last.items() if k != "finite"}

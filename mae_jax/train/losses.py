@@ -8,13 +8,33 @@ patches (the seed's choice).
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
 
-from mae_jax import masking
+from mae_jax.models import masking
 
 LOSSES = ("bce", "mse")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reconstruction:
+  """Which reconstruction loss pretraining minimises (a pretraining config's `loss`)."""
+  type: str = "bce"           # 'bce' (the seed) or 'mse' (the MAE reference)
+  norm_pix: bool = False      # MAE's norm_pix_loss (with 'mse')
+  masked_only: bool = True    # average over removed patches only (MAE), or over all
+
+  @classmethod
+  def from_config(cls, loss: Any) -> "Reconstruction":
+    """From a config's `loss` (anything with `type`, `norm_pix`, `masked_only`)."""
+    return cls(type=loss.type, norm_pix=bool(loss.norm_pix), masked_only=bool(loss.masked_only))
+
+  def options(self) -> dict[str, Any]:
+    """The keyword arguments of `reconstruction_loss_terms`."""
+    return {"loss": self.type, "norm_pix": self.norm_pix, "masked_only": self.masked_only}
 
 
 def patch_targets(images: jax.Array, patch: int, norm_pix: bool = False) -> jax.Array:

@@ -10,33 +10,68 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
+from flax import traverse_util
 
 from mae_jax.data import layout
+from mae_jax.data import simulate
+from mae_jax.data import source
+from mae_jax.models import build
+from mae_jax.models import masking
+from mae_jax.runtime import checkpoint
+from mae_jax.runtime import errors
+from mae_jax.runtime import parallel
+from mae_jax.runtime import workdir as workdir_lib
 
 TRAINING_STAGES = ("pretrain", "probe", "finetune")
-_DTYPES = ("float32", "bfloat16")
+ConfigError = errors.ConfigError
 
 
-class ConfigError(ValueError):
-  """One or more config problems; the message lists them all."""
-
-
-def flat_keys(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
+def flat_keys(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
   """`a.b.c` -> value for every leaf of a (nested) config."""
-  out = {}
-  for k, v in config.items():
-    name = f"{prefix}{k}"
-    if isinstance(v, (dict, ml_collections.ConfigDict)):
-      out.update(flat_keys(v, name + "."))
-    else:
-      out[name] = v
-  return out
+  if isinstance(config, ml_collections.ConfigDict):
+    config = config.to_dict()
+  return traverse_util.flatten_dict(config, sep=".")
+
+
+def load_config_file(file: str, preset: str | None) -> ml_collections.ConfigDict:
+  """`get_config(preset)` of a config file given by path (as `--config=FILE:PRESET` names it).
+
+  Raises:
+    errors.ConfigError: no such file, or it has no `get_config`, or refuses the preset.
+  """
+  path = Path(file)
+  spec = importlib.util.spec_from_file_location(f"mae_jax_config_{path.stem}", path)
+  if spec is None or not path.is_file():
+    raise ConfigError(f"config file {file} not found")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {file} defines no get_config()")
+  try:
+    return module.get_config(preset)
+  except ValueError as e:
+    raise ConfigError(f"{file}: {e}") from None
+
+
+def unknown_key_message(key: str, valid: dict[str, Any] | list[str]) -> str:
+  """`unknown config key KEY; did you mean K?`: the closest valid key, siblings first."""
+  valid = list(valid)
+  parent = key.rsplit(".", 1)[0] if "." in key else ""
+  siblings = [v for v in valid if (v.rsplit(".", 1)[0] if "." in v else "") == parent]
+  leaf = key.rsplit(".", 1)[-1]
+  close = [parent + "." + c if parent else c for c in difflib.get_close_matches(
+      leaf, [v.rsplit(".", 1)[-1] for v in siblings], n=1, cutoff=0.5)]
+  close = close or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+  hint = f"; did you mean {close[0]}?" if close else ""
+  return f"unknown config key {key}{hint}"
 
 
 def reference_config(stage: str, preset: str | None) -> ml_collections.ConfigDict | None:
@@ -55,11 +90,7 @@ def key_problems(config: ml_collections.ConfigDict,
   ours, valid = flat_keys(config), flat_keys(reference)
   problems = []
   for key in sorted(set(ours) - set(valid)):
-    siblings = [v for v in valid if v.rsplit(".", 1)[0] == key.rsplit(".", 1)[0]] or list(valid)
-    close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.5) or \
-        difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]}?" if close else ""
-    problems.append(f"unknown config key {key}{hint}")
+    problems.append(unknown_key_message(key, valid))
   for key in sorted(set(valid) - set(ours)):
     problems.append(f"missing config key {key} (default: {valid[key]!r})")
   return problems
@@ -76,22 +107,15 @@ def _model_problems(model: ml_collections.ConfigDict) -> list[str]:
       problems.append(f"model.{dim}={model[dim]} is not divisible by model.{heads}={model[heads]}")
   if "mask_ratio" in model and not 0.0 <= model.mask_ratio < 1.0:
     problems.append(f"model.mask_ratio={model.mask_ratio} must lie in [0, 1)")
-  if "dtype" in model and model.dtype not in _DTYPES:
-    problems.append(f"model.dtype={model.dtype!r} must be one of {', '.join(_DTYPES)}")
+  if "dtype" in model and model.dtype not in build.DTYPES:
+    problems.append(f"model.dtype={model.dtype!r} must be one of {', '.join(build.DTYPES)}")
   return problems
 
 
 def _batch_problems(config: ml_collections.ConfigDict) -> list[str]:
-  import jax  # pylint: disable=g-import-not-at-top
-  devices, processes = jax.device_count(), jax.process_count()
-  problems = []
-  for key in ("batch_size", "eval_batch_size"):
-    if key in config:
-      b = config[key]
-      if not isinstance(b, int) or b < 1 or b % devices or b % processes:
-        problems.append(f"{key}={b} must be a positive multiple of the device count "
-                        f"({devices}), e.g. {max(devices, (b if isinstance(b, int) else 0) // devices * devices)}")
-  return problems
+  found = [parallel.batch_problem(config[key], key)
+           for key in ("batch_size", "eval_batch_size") if key in config]
+  return [p for p in found if p]
 
 
 def _schedule_problems(config: ml_collections.ConfigDict) -> list[str]:
@@ -104,18 +128,23 @@ def _schedule_problems(config: ml_collections.ConfigDict) -> list[str]:
                       "long (one entry per phase), with whole epochs >= 0")
   if "epochs" in config and (not isinstance(config.epochs, int) or config.epochs < 1):
     problems.append(f"epochs={config.epochs} must be a whole number >= 1")
+  model, loss = config.get("model", {}), config.get("loss", {})
+  if loss.get("masked_only") and "mask_ratio" in model and 0.0 <= model.mask_ratio < 1.0:
+    num_patches = (model.image_size // model.patch) ** 2 if model.get("patch") else 0
+    if num_patches and masking.num_kept(num_patches, model.mask_ratio) == num_patches:
+      problems.append(f"model.mask_ratio={model.mask_ratio} removes no patch of {num_patches}, "
+                      "so loss.masked_only=True has nothing to score; raise the ratio or set "
+                      "loss.masked_only=False")
   return problems
 
 
 def _data_problems(data: ml_collections.ConfigDict) -> list[str]:
-  from mae_jax.data import source  # pylint: disable=g-import-not-at-top
   problems = []
   if data.get("source") not in source.SOURCES:
     problems.append(f"data.source={data.get('source')!r} must be one of {', '.join(source.SOURCES)}")
   fraction = data.get("validation_fraction")
   if fraction is not None and not 0.0 < fraction < 1.0:
     problems.append(f"data.validation_fraction={fraction} must lie in (0, 1)")
-  from mae_jax.data import simulate  # pylint: disable=g-import-not-at-top
   variant = data.get("sim", {}).get("variant")
   if variant is not None and variant not in simulate.VARIANTS:
     problems.append(f"data.sim.variant={variant!r} must be one of {', '.join(simulate.VARIANTS)}")
@@ -133,7 +162,6 @@ def _data_problems(data: ml_collections.ConfigDict) -> list[str]:
 def _source_checkpoint_problems(config: ml_collections.ConfigDict, workdir: Path) -> list[str]:
   """A probe / fine-tune that starts fresh needs its `init_from` stage's checkpoint,
   made with the same encoder sizes."""
-  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
   if not config.get("init_from") or config.get("init_weights") or \
       checkpoint.latest_step(workdir) is not None:
     return []  # from scratch or public weights, or resuming this workdir's own checkpoint
@@ -149,7 +177,7 @@ def _source_checkpoint_problems(config: ml_collections.ConfigDict, workdir: Path
   theirs = json.loads(saved.read_text()).get("model", {})
   return [f"init_from: the source stage {source} used model.{k}={theirs[k]}, this one "
           f"model.{k}={config.model[k]}; the encoder config must match"
-          for k in checkpoint.ENCODER_KEYS
+          for k in build.ENCODER_KEYS
           if k in theirs and k in config.model and theirs[k] != config.model[k]]
 
 
@@ -165,8 +193,6 @@ def problems(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str])
     found += _batch_problems(config) + _schedule_problems(config)
   if "data" in config:
     found += _data_problems(config.data)
-  from mae_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   # Process 0 writes the run's files (other processes only join collective saves).
   unwritable = workdir_lib.writable_problem(workdir) if jax.process_index() == 0 else None
   weights = config.get("init_weights")
@@ -180,9 +206,34 @@ def problems(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str])
   return found
 
 
-def check(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> None:
-  """Raises ConfigError listing every problem found; returns quietly if none."""
+def check(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str],
+          stages: tuple[str, ...] | None = None) -> None:
+  """Raises ConfigError listing every problem found; returns quietly if none.
+
+  With `stages` (the registered stage names), an unknown `config.stage` is refused
+  first, with the closest name.
+  """
+  stage = config.get("stage")
+  if stages is not None and stage not in stages:
+    close = difflib.get_close_matches(str(stage), stages, n=1)
+    raise ConfigError(f"unknown stage {stage!r}" + (f"; did you mean {close[0]}?" if close else "")
+                      + f" Known: {', '.join(stages)}")
   found = problems(config, workdir)
   if found:
     lines = "\n".join(f"  - {p}" for p in found)
+    raise ConfigError(f"{len(found)} config problem(s), nothing was run:\n{lines}")
+
+
+def check_chain(stages: dict[str, ml_collections.ConfigDict], workdir: Path) -> None:
+  """Every stage of a chain checked before anything runs, each problem listed once with
+  the stages it concerns (`init_from` is not checked: the chain makes those sources)."""
+  found: dict[str, list[str]] = {}
+  for name, config in stages.items():
+    config = config.copy_and_resolve_references()
+    if "init_from" in config:
+      config.init_from = ""
+    for problem in problems(config, Path(workdir) / name):
+      found.setdefault(problem, []).append(name)
+  if found:
+    lines = "\n".join(f"  - [{', '.join(names)}] {p}" for p, names in found.items())
     raise ConfigError(f"{len(found)} config problem(s), nothing was run:\n{lines}")

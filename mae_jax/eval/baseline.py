@@ -7,7 +7,7 @@ This baseline makes that visible: each image is reduced to its azimuthally
 averaged radial profile about the image centre (one value per 1-pixel ring),
 and a scikit-learn logistic regression on the standardised profile is fitted
 on the training split and scored on the validation split with the model's own
-metrics (`evaluate.classification_metrics` / `roc_curves`). A model's margin
+metrics (`metrics.classification_metrics` / `roc_curves`). A model's margin
 over it is what it learned beyond the radial profile.
 
 It reads the same normalised images as the model (`InputPipeline.eval_batches`,
@@ -25,7 +25,7 @@ from sklearn import linear_model
 from sklearn import pipeline as sk_pipeline
 from sklearn import preprocessing
 
-from mae_jax import evaluate
+from mae_jax.eval import metrics
 from mae_jax.data import layout
 
 DESCRIPTION = ("scikit-learn logistic regression (lbfgs, C=1, standardised features) on the "
@@ -120,8 +120,8 @@ def evaluate_baseline(train: tuple[np.ndarray, np.ndarray], validation: tuple[np
   """Fits on `train` (profiles, labels) and scores `validation` like the model.
 
   Returns:
-    {"metrics": evaluate.classification_metrics of the validation predictions,
-     plus "description", "features" and "num_train"; "curves": evaluate.roc_curves,
+    {"metrics": metrics.classification_metrics of the validation predictions,
+     plus "description", "features" and "num_train"; "curves": metrics.roc_curves,
      as `plots.roc(..., baseline=)` takes them; "probs": the validation probabilities}.
 
   Raises:
@@ -134,10 +134,10 @@ def evaluate_baseline(train: tuple[np.ndarray, np.ndarray], validation: tuple[np
                      f"{sorted(set(np.asarray(train_y).tolist()))}")
   model = fit(train_x, train_y)
   probs = predict_proba(model, val_x, len(class_names))
-  metrics = evaluate.classification_metrics(probs, val_y, class_names)
-  metrics.update({"description": DESCRIPTION, "features": int(train_x.shape[1]),
+  scores = metrics.classification_metrics(probs, val_y, class_names)
+  scores.update({"description": DESCRIPTION, "features": int(train_x.shape[1]),
                   "num_train": int(len(train_y))})
-  return {"metrics": metrics, "curves": evaluate.roc_curves(probs, val_y, class_names),
+  return {"metrics": scores, "curves": metrics.roc_curves(probs, val_y, class_names),
           "probs": probs}
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import json
 import os
 import platform
 import time
@@ -27,16 +28,19 @@ import jax
 import ml_collections
 from absl import logging
 
-from mae_jax import checkpoint
-from mae_jax import fileio
-from mae_jax import train
+from mae_jax.runtime import checkpoint
+from mae_jax.runtime import fileio
+from mae_jax.runtime import workdir as workdir_lib
+from mae_jax.stages import classify  # pylint: disable=unused-import (registers probe, finetune)
+from mae_jax.stages import data  # pylint: disable=unused-import (registers data)
+from mae_jax.stages import pretrain  # pylint: disable=unused-import (registers pretrain)
+from mae_jax.stages import registry
+from mae_jax.stages import report
+from mae_jax.stages import validate
+from mae_jax.train import loop
 
-STAGES = ("data", "pretrain", "probe", "finetune")
+STAGES, STAGE_FILE, OUTPUT = report.STAGES, report.STAGE_FILE, report.OUTPUT
 TRAINING = ("pretrain", "probe", "finetune")
-STAGE_FILE = "pipeline_stage.json"
-# The file each stage writes last; without it a stage is not complete.
-OUTPUT = {"data": "data_summary.json", "pretrain": "pretrain_summary.json",
-          "probe": "eval_metrics.json", "finetune": "eval_metrics.json"}
 # Config keys ignored when deciding whether a finished stage's config changed:
 # the pipeline derives them from its workdir, which may be given another way.
 _DERIVED = ("init_from",)
@@ -107,18 +111,11 @@ def hardware() -> dict[str, Any]:
 
 
 def _jsonable(config: ml_collections.ConfigDict) -> Any:
-  import json  # pylint: disable=g-import-not-at-top
   return json.loads(json.dumps(config.to_dict()))
 
 
 def _comparable(config: dict) -> dict:
   return {k: v for k, v in config.items() if k not in _DERIVED}
-
-
-def read_record(stage_dir: str | os.PathLike[str]) -> dict | None:
-  """A stage's `pipeline_stage.json`, or None if it has none."""
-  path = Path(stage_dir) / STAGE_FILE
-  return fileio.read_json(path) if path.exists() else None
 
 
 def incomplete_reason(name: str, stage_dir: Path, config: ml_collections.ConfigDict,
@@ -137,30 +134,6 @@ def incomplete_reason(name: str, stage_dir: Path, config: ml_collections.ConfigD
   return None
 
 
-def _check(stages: dict[str, ml_collections.ConfigDict], workdir: Path) -> None:
-  """Every stage's config checked before anything runs (each problem listed once)."""
-  from mae_jax import validate  # pylint: disable=g-import-not-at-top
-  found: dict[str, list[str]] = {}
-  for name, config in stages.items():
-    config = config.copy_and_resolve_references()
-    if "init_from" in config:
-      # The source is this pipeline's earlier stage, made before this one runs.
-      config.init_from = ""
-    for problem in validate.problems(config, workdir / name):
-      found.setdefault(problem, []).append(name)
-  if found:
-    lines = "\n".join(f"  - [{', '.join(names)}] {p}" for p, names in found.items())
-    raise validate.ConfigError(f"{len(found)} config problem(s), nothing was run:\n{lines}")
-
-
-def _stage_functions() -> dict[str, Callable[[ml_collections.ConfigDict, str], Any]]:
-  from mae_jax import classify  # pylint: disable=g-import-not-at-top
-  from mae_jax import data_stage  # pylint: disable=g-import-not-at-top
-  from mae_jax import pretrain  # pylint: disable=g-import-not-at-top
-  return {"data": data_stage.run, "pretrain": pretrain.pretrain, "probe": classify.classify,
-          "finetune": classify.classify}
-
-
 def _now() -> str:
   return datetime.datetime.now().isoformat(timespec="seconds")
 
@@ -168,8 +141,7 @@ def _now() -> str:
 def run_stage(name: str, fn: Callable, config: ml_collections.ConfigDict, stage_dir: Path,
               record: dict | None) -> None:
   """Runs one stage under its workdir lock and records the run (also a failed one)."""
-  from mae_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  main = train.is_main_process()
+  main = loop.is_main_process()
   source = None
   if "init_from" in config and config.init_from:
     source = {"stage": config.init_from_stage,
@@ -195,31 +167,30 @@ def run_stage(name: str, fn: Callable, config: ml_collections.ConfigDict, stage_
           "source": source, "runs": runs + [this]})
 
 
+@registry.register("pipeline")
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs every incomplete stage of `config.stages` in order, then writes the report.
 
   Returns:
     {"ran": stages run now, "skipped": stages found complete, "report": report.md path}.
   """
-  from mae_jax import report  # pylint: disable=g-import-not-at-top
   workdir = Path(workdir)
   stages = stage_configs(config, workdir)
-  _check(stages, workdir)
-  functions = _stage_functions()
+  validate.check_chain(stages, workdir)
   ran, skipped = [], []
   for name, stage in stages.items():
     stage_dir = workdir / name
-    record = read_record(stage_dir)
+    record = report.read_record(stage_dir)
     why = incomplete_reason(name, stage_dir, stage, record)
     if why is None:
       logging.info("stage %s: complete in %s, skipped", name, stage_dir)
       skipped.append(name)
       continue
     logging.info("stage %s: %s; running it in %s", name, why, stage_dir)
-    run_stage(name, functions[name], stage, stage_dir, record)
+    run_stage(name, registry.get(name), stage, stage_dir, record)
     ran.append(name)
   paths = {}
-  if train.is_main_process():
+  if loop.is_main_process():
     paths = report.write(workdir, config, stages)
     logging.info("report: %s (and %s)", paths["markdown"], paths["html"])
   return {"ran": ran, "skipped": skipped, "report": str(paths.get("markdown", ""))}

@@ -29,18 +29,21 @@ from typing import Any, Iterator
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from tqdm import tqdm
 
-from mae_jax import checkpoint
-from mae_jax import classify
-from mae_jax import evaluate
-from mae_jax import fileio
-from mae_jax import parallel
-from mae_jax import plots
+from mae_jax.data import input_pipeline
 from mae_jax.data import layout
 from mae_jax.data import npy_io
+from mae_jax.eval import metrics as metrics_lib
+from mae_jax.eval import plots
+from mae_jax.models import build
+from mae_jax.runtime import checkpoint
+from mae_jax.runtime import errors
+from mae_jax.runtime import fileio
+from mae_jax.runtime import parallel
+from mae_jax.stages import registry
+from mae_jax.train import steps
 
 PREDICTIONS_FILE = "predictions.csv"
 BAD_FILES = "bad_files.tsv"
@@ -62,13 +65,13 @@ def list_inputs(input_path: str | os.PathLike[str]) -> list[InputFile]:
   files beside those folders are classified unlabelled).
 
   Raises:
-    layout.LayoutError: the input does not exist or holds no `.npy` file.
+    errors.LayoutError: the input does not exist or holds no `.npy` file.
   """
   root = Path(input_path)
   if root.is_file():
     return [InputFile(root, root.name, None)]
   if not root.is_dir():
-    raise layout.LayoutError(
+    raise errors.LayoutError(
         f"input {root} does not exist: give a .npy file, a folder of .npy files, or a "
         f"folder in the DeepLense layout ({', '.join(f'{c}/' for c in layout.CLASS_NAMES)})")
 
@@ -82,7 +85,7 @@ def list_inputs(input_path: str | os.PathLike[str]) -> list[InputFile]:
            for p in npy(root / name)]
   files += [InputFile(p, p.name, None) for p in npy(root)]
   if not files:
-    raise layout.LayoutError(f"no .npy file in {root} (nor in its class folders "
+    raise errors.LayoutError(f"no .npy file in {root} (nor in its class folders "
                              f"{', '.join(layout.CLASS_NAMES)})")
   return files
 
@@ -91,33 +94,16 @@ def find_model(model_dir: str | os.PathLike[str]) -> Path:
   """The fine-tune workdir holding `best_checkpoint/`: `model_dir` or its `finetune/`.
 
   Raises:
-    checkpoint.MissingCheckpointError: neither has one (says how to make it).
+    errors.MissingCheckpointError: neither has one (says how to make it).
   """
   root = Path(model_dir)
   for candidate in (root, root / "finetune"):
     if (candidate / "best_checkpoint").is_dir() and (candidate / "config.json").exists():
       return candidate
-  raise checkpoint.MissingCheckpointError(
+  raise errors.MissingCheckpointError(
       f"no fine-tuned model in {root}: expected {root}/best_checkpoint/ (a fine-tune workdir) "
       f"or {root}/finetune/best_checkpoint/ (a pipeline workdir); make one with:\n"
       f"  python main.py --config=configs/pipeline.py:demo --workdir={root}")
-
-
-def _restore_raw(folder: Path) -> tuple[dict, int]:
-  """The latest step under `folder` (a checkpoint manager's directory), on one device."""
-  with ocp.CheckpointManager(folder.absolute()) as mngr:
-    step = mngr.latest_step()
-  if step is None:
-    raise checkpoint.MissingCheckpointError(f"no complete checkpoint in {folder}")
-  item = folder.absolute() / str(step) / checkpoint.STATE
-  if not item.is_dir():
-    item = item.with_name(checkpoint.LEGACY_STATE)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  with ocp.StandardCheckpointer() as ckptr:
-    tree = ckptr.metadata(item).item_metadata.tree
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                            tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
-    return ckptr.restore(item, abstract), step
 
 
 def load_model(run_dir: str | os.PathLike[str]):
@@ -125,13 +111,13 @@ def load_model(run_dir: str | os.PathLike[str]):
   workdir's best checkpoint; the model is built from the workdir's `config.json`.
 
   Raises:
-    checkpoint.IncompatibleCheckpointError: the checkpoint does not fit that config.
+    errors.IncompatibleCheckpointError: the checkpoint does not fit that config.
   """
   run_dir = Path(run_dir)
   config = ml_collections.ConfigDict(fileio.read_json(run_dir / "config.json"))
-  model = classify.build_classifier(config)
-  params, batch_stats = classify.init_classifier(model, jax.random.key(0))
-  restored, step = _restore_raw(run_dir / "best_checkpoint")
+  model = build.build_classifier(config.model, len(layout.CLASS_NAMES))
+  params, batch_stats = build.init_classifier(model, jax.random.key(0))
+  restored, step = checkpoint.restore_latest_on_one_device(run_dir / "best_checkpoint")
   loaded = {"params": restored.get("params"), "batch_stats": restored.get("batch_stats") or {}}
   template = {"params": params, "batch_stats": batch_stats}
   def shapes(tree):
@@ -139,7 +125,7 @@ def load_model(run_dir: str | os.PathLike[str]):
 
   if jax.tree.structure(shapes(loaded)) != jax.tree.structure(shapes(template)) or \
       jax.tree.leaves(shapes(loaded)) != jax.tree.leaves(shapes(template)):
-    raise checkpoint.IncompatibleCheckpointError(
+    raise errors.IncompatibleCheckpointError(
         f"the checkpoint in {run_dir / 'best_checkpoint'} does not fit the model its "
         f"config.json describes")
   return model, loaded["params"], loaded["batch_stats"], config, step
@@ -147,11 +133,9 @@ def load_model(run_dir: str | os.PathLike[str]):
 
 def normalize(images: np.ndarray) -> np.ndarray:
   """(N, H, W) images -> (N, H, W, 1) float32, min-max scaled per image exactly as in
-  training (`data.pipeline.minmax_normalize`)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from mae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  x = tf.constant(np.asarray(images, np.float32)[..., None])
-  return pipeline.minmax_normalize(x).numpy()
+  training (`data.input_pipeline.minmax_normalize`)."""
+  x = np.asarray(images, np.float32)[..., None]
+  return input_pipeline.minmax_normalize(x).numpy()
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
@@ -165,7 +149,7 @@ def classify_files(files: list[InputFile], model, params, batch_stats, image_siz
   """(file, class probabilities) of every readable file, and (name, defect) of the rest."""
   local_batch = parallel.check_batch(batch_size)
   mesh = parallel.make_mesh()
-  forward = classify.make_predict(model, mesh)
+  forward = steps.make_predict(model, mesh)
   params, batch_stats = parallel.replicate((params, batch_stats), mesh)
   done, bad = [], []
   for chunk in tqdm(list(_chunks(files, local_batch)), desc="classifying", unit="batch",
@@ -188,7 +172,7 @@ def classify_files(files: list[InputFile], model, params, batch_stats, image_siz
     batch = np.zeros((local_batch, image_size, image_size, 1), np.float32)
     batch[:len(ok)] = normalize(np.stack(images))
     logits = forward(params, batch_stats, parallel.global_batch({"x": batch}, mesh)["x"])
-    probs = evaluate.softmax(np.asarray(logits, np.float64))[:len(ok)]
+    probs = metrics_lib.softmax(np.asarray(logits, np.float64))[:len(ok)]
     done += list(zip(ok, probs))
   return done, sorted(bad)
 
@@ -199,11 +183,12 @@ def _csv(rows: list[list[Any]]) -> bytes:
   return buf.getvalue().encode()
 
 
-def predict(config: ml_collections.ConfigDict, workdir: str) -> dict:
+@registry.register("predict")
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Classifies `config.input` with the best checkpoint under `config.model_dir`."""
   workdir = Path(workdir)
   if not config.input:
-    raise layout.LayoutError("set --config.input to a .npy file or a folder of them")
+    raise errors.LayoutError("set --config.input to a .npy file or a folder of them")
   files = list_inputs(config.input)
   run_dir = find_model(config.model_dir)
   model, params, batch_stats, run_config, step = load_model(run_dir)
@@ -233,11 +218,11 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> dict:
     known = [(f.label, p) for f, p in done if f.label is not None]
     labels = np.array([k for k, _ in known])
     probs = np.stack([p for _, p in known])
-    metrics = {**evaluate.classification_metrics(probs, labels), "checkpoint_step": step,
+    metrics = {**metrics_lib.classification_metrics(probs, labels), "checkpoint_step": step,
                "input": summary["input"]}
     fileio.write_json_atomic(workdir / METRICS_FILE, metrics)
     title = f"predictions on {Path(config.input).name} ({len(labels)} labelled files)"
-    plots.roc(evaluate.roc_curves(probs, labels), workdir / "plots" / "roc.png", title=title)
+    plots.roc(metrics_lib.roc_curves(probs, labels), workdir / "plots" / "roc.png", title=title)
     plots.confusion(metrics["confusion_matrix"], names, workdir / "plots" / "confusion.png",
                     title=f"{title}, accuracy {metrics['accuracy']:.3f}")
     summary["metrics"] = str(workdir / METRICS_FILE)

@@ -14,15 +14,14 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from flax import traverse_util
 
 PyTree = Any
 
 
 def param_names(params: PyTree) -> PyTree:
-  """A pytree like `params` whose leaves are their `/`-joined names."""
-  def name(path, _):
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-  return jax.tree_util.tree_map_with_path(name, params)
+  """A pytree like `params` (nested dicts) whose leaves are their `/`-joined names."""
+  return traverse_util.path_aware_map(lambda path, _: "/".join(path), params)
 
 
 def match(params: PyTree, patterns: Sequence[str]) -> PyTree:
@@ -122,8 +121,8 @@ def classifier_optimizer(params: PyTree, optim_cfg: ml_collections.ConfigDict, *
   every param must match one; with `layer_decay` < 1, encoder params' rates are
   scaled by layer_decay ** (depth + 1 - layer_id) as in MAE. With `lr_scaling`
   'linear', rates are multiplied by global_batch / 256. Each distinct (rate,
-  decays?) pair becomes one `optax.partition` group with its own warmup + cosine
-  schedule; weight decay skips `optim_cfg.no_decay` params.
+  decays?) pair becomes one `optax.partition` group, named by an integer id, with
+  its own warmup + cosine schedule; weight decay skips `optim_cfg.no_decay` params.
 
   Returns:
     The transformation and a pytree of each param's peak learning rate (0 when frozen).
@@ -149,24 +148,29 @@ def classifier_optimizer(params: PyTree, optim_cfg: ml_collections.ConfigDict, *
                      f"{[p for p, _ in optim_cfg.lr_groups]}; add a catch-all such as '.*'")
 
   peaks = jax.tree.map(peak, names, frozen)
-  labels = jax.tree.map(
-      lambda lr, d, f: "frozen" if f else f"lr={lr!r}{'' if d else ',no_decay'}",
-      peaks, decays, frozen)
+  # One optimiser group per distinct (peak rate, decays?) pair; group 0 is the frozen
+  # params. `groups` is the table: group id -> (peak rate, weight decay).
+  table: dict[tuple[float, bool], int] = {}
+  for lr, d, f in zip(jax.tree.leaves(peaks), jax.tree.leaves(decays), jax.tree.leaves(frozen)):
+    if not f:
+      table.setdefault((lr, d), len(table) + 1)
+  ids = jax.tree.map(lambda lr, d, f: 0 if f else table[(lr, d)], peaks, decays, frozen)
   warmup = int(optim_cfg.warmup_epochs * steps_per_epoch)
-  transforms = {"frozen": optax.set_to_zero()}
-  for label in sorted(set(jax.tree.leaves(labels)) - {"frozen"}):
-    lr = float(label.split(",")[0][3:])
-    wd = 0.0 if label.endswith("no_decay") else optim_cfg.weight_decay
+  transforms = {0: optax.set_to_zero()}
+  for (lr, decays_here), gid in table.items():
+    wd = optim_cfg.weight_decay if decays_here else 0.0
     schedule = warmup_cosine(lr, total_steps, warmup, min(optim_cfg.min_lr, lr))
     if optim_cfg.name == "lars":
-      transforms[label] = lars(schedule, wd, optim_cfg.momentum, optim_cfg.trust_coefficient)
+      transforms[gid] = lars(schedule, wd, optim_cfg.momentum, optim_cfg.trust_coefficient)
     else:
-      transforms[label] = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2,
-                                      weight_decay=wd)
-  for label in sorted(set(jax.tree.leaves(labels))):
-    chosen = jax.tree.map(lambda l, lab=label: l == lab, labels)
-    _log_matches(f"optimiser group {label}", params, chosen)
-  chain = [optax.partition(transforms, labels)]
+      transforms[gid] = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, weight_decay=wd)
+  describe = {0: "frozen"} | {gid: f"lr {lr:.3g}, weight decay "
+                              f"{optim_cfg.weight_decay if d else 0.0:g}"
+                              for (lr, d), gid in table.items()}
+  for gid in sorted(describe):
+    chosen = jax.tree.map(lambda i, g=gid: i == g, ids)
+    _log_matches(f"optimiser group {gid} ({describe[gid]})", params, chosen)
+  chain = [optax.partition(transforms, ids)]
   if optim_cfg.grad_clip_norm:
     chain.insert(0, optax.clip_by_global_norm(optim_cfg.grad_clip_norm))
   return optax.chain(*chain), peaks

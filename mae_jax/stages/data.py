@@ -13,22 +13,25 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from mae_jax import fileio
-from mae_jax import plots
 from mae_jax.data import builder
+from mae_jax.data import input_pipeline
 from mae_jax.data import layout
-from mae_jax.data import pipeline
 from mae_jax.data import source
+from mae_jax.eval import plots
+from mae_jax.runtime import fileio
+from mae_jax.stages import registry
+
+SUMMARY_FILE = "data_summary.json"
 
 
-def _class_counts(ip: pipeline.InputPipeline, batch_size: int) -> dict[str, int]:
+def _class_counts(ip: input_pipeline.InputPipeline, batch_size: int) -> dict[str, int]:
   counts = np.zeros(len(layout.CLASS_NAMES), np.int64)
   for b in ip.eval_batches(batch_size):
     counts += np.bincount(b["label"][b["mask"]], minlength=len(layout.CLASS_NAMES))
   return dict(zip(layout.CLASS_NAMES, counts.tolist()))
 
 
-def _samples(ip: pipeline.InputPipeline, per_class: int) -> dict[str, np.ndarray]:
+def _samples(ip: input_pipeline.InputPipeline, per_class: int) -> dict[str, np.ndarray]:
   found = {name: [] for name in layout.CLASS_NAMES}
   for b in ip.eval_batches(256):
     for image, label, real in zip(b["image"], b["label"], b["mask"]):
@@ -40,11 +43,12 @@ def _samples(ip: pipeline.InputPipeline, per_class: int) -> dict[str, np.ndarray
   return {k: np.stack(v) for k, v in found.items() if v}
 
 
+@registry.register("data")
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Prepares `config.data` and writes its summary and sample figure to `workdir`."""
   workdir = Path(workdir)
   prepared = source.load(config.data)
-  splits = {name: pipeline.InputPipeline(prepared.builder, name)
+  splits = {name: input_pipeline.InputPipeline(prepared.builder, name)
             for name in ("train", "validation")}
   counts = {name: _class_counts(ip, config.batch_size) for name, ip in splits.items()}
 
@@ -74,10 +78,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "train_pipeline_batch": batch,
   }
   workdir.mkdir(parents=True, exist_ok=True)
-  fileio.write_json_atomic(workdir / "data_summary.json", summary)
+  fileio.write_json_atomic(workdir / SUMMARY_FILE, summary)
   for name, c in counts.items():
     logging.info("%-10s %s (total %d)", name, c, sum(c.values()))
   logging.info("image size %dx%d; %d bad file(s); augmented train batches: %.0f images/s",
                h, w, len(prepared.bad_files), rate)
-  logging.info("wrote %s and %s", workdir / "data_summary.json", fig)
+  logging.info("wrote %s and %s", workdir / SUMMARY_FILE, fig)
   return summary

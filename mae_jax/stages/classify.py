@@ -1,5 +1,5 @@
-"""Linear probing and fine-tuning: the classifier from a config, data-parallel
-steps, evaluation, and the stage loop shared by both stages.
+"""The `probe` and `finetune` stages: a classifier on the (pretrained) encoder, trained
+data-parallel, evaluated every epoch, the best epoch kept.
 
   python main.py --config=configs/probe.py:demo --workdir=runs/probe_demo
   python main.py --config=configs/finetune.py:demo --workdir=runs/finetune_demo
@@ -12,114 +12,32 @@ backward pass is never built), which optimiser, and which stage they start from.
 
 from __future__ import annotations
 
-import functools
 import time
 from pathlib import Path
-from typing import Any
 
-import flax.struct
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
-from jax import lax
 from jax.experimental import multihost_utils
 
-from mae_jax import baseline
-from mae_jax import checkpoint
-from mae_jax import convert
-from mae_jax import evaluate
-from mae_jax import fileio
-from mae_jax import models
-from mae_jax import optim
-from mae_jax import parallel
-from mae_jax import plots
-from mae_jax import train
 from mae_jax.data import layout
 from mae_jax.data import source
+from mae_jax.eval import baseline
+from mae_jax.eval import metrics as metrics_lib
+from mae_jax.eval import plots
+from mae_jax.models import build
+from mae_jax.models import load
+from mae_jax.runtime import checkpoint
+from mae_jax.runtime import fileio
+from mae_jax.runtime import parallel
+from mae_jax.stages import common
+from mae_jax.stages import registry
+from mae_jax.train import loop as loop_lib
+from mae_jax.train import optim
+from mae_jax.train import steps
 
 EVAL_FILE = "eval_metrics.json"
-
-
-class ClassifierState(train.TrainState):
-  """Train state plus BatchNorm statistics of the head."""
-  batch_stats: Any = flax.struct.field(default_factory=dict)
-
-
-def build_classifier(config: ml_collections.ConfigDict) -> models.Classifier:
-  """The classifier of a probe / fine-tune config (BatchNorm synced across devices)."""
-  m = config.model
-  return models.Classifier(
-      vit=train.vit_config(m), num_classes=len(layout.CLASS_NAMES), head=m.head, pool=m.pool,
-      head_hidden=tuple(m.head_hidden), dropout=m.dropout, drop_path=m.drop_path,
-      bn_axis_name=parallel.AXIS, dtype=train.dtype_of(m.dtype))
-
-
-def init_classifier(model: models.Classifier, key: jax.Array) -> tuple[Any, Any]:
-  """(params, batch_stats) of `model` from `key`."""
-  vit = model.vit
-  images = jnp.zeros((2, vit.image_size, vit.image_size, vit.channels), jnp.float32)
-  variables = jax.jit(functools.partial(model.init, train=False))(key, images)
-  return variables["params"], variables.get("batch_stats", {})
-
-
-def make_train_step(model: models.Classifier, mesh: jax.sharding.Mesh, *,
-                    frozen_encoder: bool, label_smoothing: float = 0.0):
-  """A jitted data-parallel step: (state, images, labels, key) -> (state, metrics).
-
-  With `frozen_encoder`, features come from the encoder in inference mode
-  outside the differentiated function: no encoder backward pass, and its
-  (frozen) params receive exactly zero gradient.
-  """
-  classes = model.num_classes
-
-  def per_device(state: ClassifierState, images, labels, key):
-    rng = jax.random.fold_in(jax.random.fold_in(key, state.step), lax.axis_index(parallel.AXIS))
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, classes), label_smoothing)
-    if frozen_encoder:
-      feats = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
-                          False, method=models.Classifier.features)
-
-    def loss_fn(params):
-      variables = {"params": params, "batch_stats": state.batch_stats}
-      if frozen_encoder:
-        logits, updates = model.apply(variables, feats, True, method=models.Classifier.classify,
-                                      mutable=["batch_stats"], rngs={"dropout": rng})
-      else:
-        out, updates = model.apply(variables, images, True, mutable=["batch_stats"],
-                                   rngs={"dropout": rng})
-        logits = out["logits"]
-      loss = optax.softmax_cross_entropy(logits, targets).mean()
-      return loss, (logits, updates.get("batch_stats", {}))
-
-    (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grads = lax.pmean(grads, parallel.AXIS)
-    loss = lax.pmean(loss, parallel.AXIS)
-    accuracy = lax.pmean(jnp.mean(jnp.argmax(logits, -1) == labels), parallel.AXIS)
-    grad_norm = optax.tree.norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new_state = state.apply_gradients(grads=grads, batch_stats=stats)
-    new_state = train.keep_if_finite(ok, new_state, state)
-    return new_state, {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "finite": ok}
-
-  mapped = parallel.data_parallel(
-      per_device, mesh,
-      in_specs=(parallel.REPLICATED, parallel.BATCH, parallel.BATCH, parallel.REPLICATED),
-      out_specs=(parallel.REPLICATED, parallel.REPLICATED))
-  return jax.jit(mapped, donate_argnums=0)
-
-
-def make_predict(model: models.Classifier, mesh: jax.sharding.Mesh):
-  """A jitted data-parallel forward pass in inference mode: logits of a global batch."""
-
-  def per_device(params, batch_stats, images):
-    return model.apply({"params": params, "batch_stats": batch_stats}, images, False)["logits"]
-
-  return jax.jit(parallel.data_parallel(
-      per_device, mesh, in_specs=(parallel.REPLICATED, parallel.REPLICATED, parallel.BATCH),
-      out_specs=parallel.BATCH))
 
 
 def _gather(x: jax.Array) -> np.ndarray:
@@ -128,7 +46,7 @@ def _gather(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def predict_split(predict, state: ClassifierState, ip, local_batch: int, num_batches: int,
+def predict_split(predict, state: steps.ClassifierState, ip, local_batch: int, num_batches: int,
                   mesh) -> tuple[np.ndarray, np.ndarray]:
   """(probabilities, labels) of every example of a split exactly once (padding dropped)."""
   probs, labels = [], []
@@ -136,7 +54,7 @@ def predict_split(predict, state: ClassifierState, ip, local_batch: int, num_bat
     g = parallel.global_batch(b, mesh)
     logits = _gather(predict(state.params, state.batch_stats, g["image"]))
     keep = _gather(g["mask"]).astype(bool)
-    probs.append(evaluate.softmax(logits.astype(np.float64))[keep])
+    probs.append(metrics_lib.softmax(logits.astype(np.float64))[keep])
     labels.append(_gather(g["label"])[keep])
   return np.concatenate(probs), np.concatenate(labels)
 
@@ -147,23 +65,25 @@ def _source_stage(config: ml_collections.ConfigDict) -> str:
           f"--workdir={config.init_from}")
 
 
-def classify(config: ml_collections.ConfigDict, workdir: str) -> dict:
+@registry.register("probe", "finetune")
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) a probe or fine-tune stage; returns the best evaluation."""
   workdir = Path(workdir)
-  main = train.is_main_process()
+  main = loop_lib.is_main_process()
   mesh = parallel.make_mesh()
   local_batch = parallel.check_batch(config.batch_size)
   local_eval = parallel.check_batch(config.eval_batch_size, "eval_batch_size")
-  model = build_classifier(config)
+  model = build.build_classifier(config.model, len(layout.CLASS_NAMES), parallel.AXIS)
   if main:
     workdir.mkdir(parents=True, exist_ok=True)
 
-  params, batch_stats = init_classifier(model, jax.random.fold_in(jax.random.key(config.seed), 0))
+  params, batch_stats = build.init_classifier(
+      model, jax.random.fold_in(jax.random.key(config.seed), 0))
   if checkpoint.latest_step(workdir) is None:  # a fresh run: public weights or the previous stage
     if config.init_weights:
-      params = convert.import_weights(config.init_weights, params, model.vit.num_patches)
+      params = load.import_weights(config.init_weights, params, model.vit.num_patches)
     elif config.init_from:
-      params, batch_stats, src_step, fresh = checkpoint.restore_from_stage(
+      params, batch_stats, src_step, fresh = load.restore_from_stage(
           config.init_from, params, batch_stats, dont_load=list(config.dont_load),
           make_it=_source_stage(config), model=config.model.to_dict())
       logging.info("initialised from %s step %d; fresh: %s", config.init_from, src_step,
@@ -171,15 +91,15 @@ def classify(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
       logging.warning("init_from is empty: training the encoder from scratch")
 
-  _, train_ip, val_ip = train.input_pipelines(config, layout.CLASS_NAMES)
-  steps_per_epoch = train.agree_min(train_ip.num_examples // local_batch)
+  _, train_ip, val_ip = common.input_pipelines(config, layout.CLASS_NAMES)
+  steps_per_epoch = loop_lib.agree_min(train_ip.num_examples // local_batch)
   if steps_per_epoch < 1:
     raise ValueError(f"batch_size={config.batch_size} exceeds the {train_ip.num_examples} "
                      "training images on this process")
-  eval_batches = train.agree_max(-(-val_ip.num_examples // local_eval))
+  eval_batches = loop_lib.agree_max(-(-val_ip.num_examples // local_eval))
   # The non-deep baseline (mae_jax/baseline.py), once per run: it depends only on the data.
   base = baseline.evaluate_baseline(*(
-      baseline.pipeline_profiles(ip, local_eval, gather=_gather, agree_max=train.agree_max)
+      baseline.pipeline_profiles(ip, local_eval, gather=_gather, agree_max=loop_lib.agree_max)
       for ip in (train_ip, val_ip)))
   logging.info("baseline, %s: validation macro AUC %s, accuracy %.4f", baseline.DESCRIPTION,
                base["metrics"]["macro_auc"], base["metrics"]["accuracy"])
@@ -197,14 +117,16 @@ def classify(config: ml_collections.ConfigDict, workdir: str) -> dict:
   schedule = optim.warmup_cosine(head_lr, total_steps,
                                  int(config.optim.warmup_epochs * steps_per_epoch),
                                  min(config.optim.min_lr, head_lr))
-  state = parallel.replicate(ClassifierState.create(apply_fn=model.apply, params=params, tx=tx,
-                                                    batch_stats=batch_stats), mesh)
+  state = parallel.replicate(steps.ClassifierState.create(
+      apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats), mesh)
   mngr = checkpoint.manager(workdir, config.keep_checkpoints)
   best_mngr = checkpoint.manager(workdir, 1, folder="best_checkpoint")
-  state, step, history, writer, progress = train.open_run(workdir, config, state, steps_per_epoch, mngr)
+  writer = common.metric_writer(workdir)
+  state, step, history, progress = loop_lib.open_run(workdir, config, state, steps_per_epoch,
+                                                     mngr, writer)
   for stale in [s for s in best_mngr.all_steps() if s > step]:  # from a run we no longer continue
     best_mngr.delete(stale)
-  predict = make_predict(model, mesh)
+  predict = steps.make_predict(model, mesh)
   best = max((h["val_macro_auc"] for h in history if h.get("val_macro_auc") is not None),
              default=-1.0)
   title = f"{config.stage} ({config.preset})"
@@ -212,7 +134,7 @@ def classify(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def end_epoch(state, epoch, record):
     nonlocal best
     probs, labels = predict_split(predict, state, val_ip, local_eval, eval_batches, mesh)
-    metrics = evaluate.classification_metrics(probs, labels)
+    metrics = metrics_lib.classification_metrics(probs, labels)
     record.update({"val_accuracy": metrics["accuracy"], "val_macro_auc": metrics["macro_auc"],
                    "val_micro_auc": metrics["micro_auc"]})
     record.update({f"val_auc_{k}": v for k, v in metrics["auc"].items()})
@@ -224,7 +146,7 @@ def classify(config: ml_collections.ConfigDict, workdir: str) -> dict:
             **metrics, "step": record["step"], "epoch": epoch + 1, "split": "validation",
             "baseline": base["metrics"],
             "margin_over_baseline": baseline.margin(metrics, base["metrics"])})
-        roc_png = plots.roc(evaluate.roc_curves(probs, labels), workdir / "plots" / "roc.png",
+        roc_png = plots.roc(metrics_lib.roc_curves(probs, labels), workdir / "plots" / "roc.png",
                             title=f"{title}, epoch {epoch + 1}", baseline=base["curves"])
         confusion_png = plots.confusion(metrics["confusion_matrix"], layout.CLASS_NAMES,
                                         workdir / "plots" / "confusion.png",
@@ -232,17 +154,19 @@ def classify(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write_images(record["step"], {"roc": plots.image_array(roc_png),
                                              "confusion": plots.image_array(confusion_png)})
 
-  loop = train.Loop(
+  augment = source.augment_config(config.data) if config.augment else None
+  loop = loop_lib.Loop(
       config=config, workdir=workdir, state=state,
-      step_fn=make_train_step(model, mesh, frozen_encoder=frozen_encoder,
-                              label_smoothing=config.label_smoothing),
+      step_fn=steps.make_classifier_step(model, mesh, frozen_encoder=frozen_encoder,
+                                         label_smoothing=config.label_smoothing),
       to_global=lambda b: tuple(parallel.global_batch(
           {"image": b["image"], "label": b["label"]}, mesh).values()),
-      train=train_ip, local_batch=local_batch, steps_per_epoch=steps_per_epoch,
-      total_epochs=config.epochs, schedule=schedule,
-      augment=lambda e: source.augment_config(config.data) if config.augment else None)
+      batches=lambda epoch, first: train_ip.train_epoch(
+          local_batch, seed=config.seed, epoch=epoch, start_batch=first, augment=augment),
+      train_examples=train_ip.num_examples, local_batch=local_batch,
+      steps_per_epoch=steps_per_epoch, total_epochs=config.epochs, schedule=schedule)
   start = time.time()
-  train.run_epochs(loop, step, history, mngr, writer, end_epoch, progress)
+  loop_lib.run_epochs(loop, step, history, mngr, writer, end_epoch, progress)
   mngr.wait_until_finished()
   best_mngr.wait_until_finished()
   if main:

@@ -13,11 +13,9 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+from mae_jax.runtime import errors
+
 LOCK_FILE = ".mae_jax.lock"
-
-
-class WorkdirBusyError(RuntimeError):
-  """Another run holds the workdir's lock; the message names it."""
 
 
 def writable_problem(workdir: str | os.PathLike[str]) -> str | None:
@@ -51,7 +49,7 @@ def lock(workdir: str | os.PathLike[str]) -> Iterator[Path]:
   so a crashed run never leaves a stale lock behind.
 
   Raises:
-    WorkdirBusyError: another live run holds it (its pid, host, start and command).
+    errors.WorkdirBusyError: another live run holds it (its pid, host, start and command).
   """
   path = Path(workdir) / LOCK_FILE
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +58,7 @@ def lock(workdir: str | os.PathLike[str]) -> Iterator[Path]:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      raise WorkdirBusyError(
+      raise errors.WorkdirBusyError(
           f"workdir {Path(workdir)} is in use by another run ({_holder(f)}). Wait for it "
           "to finish, stop it, or choose another --workdir.") from None
     f.seek(0)

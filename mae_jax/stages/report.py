@@ -20,14 +20,25 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+from flax import traverse_util
 
-from mae_jax import fileio
 from mae_jax.data import layout
+from mae_jax.eval import plots
+from mae_jax.runtime import fileio
+from mae_jax.stages import classify
+from mae_jax.stages import data as data_stage
+from mae_jax.stages import pretrain
+
+# The pipeline's stages in order, the record each writes, and the file each writes last.
+STAGES = ("data", "pretrain", "probe", "finetune")
+STAGE_FILE = "pipeline_stage.json"
+OUTPUT = {"data": data_stage.SUMMARY_FILE, "pretrain": pretrain.SUMMARY_FILE,
+          "probe": classify.EVAL_FILE, "finetune": classify.EVAL_FILE}
 
 REPORT_MD, REPORT_HTML, REPORT_JSON, FIGURE_GRID = (
     "report.md", "report.html", "report.json", "figures.png")
 
-# The seed study's published results (real DeepLense Model II data; DESIGN §1).
+# The seed study's published results (real DeepLense Model II data; docs/design.md).
 SEED_PUBLISHED = {
     "probe": {"micro_auc": 0.58},
     "finetune": {"micro_auc": 0.97, "auc": {"no_sub": 1.00, "cdm": 0.94, "axion": 0.96},
@@ -56,6 +67,12 @@ GRID = (("pretrain", "plots/reconstructions.png"), ("pretrain", "plots/loss_curv
 # --- Collecting ----------------------------------------------------------------------
 
 
+def read_record(stage_dir: str | os.PathLike[str]) -> dict | None:
+  """A stage's `pipeline_stage.json`, or None if it has none."""
+  path = Path(stage_dir) / STAGE_FILE
+  return fileio.read_json(path) if path.exists() else None
+
+
 def _read(path: Path) -> Any:
   return fileio.read_json(path) if path.exists() else None
 
@@ -79,15 +96,14 @@ def baselines(metrics: dict | None) -> dict[str, dict]:
 def collect(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict,
             stages: dict[str, ml_collections.ConfigDict]) -> dict[str, Any]:
   """Everything the report shows, read from the stages' files (JSON-ready)."""
-  from mae_jax import pipeline  # pylint: disable=g-import-not-at-top
   workdir = Path(workdir)
   out: dict[str, Any] = {"workdir": str(workdir), "preset": config.preset,
                          "generated": datetime.datetime.now().isoformat(timespec="seconds"),
                          "command": " ".join(sys.argv), "stages": {}, "metrics": {},
                          "baselines": {}, "notes": [], "seed_published": SEED_PUBLISHED}
-  for name in pipeline.STAGES:
+  for name in STAGES:
     d = workdir / name
-    record = pipeline.read_record(d)
+    record = read_record(d)
     if name not in stages and record is None:
       continue
     runs = (record or {}).get("runs", [])
@@ -100,7 +116,7 @@ def collect(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict,
         "load_average_1m": ([runs[-1]["hardware"].get("load_average_1m"),
                              runs[-1].get("load_average_1m_end")] if runs else None),
         "step": (record or {}).get("step"),
-        "summary": _read(d / pipeline.OUTPUT[name]),
+        "summary": _read(d / OUTPUT[name]),
     }
     out["stages"][name] = entry
     if name in ("probe", "finetune") and entry["summary"]:
@@ -109,7 +125,7 @@ def collect(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict,
         out["baselines"].setdefault(bname, b)
     source = (record or {}).get("source")
     if source and source.get("stage"):
-      now = (pipeline.read_record(workdir / source["stage"]) or {}).get("step")
+      now = (read_record(workdir / source["stage"]) or {}).get("step")
       if source.get("step") is not None and now is not None and now != source["step"]:
         out["notes"].append(
             f"{name} was started from {source['stage']} step {source['step']}, but "
@@ -238,17 +254,8 @@ def _hardware_lines(data: dict) -> list[str]:
 
 
 def _flat_config(config: ml_collections.ConfigDict) -> str:
-  out = []
-
-  def walk(prefix, node):
-    for k, v in node.items():
-      if isinstance(v, (dict, ml_collections.ConfigDict)):
-        walk(f"{prefix}{k}.", v)
-      else:
-        out.append(f"{prefix}{k} = {v!r}")
-
-  walk("", config.copy_and_resolve_references())
-  return "\n".join(out)
+  flat = traverse_util.flatten_dict(config.copy_and_resolve_references().to_dict(), sep=".")
+  return "\n".join(f"{k} = {v!r}" for k, v in flat.items())
 
 
 def figures(workdir: Path, data: dict) -> list[tuple[str, str]]:
@@ -362,7 +369,6 @@ def to_html(report: list[tuple], workdir: Path) -> str:
 def write(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict,
           stages: dict[str, ml_collections.ConfigDict]) -> dict[str, Path]:
   """Writes report.md, report.html, report.json and figures.png into `workdir`."""
-  from mae_jax import plots  # pylint: disable=g-import-not-at-top
   workdir = Path(workdir)
   data = collect(workdir, config, stages)
   captions = {(stage, rel): caption for stage, rel, caption in FIGURES}

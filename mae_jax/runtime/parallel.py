@@ -27,13 +27,27 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
   return Mesh(np.asarray(devices), (AXIS,))
 
 
+def batch_problem(global_batch, what: str = "batch_size") -> str | None:
+  """Why `global_batch` cannot be split evenly over every device, or None if it can."""
+  devices = jax.device_count()
+  if not isinstance(global_batch, int) or global_batch < 1 or global_batch % devices:
+    example = max(devices, (global_batch if isinstance(global_batch, int) else 0) // devices
+                  * devices)
+    return (f"{what}={global_batch} must be a positive multiple of the device count "
+            f"({devices}), e.g. {example}")
+  return None
+
+
 def check_batch(global_batch: int, what: str = "batch_size") -> int:
-  """Checks the global batch divides over devices and processes; returns the per-process batch."""
-  devices, processes = jax.device_count(), jax.process_count()
-  if global_batch < 1 or global_batch % devices:
-    raise ValueError(f"{what}={global_batch} must be a positive multiple of the device count "
-                     f"({devices}); e.g. {max(devices, global_batch // devices * devices)}")
-  return global_batch // processes
+  """The per-process share of a global batch that splits evenly over every device.
+
+  Raises:
+    ValueError: it does not (the config validator reports this before a run starts).
+  """
+  problem = batch_problem(global_batch, what)
+  if problem:
+    raise ValueError(problem)
+  return global_batch // jax.process_count()
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

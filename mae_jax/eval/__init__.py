@@ -1,0 +1,1 @@
+"""Classification metrics (scikit-learn), the radial-profile baseline, and figures."""

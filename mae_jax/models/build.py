@@ -1,0 +1,79 @@
+"""From a `model` config to a linen module and its initial parameters.
+
+The one place that reads model configs: the stages, the weight import and the
+tests build every model here.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mae_jax.models import heads
+from mae_jax.models import mae as mae_lib
+from mae_jax.models import masking
+from mae_jax.models import vit
+
+DTYPES = ("float32", "bfloat16")
+# The model config keys that fix the encoder's parameters and function: a stage that
+# starts from another stage's checkpoint must agree with it on each.
+ENCODER_KEYS = ("image_size", "channels", "patch", "dim", "depth", "heads", "mlp_ratio")
+
+
+def dtype_of(name: str) -> jnp.dtype:
+  """The compute dtype named by `model.dtype`."""
+  if name not in DTYPES:
+    raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+  return jnp.dtype(name)
+
+
+def vit_config(model: ml_collections.ConfigDict) -> vit.ViTConfig:
+  """The encoder sizes of a `model` config."""
+  if model.image_size % model.patch:
+    raise ValueError(f"image size {model.image_size} is not divisible by patch {model.patch}")
+  return vit.ViTConfig(image_size=model.image_size, channels=model.channels,
+                       patch=model.patch, dim=model.dim, depth=model.depth,
+                       heads=model.heads, mlp_ratio=model.mlp_ratio)
+
+
+def build_mae(model: ml_collections.ConfigDict) -> mae_lib.MAE:
+  """The MAE described by a pretraining `model` config."""
+  masking.num_kept(1, model.mask_ratio)  # validates the ratio
+  return mae_lib.MAE(
+      encoder=vit_config(model),
+      decoder=mae_lib.DecoderConfig(dim=model.decoder_dim, depth=model.decoder_depth,
+                                    heads=model.decoder_heads, mlp_ratio=model.mlp_ratio),
+      mask_ratio=model.mask_ratio, dtype=dtype_of(model.dtype))
+
+
+def init_mae(mae: mae_lib.MAE, key: jax.Array) -> Any:
+  """Float32 parameters of `mae` from `key`."""
+  enc = mae.encoder
+  images = jnp.zeros((1, enc.image_size, enc.image_size, enc.channels), jnp.float32)
+  noise = jnp.zeros((1, enc.num_patches), jnp.float32)
+  return jax.jit(mae.init)(key, images, noise)["params"]
+
+
+def build_classifier(model: ml_collections.ConfigDict, num_classes: int,
+                     bn_axis_name: str | None = None) -> heads.Classifier:
+  """The classifier of a probe / fine-tune `model` config, with `num_classes` logits.
+
+  `bn_axis_name` names the mesh axis over which the head's BatchNorm averages its
+  batch statistics in training (the data-parallel axis).
+  """
+  return heads.Classifier(
+      vit=vit_config(model), num_classes=num_classes, head=model.head, pool=model.pool,
+      head_hidden=tuple(model.head_hidden), dropout=model.dropout, drop_path=model.drop_path,
+      bn_axis_name=bn_axis_name, dtype=dtype_of(model.dtype))
+
+
+def init_classifier(model: heads.Classifier, key: jax.Array) -> tuple[Any, Any]:
+  """(params, batch_stats) of `model` from `key`."""
+  enc = model.vit
+  images = jnp.zeros((2, enc.image_size, enc.image_size, enc.channels), jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False))(key, images)
+  return variables["params"], variables.get("batch_stats", {})

@@ -1,0 +1,81 @@
+"""Classification heads and the classifier (the ViT encoder on all patches + a head)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mae_jax.models import vit as vit_lib
+
+
+class MlpHead(nn.Module):
+  """The seed's probe head: [Dense, BatchNorm, ReLU, Dropout] per hidden width, then Dense."""
+  num_classes: int
+  hidden: tuple[int, ...] = (512, 256)
+  dropout: float = 0.2
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    for i, width in enumerate(self.hidden):
+      x = nn.Dense(width, kernel_init=vit_lib.xavier, name=f"fc{i}")(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                       axis_name=self.bn_axis_name if train else None, name=f"bn{i}")(x)
+      x = nn.relu(x)
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, kernel_init=vit_lib.xavier, name="out")(x)
+
+
+class LinearHead(nn.Module):
+  """The MAE probe head: BatchNorm without affine (eps 1e-6), then a linear layer."""
+  num_classes: int
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-6,
+                     use_bias=False, use_scale=False,
+                     axis_name=self.bn_axis_name if train else None, name="bn")(x)
+    return nn.Dense(self.num_classes, kernel_init=nn.initializers.truncated_normal(0.01),
+                    name="out")(x)
+
+
+class Classifier(nn.Module):
+  """ViT encoder on all patches (no masking) + a classification head.
+
+  `features` and `classify` can be applied separately, so a probe can compute
+  frozen features outside the differentiated function.
+  """
+  vit: vit_lib.ViTConfig
+  num_classes: int = 3
+  head: str = "mlp"          # 'mlp' (seed) or 'linear' (MAE)
+  pool: str = "cls"          # 'cls' token after the final norm, or 'mean' of patch tokens
+  head_hidden: tuple[int, ...] = (512, 256)
+  dropout: float = 0.2
+  drop_path: float = 0.0
+  bn_axis_name: str | None = None
+  dtype: vit_lib.Dtype = jnp.float32
+
+  def setup(self):
+    if self.head not in ("mlp", "linear") or self.pool not in ("cls", "mean"):
+      raise ValueError(f"head must be 'mlp' or 'linear' and pool 'cls' or 'mean', got "
+                       f"{self.head!r}, {self.pool!r}")
+    self.encoder = vit_lib.Encoder(self.vit, drop_path=self.drop_path, dtype=self.dtype)
+    if self.head == "mlp":
+      self.classifier = MlpHead(self.num_classes, self.head_hidden, self.dropout,
+                                self.bn_axis_name)
+    else:
+      self.classifier = LinearHead(self.num_classes, self.bn_axis_name)
+
+  def features(self, images: jax.Array, train: bool = False) -> jax.Array:
+    latent, _, _ = self.encoder(images, deterministic=not train)
+    pooled = latent[:, 0] if self.pool == "cls" else latent[:, 1:].mean(axis=1)
+    return pooled.astype(jnp.float32)
+
+  def classify(self, features: jax.Array, train: bool = False) -> jax.Array:
+    return self.classifier(features, train).astype(jnp.float32)
+
+  def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    pre_logits = self.features(images, train)
+    return {"logits": self.classify(pre_logits, train), "pre_logits": pre_logits}

@@ -1,0 +1,1 @@
+"""What `main.py` runs: one function per stage, on top of every other layer."""

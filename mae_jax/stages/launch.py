@@ -1,0 +1,105 @@
+"""Running one stage from the command line: what `main.py` calls.
+
+The config is checked before any data is read or anything compiled
+(`validate.check`), process 0 holds the workdir's lock, and the stage is looked up
+in the registry. A newcomer's mistakes (a misspelled override, an unknown preset,
+a missing data folder) end in one line naming the closest valid choice, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+from absl import flags
+
+from mae_jax.runtime import errors
+from mae_jax.runtime import workdir as workdir_lib
+from mae_jax.stages import classify  # pylint: disable=unused-import (registers probe, finetune)
+from mae_jax.stages import data  # pylint: disable=unused-import (registers data)
+from mae_jax.stages import pipeline  # pylint: disable=unused-import (registers pipeline)
+from mae_jax.stages import predict  # pylint: disable=unused-import (registers predict)
+from mae_jax.stages import pretrain  # pylint: disable=unused-import (registers pretrain)
+from mae_jax.stages import registry
+from mae_jax.stages import validate
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
+  """Checks `config`, then runs its stage in `workdir` under the workdir's lock.
+
+  Raises:
+    errors.UserError: a problem with the config, data or workdir, or a diverging run.
+  """
+  # Before any data is read or anything compiled.
+  validate.check(config, workdir, stages=registry.names())
+  # Process 0 holds the lock for the run (a shared filesystem may not share flocks).
+  hold = workdir_lib.lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with hold:
+    return registry.get(config.stage)(config, workdir)
+
+
+def _config_argument(argv: Sequence[str], name: str) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg == f"--{name}" and i + 1 < len(argv):
+      return argv[i + 1]
+    if arg.startswith(f"--{name}="):
+      return arg.split("=", 1)[1]
+  return None
+
+
+def override_problems(argv: Sequence[str], name: str = "config") -> list[str]:
+  """`--config.KEY=...` overrides in `argv` naming no key of the config file, each
+  with the closest valid key (the config file is loaded again to list its keys)."""
+  arg = _config_argument(argv, name)
+  if not arg:
+    return []
+  file, _, preset = arg.partition(":")
+  try:
+    config = validate.load_config_file(file, preset or None)
+  except errors.UserError:
+    return []
+  valid = validate.flat_keys(config)
+  prefixes = {k.rsplit(".", i)[0] for k in valid for i in range(k.count(".") + 1)}
+  problems = []
+  for a in argv:
+    m = re.match(rf"--(?:no)?{name}\.([\w.]+)", a)
+    if m and m.group(1) not in valid and m.group(1) not in prefixes:
+      problems.append(validate.unknown_key_message(m.group(1), valid))
+  return problems
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with config mistakes reported in one line each (exit 1)."""
+  try:
+    rest = flags.FLAGS(argv)
+  except errors.UserError as e:
+    raise SystemExit(f"error: {e}") from None
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+    found = config_file_problems(argv)
+    if found:
+      raise SystemExit("error: " + "; ".join(found)) from None
+    if isinstance(e, flags.Error):
+      raise SystemExit(f"error: {e}") from None
+    raise
+  # config_flags defers some failures (a missing file) until the config is read.
+  found = config_file_problems(argv)
+  if found:
+    raise SystemExit("error: " + "; ".join(found))
+  return rest
+
+
+def config_file_problems(argv: Sequence[str], name: str = "config") -> list[str]:
+  """What is wrong with `--config=FILE:PRESET` and its `--config.KEY` overrides in `argv`."""
+  arg = _config_argument(argv, name)
+  if not arg:
+    return []
+  file, _, preset = arg.partition(":")
+  try:
+    validate.load_config_file(file, preset or None)
+  except errors.UserError as e:
+    return [str(e)]
+  return override_problems(argv, name)
