@@ -59,8 +59,9 @@ def test_gelu_is_the_exact_erf_gelu():
   assert np.abs(vit.gelu(x) - jax.nn.gelu(x, approximate=True)).max() > 1e-4
 
 
-def test_xla_form_matches_blocked_and_is_the_default_off_cpu(monkeypatch):
-  """The GPU/TPU path (jax.nn.dot_product_attention) gives the blocked result."""
+def test_xla_form_matches_blocked_and_the_platform_defaults(monkeypatch):
+  """The GPU/TPU path (jax.nn.dot_product_attention, 9 tokens padded to 16) gives the
+  blocked result."""
   heads = 2
   qkv = jax.random.normal(jax.random.key(0), (4, 9, 3 * heads * 8))
   blocked, vjp_b = jax.vjp(lambda x: attention.multi_head_attention(x, heads, impl="blocked"), qkv)
@@ -69,9 +70,41 @@ def test_xla_form_matches_blocked_and_is_the_default_off_cpu(monkeypatch):
   np.testing.assert_allclose(vjp_x(fused)[0], vjp_b(fused)[0], atol=5e-5)
   assert attention.implementation() == "blocked"            # tests run on the CPU backend
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert attention.implementation() == "cudnn"
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   assert attention.implementation() == "xla"
   monkeypatch.setenv(attention.ENV_VAR, "cudnn")
   assert attention.implementation() == "cudnn"
   monkeypatch.setenv(attention.ENV_VAR, "flash")
   with pytest.raises(ValueError, match="MAE_JAX_ATTENTION='flash' must be one of"):
     attention.implementation()
+
+
+@pytest.mark.parametrize("length", [65, 9, 16])
+def test_padding_to_a_multiple_of_8_changes_nothing(length):
+  """Padded to a multiple of 8 with the true length as sequence lengths (XLA's form on
+  the CPU): the same values and gradients as the unpadded attention."""
+  q, k, v = jax.random.normal(jax.random.key(1), (3, 2, length, 4, 8))
+  weights = jax.random.normal(jax.random.key(2), (2, length, 4, 8))
+
+  def loss(q, k, v, pad_to):
+    out = (attention.fused_attention(q, k, v, "xla", pad_to=pad_to) if pad_to
+           else jax.nn.dot_product_attention(q, k, v, implementation="xla"))
+    return (out * weights).sum(), out
+
+  (_, plain), g_plain = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, 0)
+  (_, padded), g_padded = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, 8)
+  assert padded.shape == plain.shape == (2, length, 4, 8)
+  np.testing.assert_allclose(padded, plain, atol=1e-5)
+  for a, b in zip(g_padded, g_plain):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_cudnn_falls_back_to_xla_where_it_cannot_run(caplog):
+  """float32, or no GPU (this CPU): the choice is XLA's form, with the reason logged."""
+  with caplog.at_level("INFO"):
+    assert attention.choose("cudnn", 8, 65, 32, "float32") == "xla"
+    assert attention.choose("cudnn", 8, 65, 32, "bfloat16") == "xla"
+  assert "takes bfloat16 or float16, not float32" in caplog.text
+  assert "cuDNN refused it" in caplog.text
+  assert attention.choose("xla", 8, 65, 32, "float32") == "xla"

@@ -19,9 +19,16 @@ whatever the input dtype (bfloat16 inputs run their matmuls in bfloat16 with
 float32 accumulation).
 
 That blocking is for CPUs. On GPUs and TPUs, where a `lax.map` of small blocks
-would serialise the batch, the same function calls `jax.nn.dot_product_attention`
-(XLA's fused form, or cuDNN's flash attention). `MAE_JAX_ATTENTION` =
-`blocked` | `xla` | `cudnn` overrides the choice (read when a step is traced).
+would serialise the batch, the same function calls `jax.nn.dot_product_attention`:
+on GPUs cuDNN's fused flash attention where it accepts the shapes (bfloat16 or
+float16 only), else XLA's form. cuDNN refuses the model's odd token counts (65,
+257) in training even without a bias, so the sequence is padded to a multiple of
+8 and the true length passed as `query_seq_lengths` / `key_value_seq_lengths`
+(not a boolean mask, which would become a dense bias); the padded rows are cut
+off again. Whether cuDNN takes a shape is found by compiling a one-example
+forward and backward pass of it once; the choice and any fallback are logged.
+`MAE_JAX_ATTENTION` = `blocked` | `xla` | `cudnn` overrides the choice (read when
+a step is traced).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from jax import lax
 
 # Bytes of float32 scores one block may hold: about a core's L2 cache.
@@ -39,14 +47,63 @@ IMPLEMENTATIONS = ("blocked", "xla", "cudnn")
 ENV_VAR = "MAE_JAX_ATTENTION"
 
 
+PAD_TO = 8   # cuDNN's fused attention wants even (here: multiple-of-8) sequence lengths
+
+
 def implementation() -> str:
-  """`MAE_JAX_ATTENTION` if set, else `blocked` on a CPU backend and `xla` elsewhere."""
+  """`MAE_JAX_ATTENTION` if set, else `blocked` on a CPU backend, `cudnn` on GPUs
+  (where `choose` falls back to `xla` for shapes cuDNN refuses) and `xla` elsewhere."""
   chosen = os.environ.get(ENV_VAR, "")
   if chosen:
     if chosen not in IMPLEMENTATIONS:
       raise ValueError(f"{ENV_VAR}={chosen!r} must be one of {', '.join(IMPLEMENTATIONS)}")
     return chosen
-  return "blocked" if jax.default_backend() == "cpu" else "xla"
+  return {"cpu": "blocked", "gpu": "cudnn"}.get(jax.default_backend(), "xla")
+
+
+def padded_length(length: int, multiple: int = PAD_TO) -> int:
+  return -(-length // multiple) * multiple
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str,
+                    pad_to: int = PAD_TO) -> jax.Array:
+  """`jax.nn.dot_product_attention` on (N, L, H, D) inputs, with L padded to a multiple of
+  `pad_to` and the true length given as sequence lengths (keys past it are ignored;
+  the padded query rows are dropped)."""
+  n, length = q.shape[:2]
+  padded = padded_length(length, pad_to)
+  if padded == length:
+    return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+  pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
+  lengths = jnp.full((n,), length, jnp.int32)
+  out = jax.nn.dot_product_attention(jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad),
+                                     query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                     implementation=impl)
+  return out[:, :length]
+
+
+@functools.lru_cache(maxsize=None)
+def choose(requested: str, heads: int, length: int, head_dim: int, dtype_name: str) -> str:
+  """The implementation to use for one shape: `requested`, unless it is `cudnn` and cuDNN
+  refuses a one-example forward and backward pass of that shape; then `xla`. Logged."""
+  if requested != "cudnn":
+    return requested
+  dtype = jnp.dtype(dtype_name)
+  why = None
+  if dtype not in (jnp.bfloat16, jnp.float16):
+    why = f"cuDNN's fused attention takes bfloat16 or float16, not {dtype_name}"
+  else:
+    spec = jax.ShapeDtypeStruct((1, length, heads, head_dim), dtype)
+    loss = lambda q, k, v: fused_attention(q, k, v, "cudnn").astype(jnp.float32).sum()  # pylint: disable=unnecessary-lambda-assignment
+    try:
+      jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec).compile()
+    except Exception as e:  # pylint: disable=broad-except
+      why = f"cuDNN refused it: {str(e).splitlines()[0][:200]}"
+  chosen = "xla" if why else "cudnn"
+  logging.info("attention for %d tokens, %d heads of %d, %s: %s%s", length, heads, head_dim,
+               dtype_name, chosen, f" ({why})" if why else
+               f" (padded to {padded_length(length)} tokens)")
+  return chosen
 
 
 def block_size(batch: int, score_bytes: int, block_bytes: int = BLOCK_BYTES) -> int:
@@ -145,8 +202,10 @@ def multi_head_attention(qkv: jax.Array, heads: int, block_bytes: int = BLOCK_BY
     raise ValueError(f"qkv width {three_dim} is not 3 x a multiple of heads {heads}")
   impl = impl or implementation()
   if impl != "blocked":
-    x = qkv.reshape(n, length, 3, heads, three_dim // (3 * heads))
-    out = jax.nn.dot_product_attention(x[:, :, 0], x[:, :, 1], x[:, :, 2], implementation=impl)
+    head_dim = three_dim // (3 * heads)
+    impl = choose(impl, heads, length, head_dim, jnp.dtype(qkv.dtype).name)
+    x = qkv.reshape(n, length, 3, heads, head_dim)
+    out = fused_attention(x[:, :, 0], x[:, :, 1], x[:, :, 2], impl)
     return out.reshape(n, length, three_dim // 3)
   c = block_size(n, 4 * heads * length * length, block_bytes)
   return _attention(qkv, heads, c)
