@@ -10,9 +10,10 @@ from sklearn import linear_model
 from sklearn import metrics as skm
 from sklearn import preprocessing
 
-from mae_jax.data import builder
-from mae_jax.data import input_pipeline
+from mae_jax.data import arrays
+from mae_jax.data import batching
 from mae_jax.data import layout
+from mae_jax.data import source
 from mae_jax.eval import baseline
 from mae_jax.stages import classify
 
@@ -64,7 +65,7 @@ def test_metrics_equal_a_direct_scikit_learn_computation():
   train_images, train_labels = _ring_images(300, seed=1)
   val_images, val_labels = _ring_images(90, seed=2)
   train_x, val_x = baseline.radial_profile(train_images), baseline.radial_profile(val_images)
-  result = baseline.evaluate_baseline((train_x, train_labels), (val_x, val_labels))
+  result = baseline.evaluate_baseline((train_x, train_labels), {"val": (val_x, val_labels)})["val"]
   m = result["metrics"]
 
   scaler = preprocessing.StandardScaler().fit(train_x)
@@ -87,19 +88,19 @@ def test_metrics_equal_a_direct_scikit_learn_computation():
   np.testing.assert_allclose(result["curves"]["no_sub"][1], tpr)
   assert set(result["curves"]) == {*layout.CLASS_NAMES, "micro"}
   # Deterministic: the same data give the same numbers.
-  again = baseline.evaluate_baseline((train_x, train_labels), (val_x, val_labels))
-  assert again["metrics"] == m
+  again = baseline.evaluate_baseline((train_x, train_labels), {"val": (val_x, val_labels)})
+  assert again["val"]["metrics"] == m
 
 
 def test_a_class_missing_from_training_gets_zero_probability():
   images, labels = _ring_images(60)
   x = baseline.radial_profile(images)
   keep = labels != 2
-  result = baseline.evaluate_baseline((x[keep], labels[keep]), (x, labels))
+  result = baseline.evaluate_baseline((x[keep], labels[keep]), {"all": (x, labels)})["all"]
   assert np.all(result["probs"][:, 2] == 0.0)
   np.testing.assert_allclose(result["probs"].sum(1), 1.0)
   with pytest.raises(ValueError, match="two classes"):
-    baseline.evaluate_baseline((x[labels == 0], labels[labels == 0]), (x, labels))
+    baseline.evaluate_baseline((x[labels == 0], labels[labels == 0]), {"all": (x, labels)})
 
 
 def test_margin():
@@ -108,21 +109,12 @@ def test_margin():
                              {"macro_auc": 0.3, "micro_auc": -0.05, "accuracy": None})
 
 
-def test_pipeline_profiles_read_every_example_once(small_folder, tmp_path):
-  root, _ = small_folder
-  prepared = builder.prepare(root, tmp_path / "cache", progress=False)
-  ip = input_pipeline.InputPipeline(prepared.builder, "train")
-  batches = list(ip.eval_batches(7))
-  images = np.concatenate([b["image"][b["mask"]] for b in batches])
-  labels = np.concatenate([b["label"][b["mask"]] for b in batches])
-  x, y = baseline.pipeline_profiles(ip, 7)
-  assert len(x) == len(y) == ip.num_examples == len(images)
-  np.testing.assert_allclose(x, baseline.radial_profile(images))
-  np.testing.assert_array_equal(y, labels)
-  # More padding (another process needs more batches) changes nothing.
-  x2, y2 = baseline.pipeline_profiles(ip, 7, agree_max=lambda n: n + 2)
-  np.testing.assert_array_equal(x2, x)
-  np.testing.assert_array_equal(y2, y)
+def test_profiles_of_raw_images_normalise_them_as_the_model_does():
+  rng = np.random.default_rng(4)
+  raw = rng.uniform(3.0, 9.0, (5, 16, 16)).astype(np.float32)
+  np.testing.assert_allclose(baseline.profiles_of(raw, batch=2),
+                             baseline.radial_profile(np.asarray(batching.normalize(raw))),
+                             rtol=1e-6)
 
 
 def test_classify_writes_the_baseline_beside_the_model(small_folder, tmp_path):
@@ -135,6 +127,7 @@ def test_classify_writes_the_baseline_beside_the_model(small_folder, tmp_path):
   config.data.dir = str(root)
   config.data.cache_dir = str(tmp_path / "cache")
   config.data.validation_fraction = 0.3
+  config.data.test_fraction = 0.3
   config.model.image_size = 16
   config.model.patch = 8
   config.init_from = ""
@@ -143,25 +136,25 @@ def test_classify_writes_the_baseline_beside_the_model(small_folder, tmp_path):
   classify.run(config, str(workdir))
 
   written = json.loads((workdir / classify.EVAL_FILE).read_text())
-  prepared = builder.prepare(root, tmp_path / "cache", validation_fraction=0.3, progress=False)
-  split = {}
-  for name in ("train", "validation"):
-    batches = list(input_pipeline.InputPipeline(prepared.builder, name).eval_batches(64))
-    split[name] = (baseline.radial_profile(np.concatenate([b["image"][b["mask"]] for b in batches])),
-                   np.concatenate([b["label"][b["mask"]] for b in batches]))
+  dataset = arrays.prepare(root, tmp_path / "cache", rule=source.split_rule(config.data),
+                           progress=False)
+  split = {name: (baseline.profiles_of(dataset[name].images), dataset[name].labels)
+           for name in ("train", "test")}
   scaler = preprocessing.StandardScaler().fit(split["train"][0])
   direct = linear_model.LogisticRegression(max_iter=2000).fit(
       scaler.transform(split["train"][0]), split["train"][1])
-  probs = direct.predict_proba(scaler.transform(split["validation"][0]))
-  labels = split["validation"][1]
+  probs = direct.predict_proba(scaler.transform(split["test"][0]))
+  labels = split["test"][1]
   onehot = np.eye(3)[labels]
 
-  base = written["baseline"]
+  base = written["baseline"]   # fitted on the labelled train images, scored on test
   assert base["num_examples"] == written["num_examples"] == len(labels)
   assert base["num_train"] == len(split["train"][1])
   assert base["macro_auc"] == pytest.approx(skm.roc_auc_score(onehot, probs, average="macro"))
   assert base["micro_auc"] == pytest.approx(skm.roc_auc_score(onehot, probs, average="micro"))
   assert base["accuracy"] == pytest.approx(skm.accuracy_score(labels, probs.argmax(1)))
+  lo, hi = base["intervals"]["macro_auc"]
+  assert lo <= base["macro_auc"] <= hi
   assert written["margin_over_baseline"]["macro_auc"] == pytest.approx(
       written["macro_auc"] - base["macro_auc"])
   assert (workdir / "plots" / "roc.png").read_bytes()[:4] == b"\x89PNG"

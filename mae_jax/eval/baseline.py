@@ -6,27 +6,29 @@ classifier can then score well by measuring the total mass, not substructure.
 This baseline makes that visible: each image is reduced to its azimuthally
 averaged radial profile about the image centre (one value per 1-pixel ring),
 and a scikit-learn logistic regression on the standardised profile is fitted
-on the training split and scored on the validation split with the model's own
-metrics (`metrics.classification_metrics` / `roc_curves`). A model's margin
-over it is what it learned beyond the radial profile.
+on the model's labelled training images and scored on the same validation and
+test splits with the model's own metrics (`metrics.classification_metrics` /
+`roc_curves`). A model's margin over it is what it learned beyond the radial
+profile.
 
-It reads the same normalised images as the model (`InputPipeline.eval_batches`,
-no augmentation), is deterministic (lbfgs on fixed data) and takes seconds:
-a profile is one matrix product per batch.
+It reads the same min-max normalised images as the model (`batching.normalize`,
+no augmentation), is deterministic (lbfgs on fixed data) and takes seconds: a
+profile is one matrix product per batch.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from sklearn import linear_model
 from sklearn import pipeline as sk_pipeline
 from sklearn import preprocessing
 
-from mae_jax.eval import metrics
+from mae_jax.data import batching
 from mae_jax.data import layout
+from mae_jax.eval import metrics
 
 DESCRIPTION = ("scikit-learn logistic regression (lbfgs, C=1, standardised features) on the "
                "azimuthally averaged radial profile about the image centre (1-pixel rings)")
@@ -87,58 +89,44 @@ def predict_proba(model: sk_pipeline.Pipeline, features: np.ndarray,
   return probs
 
 
-def batch_profiles(batches: Iterable[dict[str, np.ndarray]]
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(profiles, labels, mask) of eval batches, padding included (mask False)."""
-  profiles, labels, masks = [], [], []
-  for batch in batches:
-    profiles.append(radial_profile(batch["image"]))
-    labels.append(np.asarray(batch["label"]))
-    masks.append(np.asarray(batch["mask"], bool))
-  if not profiles:
-    raise ValueError("no batch to compute radial profiles from")
-  return np.concatenate(profiles), np.concatenate(labels), np.concatenate(masks)
+def profiles_of(images: np.ndarray, batch: int = 4096) -> np.ndarray:
+  """Radial profiles of raw (N, H, W) images, min-max normalised first as the model's are."""
+  out = [radial_profile(np.asarray(batching.normalize(images[i:i + batch])))
+         for i in range(0, len(images), batch)]
+  return np.concatenate(out) if out else np.zeros((0, 1))
 
 
-def pipeline_profiles(ip, batch_size: int, *, gather: Callable[[np.ndarray], np.ndarray] = np.asarray,
-                      agree_max: Callable[[int], int] = int) -> tuple[np.ndarray, np.ndarray]:
-  """(profiles, labels) of every example of an `InputPipeline`'s split, once each.
-
-  Reads `ip.eval_batches` (normalised, never augmented). In a multi-process run
-  pass `gather` (concatenates a per-process array over processes) and `agree_max`
-  (the maximum over processes), so every process gets the whole split.
-  """
-  num_batches = agree_max(-(-ip.num_examples // batch_size))
-  profiles, labels, mask = (gather(a) for a in batch_profiles(ip.eval_batches(batch_size,
-                                                                              num_batches)))
-  mask = mask.astype(bool)
-  return profiles[mask], labels[mask]
-
-
-def evaluate_baseline(train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
-                      class_names: Sequence[str] = layout.CLASS_NAMES) -> dict[str, Any]:
-  """Fits on `train` (profiles, labels) and scores `validation` like the model.
+def evaluate_baseline(train: tuple[np.ndarray, np.ndarray],
+                      scored: dict[str, tuple[np.ndarray, np.ndarray]],
+                      class_names: Sequence[str] = layout.CLASS_NAMES,
+                      intervals_seed: int | None = None) -> dict[str, Any]:
+  """Fits on `train` (profiles, labels) and scores each of `scored` like the model.
 
   Returns:
-    {"metrics": metrics.classification_metrics of the validation predictions,
-     plus "description", "features" and "num_train"; "curves": metrics.roc_curves,
-     as `plots.roc(..., baseline=)` takes them; "probs": the validation probabilities}.
+    {split: {"metrics": metrics.classification_metrics of its predictions (with
+     bootstrap "intervals" when `intervals_seed` is given), plus "description",
+     "features" and "num_train"; "curves": metrics.roc_curves, as
+     `plots.roc(..., baseline=)` takes them; "probs": the probabilities}}.
 
   Raises:
     ValueError: fewer than two classes in `train`.
   """
   train_x, train_y = train
-  val_x, val_y = validation
   if len(np.unique(train_y)) < 2:
     raise ValueError(f"the baseline needs at least two classes in training, got "
                      f"{sorted(set(np.asarray(train_y).tolist()))}")
   model = fit(train_x, train_y)
-  probs = predict_proba(model, val_x, len(class_names))
-  scores = metrics.classification_metrics(probs, val_y, class_names)
-  scores.update({"description": DESCRIPTION, "features": int(train_x.shape[1]),
-                  "num_train": int(len(train_y))})
-  return {"metrics": scores, "curves": metrics.roc_curves(probs, val_y, class_names),
-          "probs": probs}
+  out = {}
+  for name, (x, y) in scored.items():
+    probs = predict_proba(model, x, len(class_names))
+    scores = (metrics.with_intervals(probs, y, seed=intervals_seed)
+              if intervals_seed is not None else metrics.classification_metrics(probs, y,
+                                                                                 class_names))
+    scores.update({"description": DESCRIPTION, "features": int(train_x.shape[1]),
+                   "num_train": int(len(train_y))})
+    out[name] = {"metrics": scores, "curves": metrics.roc_curves(probs, y, class_names),
+                 "probs": probs}
+  return out
 
 
 def margin(model_metrics: dict[str, Any], baseline_metrics: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ ROC curves and confusion matrices.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import Mapping
@@ -21,12 +22,32 @@ from mae_jax.data import layout  # pylint: disable=g-import-not-at-top
 from mae_jax.data import npy_io  # pylint: disable=g-import-not-at-top
 
 
-def _save(fig, path: str | os.PathLike[str]) -> Path:
+def _jsonable(value):
+  """Arrays as nested lists (4 significant digits, NaN as None), mappings recursively."""
+  if isinstance(value, Mapping):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, (np.ndarray, np.generic)):
+    array = np.asarray(value)
+    if array.dtype.kind == "f":
+      rounded = np.round(array.astype(np.float64), 4)
+      return np.where(np.isnan(rounded), None, rounded).tolist()
+    return array.tolist()
+  return value
+
+
+def _save(fig, path: str | os.PathLike[str], data=None, title: str | None = None) -> Path:
+  """Saves the figure, and beside it (`<name>.json`) the data it draws, so every figure
+  can be checked or redrawn without its PNG."""
   fig.tight_layout()
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=110)
   plt.close(fig)
+  if data is not None:
+    path.with_suffix(".json").write_text(json.dumps(
+        {"figure": path.name, "title": title, "data": _jsonable(data)}))
   return path
 
 
@@ -56,7 +77,7 @@ def sample_grid(images: Mapping[str, np.ndarray], path: str | os.PathLike[str],
         ax.set_ylabel(name, fontsize=11)
   if title:
     fig.suptitle(title, fontsize=11)
-  return _save(fig, path)
+  return _save(fig, path, {"images": dict(images), "captions": dict(captions or {})}, title)
 
 
 def loss_curves(history: list[dict], path: str | os.PathLike[str],
@@ -83,7 +104,8 @@ def loss_curves(history: list[dict], path: str | os.PathLike[str],
   ax.legend()
   if title:
     ax.set_title(title)
-  return _save(fig, path)
+  return _save(fig, path, {"history": history, "phase_starts": list(phase_starts or []),
+                           "ylabel": ylabel}, title)
 
 
 def reconstructions(rows: Mapping[str, np.ndarray], path: str | os.PathLike[str],
@@ -109,7 +131,7 @@ def reconstructions(rows: Mapping[str, np.ndarray], path: str | os.PathLike[str]
         ax.set_ylabel(name, fontsize=9)
   if title:
     fig.suptitle(title, fontsize=10)
-  return _save(fig, path)
+  return _save(fig, path, {"rows": dict(rows)}, title)
 
 
 def roc(curves: Mapping[str, tuple], path: str | os.PathLike[str], title: str | None = None,
@@ -137,7 +159,50 @@ def roc(curves: Mapping[str, tuple], path: str | os.PathLike[str], title: str | 
   ax.grid(alpha=0.3)
   if title:
     ax.set_title(title, fontsize=10)
-  return _save(fig, path)
+  return _save(fig, path, {"curves": {k: {"fpr": c[0], "tpr": c[1], "auc": c[2]} for k, c in curves.items()},
+                           "baseline": {k: {"fpr": c[0], "tpr": c[1], "auc": c[2]}
+                                        for k, c in (baseline or {}).items()}}, title)
+
+
+def label_efficiency(summary: list[dict], path: str | os.PathLike[str],
+                     title: str | None = None) -> Path:
+  """Test macro AUC against labels per class, one panel per simulator variant, one line
+  per arm: the mean over seeds, bars from the lowest to the highest seed, and the mean
+  bootstrap 95% interval as a shaded band. 'all' labels sit at the right end."""
+  variants = list(dict.fromkeys(s["variant"] for s in summary))
+  fig, axes = plt.subplots(1, max(len(variants), 1), figsize=(5.4 * max(len(variants), 1), 4.4),
+                           squeeze=False)
+  budgets = sorted({s["labels_per_class"] for s in summary if s["labels_per_class"] > 0})
+  all_x = (max(budgets) * 3 if budgets else 1)
+  xs = lambda labels: labels if labels > 0 else all_x  # pylint: disable=unnecessary-lambda-assignment
+  for ax, variant in zip(axes[0], variants):
+    arms = list(dict.fromkeys(s["arm"] for s in summary if s["variant"] == variant))
+    for arm in arms:
+      cells = sorted((s for s in summary if s["variant"] == variant and s["arm"] == arm
+                      and s["mean_test_macro_auc"] is not None), key=lambda s: xs(s["labels_per_class"]))
+      x = np.array([xs(c["labels_per_class"]) for c in cells], float)
+      y = np.array([c["mean_test_macro_auc"] for c in cells])
+      err = np.array([[c["mean_test_macro_auc"] - c["min"], c["max"] - c["mean_test_macro_auc"]]
+                      for c in cells]).T
+      line = ax.errorbar(x, y, yerr=err, marker="o", capsize=3, lw=1.6, label=arm.replace("_", " "))
+      band = [c["mean_interval"] for c in cells]
+      if all(band):
+        ax.fill_between(x, [b[0] for b in band], [b[1] for b in band], alpha=0.12,
+                        color=line[0].get_color())
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ticks = budgets + [all_x]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(b) for b in budgets] + ["all"])
+    ax.set_xlabel("labelled images per class")
+    ax.set_ylabel("test macro AUC")
+    ax.set_title(variant, fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+  if title:
+    fig.suptitle(title, fontsize=12)
+  return _save(fig, path, {"summary": summary}, title)
 
 
 def confusion(matrix, class_names, path: str | os.PathLike[str],
@@ -157,7 +222,8 @@ def confusion(matrix, class_names, path: str | os.PathLike[str],
   ax.set_ylabel("true")
   if title:
     ax.set_title(title, fontsize=10)
-  return _save(fig, path)
+  return _save(fig, path, {"matrix": np.asarray(matrix), "class_names": list(class_names)},
+               title)
 
 
 def image_array(path: str | os.PathLike[str]) -> np.ndarray:
