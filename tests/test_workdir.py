@@ -14,7 +14,9 @@ import pytest
 
 from mae_jax.runtime import errors
 from mae_jax.runtime import workdir
+from mae_jax.data import arrays
 from mae_jax.data import builder
+from mae_jax.data import splits
 from tests import conftest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,19 +60,24 @@ def test_second_run_on_a_workdir_is_refused_with_the_holder(tmp_path):
     pass
 
 
-def _prepare(args: tuple[str, str]) -> tuple[str, int]:
-  source, cache = args
-  prepared = builder.prepare(source, cache, progress=False)
-  total = sum(prepared.builder.info.splits[s].num_examples for s in ("train", "validation"))
-  return str(prepared.cache_dir), total
+def _prepare(args: tuple[str, str, str]) -> tuple[str, int]:
+  source, cache, reader = args
+  if reader == "tfds":
+    prepared = builder.prepare(source, cache, progress=False)
+    return str(prepared.cache_dir), sum(s.num_examples
+                                        for s in prepared.builder.info.splits.values())
+  dataset = arrays.prepare(source, cache, progress=False)
+  return str(dataset.cache_dir), sum(len(dataset[s]) for s in splits.SPLITS)
 
 
-def test_concurrent_prepare_leaves_one_good_copy(tmp_path):
+@pytest.mark.parametrize("reader", ["files", "tfds"])
+def test_concurrent_prepare_leaves_one_good_copy(tmp_path, reader):
   conftest.write_folder(tmp_path / "src", per_class=30)
   cache = tmp_path / "cache"
   with multiprocessing.get_context("spawn").Pool(2) as pool:
-    results = pool.map(_prepare, [(str(tmp_path / "src"), str(cache))] * 2)
+    results = pool.map(_prepare, [(str(tmp_path / "src"), str(cache), reader)] * 2)
   assert results[0] == results[1] and results[0][1] == 90
   copies = [p for p in cache.iterdir() if p.is_dir()]
   assert len(copies) == 1 and not list(cache.rglob("*incomplete*"))
-  assert _prepare((str(tmp_path / "src"), str(cache))) == results[0]
+  assert not list(cache.rglob(".*.tmp*"))
+  assert _prepare((str(tmp_path / "src"), str(cache), reader)) == results[0]

@@ -51,3 +51,7 @@ class IncompatibleCheckpointError(UserError, ValueError):
 
 class ConversionError(UserError, ValueError):
   """A weights file that cannot be loaded into the target params."""
+
+
+class InsufficientDataError(UserError, ValueError):
+  """A split holds fewer examples than the config asks for."""
