@@ -36,6 +36,9 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for a multi-process run.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the run.")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", os.environ.get("MAE_JAX_COMPILATION_CACHE", "~/.cache/mae_jax/xla"),
+    "Folder of XLA's compiled steps, reused by later runs and stages ('' turns it off).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -53,6 +56,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value)  # before anything touches a device
+  launch.enable_compilation_cache(_CACHE.value)
   if jax.process_index() > 0:  # process 0 speaks for the run
     logging.set_verbosity(logging.WARNING)
   logging.info("stage %s, workdir %s, config:\n%s", _CONFIG.value.stage, _WORKDIR.value,

@@ -10,10 +10,37 @@ import difflib
 
 import ml_collections
 
-PRESETS = ("demo", "seed", "tiny")
+PRESETS = ("demo", "seed", "seed_gpu", "tiny")
 
 # Simulated images per class for each preset (the real Model II set has ~30k).
-_SIM_PER_CLASS = {"demo": 1000, "seed": 30000, "tiny": 24}
+_SIM_PER_CLASS = {"demo": 3000, "seed": 30000, "tiny": 24}
+# Shares of the images in the validation and test splits (by file-name hash). Demo:
+# 600 per class each, so a test AUC's bootstrap 95% interval is about +-0.02 wide.
+_HELD_OUT = {"demo": 0.2, "seed": 0.1, "tiny": 0.2}
+
+
+# seed_gpu: the seed recipe with the larger batches one GPU needs to finish it in minutes,
+# every learning rate scaled linearly with the batch (LARS's already is, lr_scaling).
+GPU_BATCH = {"pretrain": 1024, "probe": 1024, "finetune": 512}
+
+
+def size(preset: str) -> str:
+  """The sizes a preset takes its model, data and schedule from (seed_gpu: seed's)."""
+  return "seed" if preset == "seed_gpu" else preset
+
+
+def for_gpu(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+  """seed_gpu: the stage's batch from GPU_BATCH, its learning rates scaled linearly."""
+  if config.preset != "seed_gpu":
+    return config
+  factor = GPU_BATCH[stage] / config.batch_size
+  config.batch_size = GPU_BATCH[stage]
+  config.eval_batch_size = GPU_BATCH[stage]
+  if "lr" in config.optim:
+    config.optim.lr *= factor
+  elif config.optim.get("lr_scaling") != "linear":
+    config.optim.lr_groups = tuple((p, lr * factor) for p, lr in config.optim.lr_groups)
+  return config
 
 
 def parse_preset(arg: str | None) -> str:
@@ -26,6 +53,14 @@ def parse_preset(arg: str | None) -> str:
   return preset
 
 
+VARIANTS = ("model_ii", "hard")
+
+
+def data_dir(variant: str, preset: str) -> str:
+  """The simulated folder of a variant and preset: data/<variant>_sim[_<preset>]."""
+  return f"data/{variant}_sim" + ("" if size(preset) == "seed" else f"_{preset}")
+
+
 def data_config(preset: str) -> ml_collections.ConfigDict:
   """Where the images come from and how they are prepared and augmented."""
   data = ml_collections.ConfigDict()
@@ -33,7 +68,7 @@ def data_config(preset: str) -> ml_collections.ConfigDict:
   # 'deeplense': read a DeepLense folder the user brings (never written to).
   data.source = "simulated"
   data.sim = ml_collections.ConfigDict(dict(
-      per_class=_SIM_PER_CLASS[preset], seed=0, noise=False,
+      per_class=_SIM_PER_CLASS[size(preset)], seed=0, noise=False,
       workers=0,  # 0: one worker per CPU core
       # 'model_ii': the DeepLense recipe (the main lens is the same in every image);
       # 'hard': main lens, shear and source drawn per image, Euclid noise always on.
@@ -42,14 +77,36 @@ def data_config(preset: str) -> ml_collections.ConfigDict:
   # Follows the variant until set: `--config.data.sim.variant=hard` alone simulates and
   # reads data/hard_sim_<preset> (data/hard_sim for seed), never the model_ii folder.
   data.dir = ("data/" + data.sim.get_ref("variant")
-              + ("_sim" if preset == "seed" else f"_sim_{preset}"))
-  # Prepared tfds datasets, one sub-folder per source fingerprint.
-  data.cache_dir = "~/tensorflow_datasets/mae_jax"
-  data.validation_fraction = 0.1
+              + ("_sim" if size(preset) == "seed" else f"_sim_{preset}"))
+  # Prepared splits (arrays, and the tfds dataset with reader=tfds), one sub-folder per
+  # fingerprint of the folder's listing and the split settings.
+  data.cache_dir = "~/.cache/mae_jax/datasets"
+  # Splits by file-name hash: validation chooses epochs and settings, test only reports.
+  data.validation_fraction = _HELD_OUT[size(preset)]
+  data.test_fraction = _HELD_OUT[size(preset)]
   data.on_bad_file = "error"   # or 'skip': leave bad files out and list them
-  data.cache_in_memory = True
+  # 'files': the project's safe reader (no TensorFlow); 'tfds': the tfds dataset.
+  data.reader = "files"
+  # 'device': the split in device memory, batches gathered in the step; 'host': batches
+  # moved from host memory per chunk of steps; 'auto': device when a device's shard fits
+  # `device_memory_share` of its memory (always on CPUs).
+  data.feed = "auto"
+  data.device_memory_share = 0.5
   data.augment = ml_collections.ConfigDict(dict(flip=True, rot90=True, max_shift=4))
   return data
+
+
+def run_config(preset: str) -> dict:
+  """Keys of every training stage's loop: logging, dispatch, checkpoints, profiling."""
+  return dict(
+      log_every_steps={"seed": 50, "demo": 10, "tiny": 1}[size(preset)],
+      # Training steps per dispatch (lax.scan); metrics stay on the device until logged.
+      steps_per_call={"seed": 50, "demo": 10, "tiny": 1}[size(preset)],
+      checkpoint_every_steps=0,   # also save every N steps (0: off)
+      # (first, last) step of a jax.profiler trace written to WORKDIR/profile; () off.
+      profile_steps=(),
+      tensorboard="auto",   # 'clu' (needs TensorFlow), 'events' (tensorboard package), 'none'
+  )
 
 
 def model_config(preset: str) -> ml_collections.ConfigDict:
@@ -59,7 +116,7 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
       "seed": (4, 256, 8, 8, 128, 4, 8),
       "demo": (8, 128, 4, 4, 64, 2, 4),
       "tiny": (16, 32, 2, 2, 16, 1, 2),
-  }[preset]
+  }[size(preset)]
   p, dim, depth, heads, ddim, ddepth, dheads = sizes
   return ml_collections.ConfigDict(dict(
       image_size=64, channels=1, patch=p, dim=dim, depth=depth, heads=heads, mlp_ratio=4.0,
@@ -82,10 +139,17 @@ def classifier_config(preset: str, stage: str) -> ml_collections.ConfigDict:
   config.model.update(dict(
       head="mlp",              # the seed's 256->512->256 MLP head; 'linear' is MAE's BN + linear
       head_hidden=(512, 256),
-      pool="cls",              # CLS token after the final norm, or 'mean' of the patch tokens
+      pool="cls",              # CLS token, or 'mean' of the patch tokens
+      feature_block=-1,        # -1: after the last block and the final norm; i: block i
       dropout=0.2,
       drop_path=0.0,
   ))
+  # The labelled budget: this many images per class from the train split (stratified,
+  # drawn with `seed`); 0: all of them.
+  config.labels_per_class = 0
+  # Choose the frozen features' block and pooling on validation (probe: needs a frozen
+  # encoder and no augmentation).
+  config.select_features = False
   # The stage whose latest checkpoint initialises this one (`--config.init_from=DIR`),
   # and params never taken from it (the new head).
   config.init_from = f"runs/pretrain_{preset}"
@@ -99,9 +163,8 @@ def classifier_config(preset: str, stage: str) -> ml_collections.ConfigDict:
   # Measured (demo fine-tune, 15 epochs): macro AUC 0.55 with flips+rot90+shift 4, 0.91 without.
   config.augment = False
   config.label_smoothing = 0.0
-  config.log_every_steps = {"seed": 50, "demo": 10, "tiny": 1}[preset]
+  config.update(run_config(preset))
   config.checkpoint_every_epochs = 1
-  config.checkpoint_every_steps = 0
   config.keep_checkpoints = 2
   return config
 

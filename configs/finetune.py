@@ -18,13 +18,13 @@ from configs import common
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   preset = common.parse_preset(arg)
   config = common.classifier_config(preset, "finetune")
-  config.epochs = {"seed": 50, "demo": 15, "tiny": 2}[preset]
-  config.batch_size = {"seed": 64, "demo": 64, "tiny": 8}[preset]
-  config.eval_batch_size = {"seed": 256, "demo": 256, "tiny": 8}[preset]
+  config.epochs = {"seed": 50, "demo": 15, "tiny": 2}[common.size(preset)]
+  config.batch_size = {"seed": 64, "demo": 64, "tiny": 8}[common.size(preset)]
+  config.eval_batch_size = {"seed": 256, "demo": 256, "tiny": 8}[common.size(preset)]
   config.optim = common.classifier_optim(
       name="adamw",
-      lr_groups=((r"encoder/.*", {"seed": 9.5e-5, "demo": 5e-4, "tiny": 1e-4}[preset]),
-                 (r".*", {"seed": 8e-4, "demo": 1e-3, "tiny": 8e-4}[preset])),
-      weight_decay=1e-4, warmup_epochs={"seed": 5.0, "demo": 1.0, "tiny": 0.5}[preset],
+      lr_groups=((r"encoder/.*", {"seed": 9.5e-5, "demo": 5e-4, "tiny": 1e-4}[common.size(preset)]),
+                 (r".*", {"seed": 8e-4, "demo": 1e-3, "tiny": 8e-4}[common.size(preset)])),
+      weight_decay=1e-4, warmup_epochs={"seed": 5.0, "demo": 1.0, "tiny": 0.5}[common.size(preset)],
       min_lr=1e-6)
-  return config
+  return common.for_gpu(config, "finetune")

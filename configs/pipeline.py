@@ -29,7 +29,8 @@ from configs import probe as probe_config
 PIPELINE_KEYS = ("stage", "preset", "data", "init_from", "init_from_stage")
 
 
-def _stage(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def stage_keys(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A stage's config without the keys a chain (pipeline, study) sets itself."""
   for key in PIPELINE_KEYS:
     if key in config:
       del config[key]
@@ -48,8 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # --config.finetune.dont_load='()' it also keeps the probe's trained head).
   config.finetune_from = "pretrain"
   # The data stage's own keys (configs/data.py): the sample figure, the throughput check.
-  config.data_stage = _stage(data_config.get_config(preset))
-  config.pretrain = _stage(pretrain_config.get_config(preset))
-  config.probe = _stage(probe_config.get_config(preset))
-  config.finetune = _stage(finetune_config.get_config(preset))
+  config.data_stage = stage_keys(data_config.get_config(preset))
+  config.pretrain = stage_keys(pretrain_config.get_config(preset))
+  config.probe = stage_keys(probe_config.get_config(preset))
+  config.finetune = stage_keys(finetune_config.get_config(preset))
   return config

@@ -21,7 +21,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.preset = preset
   config.seed = 0
   config.data = common.data_config(preset)
-  config.classes = ("no_sub",)   # the seed pretrains on no-substructure images only
+  # The unlabelled pool: the train split's images of these classes (the seed pretrains on
+  # no-substructure images only), subsampled to `pool_size` (0: all of them).
+  config.classes = ("no_sub",)
+  config.pool_size = 0
   config.model = common.model_config(preset)
   # Start from public MAE weights (facebookresearch/mae .pth, Hugging Face ViTMAE folder or
   # .safetensors; see mae_jax/models/load.py): the encoder, and the decoder if the file has one.
@@ -35,24 +38,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
 
   # Phases run in order; each has its epoch count and whether to augment.
-  config.phase_epochs = {"seed": (100, 250), "demo": (20, 40), "tiny": (1, 1)}[preset]
+  config.phase_epochs = {"seed": (100, 250), "demo": (20, 40), "tiny": (1, 1)}[common.size(preset)]
   config.phase_augment = (False, True)
 
-  config.batch_size = {"seed": 256, "demo": 64, "tiny": 8}[preset]   # global
+  config.batch_size = {"seed": 256, "demo": 64, "tiny": 8}[common.size(preset)]   # global
   config.eval_batch_size = config.get_ref("batch_size")
   config.optim = ml_collections.ConfigDict(dict(
-      lr={"seed": 8e-4, "demo": 3e-3, "tiny": 1e-3}[preset],
+      lr={"seed": 8e-4, "demo": 3e-3, "tiny": 1e-3}[common.size(preset)],
       b1=0.9, b2=0.95, weight_decay=0.05,
-      warmup_epochs={"seed": 10.0, "demo": 2.0, "tiny": 0.5}[preset],
+      warmup_epochs={"seed": 10.0, "demo": 2.0, "tiny": 0.5}[common.size(preset)],
       min_lr=0.0, grad_clip_norm=0.0,
       # No weight decay on biases, norms, tokens (position embeddings are fixed).
       no_decay=(r".*/bias", r".*norm[0-9]*/scale", r".*_token"),
   ))
 
-  config.log_every_steps = {"seed": 50, "demo": 10, "tiny": 1}[preset]
-  config.checkpoint_every_epochs = {"seed": 5, "demo": 5, "tiny": 1}[preset]
-  config.checkpoint_every_steps = 0   # also save every N steps (0: off)
+  config.update(common.run_config(preset))
+  config.checkpoint_every_epochs = {"seed": 5, "demo": 5, "tiny": 1}[common.size(preset)]
   config.keep_checkpoints = 3
-  config.plot_every_epochs = {"seed": 10, "demo": 5, "tiny": 1}[preset]
+  config.plot_every_epochs = {"seed": 10, "demo": 5, "tiny": 1}[common.size(preset)]
   config.num_reconstructions = 8      # columns of plots/reconstructions.png
-  return config
+  return common.for_gpu(config, "pretrain")

@@ -19,11 +19,11 @@ from configs import common
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   preset = common.parse_preset(arg)
   config = common.classifier_config(preset, "probe")
-  config.epochs = {"seed": 90, "demo": 20, "tiny": 2}[preset]
-  config.batch_size = {"seed": 256, "demo": 128, "tiny": 8}[preset]
+  config.epochs = {"seed": 90, "demo": 20, "tiny": 2}[common.size(preset)]
+  config.batch_size = {"seed": 256, "demo": 128, "tiny": 8}[common.size(preset)]
   config.eval_batch_size = config.get_ref("batch_size")
   config.optim = common.classifier_optim(
-      name="lars", lr_groups=((r".*", {"seed": 1e-3, "demo": 0.1, "tiny": 0.1}[preset]),),
+      name="lars", lr_groups=((r".*", {"seed": 1e-3, "demo": 0.1, "tiny": 0.1}[common.size(preset)]),),
       lr_scaling="linear", frozen=(r"encoder/.*",), weight_decay=0.0,
-      warmup_epochs={"seed": 10.0, "demo": 2.0, "tiny": 0.5}[preset])
-  return config
+      warmup_epochs={"seed": 10.0, "demo": 2.0, "tiny": 0.5}[common.size(preset)])
+  return common.for_gpu(config, "probe")

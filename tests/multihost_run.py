@@ -5,10 +5,11 @@
       main.py's --coordinator_address flags; records every file this process
       opens for writing under ROOT/runs in ROOT/writes_<stage>_<id>.json.
   multihost_run.py single PORT ROOT STAGE [main.py flags...]
-      The reference: one process with 4 devices fed the same global batches
-      (slice 0's local batch, then slice 1's, as the two processes would). It joins
-      a one-process jax.distributed run, so its collectives are gloo's too, summing
-      in the same order as across the two processes.
+      The reference: one process with 4 devices. Batches depend on the device count
+      only (each device's shard of the split is shuffled on its own), so it sees the
+      global batches the two processes see together. It joins a one-process
+      jax.distributed run, so its collectives are gloo's too, summing in the same
+      order as across the two processes.
 """
 
 import atexit
@@ -20,38 +21,6 @@ from pathlib import Path
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT_DIR))
-
-
-class _Concat:
-  """The two process slices of a split, read by one process: batch = slice 0's
-  local batch then slice 1's, exactly the global batch of the 2-process run."""
-
-  def __init__(self, parts, combine):
-    self.parts, self.split = parts, parts[0].split
-    self.num_examples = combine(p.num_examples for p in parts) * len(parts)
-
-  def _zip(self, iterators):
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    for batches in zip(*iterators):
-      yield {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-
-  def train_epoch(self, batch_size, **kw):
-    return self._zip(p.train_epoch(batch_size // len(self.parts), **kw) for p in self.parts)
-
-  def eval_batches(self, batch_size, num_batches=None):
-    if num_batches is None:
-      num_batches = max(-(-p.num_examples // (batch_size // len(self.parts))) for p in self.parts)
-    return self._zip(p.eval_batches(batch_size // len(self.parts), num_batches)
-                     for p in self.parts)
-
-
-def _two_slice_pipelines(config, classes):
-  from mae_jax.data import input_pipeline, source  # pylint: disable=g-import-not-at-top
-  prepared = source.load(config.data, progress=False)
-  make = lambda split, i: input_pipeline.InputPipeline(  # pylint: disable=unnecessary-lambda-assignment
-      prepared.builder, split, classes=classes, process_index=i, process_count=2)
-  return (prepared, _Concat([make("train", i) for i in range(2)], min),
-          _Concat([make("validation", i) for i in range(2)], max))
 
 
 def _record_writes(out: Path, under: Path) -> None:
@@ -85,8 +54,6 @@ def main():
     port, root, stage, *flags = sys.argv[2:]
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     flags += [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=1", "--process_id=0"]
-    from mae_jax.stages import common  # pylint: disable=g-import-not-at-top
-    common.input_pipelines = _two_slice_pipelines
   sys.argv = [str(ROOT_DIR / "main.py"), *flags]
   os.chdir(ROOT_DIR)
   runpy.run_path(str(ROOT_DIR / "main.py"), run_name="__main__")

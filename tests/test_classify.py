@@ -11,8 +11,9 @@ from sklearn import metrics as skm
 
 from configs import finetune as finetune_config
 from configs import probe as probe_config
-from mae_jax.data import builder
-from mae_jax.data import input_pipeline
+from mae_jax.data import arrays
+from mae_jax.data import batching
+from mae_jax.data import feeds
 from mae_jax.eval import metrics as metrics_lib
 from mae_jax.models import build
 from mae_jax.models import load
@@ -20,6 +21,7 @@ from mae_jax.runtime import checkpoint
 from mae_jax.runtime import errors
 from mae_jax.runtime import parallel
 from mae_jax.stages import classify
+from mae_jax.stages import common
 from mae_jax.train import optim
 from mae_jax.train import steps
 
@@ -167,20 +169,24 @@ def test_metrics_equal_scikit_learn():
   assert m["num_examples"] == 200
 
 
-def test_prediction_counts_every_validation_example_once(small_folder, tmp_path):
+def test_evaluation_pass_gives_each_examples_logits_in_canonical_order(small_folder, tmp_path):
+  """The split's logits through the evaluation pass (padded shards, inference mode) equal
+  the model applied to each image alone, in the split's order."""
   root, _ = small_folder
-  prepared = builder.prepare(root, tmp_path / "cache", progress=False)
+  split = arrays.prepare(root, tmp_path / "cache", progress=False)["validation"]
   config = finetune_config.get_config("tiny")
   config.model.image_size = 16
   config.model.patch = 8
   model, _, state, mesh, _ = _setup(config)
-  ip = input_pipeline.InputPipeline(prepared.builder, "validation")
-  predict = steps.make_predict(model, mesh)
-  probs, labels = classify.predict_split(predict, state, ip, 4, -(-ip.num_examples // 4), mesh)
-  assert len(probs) == len(labels) == ip.num_examples
-  np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
-  expected = np.concatenate([b["label"][b["mask"]] for b in ip.eval_batches(4)])
-  np.testing.assert_array_equal(labels, expected)
+  feed = feeds.DeviceFeed(split.images, split.labels, mesh)
+  feeding = steps.Feeding(source="device", local_batch=4, seed=0)
+  tree = {"params": state.params, "batch_stats": state.batch_stats}
+  logits = common.Evaluator(steps.logits_fn(model), mesh, feed, feeding)(tree)
+  assert logits.shape == (len(split), 3)
+  images = np.asarray(batching.normalize(split.images))[..., None]
+  direct = np.concatenate([np.asarray(model.apply(jax.device_get(tree), images[i:i + 1], False)
+                                      ["logits"]) for i in range(len(split))])
+  np.testing.assert_allclose(logits, direct, rtol=1e-5, atol=1e-5)
 
 
 def test_restore_errors_are_explicit(tmp_path):

@@ -86,7 +86,8 @@ def test_incomplete_reason(tmp_path):
 def _metrics(micro, macro, aucs, accuracy, **extra):
   return {"auc": dict(zip(("no_sub", "cdm", "axion"), aucs)), "micro_auc": micro,
           "macro_auc": macro, "accuracy": accuracy, "confusion_matrix": [[1, 0, 0]] * 3,
-          "num_examples": 321, "step": 40, "epoch": 4, "split": "validation", **extra}
+          "num_examples": 321, "step": 40, "epoch": 4, "split": "test",
+          "intervals": {"macro_auc": [macro - 0.02, macro + 0.015]}, **extra}
 
 
 def _record(name, seconds, step=None, source=None, complete=True):
@@ -103,7 +104,8 @@ def test_report_shows_the_stages_numbers_figures_and_baseline(tmp_path):
     (run / name).mkdir(parents=True)
   baseline = _metrics(0.9, 0.88, (0.95, 0.8, 0.89), 0.7, description="radial profile + LR")
   probe = _metrics(0.6123456, 0.55, (0.61, 0.52, 0.52), 0.41)
-  fine = _metrics(0.93456, 0.91234, (0.97, 0.85, 0.92), 0.78, baseline=baseline)
+  fine = _metrics(0.93456, 0.91234, (0.97, 0.85, 0.92), 0.78, baseline=baseline,
+                  final_epoch=_metrics(0.92, 0.9, (0.96, 0.84, 0.9), 0.75, epoch=7))
   for name, m in (("probe", probe), ("finetune", fine)):
     fileio.write_json_atomic(run / name / "eval_metrics.json", m)
     plots.confusion(m["confusion_matrix"], ("no_sub", "cdm", "axion"),
@@ -126,14 +128,15 @@ def test_report_shows_the_stages_numbers_figures_and_baseline(tmp_path):
   paths = report.write(run, config, pipeline.stage_configs(config, run))
 
   md = paths["markdown"].read_text()
-  assert "| **linear probe** (this run, epoch 4) | 321 | 0.6123 | 0.5500 | 0.6100 | 0.5200 | " \
-         "0.5200 | 0.4100 |" in md
-  assert "| **fine-tune** (this run, epoch 4) | 321 | 0.9346 | 0.9123 | 0.9700 | 0.8500 | " \
-         "0.9200 | 0.7800 |" in md
+  assert "| **linear probe** (epoch 4, chosen on validation) | 321 | 0.6123 | 0.5500 [0.5300, " \
+         "0.5650] | 0.6100 | 0.5200 | 0.5200 | 0.4100 |" in md
+  assert "| **fine-tune** (epoch 4, chosen on validation) | 321 | 0.9346 | 0.9123 [0.8923, " \
+         "0.9273] | 0.9700 | 0.8500 | 0.9200 | 0.7800 |" in md
+  assert "| fine-tune, last epoch (7) | 321 | 0.9200 | 0.9000 [0.8800, 0.9150] |" in md
   assert "| fine-tune, seed study (published, real data) |  | 0.97 |  | 1.00 | 0.94 | 0.96 | " \
          "0.87 |" in md
-  assert "| baseline (this run, same split) | 321 | 0.9000 | 0.8800 |" in md
-  assert "fine-tune: micro AUC 0.9346 against the seed's 0.97 (-0.0354); margin over the " \
+  assert "| baseline (same labelled images, same test split) | 321 | 0.9000 | 0.8800 [" in md
+  assert "fine-tune: test micro AUC 0.9346 against the seed's 0.97 (-0.0354); margin over the " \
          "baseline: macro AUC +0.0323, micro AUC +0.0346." in md
   assert "The baseline: radial profile + LR." in md
   assert "| MAE pretraining | complete | 4 min 22 s | 2 | 1 x cpu | 1.5 → 2.0 |" in md
@@ -216,9 +219,11 @@ def test_pipeline_end_to_end_then_only_the_report(tmp_path):
   for stage, title in (("probe", "linear probe"), ("finetune", "fine-tune")):
     m = json.loads((run / stage / "eval_metrics.json").read_text())
     assert data["metrics"][stage] == {k: v for k, v in m.items() if k != "baseline"}
-    row = next(line for line in md.splitlines() if line.startswith(f"| **{title}** (this run"))
+    row = next(line for line in md.splitlines() if line.startswith(f"| **{title}** (epoch"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1:] == [str(m["num_examples"]), f"{m['micro_auc']:.4f}", f"{m['macro_auc']:.4f}",
+    lo, hi = m["intervals"]["macro_auc"]
+    assert cells[1:] == [str(m["num_examples"]), f"{m['micro_auc']:.4f}",
+                         f"{m['macro_auc']:.4f} [{lo:.4f}, {hi:.4f}]",
                          *(f"{m['auc'][c]:.4f}" for c in ("no_sub", "cdm", "axion")),
                          f"{m['accuracy']:.4f}"]
     assert f"({stage}/plots/roc.png)" in md and f"({stage}/plots/confusion.png)" in md

@@ -66,65 +66,70 @@ def _half_written(folder: Path) -> bool:
 
 def test_pretrain_killed_anywhere_resumes_bit_identical(tmp_path, data):
   args = ["--config=configs/pretrain.py:tiny", "--config.phase_epochs=(2, 2)",
-          "--config.checkpoint_every_steps=3", "--config.plot_every_epochs=0", *data]
+          "--config.batch_size=4", "--config.eval_batch_size=4",
+          "--config.checkpoint_every_steps=4", "--config.plot_every_epochs=0", *data]
   whole, cut = tmp_path / "whole", tmp_path / "cut"
   result = _main(*args, f"--workdir={whole}")
   assert result.returncode == 0, result.stderr[-3000:]
   steps_per_epoch = json.loads((whole / "history.json").read_text())[0]["step"]
-  assert steps_per_epoch == 2  # the kill points below assume 8 steps in 4 epochs
+  assert steps_per_epoch == 3  # the kill points below assume 12 steps in 4 epochs
 
-  # After step 3, before its checkpoint: resumes from step 2 (an epoch end).
-  _killed(_main(*args, f"--workdir={cut}", kill_at="step:3"))
-  # Inside the save of step 4 (epoch 2's end, the phase boundary; history.json already
-  # lists epoch 2): the half-written step 4 is ignored, the run resumes mid-epoch at 3.
-  _killed(_main(*args, f"--workdir={cut}", kill_at="save:4"))
+  # After step 5, before its checkpoint: resumes from the step checkpoint 4 (mid-epoch).
+  _killed(_main(*args, f"--workdir={cut}", kill_at="step:5"))
+  # Inside the save of step 6 (epoch 2's end, the phase boundary; history.json already
+  # lists epoch 2): the half-written step 6 is ignored, the run resumes at 4 again.
+  _killed(_main(*args, f"--workdir={cut}", kill_at="save:6"))
   assert _half_written(cut / "checkpoints")
-  # Mid-epoch in phase 2, after step 7: resumes from the step checkpoint 6.
-  resumed = _main(*args, f"--workdir={cut}", kill_at="step:7")
+  # Mid-epoch in phase 2, after step 10: resumes from the epoch checkpoint 9.
+  resumed = _main(*args, f"--workdir={cut}", kill_at="step:10")
   _killed(resumed)
-  assert "resuming from checkpoint step 3 (epoch 2, batch 1 of 2)" in resumed.stderr
+  assert "resuming from checkpoint step 4 (epoch 2, batch 1 of 3)" in resumed.stderr
   last = _main(*args, f"--workdir={cut}")
   assert last.returncode == 0, last.stderr[-3000:]
-  assert "resuming from checkpoint step 6 (epoch 4, batch 0 of 2)" in last.stderr
+  assert "resuming from checkpoint step 9 (epoch 4, batch 0 of 3)" in last.stderr
   _assert_identical(whole, cut)
   assert not _half_written(cut / "checkpoints")
 
   # The checkpoint says where the run stood and with which key.
   with checkpoint.manager(cut) as mngr:
     _, step, progress = checkpoint.restore_latest(mngr, _final_state(cut)[1])
-  assert step == 8 and progress["step"] == 8 and progress["phase"] == 2
-  assert progress["steps_per_epoch"] == 2 and progress["global_batch"] == 8
+  assert step == 12 and progress["step"] == 12 and progress["phase"] == 2
+  assert progress["steps_per_epoch"] == 3 and progress["global_batch"] == 4
   assert progress["rng_key"] == np.asarray(
       jax.random.key_data(jax.random.fold_in(jax.random.key(0), 1))).tolist()
 
   # Resuming with settings that change the batch order is refused, not approximated.
-  other = _main(*args, f"--workdir={cut}", "--config.batch_size=4")
+  other = _main(*args, f"--workdir={cut}", "--config.batch_size=2", "--config.eval_batch_size=2")
   assert other.returncode != 0 and "Traceback" not in other.stderr
-  assert "cannot resume" in other.stderr and "steps_per_epoch 2 in the checkpoint" in other.stderr
+  assert "cannot resume" in other.stderr and "steps_per_epoch 3 in the checkpoint" in other.stderr
 
 
-def test_finetune_killed_inside_saves_resumes_bit_identical(tmp_path, data):
+@pytest.mark.parametrize("feed, per_call", [("device", 3), ("host", 1)])
+def test_finetune_killed_inside_saves_resumes_bit_identical(tmp_path, data, feed, per_call):
+  """With either feed, one step or three per dispatch (chunks end at checkpoints)."""
   pre = tmp_path / "pre"
   result = _main("--config=configs/pretrain.py:tiny", f"--workdir={pre}", *data)
   assert result.returncode == 0, result.stderr[-3000:]
   args = ["--config=configs/finetune.py:tiny", f"--config.init_from={pre}",
-          "--config.checkpoint_every_steps=5", *data]
+          "--config.checkpoint_every_steps=3", f"--config.data.feed={feed}",
+          f"--config.steps_per_call={per_call}", *data]
   whole, cut = tmp_path / "whole", tmp_path / "cut"
   result = _main(*args, f"--workdir={whole}")
   assert result.returncode == 0, result.stderr[-3000:]
+  assert f"feed for finetune: {feed}" in result.stderr
   history = json.loads((whole / "history.json").read_text())
-  assert history[0]["step"] == 8 and len(history) == 2
+  assert history[0]["step"] == 5 and len(history) == 2
 
-  # Inside the save of the best checkpoint at epoch 1's end (step 8): the regular
-  # checkpoint of step 8 was not yet made, so the run resumes from step 5.
-  _killed(_main(*args, f"--workdir={cut}", kill_at="save:8"))
+  # Inside the save of the best checkpoint at epoch 1's end (step 5): the regular
+  # checkpoint of step 5 was not yet made, so the run resumes from step 3.
+  _killed(_main(*args, f"--workdir={cut}", kill_at="save:5"))
   assert _half_written(cut / "best_checkpoint")
-  # Inside the step checkpoint of step 15.
-  _killed(_main(*args, f"--workdir={cut}", kill_at="save:15"))
+  # Inside the step checkpoint of step 9.
+  _killed(_main(*args, f"--workdir={cut}", kill_at="save:9"))
   assert _half_written(cut / "checkpoints")
   last = _main(*args, f"--workdir={cut}")
   assert last.returncode == 0, last.stderr[-3000:]
-  assert "resuming from checkpoint step 10" in last.stderr
+  assert "resuming from checkpoint step 6" in last.stderr
   _assert_identical(whole, cut)
   metrics = [json.loads((r / "eval_metrics.json").read_text()) for r in (whole, cut)]
   assert metrics[0] == metrics[1]
@@ -140,7 +145,8 @@ def _tree_digest(folder: Path) -> str:
 
 def test_divergence_names_step_and_metric_and_keeps_the_good_checkpoint(tmp_path, data):
   run = tmp_path / "run"
-  base = ["--config=configs/pretrain.py:tiny", f"--workdir={run}", *data]
+  base = ["--config=configs/pretrain.py:tiny", f"--workdir={run}", "--config.batch_size=4",
+          "--config.eval_batch_size=4", *data]
   result = _main(*base, "--config.phase_epochs=(1, 0)")
   assert result.returncode == 0, result.stderr[-3000:]
   ckpts = run / "checkpoints"
@@ -153,6 +159,6 @@ def test_divergence_names_step_and_metric_and_keeps_the_good_checkpoint(tmp_path
   assert "error: non-finite loss=" in diverged.stderr or "error: non-finite grad_norm=" in \
       diverged.stderr
   failed_at = re.search(r"non-finite .* at step (\d+);", diverged.stderr)
-  assert failed_at and int(failed_at.group(1)) > 2  # after the good checkpoint (step 2)
+  assert failed_at and int(failed_at.group(1)) > 3  # after the good checkpoint (step 3)
   assert sorted(p.name for p in ckpts.iterdir()) == good
   assert _tree_digest(ckpts) == before

@@ -143,7 +143,7 @@ def test_peak_flops_of_known_accelerators():
 
 
 def test_tiny_run_prints_every_line():
-  """End to end at tiny size (~30 s on 2 cores): pipeline, ours and PyTorch eager."""
+  """End to end at tiny size (~30 s on 2 cores): the feed, ours and PyTorch eager."""
   _torch_mae()
   cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--preset", "tiny",
          "--batch", "8", "--steps", "2", "--repeats", "2", "--systems", "ours,torch"]
@@ -153,7 +153,7 @@ def test_tiny_run_prints_every_line():
   number = r"([\d,]+\.?\d*)"
   rates = {}
   for task in ("pretrain", "finetune"):
-    assert any(re.match(rf"{task}\s+input pipeline\s+{number} images/s", l) for l in lines), lines
+    assert any(re.match(rf"{task}\s+device feed\s+{number} images/s", l) for l in lines), lines
     for system in ("ours \\(jax\\)", "pytorch eager"):
       found = [re.match(rf"{task}\s+{system}\s+{number} images/s \(min .*loss", l) for l in lines]
       found = [f for f in found if f]

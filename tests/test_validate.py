@@ -179,7 +179,7 @@ def _last_line(result: subprocess.CompletedProcess) -> str:
      "error: unknown config key optim.lr_warmup; did you mean optim.warmup_epochs?"),
     (["--config=configs/pretrain.py:demmo"],
      "error: configs/pretrain.py: unknown preset 'demmo'; did you mean demo? Presets: demo, "
-     "seed, tiny"),
+     "seed, seed_gpu, tiny"),
     (["--config=configs/pretrian.py"], "error: config file configs/pretrian.py not found"),
     (["--config=configs/probe.py:tiny", "--config.stage=prob"],
      "error: unknown stage 'prob'; did you mean probe? Known: "),

@@ -67,6 +67,7 @@ def build_classifier(model: ml_collections.ConfigDict, num_classes: int,
   """
   return heads.Classifier(
       vit=vit_config(model), num_classes=num_classes, head=model.head, pool=model.pool,
+      feature_block=model.get("feature_block", -1),
       head_hidden=tuple(model.head_hidden), dropout=model.dropout, drop_path=model.drop_path,
       bn_axis_name=bn_axis_name, dtype=dtype_of(model.dtype))
 

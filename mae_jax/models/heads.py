@@ -41,16 +41,32 @@ class LinearHead(nn.Module):
                     name="out")(x)
 
 
+POOLS = ("cls", "mean")
+
+
+def pool_tokens(tokens: jax.Array, pool: str) -> jax.Array:
+  """(N, 1 + L, D) tokens -> (N, D): the CLS token, or the mean of the patch tokens."""
+  return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(axis=1)
+
+
+def feature_name(block: int, pool: str) -> str:
+  """The name of a frozen feature: block index (-1: after the final norm) and pooling."""
+  return f"block{block}_{pool}"
+
+
 class Classifier(nn.Module):
   """ViT encoder on all patches (no masking) + a classification head.
 
   `features` and `classify` can be applied separately, so a probe can compute
-  frozen features outside the differentiated function.
+  frozen features outside the differentiated function. The features are the
+  tokens of `feature_block` (-1: the last block, after the final norm; i: block i's
+  output), pooled by `pool`.
   """
   vit: vit_lib.ViTConfig
   num_classes: int = 3
   head: str = "mlp"          # 'mlp' (seed) or 'linear' (MAE)
-  pool: str = "cls"          # 'cls' token after the final norm, or 'mean' of patch tokens
+  pool: str = "cls"          # 'cls' token, or 'mean' of patch tokens
+  feature_block: int = -1
   head_hidden: tuple[int, ...] = (512, 256)
   dropout: float = 0.2
   drop_path: float = 0.0
@@ -58,9 +74,12 @@ class Classifier(nn.Module):
   dtype: vit_lib.Dtype = jnp.float32
 
   def setup(self):
-    if self.head not in ("mlp", "linear") or self.pool not in ("cls", "mean"):
+    if self.head not in ("mlp", "linear") or self.pool not in POOLS:
       raise ValueError(f"head must be 'mlp' or 'linear' and pool 'cls' or 'mean', got "
                        f"{self.head!r}, {self.pool!r}")
+    if not -1 <= self.feature_block < self.vit.depth:
+      raise ValueError(f"feature_block={self.feature_block} must be -1 (the last block) or a "
+                       f"block index below the depth {self.vit.depth}")
     self.encoder = vit_lib.Encoder(self.vit, drop_path=self.drop_path, dtype=self.dtype)
     if self.head == "mlp":
       self.classifier = MlpHead(self.num_classes, self.head_hidden, self.dropout,
@@ -69,9 +88,20 @@ class Classifier(nn.Module):
       self.classifier = LinearHead(self.num_classes, self.bn_axis_name)
 
   def features(self, images: jax.Array, train: bool = False) -> jax.Array:
-    latent, _, _ = self.encoder(images, deterministic=not train)
-    pooled = latent[:, 0] if self.pool == "cls" else latent[:, 1:].mean(axis=1)
-    return pooled.astype(jnp.float32)
+    if self.feature_block in (-1, self.vit.depth - 1):
+      tokens, _, _ = self.encoder(images, deterministic=not train)
+    else:
+      _, _, _, blocks = self.encoder(images, deterministic=not train, return_blocks=True)
+      tokens = blocks[self.feature_block]
+    return pool_tokens(tokens, self.pool).astype(jnp.float32)
+
+  def feature_bank(self, images: jax.Array) -> dict[str, jax.Array]:
+    """Every candidate feature of frozen `images` in one pass (inference mode): each
+    block's output and the final normed tokens, each pooled both ways."""
+    final, _, _, blocks = self.encoder(images, deterministic=True, return_blocks=True)
+    named = {i: t for i, t in enumerate(blocks[:-1])} | {-1: final}
+    return {feature_name(i, p): pool_tokens(t, p).astype(jnp.float32)
+            for i, t in named.items() for p in POOLS}
 
   def classify(self, features: jax.Array, train: bool = False) -> jax.Array:
     return self.classifier(features, train).astype(jnp.float32)

@@ -120,7 +120,9 @@ class Encoder(nn.Module):
   """ViT encoder: patch embedding + fixed sin-cos positions + CLS + blocks + norm.
 
   With `noise`, MAE random masking keeps `int(L * (1 - mask_ratio))` patches;
-  without it every patch is encoded (classification).
+  without it every patch is encoded (classification). Returns (tokens after the
+  final norm, mask, ids_restore), plus with `return_blocks` the list of every
+  block's output tokens (the residual stream, before the final norm).
   """
   config: ViTConfig
   drop_path: float = 0.0
@@ -128,7 +130,8 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, noise: jax.Array | None = None,
-               mask_ratio: float = 0.0, deterministic: bool = True):
+               mask_ratio: float = 0.0, deterministic: bool = True,
+               return_blocks: bool = False):
     cfg = self.config
     if images.shape[1:] != (cfg.image_size, cfg.image_size, cfg.channels):
       raise ValueError(f"expected images of shape (N, {cfg.image_size}, {cfg.image_size}, "
@@ -147,8 +150,12 @@ class Encoder(nn.Module):
     cls = jnp.broadcast_to(cls + pos[None, :1], (n, 1, cfg.dim))
     x = jnp.concatenate([cls, x], axis=1)
     rates = [self.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+    blocks = []
     for i in range(cfg.depth):
       x = Block(cfg.dim, cfg.heads, cfg.mlp_ratio, rates[i], self.dtype,
                 name=f"block_{i}")(x, deterministic)
+      blocks.append(x)
     x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm")(x)
+    if return_blocks:
+      return x, mask, ids_restore, blocks
     return x, mask, ids_restore

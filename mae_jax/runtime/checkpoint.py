@@ -11,8 +11,9 @@ A state holding NaN or inf is never saved.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,17 @@ def manager(workdir: str | Path, max_to_keep: int = 3,
                                          enable_async_checkpointing=True,
                                          cleanup_tmp_directories=True)
   return ocp.CheckpointManager(path, options=options)
+
+
+@contextlib.contextmanager
+def finishing(*managers: ocp.CheckpointManager) -> Iterator[None]:
+  """Waits for the managers' asynchronous saves on the way out, also when an error
+  (a non-finite step, an interrupt) ends the run: a save in flight completes."""
+  try:
+    yield
+  finally:
+    for mngr in managers:
+      mngr.wait_until_finished()
 
 
 @jax.jit

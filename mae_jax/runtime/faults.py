@@ -1,8 +1,9 @@
 """Deterministic crash points, so tests can kill a run exactly where they mean to.
 
 `MAE_JAX_KILL_AT="step:5,save:8"` makes the process SIGKILL itself right after
-training step 5, or right after the save of step 8 has started (its files half
-written). Unset, every call is a no-op. Only the resume tests set it.
+training step 5 (once checkpoints already being written have finished, so the
+point is the same every run), or right after the save of step 8 has started (its
+files half written). Unset, every call is a no-op. Only the resume tests set it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,12 @@ import signal
 
 ENV = "MAE_JAX_KILL_AT"
 POINTS = ("step", "save")
+
+
+def armed(point: str, step: int) -> bool:
+  """Whether `point:step` is listed in $MAE_JAX_KILL_AT."""
+  spec = os.environ.get(ENV)
+  return bool(spec) and f"{point}:{step}" in (s.strip() for s in spec.split(","))
 
 
 def maybe_kill(point: str, step: int) -> None:

@@ -89,3 +89,5 @@ def data_parallel(fn: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
 
 REPLICATED = P()
 BATCH = P(AXIS)
+# Several batches stacked on a leading axis (a chunk's steps), each sharded on its batch axis.
+STACKED = P(None, AXIS)

@@ -1,7 +1,9 @@
 """The `data` stage: prepare a dataset and show what it holds.
 
-Writes `<workdir>/data_summary.json` (folder, image size, images per split and
-class, bad files, input-pipeline throughput) and `<workdir>/plots/samples.png`.
+Simulates the folder if so configured, prepares its splits (`data.reader`: the
+project's safe reader, or tfds), and writes `<workdir>/data_summary.json` (folder,
+image size, images per split and class, bad files, the feed's throughput) and
+`<workdir>/plots/samples.png`.
 """
 
 from __future__ import annotations
@@ -10,78 +12,89 @@ import logging
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mae_jax.data import builder
-from mae_jax.data import input_pipeline
+from mae_jax.data import batching
+from mae_jax.data import feeds
 from mae_jax.data import layout
 from mae_jax.data import source
+from mae_jax.data import splits
 from mae_jax.eval import plots
 from mae_jax.runtime import fileio
+from mae_jax.runtime import parallel
 from mae_jax.stages import registry
+from mae_jax.train import steps
 
 SUMMARY_FILE = "data_summary.json"
 
 
-def _class_counts(ip: input_pipeline.InputPipeline, batch_size: int) -> dict[str, int]:
-  counts = np.zeros(len(layout.CLASS_NAMES), np.int64)
-  for b in ip.eval_batches(batch_size):
-    counts += np.bincount(b["label"][b["mask"]], minlength=len(layout.CLASS_NAMES))
-  return dict(zip(layout.CLASS_NAMES, counts.tolist()))
+def _samples(split, per_class: int) -> dict[str, np.ndarray]:
+  out = {}
+  for label, name in enumerate(layout.CLASS_NAMES):
+    rows = np.flatnonzero(split.labels == label)[:per_class]
+    if len(rows):
+      out[name] = np.asarray(batching.normalize(split.images[rows]))
+  return out
 
 
-def _samples(ip: input_pipeline.InputPipeline, per_class: int) -> dict[str, np.ndarray]:
-  found = {name: [] for name in layout.CLASS_NAMES}
-  for b in ip.eval_batches(256):
-    for image, label, real in zip(b["image"], b["label"], b["mask"]):
-      name = layout.CLASS_NAMES[label]
-      if real and len(found[name]) < per_class:
-        found[name].append(image)
-    if all(len(v) >= per_class for v in found.values()):
-      break
-  return {k: np.stack(v) for k, v in found.items() if v}
+def feed_rate(images: np.ndarray, batch: int, augmentation: batching.Augment,
+              num_steps: int = 20) -> float:
+  """Images/s of the device feed making augmented training batches (no model)."""
+  mesh = parallel.make_mesh()
+  lb = max(batch // mesh.devices.size, 1)
+  feed = feeds.DeviceFeed(images, np.zeros(len(images), np.int32), mesh)
+  if min(feed.layout.counts) < lb:
+    return float("nan")
+  num_steps = min(num_steps, batching.steps_per_epoch(len(images), mesh.devices.size, lb))
+
+  def body(state, x, labels, key, shard, b):
+    del labels, key, shard, b
+    return state, {"loss": jax.lax.pmean(jnp.mean(x), parallel.AXIS)}
+
+  feeding = steps.Feeding(source="device", local_batch=lb, seed=0, augmentation=augmentation)
+  chunk = steps.make_chunk(body, mesh, feeding, num_steps)
+  run = lambda e: chunk(jnp.zeros(()), feed.data, np.int32(e), np.int32(0), jax.random.key(0))  # pylint: disable=unnecessary-lambda-assignment
+  jax.block_until_ready(run(0))   # compile
+  start = time.perf_counter()
+  jax.block_until_ready(run(1))
+  return num_steps * lb * mesh.devices.size / (time.perf_counter() - start)
 
 
 @registry.register("data")
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Prepares `config.data` and writes its summary and sample figure to `workdir`."""
   workdir = Path(workdir)
-  prepared = source.load(config.data)
-  splits = {name: input_pipeline.InputPipeline(prepared.builder, name)
-            for name in ("train", "validation")}
-  counts = {name: _class_counts(ip, config.batch_size) for name, ip in splits.items()}
-
-  train = splits["train"]
-  batch = min(config.batch_size, train.num_examples)
-  start, n = time.perf_counter(), 0
-  for b in train.train_epoch(batch, seed=0, epoch=0, augment=source.augment_config(config.data)):
-    n += len(b["label"])
-  rate = n / (time.perf_counter() - start)
-
-  h, w = prepared.image_shape
-  fig = plots.sample_grid(
-      _samples(splits["validation"] if splits["validation"].num_examples else train,
-               config.samples_per_class),
-      workdir / "plots" / "samples.png",
-      title=f"{config.data.source} data, {h}x{w}, min-max normalised")
+  dataset = source.load(config.data)
+  counts = {name: dataset[name].class_counts() for name in splits.SPLITS}
+  train = dataset["train"]
+  rate = feed_rate(train.images, min(config.batch_size, len(train)),
+                   source.augmentation(config.data))
+  h, w = dataset.image_shape
+  shown = dataset["validation"] if len(dataset["validation"]) else train
+  fig = plots.sample_grid(_samples(shown, config.samples_per_class),
+                          workdir / "plots" / "samples.png",
+                          title=f"{config.data.source} data, {h}x{w}, min-max normalised")
   summary = {
       "source": config.data.source,
       "data_dir": str(Path(config.data.dir).resolve()),
-      "tfds_dir": str(prepared.cache_dir),
+      "reader": config.data.reader,
+      "cache_dir": str(dataset.cache_dir),
       "image_shape": [h, w],
       "counts": counts,
-      "bad_files": len(prepared.bad_files),
-      "bad_files_report": (str(prepared.cache_dir / builder.BAD_FILES_REPORT)
-                           if prepared.bad_files else None),
-      "train_pipeline_images_per_s": round(rate, 1),
-      "train_pipeline_batch": batch,
+      "bad_files": len(dataset.bad_files),
+      "bad_files_report": (str(dataset.cache_dir / splits.BAD_FILES_REPORT)
+                           if dataset.bad_files else None),
+      "device_feed_augmented_images_per_s": round(rate, 1),
+      "feed_batch": config.batch_size,
   }
   workdir.mkdir(parents=True, exist_ok=True)
   fileio.write_json_atomic(workdir / SUMMARY_FILE, summary)
   for name, c in counts.items():
     logging.info("%-10s %s (total %d)", name, c, sum(c.values()))
-  logging.info("image size %dx%d; %d bad file(s); augmented train batches: %.0f images/s",
-               h, w, len(prepared.bad_files), rate)
+  logging.info("image size %dx%d; %d bad file(s); device feed, augmented: %.0f images/s",
+               h, w, len(dataset.bad_files), rate)
   logging.info("wrote %s and %s", workdir / SUMMARY_FILE, fig)
   return summary

@@ -10,6 +10,7 @@ traceback.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from typing import Any, Sequence
 
@@ -25,6 +26,7 @@ from mae_jax.stages import pipeline  # pylint: disable=unused-import (registers 
 from mae_jax.stages import predict  # pylint: disable=unused-import (registers predict)
 from mae_jax.stages import pretrain  # pylint: disable=unused-import (registers pretrain)
 from mae_jax.stages import registry
+from mae_jax.stages import study  # pylint: disable=unused-import (registers study)
 from mae_jax.stages import validate
 
 
@@ -40,6 +42,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
   hold = workdir_lib.lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   with hold:
     return registry.get(config.stage)(config, workdir)
+
+
+def enable_compilation_cache(folder: str) -> None:
+  """Keeps XLA's compiled steps in `folder` across runs ('' turns it off): a rerun, a
+  resume or the next stage of a pipeline reuses them instead of compiling again."""
+  if not folder:
+    return
+  path = os.path.expanduser(folder)
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def _config_argument(argv: Sequence[str], name: str) -> str | None:

@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from mae_jax.data import input_pipeline
+from mae_jax.data import batching
 from mae_jax.data import layout
 from mae_jax.data import npy_io
 from mae_jax.eval import metrics as metrics_lib
@@ -133,9 +133,8 @@ def load_model(run_dir: str | os.PathLike[str]):
 
 def normalize(images: np.ndarray) -> np.ndarray:
   """(N, H, W) images -> (N, H, W, 1) float32, min-max scaled per image exactly as in
-  training (`data.input_pipeline.minmax_normalize`)."""
-  x = np.asarray(images, np.float32)[..., None]
-  return input_pipeline.minmax_normalize(x).numpy()
+  training (`data.batching.normalize`)."""
+  return np.asarray(batching.normalize(np.asarray(images, np.float32)))[..., None]
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

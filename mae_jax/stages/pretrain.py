@@ -1,11 +1,16 @@
 """The `pretrain` stage: MAE pretraining in phases (seed: 100 epochs without, then 250
 with augmentation), data-parallel, checkpointed, resumable, with figures.
 
+It reads an unlabelled pool: the train split's images of `classes` (the seed:
+`no_sub` only), subsampled to `pool_size` if set. Labels are never read, and the
+test split is never touched.
+
   python main.py --config=configs/pretrain.py:demo --workdir=runs/pretrain_demo
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -14,11 +19,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from mae_jax.data import batching
+from mae_jax.data import feeds
 from mae_jax.data import source
 from mae_jax.eval import plots
 from mae_jax.models import build
 from mae_jax.models import load
 from mae_jax.runtime import checkpoint
+from mae_jax.runtime import errors
 from mae_jax.runtime import fileio
 from mae_jax.runtime import parallel
 from mae_jax.stages import common
@@ -43,18 +51,32 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   main = loop_lib.is_main_process()
   phase_epochs = tuple(int(e) for e in config.phase_epochs)
   mesh = parallel.make_mesh()
-  local_batch = parallel.check_batch(config.batch_size)
-  local_eval = parallel.check_batch(config.eval_batch_size, "eval_batch_size")
+  local_batch = parallel.check_batch(config.batch_size) // jax.local_device_count()
+  local_eval = parallel.check_batch(config.eval_batch_size, "eval_batch_size") // \
+      jax.local_device_count()
   mae = build.build_mae(config.model)
   loss = losses.Reconstruction.from_config(config.loss)
+  dtype = build.dtype_of(config.model.dtype)
   if main:
     workdir.mkdir(parents=True, exist_ok=True)
-  _, train_ip, val_ip = common.input_pipelines(config, config.classes)
-  steps_per_epoch = loop_lib.agree_min(train_ip.num_examples // local_batch)
+
+  # The unlabelled pool: the train split's images of `classes`, subsampled to `pool_size`;
+  # validation images of the same classes give the validation loss. Test is never read.
+  classes = common.class_names_of(config.classes)
+  dataset = common.load_dataset(config)
+  pool = common.pool_subset(dataset["train"].of_classes(classes), config.pool_size, config.seed)
+  val = dataset["validation"].of_classes(classes)
+  common.log_split_sizes("pretraining images", {"pool": pool, "validation": val})
+  common.require(pool, config.batch_size, "/".join(classes), config.data.dir)
+  common.require(val, 1, "/".join(classes), config.data.dir)
+  kind = common.choose_feed(config, pool.images.nbytes + val.images.nbytes, "pretraining")
+  feed = feeds.make(kind, pool.images, pool.labels, mesh, config.seed, dtype)
+  val_feed = feeds.make(kind, val.images, val.labels, mesh, config.seed, dtype)
+  steps_per_epoch = batching.steps_per_epoch(len(pool), mesh.devices.size, local_batch)
   if steps_per_epoch < 1:
-    raise ValueError(f"batch_size={config.batch_size} exceeds the {train_ip.num_examples} "
-                     f"training images of {list(config.classes)} on this process")
-  eval_batches = loop_lib.agree_max(-(-val_ip.num_examples // local_eval))
+    raise errors.InsufficientDataError(
+        f"batch_size={config.batch_size} exceeds the {len(pool)} pretraining images of "
+        f"{list(classes)} ({len(pool) // mesh.devices.size} per device)")
   total_epochs = sum(phase_epochs)
   total_steps = total_epochs * steps_per_epoch
 
@@ -66,17 +88,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx, schedule = optim.adamw(params, config.optim, total_steps, steps_per_epoch)
   state = parallel.replicate(steps.TrainState.create(apply_fn=mae.apply, params=params, tx=tx),
                              mesh)
-  logging.info("MAE: %s params (encoder %s)", f"{optim.count_params(params):,}",
-               f"{optim.count_params(params['encoder']):,}")
+  logging.info("MAE: %s params (encoder %s); %d steps per epoch of %d images",
+               f"{optim.count_params(params):,}", f"{optim.count_params(params['encoder']):,}",
+               steps_per_epoch, config.batch_size)
   mngr = checkpoint.manager(workdir, config.keep_checkpoints)
-  writer = common.metric_writer(workdir)
+  writer = common.metric_writer(workdir, config)
   state, step, history, progress = loop_lib.open_run(workdir, config, state, steps_per_epoch,
                                                      mngr, writer)
-  eval_step = steps.make_pretrain_eval(mae, loss, mesh)
+  feeding = steps.Feeding(source=kind, local_batch=local_batch, seed=config.seed, dtype=dtype)
+  chunks = common.Chunks(steps.pretrain_body(mae, loss, config.batch_size), mesh, feed, feeding)
+  eval_feeding = dataclasses.replace(feeding, local_batch=local_eval)
+  evaluate = common.Evaluator(steps.pretrain_eval_fn(mae, loss, eval_key),
+                              mesh, val_feed, eval_feeding)
   reconstruct = steps.make_reconstruct(mae, loss)
   phase_starts = list(np.cumsum((0,) + phase_epochs[:-1]))
-  plot_images = next(val_ip.eval_batches(config.num_reconstructions))["image"]
-  augment = source.augment_config(config.data)
+  plot_images = np.asarray(batching.normalize(val.images[:config.num_reconstructions]))[..., None]
+  augmentation = source.augmentation(config.data)
 
   def save_plots(state, record=None):
     if not main:
@@ -91,37 +118,34 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.write_images(int(state.step), {"reconstructions": plots.image_array(png)})
 
   def end_epoch(state, epoch, record):
-    total = count = 0.0
-    for i, b in enumerate(val_ip.eval_batches(local_eval, eval_batches)):
-      g = parallel.global_batch({"image": b["image"], "mask": b["mask"]}, mesh)
-      t, c = eval_step(state.params, g["image"], g["mask"], eval_key, i)
-      total, count = total + float(t), count + float(c)
+    out = evaluate(state.params)
     record["phase"] = _phase_of(epoch, phase_epochs) + 1
-    record["val_loss"] = total / max(count, 1.0)
+    record["val_loss"] = float(out["loss"].sum() / max(out["count"].sum(), 1.0))
     if (config.plot_every_epochs > 0 and (epoch + 1) % config.plot_every_epochs == 0) or \
         epoch + 1 == total_epochs:
       save_plots(state, record)
 
-  def batches(epoch, first):
+  def run_chunk(state, epoch, first, num, key):
     augmented = config.phase_augment[_phase_of(epoch, phase_epochs)]
-    return train_ip.train_epoch(local_batch, seed=config.seed, epoch=epoch, start_batch=first,
-                                augment=augment if augmented else None)
+    return chunks(state, epoch, first, num, key,
+                  augmentation if augmented and augmentation.enabled else None)
 
   loop = loop_lib.Loop(
-      config=config, workdir=workdir, state=state,
-      step_fn=steps.make_pretrain_step(mae, loss, mesh),
-      to_global=lambda b: (parallel.global_batch({"image": b["image"]}, mesh)["image"],),
-      batches=batches, train_examples=train_ip.num_examples, local_batch=local_batch,
+      config=config, workdir=workdir, state=state, run_chunk=run_chunk,
+      train_examples=len(pool), global_batch=config.batch_size,
       steps_per_epoch=steps_per_epoch, total_epochs=total_epochs, schedule=schedule,
       describe=lambda e: f" (phase {_phase_of(e, phase_epochs) + 1})",
       phase=lambda e: _phase_of(e, phase_epochs) + 1)
   start = time.time()
-  state = loop_lib.run_epochs(loop, step, history, mngr, writer, end_epoch, progress)
-  mngr.wait_until_finished()
+  with checkpoint.finishing(mngr):   # saves in flight complete, even when training fails
+    state = loop_lib.run_epochs(loop, step, history, mngr, writer, end_epoch, progress)
   if not history or history[-1]["step"] != int(state.step):  # nothing trained now: still draw
     save_plots(state)
   writer.flush()
   summary = {"steps": int(state.step), "epochs": total_epochs, "steps_per_epoch": steps_per_epoch,
+             "pool": {"classes": list(classes), "images": len(pool),
+                      "validation_images": len(val)},
+             "feed": kind,
              "final_train_loss": history[-1]["train_loss"] if history else None,
              "final_val_loss": history[-1]["val_loss"] if history else None,
              "wall_seconds_this_run": round(time.time() - start, 1)}

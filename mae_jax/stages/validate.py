@@ -20,9 +20,11 @@ import jax
 import ml_collections
 from flax import traverse_util
 
+from mae_jax.data import feeds
 from mae_jax.data import layout
 from mae_jax.data import simulate
 from mae_jax.data import source
+from mae_jax.data import splits
 from mae_jax.models import build
 from mae_jax.models import masking
 from mae_jax.runtime import checkpoint
@@ -126,6 +128,20 @@ def _schedule_problems(config: ml_collections.ConfigDict) -> list[str]:
         not isinstance(e, int) or e < 0 for e in epochs):
       problems.append(f"phase_epochs={epochs} and phase_augment={augment} must be equally "
                       "long (one entry per phase), with whole epochs >= 0")
+  if "steps_per_call" in config and (not isinstance(config.steps_per_call, int)
+                                     or config.steps_per_call < 1):
+    problems.append(f"steps_per_call={config.steps_per_call} must be a whole number >= 1")
+  profile = tuple(config.get("profile_steps", ()) or ())
+  if profile and (len(profile) != 2 or not all(isinstance(s, int) for s in profile)
+                  or not 0 <= profile[0] < profile[1]):
+    problems.append(f"profile_steps={profile} must be () or (first, last) steps, first < last")
+  for key in ("labels_per_class", "pool_size"):
+    if key in config and (not isinstance(config[key], int) or config[key] < 0):
+      problems.append(f"{key}={config[key]} must be a whole number >= 0 (0: all)")
+  if config.get("select_features") and (config.get("augment") or not any(
+      p in ("encoder/.*", r"encoder/.*") for p in config.get("optim", {}).get("frozen", ()))):
+    problems.append("select_features=True needs the encoder frozen (optim.frozen=('encoder/.*',)) "
+                    "and augment=False: the features are computed once and chosen on validation")
   if "epochs" in config and (not isinstance(config.epochs, int) or config.epochs < 1):
     problems.append(f"epochs={config.epochs} must be a whole number >= 1")
   model, loss = config.get("model", {}), config.get("loss", {})
@@ -142,9 +158,18 @@ def _data_problems(data: ml_collections.ConfigDict) -> list[str]:
   problems = []
   if data.get("source") not in source.SOURCES:
     problems.append(f"data.source={data.get('source')!r} must be one of {', '.join(source.SOURCES)}")
-  fraction = data.get("validation_fraction")
-  if fraction is not None and not 0.0 < fraction < 1.0:
-    problems.append(f"data.validation_fraction={fraction} must lie in (0, 1)")
+  if "validation_fraction" in data:
+    try:
+      splits.SplitRule(data.validation_fraction, data.get("test_fraction", 0.0))
+    except ValueError as e:
+      problems.append(f"data.{e}")
+  if data.get("reader", "files") not in source.READERS:
+    problems.append(f"data.reader={data.reader!r} must be one of {', '.join(source.READERS)}")
+  if data.get("feed", "auto") not in feeds.FEEDS:
+    problems.append(f"data.feed={data.feed!r} must be one of {', '.join(feeds.FEEDS)}")
+  share = data.get("device_memory_share", 0.5)
+  if not 0.0 < share <= 1.0:
+    problems.append(f"data.device_memory_share={share} must lie in (0, 1]")
   variant = data.get("sim", {}).get("variant")
   if variant is not None and variant not in simulate.VARIANTS:
     problems.append(f"data.sim.variant={variant!r} must be one of {', '.join(simulate.VARIANTS)}")

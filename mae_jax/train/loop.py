@@ -99,21 +99,47 @@ def hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
 @dataclasses.dataclass
 class Loop:
   """A stage's training run: what to step, over which data, for how long."""
-  config: ml_collections.ConfigDict   # reads seed, log_every_steps, checkpoint_every_*
+  config: ml_collections.ConfigDict   # reads seed, log_every_steps, checkpoint_every_*,
+                                      # steps_per_call, profile_steps
   workdir: Path
   state: Any                          # replicated train state with `.step`
-  step_fn: Callable                   # (state, *global_inputs, key) -> (state, metrics)
-  to_global: Callable[[dict], tuple]  # local numpy batch -> global step inputs
-  # (epoch, first batch) -> this process's batches of that epoch from that batch on;
-  # each depends only on (seed, epoch, batch index), so a resumed run sees the same.
-  batches: Callable[[int, int], Iterable[dict]]
-  train_examples: int                 # this process's training examples (resume check)
-  local_batch: int
+  # (state, epoch, first batch, number of steps, key) -> (state, per-step metrics): that
+  # many steps of `epoch` from `first` on, in one dispatch. Batches depend only on
+  # (seed, epoch, batch index), so a resumed run sees the same ones.
+  run_chunk: Callable[[Any, int, int, int, jax.Array], tuple[Any, dict]]
+  train_examples: int                 # the training split's size (resume check)
+  global_batch: int
   steps_per_epoch: int
   total_epochs: int
   schedule: optax.Schedule
   describe: Callable[[int], str] = lambda e: ""             # epoch -> progress-bar suffix
   phase: Callable[[int], int] = lambda e: 1                 # epoch -> phase (1-based)
+
+
+def chunk_plan(epoch: int, first: int, loop: Loop) -> list[tuple[int, int]]:
+  """(first batch, steps) of each dispatch of `epoch` from batch `first` on.
+
+  Chunks hold `steps_per_call` steps, counted from the epoch's start, and also end
+  where a checkpoint or the profile is due and at the epoch's end, so a resumed run
+  (which starts at such a boundary) dispatches exactly the chunks of an
+  uninterrupted one.
+  """
+  cfg, spe = loop.config, loop.steps_per_epoch
+  per_call = max(int(cfg.get("steps_per_call", 1)), 1)
+  base = epoch * spe
+  cuts = {b for b in range(per_call, spe, per_call)} | {spe}
+  every = cfg.get("checkpoint_every_steps", 0)
+  if every > 0:
+    cuts |= {b for b in range(1, spe) if (base + b) % every == 0}
+  for s in tuple(cfg.get("profile_steps", ()) or ()):
+    if base < s < base + spe:
+      cuts.add(s - base)
+  cuts = sorted(c for c in cuts if c > first)
+  plan, start = [], first
+  for c in cuts:
+    plan.append((start, c - start))
+    start = c
+  return plan
 
 
 def open_run(workdir: Path, config: ml_collections.ConfigDict, state: Any,
@@ -146,7 +172,7 @@ def _progress(loop: Loop, step: int, key: jax.Array, losses: list[float]) -> dic
   epoch, batch = divmod(step, loop.steps_per_epoch)
   return {"step": step, "epoch": epoch, "batch_in_epoch": batch,
           "steps_per_epoch": loop.steps_per_epoch,
-          "global_batch": loop.local_batch * jax.process_count(),
+          "global_batch": loop.global_batch,
           "process_count": jax.process_count(), "train_examples": loop.train_examples,
           "seed": loop.config.seed, "rng_key": np.asarray(jax.random.key_data(key)).tolist(),
           "phase": loop.phase(min(epoch, loop.total_epochs - 1)), "epoch_losses": list(losses)}
@@ -193,19 +219,40 @@ class _Pace:
     self.t0, self.s0 = now, step
 
 
+class _Profile:
+  """A `jax.profiler` trace of the steps in `config.profile_steps` = (first, last)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: Path):
+    steps = tuple(config.get("profile_steps", ()) or ())
+    self.first, self.last = (steps + (None, None))[:2] if steps else (None, None)
+    self.folder, self.on = workdir / "profile", False
+
+  def before(self, step: int) -> None:
+    if self.first is not None and step == self.first and not self.on and is_main_process():
+      jax.profiler.start_trace(str(self.folder))
+      self.on = True
+
+  def after(self, step: int, state: Any) -> None:
+    if self.on and step >= self.last:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.on = False
+      logging.info("profile of steps %d-%d written to %s", self.first, self.last, self.folder)
+
+
 def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer: MetricWriter,
                end_epoch: Callable[[Any, int, dict], None],
                progress: dict | None = None) -> Any:
   """Trains from `step` to the end, epoch by epoch; returns the final state.
 
-  Each epoch's batches depend only on (seed, epoch, batch index), so a resumed
-  run continues with exactly the batch an uninterrupted one would see; the
-  checkpoint's `progress` record (position, PRNG key, the epoch's losses so far)
-  is checked against this run and continued. Metrics are checked one step late
-  (the device stays busy); a non-finite step stops the run before anything is
-  saved. `end_epoch(state, epoch, record)` adds evaluation results to the
-  epoch's record (and may draw or save); then the record joins `history.json`
-  and a checkpoint is saved when due.
+  Steps run in chunks (`chunk_plan`); their metrics stay on the device until a log,
+  an epoch's end or a checkpoint needs them, and are then checked for NaN/inf: a
+  non-finite step left the state unchanged, and the run stops, naming it, before
+  anything after it is saved. The checkpoint's `progress` record (position, PRNG key,
+  the epoch's losses so far) is checked against this run and continued, so a resumed
+  run sees exactly the batches an uninterrupted one would. `end_epoch(state, epoch,
+  record)` adds evaluation results to the epoch's record (and may draw or save); then
+  the record joins `history.json` and a checkpoint is saved when due.
   """
   cfg, main = loop.config, is_main_process()
   due = lambda n, every: every > 0 and n % every == 0  # pylint: disable=unnecessary-lambda-assignment
@@ -222,40 +269,56 @@ def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer: MetricW
     if main:
       fileio.write_json_atomic(loop.workdir / HISTORY_FILE, history)
   pace = _Pace(loop.total_epochs * loop.steps_per_epoch, writer)
+  profile = _Profile(cfg, loop.workdir)
   state = loop.state
   for epoch in range(step // loop.steps_per_epoch, loop.total_epochs):
     first = step - epoch * loop.steps_per_epoch
     losses = carried if first else []
-    pending, last, t0 = None, {}, time.time()
+    pending: list[tuple[int, dict]] = []   # (step after the chunk, its metrics on device)
+    last, t0 = {}, time.time()
 
-    def flush(step):
-      """Checks the pending step's metrics (raising on NaN/inf) and keeps its loss."""
-      nonlocal pending, last
-      if pending is not None:
-        last = check_finite(pending, step)
-        losses.append(last["loss"])
-        pending = None
+    def flush(keep_last: bool = False):
+      """Fetches and checks pending metrics (raising on NaN/inf); keeps their losses."""
+      nonlocal last
+      ready = pending[:-1] if keep_last else pending[:]
+      for end, metrics in ready:
+        host = jax.device_get(metrics)
+        n = len(host["loss"])
+        for j in range(n):
+          last = check_finite({k: v[j] for k, v in host.items()}, end - n + j + 1)
+          losses.append(last["loss"])
+      del pending[:len(ready)]
 
     bar = tqdm(total=loop.steps_per_epoch, initial=first, disable=not main, unit="step",
                desc=f"epoch {epoch + 1}/{loop.total_epochs}{loop.describe(epoch)}", leave=False)
-    for i, local in zip(range(first, loop.steps_per_epoch), loop.batches(epoch, first)):
-      state, metrics = loop.step_fn(state, *loop.to_global(local), key)
-      flush(step)  # the previous step's, so the device stays busy
-      pending, step = metrics, step + 1
-      faults.maybe_kill("step", step)
-      bar.update(1)
+    log_due = False
+    for start, num in chunk_plan(epoch, first, loop):
+      profile.before(step)
+      state, metrics = loop.run_chunk(state, epoch, start, num, key)
+      if log_due:   # the previous chunk's metrics, fetched while this one runs
+        flush(keep_last=True)
+        writer.write_scalars(step, {f"train_{k}": v for k, v in last.items() if k != "finite"}
+                             | {"lr": float(loop.schedule(step - 1))})
+        log_due = False
+      for s in range(step + 1, step + num + 1):
+        if faults.armed("step", s):
+          mngr.wait_until_finished()
+        faults.maybe_kill("step", s)
+      log_due = any(due(s, cfg.log_every_steps) for s in range(step + 1, step + num + 1))
+      step += num
+      pending.append((step, metrics))
+      profile.after(step, state)
+      bar.update(num)
       if losses:
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
       pace(step)
-      if due(step, cfg.log_every_steps) or i == loop.steps_per_epoch - 1:
-        flush(step)
-        writer.write_scalars(step, {f"train_{k}": v for k, v in last.items() if k != "finite"}
-                             | {"lr": float(loop.schedule(step - 1))})
-      if due(step, cfg.checkpoint_every_steps):
-        flush(step)
+      if due(step, cfg.checkpoint_every_steps) and start + num < loop.steps_per_epoch:
+        flush()
         checkpoint.save(mngr, step, state, _progress(loop, step, key, losses))
     bar.close()
-    flush(step)
+    flush()
+    writer.write_scalars(step, {f"train_{k}": v for k, v in last.items() if k != "finite"}
+                         | {"lr": float(loop.schedule(step - 1))})
     record = {"epoch": epoch + 1, "step": step,
               "train_loss": float(np.mean(losses)) if losses else None,
               "lr": float(loop.schedule(step - 1)), "seconds": round(time.time() - t0, 2)}
@@ -268,6 +331,7 @@ def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer: MetricW
                            if isinstance(v, float)))
     if main:
       fileio.write_json_atomic(loop.workdir / HISTORY_FILE, history)
-    if due(epoch + 1, cfg.checkpoint_every_epochs) or epoch + 1 == loop.total_epochs:
+    if due(epoch + 1, cfg.checkpoint_every_epochs) or epoch + 1 == loop.total_epochs or \
+        due(step, cfg.checkpoint_every_steps):
       checkpoint.save(mngr, step, state, _progress(loop, step, key, []))
   return state

@@ -48,12 +48,11 @@ def patch_targets(images: jax.Array, patch: int, norm_pix: bool = False) -> jax.
   return target
 
 
-def reconstruction_loss_terms(logits: jax.Array, images: jax.Array, mask: jax.Array, *,
-                              patch: int, loss: str = "bce", norm_pix: bool = False,
-                              masked_only: bool = True,
-                              example_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """(sum of per-patch losses, number of patches counted): summed across devices,
-  their ratio is the loss of the whole batch, padded examples excluded.
+def reconstruction_terms_per_row(logits: jax.Array, images: jax.Array, mask: jax.Array, *,
+                                 patch: int, loss: str = "bce", norm_pix: bool = False,
+                                 masked_only: bool = True) -> tuple[jax.Array, jax.Array]:
+  """(per-patch losses, their weights), each (N, L): weights are the removed patches
+  (`masked_only`, MAE) or every patch (the seed's choice).
 
   Args:
     logits: (N, L, patch*patch*C) decoder outputs (logits for 'bce', values for 'mse').
@@ -63,7 +62,6 @@ def reconstruction_loss_terms(logits: jax.Array, images: jax.Array, mask: jax.Ar
     loss: 'bce' (BCE with logits, targets in [0, 1]) or 'mse'.
     norm_pix: normalise targets per patch (MAE `norm_pix_loss`; 'mse' only).
     masked_only: average over removed patches only (MAE) instead of all patches.
-    example_mask: (N,) bool, False for padding examples (evaluation).
   """
   if loss not in LOSSES:
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -76,6 +74,16 @@ def reconstruction_loss_terms(logits: jax.Array, images: jax.Array, mask: jax.Ar
   else:
     per_patch = jnp.square(logits - target).mean(axis=-1)
   weights = mask.astype(jnp.float32) if masked_only else jnp.ones_like(per_patch)
+  return per_patch, weights
+
+
+def reconstruction_loss_terms(logits: jax.Array, images: jax.Array, mask: jax.Array, *,
+                              example_mask: jax.Array | None = None,
+                              **options) -> tuple[jax.Array, jax.Array]:
+  """(sum of per-patch losses, number of patches counted): summed across devices,
+  their ratio is the loss of the whole batch, padded examples excluded
+  (`example_mask` (N,) bool, False for padding). Options as `reconstruction_terms_per_row`."""
+  per_patch, weights = reconstruction_terms_per_row(logits, images, mask, **options)
   if example_mask is not None:
     weights = weights * example_mask.astype(jnp.float32)[:, None]
   return (per_patch * weights).sum(), weights.sum()

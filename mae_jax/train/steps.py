@@ -1,26 +1,37 @@
-"""Pure, jitted, data-parallel step functions: MAE pretraining, its evaluation, the
-classifier's training step and forward pass, and reconstructions for figures.
+"""Pure, jitted, data-parallel step functions: MAE pretraining, the classifier, their
+evaluation passes, and reconstructions for figures.
 
-Each builder returns a function of global arrays (params and optimiser state
-replicated, batches sharded on their first axis over the mesh axis `data`); the
-per-device body averages gradients and metrics with `lax.pmean`, so 1 device and
-N devices compute the same update. A step whose loss or gradient is NaN/inf leaves
-the state unchanged and reports `finite=False`. Nothing here reads files, configs
-of stages, or any library beyond JAX, flax and optax.
+Each function is built from a per-device body and mapped over the mesh axis `data`
+with `shard_map` (params and optimiser state replicated, examples sharded); bodies
+average gradients and metrics with `lax.pmean`, so 1 and N devices compute the same
+update from the same global batch. A step whose loss or gradient is NaN/inf leaves
+the state unchanged and reports `finite=False`.
+
+Training runs in chunks: `make_chunk` scans `num_steps` steps in one dispatch and
+returns each step's metrics, fetched by the loop only when it needs them. Where the
+batches come from is a `Feeding`: `device`, the split already in device memory
+(each device gathers its rows from the epoch's order), or `host`, the chunk's raw
+batches passed in. Either way the step normalises and augments them with
+`data.batching`, so a run's batches do not depend on the feed.
+
+Nothing here reads files or imports TensorFlow, clu, matplotlib or scikit-learn.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 from jax import lax
 
+from mae_jax.data import batching
 from mae_jax.models import heads
 from mae_jax.models import mae as mae_lib
 from mae_jax.models import masking
@@ -28,11 +39,41 @@ from mae_jax.runtime import parallel
 from mae_jax.train import losses
 
 TrainState = train_state.TrainState
+SOURCES = ("device", "host")
+# A body: (state, inputs (lb, ...), labels (lb,), key, shard, batch) -> (state, metrics).
+Body = Callable[..., tuple[Any, dict]]
 
 
 class ClassifierState(TrainState):
   """Train state plus the BatchNorm statistics of the classifier's head."""
   batch_stats: Any = flax.struct.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Feeding:
+  """How a chunk gets its batches, and what the step does to them before the model.
+
+  `source`: 'device' (the split is resident, sharded; rows are gathered in the step)
+  or 'host' (the chunk's raw batches arrive as arguments). `images=False` marks
+  inputs that are feature vectors (a probe's frozen features): no normalisation
+  or augmentation.
+  """
+  source: str
+  local_batch: int
+  seed: int
+  augmentation: batching.Augment | None = None
+  dtype: Any = jnp.float32
+  images: bool = True
+
+  def __post_init__(self):
+    if self.source not in SOURCES:
+      raise ValueError(f"feed source must be one of {SOURCES}, got {self.source!r}")
+
+  def prepare(self, raw: jax.Array, epoch, batch, shard) -> jax.Array:
+    if not self.images:
+      return raw.astype(jnp.float32)
+    return batching.prepare(raw, seed=self.seed, epoch=epoch, batch=batch, shard=shard,
+                            augmentation=self.augmentation, dtype=self.dtype)
 
 
 def keep_if_finite(ok: jax.Array, new: Any, old: Any) -> Any:
@@ -50,19 +91,26 @@ def _apply_averaged(state, grads, loss, **updates):
   return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": ok}
 
 
-# --- MAE pretraining ----------------------------------------------------------------
+# --- Bodies: one step on one device's prepared batch ------------------------------------
 
 
-def make_pretrain_step(mae: mae_lib.MAE, loss: losses.Reconstruction,
-                       mesh: jax.sharding.Mesh) -> Callable:
-  """A jitted data-parallel MAE step: (state, images, key) -> (state, metrics).
+def global_rows(values: jax.Array, shard: jax.Array, local_batch: int) -> jax.Array:
+  """This shard's rows of a quantity drawn for the whole global batch."""
+  return lax.dynamic_slice_in_dim(values, shard * local_batch, local_batch)
 
-  Masking noise is drawn for the whole global batch from `fold_in(key, step)`
-  before the per-device split, so masks do not depend on the device count.
-  """
-  patch = mae.encoder.patch
 
-  def per_device(state: TrainState, images: jax.Array, noise: jax.Array):
+def pretrain_body(mae: mae_lib.MAE, loss: losses.Reconstruction, global_batch: int) -> Body:
+  """One MAE step. Masking noise is drawn for the whole global batch from
+  `fold_in(key, step)`, then each device takes its rows: masks do not depend on the
+  device count."""
+  patch, num_patches = mae.encoder.patch, mae.encoder.num_patches
+
+  def body(state, images, labels, key, shard, batch):
+    del labels, batch
+    noise = masking.masking_noise(jax.random.fold_in(key, state.step), global_batch,
+                                  num_patches)
+    noise = global_rows(noise, shard, images.shape[0])
+
     def loss_fn(params):
       out = mae.apply({"params": params}, images, noise)
       return losses.reconstruction_loss(out["logits"], images, out["mask"], patch=patch,
@@ -71,44 +119,237 @@ def make_pretrain_step(mae: mae_lib.MAE, loss: losses.Reconstruction,
     value, grads = jax.value_and_grad(loss_fn)(state.params)
     return _apply_averaged(state, grads, value)
 
-  mapped = parallel.data_parallel(per_device, mesh,
-                                  in_specs=(parallel.REPLICATED, parallel.BATCH, parallel.BATCH),
-                                  out_specs=(parallel.REPLICATED, parallel.REPLICATED))
+  return body
+
+
+def classifier_body(model: heads.Classifier, *, frozen_encoder: bool,
+                    label_smoothing: float = 0.0, inputs_are_features: bool = False) -> Body:
+  """One classifier step. With `frozen_encoder`, features come from the encoder in
+  inference mode outside the differentiated function (no encoder backward pass; its
+  params get exactly zero gradient); with `inputs_are_features`, the inputs already
+  are those features (the probe's cache) and only the head runs."""
+  classes = model.num_classes
+
+  def body(state, inputs, labels, key, shard, batch):
+    del batch
+    rng = jax.random.fold_in(jax.random.fold_in(key, state.step), shard)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, classes), label_smoothing)
+    head_only = inputs_are_features or frozen_encoder
+    feats = inputs
+    if frozen_encoder and not inputs_are_features:
+      feats = model.apply({"params": state.params, "batch_stats": state.batch_stats}, inputs,
+                          False, method=heads.Classifier.features)
+
+    def loss_fn(params):
+      variables = {"params": params, "batch_stats": state.batch_stats}
+      if head_only:
+        logits, updates = model.apply(variables, feats, True, method=heads.Classifier.classify,
+                                      mutable=["batch_stats"], rngs={"dropout": rng})
+      else:
+        out, updates = model.apply(variables, inputs, True, mutable=["batch_stats"],
+                                   rngs={"dropout": rng})
+        logits = out["logits"]
+      value = optax.softmax_cross_entropy(logits, targets).mean()
+      return value, (logits, updates.get("batch_stats", {}))
+
+    (value, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state, metrics = _apply_averaged(state, grads, value, batch_stats=stats)
+    metrics["accuracy"] = lax.pmean(jnp.mean(jnp.argmax(logits, -1) == labels), parallel.AXIS)
+    return new_state, metrics
+
+  return body
+
+
+# --- Chunks: several steps per dispatch ---------------------------------------------------
+
+
+def make_chunk(body: Body, mesh: jax.sharding.Mesh, feeding: Feeding,
+               num_steps: int) -> Callable:
+  """A jitted chunk of `num_steps` training steps:
+  (state, data, epoch, first_batch, key) -> (state, metrics, each with a leading
+  `num_steps` axis).
+
+  `data` for a 'device' feed: the resident split, {'x': (D*S, ...), 'y': (D*S,),
+  'count': (D,)} sharded over devices (see `data.feeds.DeviceFeed`); for a 'host'
+  feed: this chunk's raw batches, {'x': (num_steps, B, ...), 'y': (num_steps, B)}.
+  """
+  lb = feeding.local_batch
+
+  def per_device(state, data, epoch, first, key):
+    shard = lax.axis_index(parallel.AXIS)
+    if feeding.source == "device":
+      size = data["x"].shape[0]
+      order = batching.shard_order(feeding.seed, epoch, shard, data["count"][0], size)
+
+    def one(state, i):
+      batch = first + i
+      if feeding.source == "device":
+        rows = batching.batch_rows(order, batch, lb)
+        raw, labels = data["x"][rows], data["y"][rows]
+      else:
+        raw, labels = data["x"][i], data["y"][i]
+      inputs = feeding.prepare(raw, epoch, batch, shard)
+      return body(state, inputs, labels, key, shard, batch)
+
+    return lax.scan(one, state, jnp.arange(num_steps))
+
+  batch_spec = parallel.BATCH if feeding.source == "device" else parallel.STACKED
+  data_specs = {"x": batch_spec, "y": batch_spec}
+  if feeding.source == "device":
+    data_specs["count"] = parallel.BATCH
+  mapped = parallel.data_parallel(
+      per_device, mesh,
+      in_specs=(parallel.REPLICATED, data_specs, parallel.REPLICATED, parallel.REPLICATED,
+                parallel.REPLICATED),
+      out_specs=(parallel.REPLICATED, parallel.REPLICATED))
+  return jax.jit(mapped, donate_argnums=0)
+
+
+def make_pretrain_step(mae: mae_lib.MAE, loss: losses.Reconstruction,
+                       mesh: jax.sharding.Mesh) -> Callable:
+  """A jitted data-parallel MAE step on a prepared global batch (benchmarks, tests):
+  (state, images, key) -> (state, metrics); the same body as a chunk's."""
 
   @functools.partial(jax.jit, donate_argnums=0)
-  def step(state: TrainState, images: jax.Array, key: jax.Array):
-    noise = masking.masking_noise(jax.random.fold_in(key, state.step), images.shape[0],
-                                  mae.encoder.num_patches)
-    return mapped(state, images, noise)
+  def step(state, images, key):
+    body = pretrain_body(mae, loss, images.shape[0])
+
+    def per_device(state, images, key):
+      return body(state, images, None, key, lax.axis_index(parallel.AXIS), 0)
+
+    return parallel.data_parallel(
+        per_device, mesh, in_specs=(parallel.REPLICATED, parallel.BATCH, parallel.REPLICATED),
+        out_specs=(parallel.REPLICATED, parallel.REPLICATED))(state, images, key)
 
   return step
 
 
-def make_pretrain_eval(mae: mae_lib.MAE, loss: losses.Reconstruction,
-                       mesh: jax.sharding.Mesh) -> Callable:
-  """A jitted data-parallel evaluation: (params, images, example mask, key, index) ->
-  (loss sum, count), summed over devices; masks are fixed by (key, batch index)."""
-  patch = mae.encoder.patch
+def make_classifier_step(model: heads.Classifier, mesh: jax.sharding.Mesh, *,
+                         frozen_encoder: bool, label_smoothing: float = 0.0) -> Callable:
+  """A jitted data-parallel classifier step on a prepared global batch:
+  (state, images, labels, key) -> (state, metrics); the same body as a chunk's."""
+  body = classifier_body(model, frozen_encoder=frozen_encoder, label_smoothing=label_smoothing)
 
-  def per_device(params, images, example_mask, noise):
-    out = mae.apply({"params": params}, images, noise)
-    total, count = losses.reconstruction_loss_terms(
-        out["logits"], images, out["mask"], patch=patch, example_mask=example_mask,
-        **loss.options())
-    return lax.psum(total, parallel.AXIS), lax.psum(count, parallel.AXIS)
+  def per_device(state, images, labels, key):
+    return body(state, images, labels, key, lax.axis_index(parallel.AXIS), 0)
+
+  return jax.jit(parallel.data_parallel(
+      per_device, mesh,
+      in_specs=(parallel.REPLICATED, parallel.BATCH, parallel.BATCH, parallel.REPLICATED),
+      out_specs=(parallel.REPLICATED, parallel.REPLICATED)), donate_argnums=0)
+
+
+# --- Evaluation passes --------------------------------------------------------------------
+
+
+def make_eval_pass(fn: Callable, mesh: jax.sharding.Mesh, feeding: Feeding,
+                   num_batches: int) -> Callable:
+  """A jitted pass of `fn(tree, inputs, valid, examples) -> per-row outputs` over
+  evaluation batches in the strided shard layout, nothing shuffled or augmented.
+  `examples` are the rows' indices in the split (padding rows: past its end), so an
+  output keyed by them does not depend on the device count.
+
+  'device' feed: (tree, data) -> outputs of every row of every shard, (D * num_batches
+  * lb, ...) sharded; rows past a shard's count are padding (`valid` False). 'host'
+  feed: (tree, batch, index) with batch {'x': (B, ...), 'valid': (B,)} the rows of
+  evaluation batch `index` -> (B, ...) outputs; the caller loops over batches.
+  """
+  lb = feeding.local_batch
+
+  def prepare(raw):
+    if not feeding.images:
+      return raw.astype(jnp.float32)
+    return batching.prepare(raw, seed=feeding.seed, epoch=0, batch=0, shard=0,
+                            augmentation=None, dtype=feeding.dtype)
+
+  def examples(b, shard):
+    shards = lax.psum(1, parallel.AXIS)
+    return (b * lb + jnp.arange(lb)) * shards + shard
+
+  if feeding.source == "device":
+    def per_device(tree, data):
+      shard = lax.axis_index(parallel.AXIS)
+      size = data["x"].shape[0]
+
+      def one(_, b):
+        rows = b * lb + jnp.arange(lb)
+        valid = rows < data["count"][0]
+        raw = data["x"][jnp.minimum(rows, size - 1)]
+        return None, fn(tree, prepare(raw), valid, examples(b, shard))
+
+      _, out = lax.scan(one, None, jnp.arange(num_batches))
+      return jax.tree.map(lambda a: a.reshape(num_batches * lb, *a.shape[2:]), out)
+
+    mapped = parallel.data_parallel(
+        per_device, mesh, in_specs=(parallel.REPLICATED, {"x": parallel.BATCH,
+                                                            "count": parallel.BATCH}),
+        out_specs=parallel.BATCH)
+    return jax.jit(lambda tree, data: mapped(tree, {"x": data["x"], "count": data["count"]}))
+
+  def per_device_host(tree, batch, index):
+    shard = lax.axis_index(parallel.AXIS)
+    return fn(tree, prepare(batch["x"]), batch["valid"], examples(index, shard))
 
   mapped = parallel.data_parallel(
-      per_device, mesh,
-      in_specs=(parallel.REPLICATED, parallel.BATCH, parallel.BATCH, parallel.BATCH),
-      out_specs=(parallel.REPLICATED, parallel.REPLICATED))
+      per_device_host, mesh,
+      in_specs=(parallel.REPLICATED, {"x": parallel.BATCH, "valid": parallel.BATCH},
+                parallel.REPLICATED),
+      out_specs=parallel.BATCH)
+  return jax.jit(mapped)
 
-  @jax.jit
-  def evaluate(params, images, example_mask, key, index):
-    noise = masking.masking_noise(jax.random.fold_in(key, index), images.shape[0],
-                                  mae.encoder.num_patches)
-    return mapped(params, images, example_mask, noise)
 
-  return evaluate
+def pretrain_eval_fn(mae: mae_lib.MAE, loss: losses.Reconstruction,
+                     key: jax.Array) -> Callable:
+  """Per-row (loss sum, patches counted) of the MAE on an evaluation batch; each
+  example's mask is fixed by (key, its index in the split)."""
+  patch, num_patches = mae.encoder.patch, mae.encoder.num_patches
+
+  def fn(params, images, valid, examples):
+    noise = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i),
+                                                  (num_patches,)))(examples)
+    out = mae.apply({"params": params}, images, noise)
+    per_patch, weights = losses.reconstruction_terms_per_row(
+        out["logits"], images, out["mask"], patch=patch, **loss.options())
+    weights = weights * valid[:, None]
+    return {"loss": (per_patch * weights).sum(-1), "count": weights.sum(-1)}
+
+  return fn
+
+
+def logits_fn(model: heads.Classifier, inputs_are_features: bool = False) -> Callable:
+  """Per-row logits of the classifier in inference mode (tree: params, batch_stats)."""
+
+  def fn(tree, inputs, valid, examples):
+    del valid, examples
+    variables = {"params": tree["params"], "batch_stats": tree["batch_stats"]}
+    if inputs_are_features:
+      return model.apply(variables, inputs, False, method=heads.Classifier.classify)
+    return model.apply(variables, inputs, False)["logits"]
+
+  return fn
+
+
+def feature_bank_fn(model: heads.Classifier) -> Callable:
+  """Per-row candidate features (every block, both poolings) of a frozen encoder."""
+
+  def fn(tree, images, valid, examples):
+    del valid, examples
+    variables = {"params": tree["params"], "batch_stats": tree["batch_stats"]}
+    return model.apply(variables, images, method=heads.Classifier.feature_bank)
+
+  return fn
+
+
+def make_predict(model: heads.Classifier, mesh: jax.sharding.Mesh) -> Callable:
+  """A jitted data-parallel forward pass in inference mode: logits of a prepared global
+  batch."""
+
+  def per_device(params, batch_stats, images):
+    return model.apply({"params": params, "batch_stats": batch_stats}, images, False)["logits"]
+
+  return jax.jit(parallel.data_parallel(
+      per_device, mesh, in_specs=(parallel.REPLICATED, parallel.REPLICATED, parallel.BATCH),
+      out_specs=parallel.BATCH))
 
 
 def make_reconstruct(mae: mae_lib.MAE, loss: losses.Reconstruction) -> Callable:
@@ -140,57 +381,9 @@ def make_reconstruct(mae: mae_lib.MAE, loss: losses.Reconstruction) -> Callable:
   return reconstruct
 
 
-# --- Classification -----------------------------------------------------------------
-
-
-def make_classifier_step(model: heads.Classifier, mesh: jax.sharding.Mesh, *,
-                         frozen_encoder: bool, label_smoothing: float = 0.0) -> Callable:
-  """A jitted data-parallel step: (state, images, labels, key) -> (state, metrics).
-
-  With `frozen_encoder`, features come from the encoder in inference mode
-  outside the differentiated function: no encoder backward pass, and its
-  (frozen) params receive exactly zero gradient.
-  """
-  classes = model.num_classes
-
-  def per_device(state: ClassifierState, images, labels, key):
-    rng = jax.random.fold_in(jax.random.fold_in(key, state.step), lax.axis_index(parallel.AXIS))
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, classes), label_smoothing)
-    if frozen_encoder:
-      feats = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
-                          False, method=heads.Classifier.features)
-
-    def loss_fn(params):
-      variables = {"params": params, "batch_stats": state.batch_stats}
-      if frozen_encoder:
-        logits, updates = model.apply(variables, feats, True, method=heads.Classifier.classify,
-                                      mutable=["batch_stats"], rngs={"dropout": rng})
-      else:
-        out, updates = model.apply(variables, images, True, mutable=["batch_stats"],
-                                   rngs={"dropout": rng})
-        logits = out["logits"]
-      value = optax.softmax_cross_entropy(logits, targets).mean()
-      return value, (logits, updates.get("batch_stats", {}))
-
-    (value, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    new_state, metrics = _apply_averaged(state, grads, value, batch_stats=stats)
-    metrics["accuracy"] = lax.pmean(jnp.mean(jnp.argmax(logits, -1) == labels), parallel.AXIS)
-    return new_state, metrics
-
-  mapped = parallel.data_parallel(
-      per_device, mesh,
-      in_specs=(parallel.REPLICATED, parallel.BATCH, parallel.BATCH, parallel.REPLICATED),
-      out_specs=(parallel.REPLICATED, parallel.REPLICATED))
-  return jax.jit(mapped, donate_argnums=0)
-
-
-def make_predict(model: heads.Classifier, mesh: jax.sharding.Mesh) -> Callable:
-  """A jitted data-parallel forward pass in inference mode: logits of a global batch."""
-
-  def per_device(params, batch_stats, images):
-    return model.apply({"params": params, "batch_stats": batch_stats}, images, False)["logits"]
-
-  return jax.jit(parallel.data_parallel(
-      per_device, mesh, in_specs=(parallel.REPLICATED, parallel.REPLICATED, parallel.BATCH),
-      out_specs=parallel.BATCH))
-
+def canonical_rows(out: np.ndarray, shards: int, num_examples: int) -> np.ndarray:
+  """Host rows of an evaluation pass (D shards of equal length, strided layout) back in
+  the split's canonical order: example i is row i div D of shard i mod D."""
+  out = np.asarray(out)
+  per_shard = out.reshape(shards, -1, *out.shape[1:])
+  return np.swapaxes(per_shard, 0, 1).reshape(-1, *out.shape[1:])[:num_examples]

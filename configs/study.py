@@ -1,0 +1,52 @@
+"""Label-efficiency study: does the MAE pretraining pay off, and at which label budget?
+
+  python main.py --config=configs/study.py:demo --workdir=runs/study_demo
+  python main.py --config=configs/study.py:demo --workdir=runs/study_demo \
+      --config.variants='("hard",)' --config.seeds='(0,)'
+
+For each simulator variant: one MAE pretrained on the unlabelled pool, then for
+each label budget and seed the arms MAE fine-tune, scratch fine-tune (its own
+learning rate, chosen on validation from `scratch_lrs`), MAE probe (features chosen
+on validation) and the radial-profile baseline, all scored on the test split.
+Each stage's keys are those of its own config file, under the stage's name
+(`--config.finetune.optim.layer_decay=0.75`, `--config.pretrain.phase_epochs='(10, 20)'`).
+Running the command again skips finished runs and resumes the rest.
+"""
+
+import ml_collections
+
+from configs import common
+from configs import data as data_config
+from configs import finetune as finetune_config
+from configs import pipeline as pipeline_config
+from configs import pretrain as pretrain_config
+from configs import probe as probe_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  preset = common.parse_preset(arg)
+  config = ml_collections.ConfigDict()
+  config.stage = "study"
+  config.preset = preset
+  config.data = common.data_config(preset)   # shared by every run; the variant is set per run
+  config.variants = common.VARIANTS
+  config.data_dirs = ml_collections.ConfigDict(
+      {v: common.data_dir(v, preset) for v in common.VARIANTS})
+  # Labelled images per class drawn from the train split (0: all of it).
+  config.labels_per_class = {"seed": (10, 100, 1000, 0), "demo": (10, 30, 100, 0),
+                             "tiny": (2, 0)}[common.size(preset)]
+  config.seeds = {"seed": (0, 1, 2), "demo": (0, 1, 2), "tiny": (0,)}[common.size(preset)]
+  config.arms = ("mae_finetune", "scratch_finetune", "mae_probe", "radial")
+  # The scratch fine-tune's learning rates (every param), chosen on validation.
+  config.scratch_lrs = {"seed": (1e-4, 3e-4, 1e-3), "demo": (3e-4, 1e-3, 3e-3),
+                        "tiny": (1e-3,)}[common.size(preset)]
+  # About this many optimiser steps per run, whatever the budget (epochs follow); the
+  # batch shrinks to at most half the labelled images.
+  config.finetune_steps = {"seed": 5000, "demo": 300, "tiny": 4}[common.size(preset)]
+  config.probe_steps = {"seed": 2000, "demo": 300, "tiny": 4}[common.size(preset)]
+  config.data_stage = pipeline_config.stage_keys(data_config.get_config(preset))
+  config.pretrain = pipeline_config.stage_keys(pretrain_config.get_config(preset))
+  config.finetune = pipeline_config.stage_keys(finetune_config.get_config(preset))
+  config.probe = pipeline_config.stage_keys(probe_config.get_config(preset))
+  config.probe.select_features = True
+  return config

@@ -1,0 +1,28 @@
+"""benchmarks/accelerator_run.sh end to end at test sizes on this CPU: it simulates,
+benchmarks, profiles, runs the whole pipeline and writes its summary."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_accelerator_script_runs_end_to_end_at_tiny_size(tmp_path):
+  out = tmp_path / "out"
+  env = {**os.environ, "PYTHON": sys.executable, "RUN_DIR": str(tmp_path / "run"), "DATA": str(tmp_path / "sim"),
+         "DATA_CACHE": str(tmp_path / "cache"), "MAE_JAX_COMPILATION_CACHE": str(tmp_path / "xla")}
+  result = subprocess.run(["bash", str(ROOT / "benchmarks" / "accelerator_run.sh"), "tiny",
+                           str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1200)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+  for name in ("summary.md", "report.md", "report.json", "figures.json", "throughput.txt",
+               "profile.txt", "profile.json", "accelerator_run.log"):
+    assert (out / name).stat().st_size > 0, name
+  summary = (out / "summary.md").read_text()
+  assert "| pretrain | device | 8 |" in summary and "| finetune | host | 8 |" in summary
+  assert "| finetune |" in summary and "| probe |" in summary
+  assert "top operations" in (out / "profile.txt").read_text()
