@@ -3,6 +3,7 @@
   python benchmarks/throughput.py [--preset seed] [--batch 256] [--task pretrain,finetune]
       [--systems ours,ours_1dev,torch,torch_compile] [--repeats 3] [--steps 2]
       [--dtype float32] [--host_devices N] [--no_pipeline]
+      [--loop] [--loop_batches 256,1024] [--loop_feeds device,host] [--loop_steps 20]
 
 Ours are the real jitted steps (`steps.make_pretrain_step`,
 `steps.make_classifier_step`) of the preset's configs (configs/pretrain.py,
@@ -21,6 +22,13 @@ printed beside the steps. With a known GPU it also prints achieved TFLOP/s and
 model-FLOPs utilisation (MFU) from an analytic count of the matmul FLOPs
 (forward x 3 for a training step). The last line is
 `ratio ours/pytorch-eager: pretrain X.XX finetune Y.YY`.
+
+With `--loop`, it also times the real training loop (`train.loop.run_epochs`: the
+stage's feed, its chunks of `steps_per_call` steps in one dispatch, metrics fetched at
+log boundaries, a checkpoint at the end; evaluation left out) over whole epochs of
+`--loop_steps` steps on random images, for each feed and each batch size in
+`--loop_batches` (default: the stage's configured batch and `--batch`). Each line is
+the median images/s of the epochs after the first (which compiles).
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ sys.path.insert(0, str(_ROOT / "benchmarks"))
 TASKS = ("pretrain", "finetune")
 SYSTEMS = ("ours", "ours_1dev", "torch", "torch_compile")
 LABELS = {"ours": "ours (jax)", "ours_1dev": "ours, 1 device", "torch": "pytorch eager",
-          "torch_compile": "torch.compile"}
+          "torch_compile": "torch.compile", "loop": "real loop"}
 RESULT = "RESULT "
 
 # Dense peak FLOP/s of known accelerators (bf16; float32 matmuls run as TF32 by default).
@@ -260,37 +268,96 @@ def _torch(task: str, config, batch: int, args, compiled: bool) -> dict[str, Any
 
 
 def _pipeline(task: str, config, batch: int, args) -> dict[str, Any]:
-  """Images/s of tf.data training batches from a prepared tfds set of random images."""
+  """Images/s of the device feed making training batches (order, normalisation and, in
+  pretraining, augmentation; no model) from random images in device memory."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from mae_jax.data import builder  # pylint: disable=g-import-not-at-top
-  from mae_jax.data import layout  # pylint: disable=g-import-not-at-top
-  from mae_jax.data import npy_io  # pylint: disable=g-import-not-at-top
-  from mae_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from mae_jax.data import source  # pylint: disable=g-import-not-at-top
+  from mae_jax.stages import data as data_stage  # pylint: disable=g-import-not-at-top
 
   size = config.model.image_size
-  per_class = max(3 * batch, 16)
-  with tempfile.TemporaryDirectory() as tmp:
+  images = np.random.default_rng(0).random((max(4 * batch, 64), size, size), np.float32)
+  augment = task == "pretrain" or config.augment
+  augmentation = source.augmentation(config.data) if augment else None
+  rates = [data_stage.feed_rate(images, batch, augmentation, num_steps=4)
+           for _ in range(max(args.repeats, 3))]
+  return {"rates": rates, "augment": augment}
+
+
+def _loop(task: str, config, args) -> list[dict[str, Any]]:
+  """Whole epochs of the real training loop on random images, per feed and batch size."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mae_jax.data import feeds  # pylint: disable=g-import-not-at-top
+  from mae_jax.models import build  # pylint: disable=g-import-not-at-top
+  from mae_jax.runtime import checkpoint  # pylint: disable=g-import-not-at-top
+  from mae_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
+  from mae_jax.stages import common  # pylint: disable=g-import-not-at-top
+  from mae_jax.stages import writers  # pylint: disable=g-import-not-at-top
+  from mae_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from mae_jax.train import losses  # pylint: disable=g-import-not-at-top
+  from mae_jax.train import optim  # pylint: disable=g-import-not-at-top
+  from mae_jax.train import steps  # pylint: disable=g-import-not-at-top
+
+  mesh = parallel.make_mesh()
+  dtype = build.dtype_of(config.model.dtype)
+  size = config.model.image_size
+  batches = [int(b) for b in args.loop_batches.split(",") if b] or [config.batch_size, args.batch]
+  out = []
+  for batch in dict.fromkeys(batches):
+    if batch % mesh.devices.size:
+      continue
+    lb = batch // mesh.devices.size
+    n = args.loop_steps * batch
     rng = np.random.default_rng(0)
-    for name in layout.CLASS_NAMES:
-      (Path(tmp) / "src" / name).mkdir(parents=True)
-      for i in range(per_class):
-        npy_io.write_lens_file(Path(tmp) / "src" / name / f"{name}_{i}.npy",
-                               rng.random((size, size)), 1e-23 if name == "axion" else None)
-    prepared = builder.prepare(Path(tmp) / "src", Path(tmp) / "cache", progress=False)
-    classes = tuple(config.classes) if task == "pretrain" else layout.CLASS_NAMES
-    augment = (source.augment_config(config.data) if task == "pretrain"
-               else (source.augment_config(config.data) if config.augment else None))
-    ip = input_pipeline.InputPipeline(prepared.builder, "train", classes=classes)
-    for _ in ip.train_epoch(batch, seed=0, epoch=0, augment=augment):
-      pass   # first pass fills the in-memory cache
-    rates = []
-    for epoch in range(1, 1 + max(args.repeats, 3)):
-      start, n = time.perf_counter(), 0
-      for b in ip.train_epoch(batch, seed=0, epoch=epoch, augment=augment):
-        n += b["image"].shape[0]
-      rates.append(n / (time.perf_counter() - start))
-  return {"rates": rates, "augment": augment is not None, "classes": list(classes)}
+    images = rng.random((n, size, size), np.float32)
+    labels = rng.integers(0, 3, n).astype(np.int32)
+    for kind in [k for k in args.loop_feeds.split(",") if k]:
+      cfg = config.copy_and_resolve_references()
+      cfg.batch_size = batch
+      feed = feeds.make(kind, images, labels, mesh, cfg.seed, dtype)
+      feeding = steps.Feeding(source=kind, local_batch=lb, seed=cfg.seed, dtype=dtype)
+      total = args.loop_epochs * args.loop_steps
+      if task == "pretrain":
+        model = build.build_mae(cfg.model)
+        params = build.init_mae(model, jax.random.key(0))
+        tx, schedule = optim.adamw(params, cfg.optim, total, args.loop_steps)
+        state = steps.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+        body = steps.pretrain_body(model, losses.Reconstruction.from_config(cfg.loss), batch)
+      else:
+        model = build.build_classifier(cfg.model, 3, parallel.AXIS)
+        params, stats = build.init_classifier(model, jax.random.key(0))
+        tx, peaks = optim.classifier_optimizer(params, cfg.optim, total_steps=total,
+                                               steps_per_epoch=args.loop_steps,
+                                               global_batch=batch, depth=cfg.model.depth)
+        schedule = optim.warmup_cosine(max(jax.tree.leaves(peaks)), total, 0)
+        state = steps.ClassifierState.create(apply_fn=model.apply, params=params, tx=tx,
+                                             batch_stats=stats)
+        body = steps.classifier_body(model, frozen_encoder=False)
+      chunks = common.Chunks(body, mesh, feed, feeding)
+      with tempfile.TemporaryDirectory() as tmp:
+        cfg.checkpoint_every_epochs = 0
+        cfg.checkpoint_every_steps = 0
+        the_loop = loop.Loop(config=cfg, workdir=Path(tmp), state=parallel.replicate(state, mesh),
+                             run_chunk=lambda s, e, f, k, key: chunks(s, e, f, k, key),
+                             train_examples=n, global_batch=batch,
+                             steps_per_epoch=args.loop_steps, total_epochs=args.loop_epochs,
+                             schedule=schedule)
+        mngr = checkpoint.manager(tmp, 1)
+        writer = writers.create(tmp, True, tensorboard="none")
+        history: list[dict] = []
+        marks = [time.perf_counter()]   # the end of each epoch (its steps and metrics)
+        with checkpoint.finishing(mngr):
+          loop.run_epochs(the_loop, 0, history, mngr, writer,
+                          lambda *_: marks.append(time.perf_counter()))
+        wall = time.perf_counter() - marks[0]
+        mngr.close()
+      seconds = list(np.diff(marks))
+      out.append({"task": task, "system": "loop", "feed": kind, "batch": batch,
+                  "steps_per_call": cfg.steps_per_call, "epoch_seconds": seconds,
+                  "rates": [args.loop_steps * batch / t for t in seconds[1:]],
+                  "first_epoch_s": seconds[0], "wall_s": wall,
+                  "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}"})
+  return out
 
 
 def worker(args) -> None:
@@ -298,12 +365,15 @@ def worker(args) -> None:
   for task in args.task:
     config = configs[task]
     if args.worker in ("ours", "ours_1dev"):
-      out = _ours(task, config, args.batch, args)
+      outs = [_ours(task, config, args.batch, args)]
     elif args.worker == "pipeline":
-      out = _pipeline(task, config, args.batch, args)
+      outs = [_pipeline(task, config, args.batch, args)]
+    elif args.worker == "loop":
+      outs = _loop(task, config, args)
     else:
-      out = _torch(task, config, args.batch, args, compiled=args.worker == "torch_compile")
-    print(RESULT + json.dumps({"task": task, "system": args.worker, **out}), flush=True)
+      outs = [_torch(task, config, args.batch, args, compiled=args.worker == "torch_compile")]
+    for out in outs:
+      print(RESULT + json.dumps({"task": task, "system": args.worker, **out}), flush=True)
 
 
 # --- Driver -------------------------------------------------------------------------
@@ -312,12 +382,14 @@ def worker(args) -> None:
 def _run_worker(system: str, args) -> list[dict[str, Any]]:
   cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system,
          "--preset", args.preset, "--batch", str(args.batch), "--task", ",".join(args.task),
-         "--repeats", str(args.repeats), "--steps", str(args.steps), "--dtype", args.dtype]
+         "--repeats", str(args.repeats), "--steps", str(args.steps), "--dtype", args.dtype,
+         "--loop_batches", args.loop_batches, "--loop_feeds", args.loop_feeds,
+         "--loop_steps", str(args.loop_steps), "--loop_epochs", str(args.loop_epochs)]
   env = dict(os.environ)
   devices = math.gcd(args.batch, max(args.host_devices, 1))   # the batch must divide
   flags = [f for f in env.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
-  if system == "ours" and devices > 1:
+  if system in ("ours", "loop") and devices > 1:
     # One XLA host device per core, the step data-parallel over them (the same
     # shard_map step a multi-GPU run uses): XLA runs small batched matmuls, such
     # as attention's, on one thread, so a single device leaves a core idle.
@@ -344,6 +416,17 @@ def _line(r: dict[str, Any], flops: int, peak: float | None) -> str:
   return text
 
 
+def _loop_line(r: dict[str, Any], flops: int, peak: float | None) -> str:
+  med = statistics.median(r["rates"]) if r["rates"] else float("nan")
+  text = (f"{r['task']:<9}real loop, {r['feed']} feed, batch {r['batch']}: {med:,.1f} images/s "
+          f"(median of {len(r['rates'])} epochs after the first; {r['steps_per_call']} steps "
+          f"per dispatch; first epoch with compilation {r['first_epoch_s']:.1f} s)")
+  if peak:
+    achieved = flops * med / r["batch"]
+    text += f"  {achieved / 1e12:.1f} TFLOP/s  MFU {100 * achieved / peak:.1f}%"
+  return text
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", default="seed")
@@ -357,6 +440,13 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--host_devices", type=int, default=os.cpu_count() or 1,
                       help="XLA host (CPU) devices for `ours` (default: one per core); "
                            "`ours_1dev` always uses one")
+  parser.add_argument("--loop", action="store_true",
+                      help="also time whole epochs of the real training loop")
+  parser.add_argument("--loop_batches", default="",
+                      help="batch sizes of the loop timing (default: the stage's and --batch)")
+  parser.add_argument("--loop_feeds", default="device,host")
+  parser.add_argument("--loop_steps", type=int, default=20, help="steps per loop epoch")
+  parser.add_argument("--loop_epochs", type=int, default=3, help="loop epochs (first compiles)")
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   args.task = [t for t in args.task.split(",") if t]
@@ -374,22 +464,25 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.steps} steps (median images/s; compilation excluded); {os.cpu_count()} CPUs "
         f"({platform.processor() or platform.machine()}), load {load[0]:.2f}", flush=True)
   results = []
-  for system in (([] if args.no_pipeline else ["pipeline"]) + systems):
+  for system in (([] if args.no_pipeline else ["pipeline"]) + systems
+                 + (["loop"] if args.loop else [])):
     results += _run_worker(system, args)
   device = next((r["device"] for r in results if r["system"] in ("ours", "ours_1dev")), "")
   peak = peak_flops(device, args.dtype)
   for r in results:
-    r["batch"] = args.batch
+    r.setdefault("batch", args.batch)
   for r in results:
     if r["system"] == "pipeline":
-      print(f"{r['task']:<9}{'input pipeline':<15}{statistics.median(r['rates']):9,.0f} images/s "
-            f"(tf.data, {'augmented' if r['augment'] else 'no augmentation'}, "
-            f"classes {','.join(r['classes'])})")
+      print(f"{r['task']:<9}{'device feed':<15}{statistics.median(r['rates']):9,.0f} images/s "
+            f"(batches made in JAX, {'augmented' if r['augment'] else 'no augmentation'})")
   for task in args.task:
     flops = train_flops(task, configs[task].model, args.batch)
     for r in results:
-      if r["task"] == task and r["system"] != "pipeline":
+      if r["task"] == task and r["system"] not in ("pipeline", "loop"):
         print(_line(r, flops, peak))
+    for r in results:
+      if r["task"] == task and r["system"] == "loop":
+        print(_loop_line(r, train_flops(task, configs[task].model, r["batch"]), peak))
   devices = sorted({f"{LABELS[r['system']]}: {r['device']}" for r in results if "device" in r})
   print("devices: " + "; ".join(devices) + f"; load at end {os.getloadavg()[0]:.2f}")
   ratios = []
