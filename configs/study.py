@@ -40,10 +40,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The scratch fine-tune's learning rates (every param), chosen on validation.
   config.scratch_lrs = {"seed": (1e-4, 3e-4, 1e-3), "demo": (3e-4, 1e-3, 3e-3),
                         "tiny": (1e-3,)}[common.size(preset)]
+  if preset == "seed_gpu":   # the fine-tune's batch grows 8-fold there: rates scale with it
+    factor = common.GPU_BATCH["finetune"] / finetune_config.get_config("seed").batch_size
+    config.scratch_lrs = tuple(lr * factor for lr in config.scratch_lrs)
   # About this many optimiser steps per run, whatever the budget (epochs follow); the
   # batch shrinks to at most half the labelled images.
   config.finetune_steps = {"seed": 5000, "demo": 300, "tiny": 4}[common.size(preset)]
   config.probe_steps = {"seed": 2000, "demo": 300, "tiny": 4}[common.size(preset)]
+  # Validation passes per run (they choose the epoch that test reports).
+  config.evaluations = {"seed": 10, "demo": 5, "tiny": 2}[common.size(preset)]
   config.data_stage = pipeline_config.stage_keys(data_config.get_config(preset))
   config.pretrain = pipeline_config.stage_keys(pretrain_config.get_config(preset))
   config.finetune = pipeline_config.stage_keys(finetune_config.get_config(preset))

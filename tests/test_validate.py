@@ -189,3 +189,34 @@ def test_a_newcomers_first_mistakes_get_one_line(tmp_path, args, message):
   line = _last_line(_main(*args, f"--workdir={tmp_path / 'run'}"))
   assert line.startswith(message), line
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("stage, key, value, message", [
+    ("finetune", "data.test_fraction", 0.95, "leave some files for training"),
+    ("finetune", "data.reader", "tf", "data.reader='tf' must be one of files, tfds"),
+    ("finetune", "data.feed", "gpu", "data.feed='gpu' must be one of auto, device, host"),
+    ("finetune", "data.device_memory_share", 1.5, "data.device_memory_share=1.5 must lie in"),
+    ("finetune", "steps_per_call", 0, "steps_per_call=0 must be a whole number >= 1"),
+    ("pretrain", "profile_steps", (5, 2), "profile_steps=(5, 2) must be () or (first, last)"),
+    ("finetune", "eval_every_epochs", 0, "eval_every_epochs=0 must be a whole number >= 1"),
+    ("finetune", "labels_per_class", -3, "labels_per_class=-3 must be a whole number >= 0"),
+    ("pretrain", "pool_size", -1, "pool_size=-1 must be a whole number >= 0"),
+    ("finetune", "select_features", True, "select_features=True needs the encoder frozen"),
+])
+def test_settings_of_splits_feeds_chunks_and_budgets(tmp_path, stage, key, value, message):
+  config = {"pretrain": pretrain_config, "finetune": finetune_config}[stage].get_config("tiny")
+  if stage == "finetune":
+    config.init_from = ""   # from scratch: no source checkpoint needed
+  node, *path = config, *key.split(".")
+  for part in path[:-1]:
+    node = node[part]
+  node[path[-1]] = value
+  found = _problems(config, tmp_path / "run")
+  assert len(found) == 1 and message in found[0], found
+
+
+def test_a_probe_may_choose_its_features(tmp_path):
+  config = probe_config.get_config("tiny")
+  config.init_from = ""
+  config.select_features = True
+  assert _problems(config, tmp_path / "run") == []

@@ -226,6 +226,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def end_epoch(state, epoch, record):
     nonlocal best
+    if (epoch + 1) % config.eval_every_epochs and epoch + 1 != config.epochs:
+      return   # validation every `eval_every_epochs` epochs, and after the last
     probs = metrics_lib.softmax(evaluate_val(tree_of(state)))
     m = metrics_lib.classification_metrics(probs, val.labels)
     record.update({"val_accuracy": m["accuracy"], "val_macro_auc": m["macro_auc"],
@@ -255,7 +257,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results[name] = {"probs": probs, "epoch": epoch, "step": at,
                      "metrics": metrics_lib.with_intervals(probs, test.labels, seed=config.seed)}
   chosen, final = results["chosen"], results["final"]
-  val_best = next(h for h in history if h["step"] == chosen["step"])
+  val_best = next(h for h in history if h["step"] == chosen["step"])  # an evaluated epoch
   summary = {
       "split": "test", **chosen["metrics"], "epoch": chosen["epoch"], "step": chosen["step"],
       "chosen_by": "validation macro AUC",

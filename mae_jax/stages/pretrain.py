@@ -112,6 +112,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     plots.loss_curves(history + ([record] if record else []), workdir / "plots" / "loss_curve.png",
                       phase_starts, title=f"MAE pretraining ({config.loss.type} loss)")
     rows = jax.device_get(reconstruct(jax.device_get(state.params), plot_images, plot_key))
+    rows = {k: rows[k] for k in steps.RECONSTRUCTION_ROWS}   # device_get sorts dict keys
     png = plots.reconstructions(
         rows, workdir / "plots" / "reconstructions.png",
         title=f"step {int(state.step)}, mask ratio {config.model.mask_ratio}")

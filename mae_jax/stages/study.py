@@ -74,14 +74,17 @@ def _stage(sub: ml_collections.ConfigDict, name: str, config: ml_collections.Con
 
 
 def _budget_schedule(sub: ml_collections.ConfigDict, labels: int, train_size: int,
-                     devices: int, steps: int) -> dict[str, Any]:
+                     devices: int, steps: int, evaluations: int) -> dict[str, Any]:
   """Batch size and epochs of a run on `labels` images per class (0: the whole train
   split of `train_size`): the configured batch, shrunk to at most half the labelled
-  images (a multiple of the device count), and enough epochs for about `steps` steps."""
+  images (a multiple of the device count), enough epochs for about `steps` steps, and
+  about `evaluations` validation passes."""
   n = 3 * labels if labels > 0 else train_size
   batch = min(sub.batch_size, max(devices, (n // 2) // devices * devices))
   per_epoch = max(n // batch, 1)
-  return {"batch_size": batch, "epochs": max(1, -(-steps // per_epoch))}
+  epochs = max(1, -(-steps // per_epoch))
+  return {"batch_size": batch, "epochs": epochs,
+          "eval_every_epochs": max(1, epochs // evaluations)}
 
 
 def _ensure(name: str, config: ml_collections.ConfigDict, stage_dir: Path) -> dict | None:
@@ -181,9 +184,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for labels in config.labels_per_class:
       bdir = vdir / budget_name(labels)
       schedule = _budget_schedule(config.finetune, labels, train_size, jax.device_count(),
-                                  config.finetune_steps)
+                                  config.finetune_steps, config.evaluations)
       probe_schedule = _budget_schedule(config.probe, labels, train_size, jax.device_count(),
-                                        config.probe_steps)
+                                        config.probe_steps, config.evaluations)
       scratch_lr = None
       for seed in config.seeds:
         common = dict(labels_per_class=labels, seed=seed)

@@ -135,6 +135,9 @@ def _schedule_problems(config: ml_collections.ConfigDict) -> list[str]:
   if profile and (len(profile) != 2 or not all(isinstance(s, int) for s in profile)
                   or not 0 <= profile[0] < profile[1]):
     problems.append(f"profile_steps={profile} must be () or (first, last) steps, first < last")
+  if "eval_every_epochs" in config and (not isinstance(config.eval_every_epochs, int)
+                                        or config.eval_every_epochs < 1):
+    problems.append(f"eval_every_epochs={config.eval_every_epochs} must be a whole number >= 1")
   for key in ("labels_per_class", "pool_size"):
     if key in config and (not isinstance(config[key], int) or config[key] < 0):
       problems.append(f"{key}={config[key]} must be a whole number >= 0 (0: all)")

@@ -352,6 +352,9 @@ def make_predict(model: heads.Classifier, mesh: jax.sharding.Mesh) -> Callable:
       out_specs=parallel.BATCH))
 
 
+RECONSTRUCTION_ROWS = ("input", "masked input", "reconstruction", "+ visible")
+
+
 def make_reconstruct(mae: mae_lib.MAE, loss: losses.Reconstruction) -> Callable:
   """A jitted (params, images, key) -> dict of image rows for a reconstruction figure:
   the input, the masked input (NaN where removed), the reconstruction, and the

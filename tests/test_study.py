@@ -1,0 +1,123 @@
+"""Issue-15 guarantees: the label budget, a test split that chooses nothing, and a study
+whose table is the stages' own numbers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from configs import finetune as finetune_config
+from mae_jax.data import arrays
+from mae_jax.runtime import errors
+from mae_jax.stages import classify
+from mae_jax.stages import common
+from mae_jax.stages import study
+from tests.conftest import write_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _split(per_class: dict[int, int]) -> arrays.Split:
+  labels = np.concatenate([np.full(n, c, np.int32) for c, n in per_class.items()])
+  keys = np.array([f"k{i}" for i in range(len(labels))])
+  return arrays.Split("train", np.arange(len(labels), dtype=np.float32)[:, None, None] *
+                      np.ones((1, 2, 2), np.float32), labels, keys)
+
+
+def test_label_budget_takes_exactly_n_per_class_drawn_by_seed():
+  split = _split({0: 50, 1: 40, 2: 45})
+  a = common.labelled_subset(split, 10, seed=0)
+  assert np.bincount(a.labels).tolist() == [10, 10, 10]
+  assert set(a.keys.tolist()) <= set(split.keys.tolist()) and len(set(a.keys.tolist())) == 30
+  assert list(a.keys) == [k for k in split.keys if k in set(a.keys.tolist())]  # order kept
+  again = common.labelled_subset(split, 10, seed=0)
+  assert again.keys.tolist() == a.keys.tolist()
+  assert common.labelled_subset(split, 10, seed=1).keys.tolist() != a.keys.tolist()
+  assert common.labelled_subset(split, 0, seed=0) is split
+  with pytest.raises(errors.InsufficientDataError, match="only 40 cdm"):
+    common.labelled_subset(split, 41, seed=0)
+
+
+def _finetune_config(root: Path, cache: Path):
+  config = finetune_config.get_config("tiny")
+  config.data.source = "deeplense"
+  config.data.dir = str(root)
+  config.data.cache_dir = str(cache)
+  config.data.validation_fraction = 0.25
+  config.data.test_fraction = 0.25
+  config.model.image_size = 16
+  config.model.patch = 8
+  config.init_from = ""
+  config.epochs = 3
+  return config
+
+
+def test_the_test_split_chooses_nothing(tmp_path, monkeypatch):
+  """Two runs whose test splits differ completely (noise images, shuffled labels): every
+  training and validation number and the chosen epoch are identical; only the reported
+  test numbers differ. So nothing before the final evaluation reads the test split."""
+  root = tmp_path / "src"
+  write_folder(root, per_class=24)
+  config = _finetune_config(root, tmp_path / "cache")
+  load = common.load_dataset
+
+  def scrambled(cfg):
+    dataset = load(cfg)
+    test = dataset["test"]
+    rng = np.random.default_rng(9)
+    noisy = dataclasses.replace(test, images=rng.random(test.images.shape, np.float32),
+                                labels=rng.permutation(test.labels))
+    return dataclasses.replace(dataset, splits={**dataset.splits, "test": noisy})
+
+  classify.run(config, str(tmp_path / "a"))
+  monkeypatch.setattr(common, "load_dataset", scrambled)
+  classify.run(config, str(tmp_path / "b"))
+  runs = [tmp_path / "a", tmp_path / "b"]
+  strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # pylint: disable=unnecessary-lambda-assignment
+  histories = [strip(json.loads((r / "history.json").read_text())) for r in runs]
+  assert histories[0] == histories[1]
+  metrics = [json.loads((r / classify.EVAL_FILE).read_text()) for r in runs]
+  assert metrics[0]["epoch"] == metrics[1]["epoch"]
+  assert metrics[0]["validation"] == metrics[1]["validation"]
+  assert metrics[0]["confusion_matrix"] != metrics[1]["confusion_matrix"]
+
+
+def test_study_table_is_the_stages_own_numbers(tmp_path):
+  """A tiny study (one variant, budgets 2 per class and all, one seed, every arm): each
+  row of study.json is the test macro AUC in its run's eval_metrics.json."""
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+  args = [sys.executable, str(ROOT / "main.py"), "--config=configs/study.py:tiny",
+          f"--workdir={tmp_path / 'study'}", f"--config.data.cache_dir={tmp_path / 'cache'}",
+          f"--config.data_dirs.model_ii={tmp_path / 'sim'}", "--config.variants=('model_ii',)",
+          "--config.data.sim.workers=1"]
+  result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads((tmp_path / "study" / study.RESULTS_FILE).read_text())
+  assert {(r["arm"], r["labels_per_class"]) for r in out["rows"]} == {
+      (a, n) for a in study.ARMS for n in (2, 0)}
+  for row in out["rows"]:
+    metrics = json.loads((Path(row["run"]) / classify.EVAL_FILE).read_text())
+    source = metrics["baseline"] if row["arm"] == "radial" else metrics
+    assert row["test_macro_auc"] == source["macro_auc"]
+    assert row["test_macro_auc_interval"] == source["intervals"]["macro_auc"]
+    if row["arm"] != "radial":
+      assert metrics["labels_per_class"] == row["labels_per_class"]
+      assert metrics["train_examples"] == (3 * row["labels_per_class"]
+                                          if row["labels_per_class"] else metrics["train_examples"])
+  for s in out["summary"]:
+    members = [r["test_macro_auc"] for r in out["rows"]
+               if (r["arm"], r["labels_per_class"]) == (s["arm"], s["labels_per_class"])]
+    assert s["mean_test_macro_auc"] == pytest.approx(np.mean(members))
+  for name in (study.TABLE_FILE, study.FIGURE_FILE, "report.md", "report.html", "figures.json"):
+    assert (tmp_path / "study" / name).stat().st_size > 0
+  # Run again: everything is complete and skipped; the table is the same.
+  again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert again.returncode == 0 and "running it" not in again.stderr
+  assert json.loads((tmp_path / "study" / study.RESULTS_FILE).read_text())["rows"] == out["rows"]
