@@ -23,7 +23,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_batch_size = {"seed": 256, "demo": 256, "tiny": 8}[common.size(preset)]
   config.optim = common.classifier_optim(
       name="adamw",
-      lr_groups=((r"encoder/.*", {"seed": 9.5e-5, "demo": 5e-4, "tiny": 1e-4}[common.size(preset)]),
+      # demo: the encoder at 1e-4 keeps the pretrained features (validation macro AUC at
+      # 100 / 30 labels per class: 0.889 / 0.646 against 0.851 / 0.631 at 5e-4).
+      lr_groups=((r"encoder/.*", {"seed": 9.5e-5, "demo": 1e-4, "tiny": 1e-4}[common.size(preset)]),
                  (r".*", {"seed": 8e-4, "demo": 1e-3, "tiny": 8e-4}[common.size(preset)])),
       weight_decay=1e-4, warmup_epochs={"seed": 5.0, "demo": 1.0, "tiny": 0.5}[common.size(preset)],
       min_lr=1e-6)

@@ -21,9 +21,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.preset = preset
   config.seed = 0
   config.data = common.data_config(preset)
-  # The unlabelled pool: the train split's images of these classes (the seed pretrains on
-  # no-substructure images only), subsampled to `pool_size` (0: all of them).
-  config.classes = ("no_sub",)
+  # The unlabelled pool: the train split's images of these classes, subsampled to
+  # `pool_size` (0: all of them). The seed pretrains on no-substructure images only; the
+  # demo on every class (measured: features separate the classes better, docs/diagnosis.md).
+  config.classes = ("no_sub",) if common.size(preset) == "seed" else ("no_sub", "cdm", "axion")
   config.pool_size = 0
   config.model = common.model_config(preset)
   # Start from public MAE weights (facebookresearch/mae .pth, Hugging Face ViTMAE folder or
@@ -38,13 +39,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
 
   # Phases run in order; each has its epoch count and whether to augment.
-  config.phase_epochs = {"seed": (100, 250), "demo": (20, 40), "tiny": (1, 1)}[common.size(preset)]
+  # demo: 20 epochs of the 3-class pool (1,660 steps at batch 64).
+  config.phase_epochs = {"seed": (100, 250), "demo": (7, 13), "tiny": (1, 1)}[common.size(preset)]
   config.phase_augment = (False, True)
 
   config.batch_size = {"seed": 256, "demo": 64, "tiny": 8}[common.size(preset)]   # global
   config.eval_batch_size = config.get_ref("batch_size")
   config.optim = ml_collections.ConfigDict(dict(
-      lr={"seed": 8e-4, "demo": 3e-3, "tiny": 1e-3}[common.size(preset)],
+      # demo: 5e-4, the best of 3e-3, 5e-4 and 2e-4 measured (docs/diagnosis.md).
+      lr={"seed": 8e-4, "demo": 5e-4, "tiny": 1e-3}[common.size(preset)],
       b1=0.9, b2=0.95, weight_decay=0.05,
       warmup_epochs={"seed": 10.0, "demo": 2.0, "tiny": 0.5}[common.size(preset)],
       min_lr=0.0, grad_clip_norm=0.0,

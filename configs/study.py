@@ -33,19 +33,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data_dirs = ml_collections.ConfigDict(
       {v: common.data_dir(v, preset) for v in common.VARIANTS})
   # Labelled images per class drawn from the train split (0: all of it).
-  config.labels_per_class = {"seed": (10, 100, 1000, 0), "demo": (10, 30, 100, 0),
+  config.labels_per_class = {"seed": (10, 100, 1000, 0), "demo": (10, 30, 100),
                              "tiny": (2, 0)}[common.size(preset)]
   config.seeds = {"seed": (0, 1, 2), "demo": (0, 1, 2), "tiny": (0,)}[common.size(preset)]
   config.arms = ("mae_finetune", "scratch_finetune", "mae_probe", "radial")
   # The scratch fine-tune's learning rates (every param), chosen on validation.
-  config.scratch_lrs = {"seed": (1e-4, 3e-4, 1e-3), "demo": (3e-4, 1e-3, 3e-3),
+  config.scratch_lrs = {"seed": (1e-4, 3e-4, 1e-3), "demo": (1e-3, 3e-3),
                         "tiny": (1e-3,)}[common.size(preset)]
   if preset == "seed_gpu":   # the fine-tune's batch grows 8-fold there: rates scale with it
     factor = common.GPU_BATCH["finetune"] / finetune_config.get_config("seed").batch_size
     config.scratch_lrs = tuple(lr * factor for lr in config.scratch_lrs)
   # About this many optimiser steps per run, whatever the budget (epochs follow); the
   # batch shrinks to at most half the labelled images.
-  config.finetune_steps = {"seed": 5000, "demo": 300, "tiny": 4}[common.size(preset)]
+  config.finetune_steps = {"seed": 5000, "demo": 200, "tiny": 4}[common.size(preset)]
   config.probe_steps = {"seed": 2000, "demo": 300, "tiny": 4}[common.size(preset)]
   # Validation passes per run (they choose the epoch that test reports).
   config.evaluations = {"seed": 10, "demo": 5, "tiny": 2}[common.size(preset)]

@@ -78,13 +78,14 @@ def _budget_schedule(sub: ml_collections.ConfigDict, labels: int, train_size: in
   """Batch size and epochs of a run on `labels` images per class (0: the whole train
   split of `train_size`): the configured batch, shrunk to at most half the labelled
   images (a multiple of the device count), enough epochs for about `steps` steps, and
-  about `evaluations` validation passes."""
+  about `evaluations` validation passes (and as many checkpoints)."""
   n = 3 * labels if labels > 0 else train_size
   batch = min(sub.batch_size, max(devices, (n // 2) // devices * devices))
   per_epoch = max(n // batch, 1)
   epochs = max(1, -(-steps // per_epoch))
-  return {"batch_size": batch, "epochs": epochs,
-          "eval_every_epochs": max(1, epochs // evaluations)}
+  every = max(1, epochs // evaluations)
+  return {"batch_size": batch, "epochs": epochs, "eval_every_epochs": every,
+          "checkpoint_every_epochs": every}
 
 
 def _ensure(name: str, config: ml_collections.ConfigDict, stage_dir: Path) -> dict | None:
