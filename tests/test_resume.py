@@ -135,6 +135,26 @@ def test_finetune_killed_inside_saves_resumes_bit_identical(tmp_path, data, feed
   assert metrics[0] == metrics[1]
 
 
+def test_probe_killed_mid_run_resumes_on_the_pretrained_features(tmp_path, data):
+  """The probe computes its frozen features before restoring its checkpoint: a resumed
+  run must compute them from the pretrained encoder, not from a fresh init."""
+  pre = tmp_path / "pre"
+  result = _main("--config=configs/pretrain.py:tiny", f"--workdir={pre}", *data)
+  assert result.returncode == 0, result.stderr[-3000:]
+  args = ["--config=configs/probe.py:tiny", f"--config.init_from={pre}", "--config.epochs=3",
+          "--config.checkpoint_every_steps=2", *data]
+  whole, cut = tmp_path / "whole", tmp_path / "cut"
+  result = _main(*args, f"--workdir={whole}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  _killed(_main(*args, f"--workdir={cut}", kill_at="step:3"))
+  last = _main(*args, f"--workdir={cut}")
+  assert last.returncode == 0, last.stderr[-3000:]
+  assert "resuming from checkpoint step 2" in last.stderr
+  _assert_identical(whole, cut)
+  metrics = [json.loads((r / "eval_metrics.json").read_text()) for r in (whole, cut)]
+  assert metrics[0] == metrics[1]
+
+
 def _tree_digest(folder: Path) -> str:
   h = hashlib.sha256()
   for p in sorted(folder.rglob("*")):

@@ -59,6 +59,17 @@ def _finetune_config(root: Path, cache: Path):
   return config
 
 
+def test_budget_schedule_sizes_batch_epochs_and_warmup_from_the_budget():
+  sub = finetune_config.get_config("seed")   # batch 64, warmup 5 epochs
+  small = study._budget_schedule(sub, 10, 90_000, 2, 5000, 10)
+  assert small["batch_size"] == 14 and small["epochs"] == 2500   # 30 images: 2 steps per epoch
+  assert small["eval_every_epochs"] == small["checkpoint_every_epochs"] == 250
+  assert small["optim.warmup_epochs"] == 5.0
+  whole = study._budget_schedule(sub, 0, 90_000, 2, 5000, 10)
+  assert whole["batch_size"] == 64 and whole["epochs"] == 4   # 1,406 steps per epoch
+  assert whole["optim.warmup_epochs"] == 0.4   # a tenth of the run, not all of it
+
+
 def test_the_test_split_chooses_nothing(tmp_path, monkeypatch):
   """Two runs whose test splits differ completely (noise images, shuffled labels): every
   training and validation number and the chosen epoch are identical; only the reported

@@ -192,9 +192,9 @@ def label_efficiency(summary: list[dict], path: str | os.PathLike[str],
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log")
     ax.minorticks_off()
-    ticks = budgets + [all_x]
-    ax.set_xticks(ticks)
-    ax.set_xticklabels([str(b) for b in budgets] + ["all"])
+    has_all = any(s["labels_per_class"] <= 0 for s in summary)
+    ax.set_xticks(budgets + [all_x] * has_all)
+    ax.set_xticklabels([str(b) for b in budgets] + ["all"] * has_all)
     ax.set_xlabel("labelled images per class")
     ax.set_ylabel("test macro AUC")
     ax.set_title(variant, fontsize=11)

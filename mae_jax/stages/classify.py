@@ -9,8 +9,9 @@ The two stages differ only in their configs: which params the optimiser freezes,
 which optimiser, and which stage they start from. When the encoder is frozen and
 nothing is augmented (the probe), the encoder's features are computed once per
 split, and only the head trains on them; with `select_features` the block and
-pooling of those features are chosen on validation first. The test split is read
-once, after training: for the epoch validation chose and for the final one.
+pooling of those features are chosen on validation first. The test split is scored
+once, after training: for the epoch validation chose and for the final one (its
+frozen features and the baseline's test scores are computed earlier, and choose nothing).
 """
 
 from __future__ import annotations
@@ -56,10 +57,13 @@ def _source_stage(config: ml_collections.ConfigDict) -> str:
 
 
 def _initial_params(config, model, workdir: Path) -> tuple[Any, Any]:
-  """Fresh params, then (a fresh run only) public weights or the previous stage's."""
+  """Fresh params, then public weights or the previous stage's: on a fresh run, and on a
+  resumed one whose encoder is frozen (its features are computed before the checkpoint
+  is restored, and a frozen encoder is the source's, bit for bit)."""
   params, batch_stats = build.init_classifier(
       model, jax.random.fold_in(jax.random.key(config.seed), 0))
-  if checkpoint.latest_step(workdir) is None:
+  frozen_encoder = all(jax.tree.leaves(optim.match(params, config.optim.frozen)["encoder"]))
+  if checkpoint.latest_step(workdir) is None or frozen_encoder:
     if config.init_weights:
       params = load.import_weights(config.init_weights, params, model.vit.num_patches)
     elif config.init_from:
@@ -91,7 +95,7 @@ def _choose_features(config, workdir: Path, bank: dict, train, val) -> str:
   """The candidate feature chosen on validation (kept in feature_choice.json, so a
   resumed run keeps its choice)."""
   path = workdir / FEATURES_FILE
-  if path.exists():
+  if path.exists() and checkpoint.latest_step(workdir) is not None:
     return fileio.read_json(path)["chosen"]
   if config.select_features:
     scores = features_lib.score_candidates(bank["train"], train.labels, bank["validation"],

@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from mae_jax.data import layout
 from mae_jax.eval import plots
 from mae_jax.runtime import fileio
 from mae_jax.stages import classify
@@ -78,14 +79,17 @@ def _budget_schedule(sub: ml_collections.ConfigDict, labels: int, train_size: in
   """Batch size and epochs of a run on `labels` images per class (0: the whole train
   split of `train_size`): the configured batch, shrunk to at most half the labelled
   images (a multiple of the device count), enough epochs for about `steps` steps, and
-  about `evaluations` validation passes (and as many checkpoints)."""
-  n = 3 * labels if labels > 0 else train_size
+  about `evaluations` validation passes (and as many checkpoints). The warmup is at most
+  a tenth of the run (a stage's warmup in epochs would otherwise fill a run whose epochs
+  are few and long)."""
+  n = len(layout.CLASS_NAMES) * labels if labels > 0 else train_size
   batch = min(sub.batch_size, max(devices, (n // 2) // devices * devices))
   per_epoch = max(n // batch, 1)
   epochs = max(1, -(-steps // per_epoch))
   every = max(1, epochs // evaluations)
   return {"batch_size": batch, "epochs": epochs, "eval_every_epochs": every,
-          "checkpoint_every_epochs": every}
+          "checkpoint_every_epochs": every,
+          "optim.warmup_epochs": min(sub.optim.warmup_epochs, epochs / 10)}
 
 
 def _ensure(name: str, config: ml_collections.ConfigDict, stage_dir: Path) -> dict | None:
@@ -112,7 +116,8 @@ def _row(variant: str, labels: int, seed: int, arm: str, metrics: dict, run: Pat
   return {"variant": variant, "labels_per_class": labels, "seed": seed, "arm": arm,
           "test_macro_auc": metrics.get("macro_auc"), "test_macro_auc_interval": ci,
           "test_accuracy": metrics.get("accuracy"),
-          "validation_macro_auc": (metrics.get("validation") or {}).get("macro_auc"),
+          "validation_macro_auc": (metrics.get("validation") or {}).get(
+              "macro_auc", metrics.get("validation_macro_auc")),   # the baseline keeps it flat
           "epoch": metrics.get("epoch"), "train_examples": metrics.get("num_train",
                                                                        metrics.get("train_examples")),
           "run": str(run), **extra}
