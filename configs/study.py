@@ -49,6 +49,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.probe_steps = {"seed": 2000, "demo": 300, "tiny": 4}[common.size(preset)]
   # Validation passes per run (they choose the epoch that test reports).
   config.evaluations = {"seed": 10, "demo": 5, "tiny": 2}[common.size(preset)]
+  # The goals the study checks (table) and draws (figure), per budget up to
+  # `goal_max_labels` per class: the MAE fine-tune above the scratch fine-tune by
+  # `goal_over_scratch`; on the variants in `goal_over_radial`, the best arm above the
+  # radial-profile baseline by that margin.
+  config.goal_over_scratch = 0.05
+  config.goal_over_radial = ml_collections.ConfigDict({"hard": 0.15})
+  config.goal_max_labels = 100
   config.data_stage = pipeline_config.stage_keys(data_config.get_config(preset))
   config.pretrain = pipeline_config.stage_keys(pretrain_config.get_config(preset))
   config.finetune = pipeline_config.stage_keys(finetune_config.get_config(preset))

@@ -15,6 +15,7 @@ import pytest
 
 from configs import finetune as finetune_config
 from mae_jax.data import arrays
+from mae_jax.eval import plots
 from mae_jax.runtime import errors
 from mae_jax.stages import classify
 from mae_jax.stages import common
@@ -68,6 +69,26 @@ def test_budget_schedule_sizes_batch_epochs_and_warmup_from_the_budget():
   whole = study._budget_schedule(sub, 0, 90_000, 2, 5000, 10)
   assert whole["batch_size"] == 64 and whole["epochs"] == 4   # 1,406 steps per epoch
   assert whole["optim.warmup_epochs"] == 0.4   # a tenth of the run, not all of it
+
+
+def test_goals_give_each_budgets_gap_to_its_target(tmp_path):
+  cell = lambda v, arm, n, auc: {"variant": v, "arm": arm, "labels_per_class": n,  # pylint: disable=unnecessary-lambda-assignment
+                                 "mean_test_macro_auc": auc, "min": auc, "max": auc,
+                                 "mean_interval": None, "seeds": 1}
+  summary = [cell("hard", "mae_finetune", 10, 0.60), cell("hard", "scratch_finetune", 10, 0.52),
+             cell("hard", "mae_probe", 10, 0.66), cell("hard", "radial", 10, 0.58),
+             cell("hard", "mae_finetune", 300, 0.9), cell("hard", "scratch_finetune", 300, 0.5),
+             cell("model_ii", "mae_finetune", 10, 0.70), cell("model_ii", "scratch_finetune", 10, 0.68),
+             cell("model_ii", "radial", 10, 0.95)]
+  got = study.goals(summary, 0.05, {"hard": 0.15}, max_labels=100)
+  assert [(g["goal"], g["variant"], g["arm"]) for g in got] == [
+      ("mae_over_scratch", "hard", "mae_finetune"), ("best_over_radial", "hard", "mae_probe"),
+      ("mae_over_scratch", "model_ii", "mae_finetune")]   # 300 per class is past max_labels
+  assert [round(g["gap"], 6) for g in got] == [0.03, -0.07, -0.03]
+  assert got[1]["target"] == pytest.approx(0.73)
+  png = plots.label_efficiency(summary, tmp_path / "le.png", goals=got)
+  drawn = json.loads(png.with_suffix(".json").read_text())
+  assert [g["gap"] for g in drawn["data"]["goals"]] == [g["gap"] for g in got]
 
 
 def test_the_test_split_chooses_nothing(tmp_path, monkeypatch):

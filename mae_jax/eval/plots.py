@@ -165,10 +165,12 @@ def roc(curves: Mapping[str, tuple], path: str | os.PathLike[str], title: str | 
 
 
 def label_efficiency(summary: list[dict], path: str | os.PathLike[str],
-                     title: str | None = None) -> Path:
+                     title: str | None = None, goals: list[dict] | None = None) -> Path:
   """Test macro AUC against labels per class, one panel per simulator variant, one line
   per arm: the mean over seeds, bars from the lowest to the highest seed, and the mean
-  bootstrap 95% interval as a shaded band. 'all' labels sit at the right end."""
+  bootstrap 95% interval as a shaded band. 'all' labels sit at the right end. Each goal
+  (`value`, `target`, `gap`; see `stages.study.goals`) is a black bar at its target,
+  joined to the arm's mean by a dotted line and labelled with the gap."""
   variants = list(dict.fromkeys(s["variant"] for s in summary))
   fig, axes = plt.subplots(1, max(len(variants), 1), figsize=(5.4 * max(len(variants), 1), 4.4),
                            squeeze=False)
@@ -189,6 +191,13 @@ def label_efficiency(summary: list[dict], path: str | os.PathLike[str],
       if all(band):
         ax.fill_between(x, [b[0] for b in band], [b[1] for b in band], alpha=0.12,
                         color=line[0].get_color())
+    for i, g in enumerate(g for g in goals or [] if g["variant"] == variant):
+      x = xs(g["labels_per_class"])
+      ax.plot([x, x], [g["value"], g["target"]], ls=":", color="black", lw=1)
+      ax.scatter([x], [g["target"]], marker="_", s=220, color="black", zorder=5,
+                 label="goal (gap to it)" if i == 0 else None)
+      ax.annotate(f"{g['gap']:+.3f}", (x, g["target"]), textcoords="offset points",
+                  xytext=(5, 2), fontsize=7)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log")
     ax.minorticks_off()
@@ -202,7 +211,7 @@ def label_efficiency(summary: list[dict], path: str | os.PathLike[str],
     ax.legend(fontsize=8, loc="lower right")
   if title:
     fig.suptitle(title, fontsize=12)
-  return _save(fig, path, {"summary": summary}, title)
+  return _save(fig, path, {"summary": summary, "goals": goals or []}, title)
 
 
 def confusion(matrix, class_names, path: str | os.PathLike[str],

@@ -143,7 +143,35 @@ def summarise(rows: list[dict]) -> list[dict[str, Any]]:
   return out
 
 
-def _markdown(summary: list[dict], config: ml_collections.ConfigDict, seconds: float) -> str:
+def goals(summary: list[dict], over_scratch: float, over_radial: dict[str, float],
+          max_labels: int) -> list[dict[str, Any]]:
+  """The study's goals, per variant and budget up to `max_labels` per class, each with
+  the arm's mean test macro AUC (`value`), the AUC it had to reach (`target`) and the
+  difference (`gap`, negative: missed by that much):
+  - `mae_over_scratch`: the MAE fine-tune above the scratch fine-tune by `over_scratch`;
+  - `best_over_radial` (variants in `over_radial`): the best deep arm above the
+    radial-profile baseline by that variant's margin."""
+  mean = {(s["variant"], s["arm"], s["labels_per_class"]): s["mean_test_macro_auc"]
+          for s in summary if s["mean_test_macro_auc"] is not None}
+  out = []
+  for variant, labels in dict.fromkeys((v, n) for v, _, n in mean if 0 < n <= max_labels):
+    get = lambda arm: mean.get((variant, arm, labels))  # pylint: disable=cell-var-from-loop
+    if get("mae_finetune") is not None and get("scratch_finetune") is not None:
+      out.append({"goal": "mae_over_scratch", "variant": variant, "labels_per_class": labels,
+                  "arm": "mae_finetune", "value": get("mae_finetune"),
+                  "target": get("scratch_finetune") + over_scratch})
+    deep = {a: get(a) for a in ARMS if a != "radial" and get(a) is not None}
+    if variant in over_radial and deep and get("radial") is not None:
+      best = max(deep, key=deep.get)
+      out.append({"goal": "best_over_radial", "variant": variant, "labels_per_class": labels,
+                  "arm": best, "value": deep[best], "target": get("radial") + over_radial[variant]})
+  for g in out:
+    g["gap"] = g["value"] - g["target"]
+  return out
+
+
+def _markdown(summary: list[dict], config: ml_collections.ConfigDict, seconds: float,
+              goal_rows: list[dict]) -> str:
   lines = [f"# Label-efficiency study ({config.preset})", "",
            "Test macro AUC (the test split chose nothing: epochs and learning rates were "
            "chosen on validation), mean over seeds, with the lowest and highest seed and the "
@@ -157,7 +185,19 @@ def _markdown(summary: list[dict], config: ml_collections.ConfigDict, seconds: f
                  f"{'all' if s['labels_per_class'] <= 0 else s['labels_per_class']} | "
                  f"{s['seeds']} | {f(s['mean_test_macro_auc'])} | {f(s['min'])} – {f(s['max'])} | "
                  + (f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + " |")
-  lines += ["", f"Wall time of this invocation: {report.duration(seconds)}.", ""]
+  if goal_rows:
+    lines += ["", "Goals (test macro AUC; a negative gap is the amount by which a goal was missed):",
+              "", "| variant | labels per class | goal | arm | mean test macro AUC | target | gap |",
+              "|---|---|---|---|---|---|---|"]
+    what = {"mae_over_scratch": f"MAE fine-tune ≥ scratch + {config.goal_over_scratch}",
+            "best_over_radial": "best arm ≥ radial + {}"}
+    for g in goal_rows:
+      text = what[g["goal"]].format(config.goal_over_radial.get(g["variant"]))
+      lines.append(f"| {g['variant']} | {g['labels_per_class']} | {text} | "
+                   f"{ARM_TITLES[g['arm']]} | {g['value']:.3f} | {g['target']:.3f} | "
+                   f"{g['gap']:+.3f} {'(met)' if g['gap'] >= 0 else '(missed)'} |")
+  lines += ["", f"Wall time: {report.duration(seconds)} (every invocation in this workdir; this "
+            "one skips finished runs).", ""]
   return "\n".join(lines)
 
 
@@ -238,14 +278,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if "radial" in config.arms and fine is not None:   # fitted on the same labelled images
           rows.append(_row(variant, labels, seed, "radial", fine["baseline"], fine_dir))
   summary = summarise(rows)
+  goal_rows = goals(summary, config.goal_over_scratch, config.goal_over_radial.to_dict(),
+                    config.goal_max_labels)
   seconds = time.time() - start
   if loop.is_main_process():
-    fileio.write_json_atomic(workdir / RESULTS_FILE, {"rows": rows, "summary": summary,
-                                                      "seconds_this_run": round(seconds, 1)})
-    table = _markdown(summary, config, seconds)
+    before = workdir / RESULTS_FILE
+    old = fileio.read_json(before) if before.exists() else {}
+    earlier = old.get("seconds_all_runs", old.get("seconds_this_run", 0.0))
+    total = earlier + seconds
+    fileio.write_json_atomic(workdir / RESULTS_FILE, {
+        "rows": rows, "summary": summary, "goals": goal_rows,
+        "seconds_this_run": round(seconds, 1), "seconds_all_runs": round(total, 1)})
+    table = _markdown(summary, config, total, goal_rows)
     fileio.write_atomic(workdir / TABLE_FILE, lambda f: f.write(table.encode()))
     plots.label_efficiency(summary, workdir / FIGURE_FILE,
-                           title=f"Label efficiency ({config.preset}): test macro AUC")
+                           title=f"Label efficiency ({config.preset}): test macro AUC",
+                           goals=goal_rows)
     report.write_study(workdir, config, table, FIGURE_FILE)
   logging.info("study done in %s: %s", report.duration(seconds), workdir / TABLE_FILE)
   return {"rows": len(rows), "table": str(workdir / TABLE_FILE)}
