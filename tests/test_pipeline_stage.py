@@ -143,7 +143,7 @@ def test_report_shows_the_stages_numbers_figures_and_baseline(tmp_path):
   assert "| **total** |  | 5 min 54 s |" in md
   assert "probe was started from pretrain step 840, but pretrain now ends at step 900" in md
   assert "finetune is not complete" in md
-  assert "probe.epochs = 7" in md and "pretrain.phase_epochs = (20, 40)" in md
+  assert "probe.epochs = 7" in md and "pretrain.phase_epochs = (7, 13)" in md
   figures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", md)
   assert figures == ["figures.png", "pretrain/plots/loss_curve.png", "probe/plots/confusion.png",
                      "finetune/plots/confusion.png", "finetune/plots/extra_fig.png"]

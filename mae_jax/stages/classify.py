@@ -239,7 +239,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     record.update({f"val_auc_{k}": v for k, v in m["auc"].items()})
     if m["macro_auc"] is not None and m["macro_auc"] > best:
       best = m["macro_auc"]
+      # Never two managers' saves in flight at once: across processes, the orbax barriers
+      # of two concurrent asynchronous saves can meet in different orders and deadlock.
+      mngr.wait_until_finished()
       checkpoint.save(best_mngr, record["step"], state)
+      best_mngr.wait_until_finished()
 
   loop = loop_lib.Loop(
       config=config, workdir=workdir, state=state,
