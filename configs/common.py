@@ -71,8 +71,12 @@ def data_config(preset: str) -> ml_collections.ConfigDict:
       per_class=_SIM_PER_CLASS[size(preset)], seed=0, noise=False,
       workers=0,  # 0: one worker per CPU core
       # 'model_ii': the DeepLense recipe (the main lens is the same in every image);
-      # 'hard': main lens, shear and source drawn per image, Euclid noise always on.
+      # 'hard': main lens, shear and source drawn per image, Euclid noise always on;
+      # 'substructure': hard's lens, shear and noise with the source spread of
+      # `source_spread` (0: the Model II source ... 3: hard's source), the benchmark where
+      # the substructure itself is the signal.
       variant="model_ii",
+      source_spread=0,
   ))
   # Follows the variant until set: `--config.data.sim.variant=hard` alone simulates and
   # reads data/hard_sim_<preset> (data/hard_sim for seed), never the model_ii folder.

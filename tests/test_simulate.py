@@ -46,10 +46,21 @@ def hard_dataset(tmp_path_factory) -> Path:
   return root
 
 
+@pytest.fixture(scope="module")
+def substructure_dataset(tmp_path_factory) -> Path:
+  """A small `substructure` dataset (source spread 0) made in-process, seed 0."""
+  root = tmp_path_factory.mktemp("sim_substructure") / "data"
+  counts = simulate.generate(root, PER_CLASS, seed=0, workers=1, progress=False,
+                             variant="substructure")
+  assert counts == dict.fromkeys(CLASS_NAMES, PER_CLASS)
+  return root
+
+
 @pytest.fixture(params=simulate.VARIANTS)
-def variant_dataset(request, dataset, hard_dataset) -> tuple[str, Path]:
+def variant_dataset(request, dataset, hard_dataset, substructure_dataset) -> tuple[str, Path]:
   """(variant, its small dataset), for the tests every variant must pass."""
-  return request.param, {"model_ii": dataset, "hard": hard_dataset}[request.param]
+  return request.param, {"model_ii": dataset, "hard": hard_dataset,
+                         "substructure": substructure_dataset}[request.param]
 
 
 def test_einstein_radius_value_and_scaling():
@@ -67,7 +78,7 @@ def test_layout(variant_dataset):
   variant, dataset = variant_dataset
   manifest = json.loads((dataset / simulate.MANIFEST_NAME).read_text())
   assert manifest["complete"] and manifest["variant"] == variant
-  assert manifest["noise"] == (variant == "hard")
+  assert manifest["noise"] == (variant != "model_ii")
   assert manifest["recipe"] == json.loads(json.dumps(simulate.recipe(variant)))
   assert sorted(p.name for p in dataset.iterdir()) == sorted(
       [*CLASS_NAMES, simulate.MANIFEST_NAME, simulate.PARAMS_NAME])
@@ -337,3 +348,115 @@ def test_cli_summary(tmp_path, capsys):
                         "--variant", "hard", "--workers", "1", "--no_progress"]) == 0
   assert "variant hard" in capsys.readouterr().out
   assert json.loads((tmp_path / "cli_hard" / simulate.MANIFEST_NAME).read_text())["variant"] == "hard"
+
+
+def test_every_image_is_re_rendered_exactly_from_its_recorded_row(variant_dataset):
+  # params.csv alone (no generator) remakes every file: main lens, source, noise seed,
+  # each subhalo's mass and position and each vortex element.
+  variant, dataset = variant_dataset
+  rows = simulate.read_parameters(dataset)
+  assert len(rows) == 3 * PER_CLASS
+  for r in rows:
+    assert (r["point_masses"] is None) == (r["class"] == "no_sub")
+    if r["class"] == "cdm":
+      assert len(r["point_masses"]) == simulate.CDM_NUM_SUBHALOS
+      masses = [m for m, _, _ in r["point_masses"]]
+      assert simulate.CDM_MASS_MIN <= min(masses) and max(masses) <= simulate.CDM_MASS_MAX
+      radii = [np.hypot(x, y) for _, x, y in r["point_masses"]]
+      assert simulate.CDM_R_MIN <= min(radii) and max(radii) <= simulate.CDM_R_MAX
+    if r["class"] == "axion":
+      assert len(r["point_masses"]) == simulate.AXION_VORTEX_POINTS
+      assert r["vortex_half_length"] == pytest.approx(
+          simulate.AXION_VORTEX_SCALE / r["axion_mass_ev"])
+      x, y = r["point_masses"][-1][1:]   # the far end lies at +half-length along the angle
+      assert (x, y) == pytest.approx((r["vortex_half_length"] * np.cos(r["vortex_angle"]),
+                                      r["vortex_half_length"] * np.sin(r["vortex_angle"])))
+    else:
+      assert r["vortex_angle"] is None and r["vortex_half_length"] is None
+    np.testing.assert_array_equal(simulate.render(simulate.parameters_from_row(r)),
+                                  read_lens_file(dataset / r["file"]).image,
+                                  err_msg=f"{variant}: {r['file']}")
+
+
+def test_substructure_variant_draws_lens_per_image_and_keeps_the_model_ii_source(
+    substructure_dataset):
+  rows = simulate.read_parameters(substructure_dataset)
+  for key in _MAIN_LENS + ("noise_seed",):
+    assert len({r[key] for r in rows}) == len(rows), key
+  for key, value in (("source_magnitude", simulate.SOURCE_MAGNITUDE),
+                     ("source_R_sersic", simulate.SOURCE_R_SERSIC),
+                     ("source_n_sersic", simulate.SOURCE_N_SERSIC)):
+    assert {r[key] for r in rows} == {value}, key
+  lo, hi = simulate.HARD_LOG10_HALO_MASS
+  assert all(lo <= np.log10(r["halo_mass_msun"]) <= hi for r in rows)
+
+
+def test_source_spread_dial_runs_from_model_ii_to_hard_ranges():
+  top = simulate.SOURCE_SPREAD_MAX
+  assert simulate.source_ranges(0) == {
+      "magnitude": (simulate.SOURCE_MAGNITUDE,) * 2, "R_sersic": (simulate.SOURCE_R_SERSIC,) * 2,
+      "n_sersic": (simulate.SOURCE_N_SERSIC,) * 2}
+  hard = {"magnitude": simulate.HARD_SOURCE_MAGNITUDE, "R_sersic": simulate.HARD_SOURCE_R_SERSIC,
+          "n_sersic": simulate.HARD_SOURCE_N_SERSIC}
+  for key, value in simulate.source_ranges(top).items():
+    assert value == pytest.approx(hard[key]), key
+  for level in range(top):   # nested: each level's ranges hold the previous level's
+    for (lo, hi), (lo2, hi2) in zip(simulate.source_ranges(level).values(),
+                                    simulate.source_ranges(level + 1).values()):
+      assert lo2 <= lo <= hi <= hi2 and (lo2, hi2) != (lo, hi)
+  # Every level uses the same draws: the lens and the substructure do not move.
+  first, last = (simulate.draw_parameters("cdm", simulate.image_rng(0, "cdm", 4),
+                                          variant="substructure", source_spread=s)
+                 for s in (0, top))
+  assert first.kwargs_lens == last.kwargs_lens and first.noise_seed == last.noise_seed
+  assert last.row["source_magnitude"] >= first.row["source_magnitude"]
+
+
+def test_source_spread_levels_are_monotone_in_difficulty():
+  # On a small set, the substructure's signal-to-noise falls level by level (fainter,
+  # more varied sources), and with no substructure there is no signal at all.
+  medians = []
+  for level in range(simulate.SOURCE_SPREAD_MAX + 1):
+    snr = [simulate.substructure_snr(simulate.draw_parameters(
+        c, simulate.image_rng(0, c, i), variant="substructure", source_spread=level))
+           for c in ("cdm", "axion") for i in range(8)]
+    medians.append(float(np.median(snr)))
+  assert all(a > b for a, b in zip(medians, medians[1:])), medians
+  assert simulate.substructure_snr(simulate.draw_parameters(
+      "no_sub", simulate.image_rng(0, "no_sub", 0), variant="substructure")) == 0.0
+
+
+def test_substructure_snr_is_the_noise_weighted_norm_of_the_substructure():
+  params = simulate.draw_parameters("cdm", np.random.default_rng(7), variant="substructure")
+  snr = simulate.substructure_snr(params)
+  # Ten times the subhalo masses: a stronger signal.
+  heavier = dataclasses.replace(params, kwargs_lens=params.kwargs_lens[:2] + [
+      {**k, "theta_E": k["theta_E"] * np.sqrt(10.0)} for k in params.kwargs_lens[2:]])
+  assert 0 < snr < simulate.substructure_snr(heavier)
+
+
+def test_source_spread_is_checked_and_part_of_the_folder(tmp_path, substructure_dataset):
+  with pytest.raises(ValueError, match="substructure variant only"):
+    simulate.generate(tmp_path / "x", 1, progress=False, variant="hard", source_spread=1)
+  with pytest.raises(ValueError, match="source_spread"):
+    simulate.draw_parameters("cdm", np.random.default_rng(0), variant="substructure",
+                             source_spread=simulate.SOURCE_SPREAD_MAX + 1)
+  before = _snapshot(substructure_dataset)
+  with pytest.raises(simulate.SimulationMismatchError, match="source_spread=2"):
+    simulate.generate(substructure_dataset, PER_CLASS, seed=0, workers=1, progress=False,
+                      variant="substructure", source_spread=2)
+  assert _snapshot(substructure_dataset) == before
+  assert simulate.main(["--out", str(tmp_path / "cli"), "--per_class", "1", "--variant",
+                        "hard", "--source_spread", "1", "--workers", "1", "--no_progress"]) == 2
+
+
+def test_an_older_parameters_table_is_rewritten_with_todays_columns(tmp_path):
+  root = tmp_path / "old"
+  simulate.generate(root, 1, seed=0, workers=1, progress=False)
+  table = root / simulate.PARAMS_NAME
+  current = table.read_bytes()
+  lines = current.decode().splitlines()   # drop the three newest columns, as older tables had
+  table.write_text("\n".join(",".join(line.split(",")[:18]) for line in lines) + "\n")
+  assert simulate.generate(root, 1, seed=0, workers=1, progress=False) == dict.fromkeys(
+      CLASS_NAMES, 0)
+  assert table.read_bytes() == current

@@ -130,7 +130,7 @@ def test_unwritable_workdir(tmp_path):
 def test_unknown_simulation_variant(tmp_path):
   config = pretrain_config.get_config("tiny")
   config.data.sim.variant = "harder"
-  assert _problems(config, tmp_path) == ["data.sim.variant='harder' must be one of model_ii, hard"]
+  assert _problems(config, tmp_path) == ["data.sim.variant='harder' must be one of model_ii, hard, substructure"]
 
 
 def test_data_folder_without_class_folders(tmp_path):

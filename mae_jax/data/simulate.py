@@ -7,7 +7,7 @@ vortex (`axion`). Files are written in exactly the released DeepLense layout
 (see `layout.py`) with `npy_io.write_lens_file`, so readers cannot tell a
 simulated folder from a downloaded one.
 
-Two variants (`--variant`):
+Three variants (`--variant`):
 
 - `model_ii` (default): exactly the DeepLense recipe. The main lens is the same
   in every image (fixed Einstein radius, ellipticity and shear); only the source
@@ -20,18 +20,30 @@ Two variants (`--variant`):
   are drawn, and Euclid VIS background + Poisson noise (lenstronomy's noise
   model of the same instrument) is always added. The ranges are `HARD_*` below,
   recorded in simulation.json.
+- `substructure`: the benchmark where substructure itself is the signal. The main
+  lens, shear and noise are drawn as in `hard` (so total mass and ring radius say
+  nothing about the class), and the source's spread is a dial, `--source_spread`
+  0..3: level 0 is the Model II source (magnitude 20, R_sersic 0.25", n 1); each
+  level widens magnitude, radius and Sersic index a third of the way toward
+  `hard`'s ranges (level 3: `hard`'s source). Every image at every level uses the
+  same uniform draws, so a higher level only moves each source toward fainter,
+  more varied ones.
 
 Every image draws from its own generator seeded by (seed, class index, image
 index), and its file name is derived from the same triple, so a run gives
 byte-identical files whatever the worker count or order, and an interrupted run
 can be resumed by simulating only the files that are missing. Each image's
-drawn parameters are recorded in `params.csv` beside the class folders; they
-are re-drawn from the same generators (no image is rendered for that), so the
-table is the same however the folder was made.
+drawn parameters are recorded in `params.csv` beside the class folders, every
+subhalo's mass and position and the vortex geometry included, so an image can
+be re-rendered from its row alone (`parameters_from_row`). The rows are re-drawn
+from the same generators (no image is rendered for that), so the table is the
+same however the folder was made. `substructure_snr` says how far above the
+noise an image's substructure lies.
 
 Usage:
   python -m mae_jax.data.simulate --out DIR --per_class N [--seed S]
-      [--variant model_ii|hard] [--workers W] [--noise]
+      [--variant model_ii|hard|substructure] [--source_spread 0..3] [--workers W]
+      [--noise]
 """
 
 from __future__ import annotations
@@ -126,7 +138,11 @@ HARD_SOURCE_MAGNITUDE = (20.0, 23.0)
 HARD_SOURCE_R_SERSIC = (0.1, 0.5)
 HARD_SOURCE_N_SERSIC = (0.5, 4.0)
 
-VARIANTS = ("model_ii", "hard")
+# --- The substructure variant: hard's lens, shear and noise; the source on a dial. ---
+# Level 0 is the Model II source; level SOURCE_SPREAD_MAX is hard's ranges.
+SOURCE_SPREAD_MAX = 3
+
+VARIANTS = ("model_ii", "hard", "substructure")
 
 MANIFEST_NAME = "simulation.json"
 MANIFEST_FORMAT = "deeplense-model-ii-sim/1"
@@ -136,7 +152,10 @@ PARAMS_COLUMNS = (
     "file", "class", "index", "halo_mass_msun", "theta_E", "lens_e1", "lens_e2",
     "shear_gamma1", "shear_gamma2", "source_magnitude", "source_R_sersic",
     "source_n_sersic", "source_e1", "source_e2", "source_center_x", "source_center_y",
-    "axion_mass_ev", "noise_seed")
+    "axion_mass_ev", "noise_seed", "point_masses", "vortex_angle", "vortex_half_length")
+# Cells holding JSON: point_masses is [[mass_msun, x_arcsec, y_arcsec], ...] (cdm subhalos,
+# axion vortex elements), empty for no_sub.
+_JSON_COLUMNS = ("point_masses",)
 
 # Mixed into the name seed so names and image randomness use different streams.
 _NAME_STREAM = 0x6E616D65  # "name"
@@ -149,16 +168,71 @@ def _check_variant(variant: str) -> str:
   return variant
 
 
-def recipe(variant: str = "model_ii") -> dict[str, Any]:
+def _check_spread(variant: str, source_spread: int) -> int:
+  if isinstance(source_spread, bool) or not isinstance(source_spread, (int, np.integer)) \
+      or not 0 <= source_spread <= SOURCE_SPREAD_MAX:
+    raise ValueError(f"source_spread must be an integer in [0, {SOURCE_SPREAD_MAX}], "
+                     f"got {source_spread!r}")
+  if source_spread and variant != "substructure":
+    raise ValueError(f"source_spread={source_spread} applies to the substructure variant "
+                     f"only, not {variant!r}")
+  return int(source_spread)
+
+
+def source_ranges(source_spread: int) -> dict[str, tuple[float, float]]:
+  """The substructure variant's source ranges at dial level `source_spread`.
+
+  Each of magnitude, R_sersic (arcsec) and Sersic index is uniform on
+  [v0 + f (lo - v0), v0 + f (hi - v0)] with v0 the Model II value, (lo, hi)
+  `hard`'s range and f = level / SOURCE_SPREAD_MAX: one value at level 0,
+  `hard`'s range at the top level, nested ranges in between.
+  """
+  f = _check_spread("substructure", source_spread) / SOURCE_SPREAD_MAX
+  out = {}
+  for name, v0, (lo, hi) in (("magnitude", SOURCE_MAGNITUDE, HARD_SOURCE_MAGNITUDE),
+                             ("R_sersic", SOURCE_R_SERSIC, HARD_SOURCE_R_SERSIC),
+                             ("n_sersic", SOURCE_N_SERSIC, HARD_SOURCE_N_SERSIC)):
+    out[name] = (v0 + f * (lo - v0), v0 + f * (hi - v0))
+  return out
+
+
+def recipe(variant: str = "model_ii", source_spread: int = 0) -> dict[str, Any]:
   """All recipe numbers of `variant`, as recorded in simulation.json (JSON types only).
 
   `model_ii` gives the recipe as recorded before variants existed, so folders
   made then are still accepted. `hard` replaces the fixed main lens and source
   by the ranges each image draws from, and records the always-on noise.
+  `substructure` is `hard` with the source ranges of dial level `source_spread`.
   """
   base = _model_ii_recipe()
-  if _check_variant(variant) == "model_ii":
+  source_spread = _check_spread(_check_variant(variant), source_spread)
+  if variant == "model_ii":
     return base
+  hard = _hard_recipe(base)
+  if variant == "hard":
+    return hard
+  ranges = source_ranges(source_spread)
+  return {
+      **hard,
+      "model": ("DeepLense Model II recipe, substructure variant: main lens and shear "
+                "drawn per image as in hard, Euclid noise, source spread on a dial"),
+      "variant": "substructure",
+      "source_spread": source_spread,
+      "source": {
+          "model": "SERSIC_ELLIPSE",
+          "magnitude_uniform": list(ranges["magnitude"]),
+          "R_sersic_uniform": list(ranges["R_sersic"]),
+          "n_sersic_uniform": list(ranges["n_sersic"]),
+          "e1": SOURCE_E1, "e2": SOURCE_E2,
+          "center_uniform": [-SOURCE_CENTER_MAX, SOURCE_CENTER_MAX],
+          "dial": (f"level L in 0..{SOURCE_SPREAD_MAX}: each range is v0 + L/"
+                   f"{SOURCE_SPREAD_MAX} (hard range - v0), v0 the Model II value; "
+                   "the same uniform draws at every level")},
+  }
+
+
+def _hard_recipe(base: dict[str, Any]) -> dict[str, Any]:
+  """The hard recipe: Model II with the per-image ranges and the noise."""
   return {
       **base,
       "model": ("DeepLense Model II recipe, hard variant: main lens, shear and "
@@ -326,24 +400,33 @@ def _point_masses(masses: np.ndarray, x: np.ndarray,
           for t, cx, cy in zip(theta_e, x, y)]
 
 
-def _cdm_subhalos(rng: np.random.Generator) -> list[dict[str, float]]:
+PointMasses = tuple[np.ndarray, np.ndarray, np.ndarray]   # masses (M_sun), x, y (arcsec)
+
+
+def _cdm_subhalos(rng: np.random.Generator) -> PointMasses:
   """25 point masses, dN/dm ∝ m^-0.9 on [1e6, 1e10], r ~ U[0.25, 2]"."""
   p = CDM_MASS_SLOPE + 1
   lo, hi = CDM_MASS_MIN**p, CDM_MASS_MAX**p
   masses = (lo + (hi - lo) * rng.uniform(size=CDM_NUM_SUBHALOS))**(1 / p)
   r = rng.uniform(CDM_R_MIN, CDM_R_MAX, size=CDM_NUM_SUBHALOS)
   th = rng.uniform(0, 2 * np.pi, size=CDM_NUM_SUBHALOS)
-  return _point_masses(masses, r * np.sin(th), r * np.cos(th))
+  return masses, r * np.sin(th), r * np.cos(th)
 
 
-def _axion_vortex(rng: np.random.Generator) -> tuple[list[dict[str, float]], float]:
-  """A straight vortex of 100 point masses; returns (lens kwargs, axion mass eV)."""
+def _axion_vortex(rng: np.random.Generator) -> tuple[PointMasses, float, float, float]:
+  """A straight vortex of 100 point masses through the centre.
+
+  Returns:
+    (its point masses, the axion mass in eV, the vortex angle in radians, its
+    half-length in arcsec).
+  """
   axion_mass = 10.0**rng.uniform(AXION_LOG10_MASS_MIN, AXION_LOG10_MASS_MAX)
   phi = rng.uniform(0, 2 * np.pi)
   half_length = AXION_VORTEX_SCALE / axion_mass
   t = np.linspace(-half_length, half_length, AXION_VORTEX_POINTS)
   masses = np.full(AXION_VORTEX_POINTS, AXION_VORTEX_MASS / AXION_VORTEX_POINTS)
-  return _point_masses(masses, t * np.cos(phi), t * np.sin(phi)), float(axion_mass)
+  return ((masses, t * np.cos(phi), t * np.sin(phi)), float(axion_mass), float(phi),
+          float(half_length))
 
 
 def _min_max(image: np.ndarray) -> np.ndarray:
@@ -383,29 +466,43 @@ def _polar(modulus: float, angle: float) -> tuple[float, float]:
 
 
 def draw_parameters(class_name: str, rng: np.random.Generator, noise: bool = False,
-                    variant: str = "model_ii") -> ImageParameters:
+                    variant: str = "model_ii", source_spread: int = 0) -> ImageParameters:
   """Draws the parameters of one image of `class_name` from `rng`.
 
   Draw order is fixed per variant. `model_ii` (as the original code): source
   position, then substructure, then the noise seed (only with `noise`).
   `hard`: halo mass, lens ellipticity modulus and angle, shear modulus and
   angle, source magnitude, radius, Sersic index and position, the noise seed
-  (noise is always on), then substructure. So the same `rng` state gives the
-  same main lens and source in every class.
+  (noise is always on), then substructure. `substructure`: as `hard`, with the
+  source's magnitude, radius and index mapped from their uniform draws into
+  `source_ranges(source_spread)`. So the same `rng` state gives the same main
+  lens and source in every class (and, in `substructure`, at every level).
 
   Raises:
-    ValueError: unknown `class_name` or `variant`.
+    ValueError: unknown `class_name` or `variant`, or a `source_spread` out of
+      range or given to another variant.
     TypeError: `rng` is not a numpy Generator.
   """
   if class_name not in CLASS_NAMES:
     raise ValueError(f"unknown class {class_name!r}; expected one of "
                      f"{', '.join(CLASS_NAMES)}")
-  _check_variant(variant)
+  source_spread = _check_spread(_check_variant(variant), source_spread)
   if not isinstance(rng, np.random.Generator):
     raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
 
   noise_seed = None
-  if variant == "hard":
+  if variant == "substructure":
+    halo_mass = 10.0**rng.uniform(*HARD_LOG10_HALO_MASS)
+    lens_e1, lens_e2 = _polar(rng.uniform(0.0, HARD_LENS_ELLIPTICITY_MAX),
+                              rng.uniform(0.0, math.pi))
+    gamma1, gamma2 = _polar(rng.uniform(0.0, HARD_SHEAR_MAX), rng.uniform(0.0, math.pi))
+    ranges = source_ranges(source_spread)
+    magnitude, r_sersic, n_sersic = (
+        float(lo + (hi - lo) * u) for (lo, hi), u in zip(
+            (ranges["magnitude"], ranges["R_sersic"], ranges["n_sersic"]), rng.uniform(size=3)))
+    center_x, center_y = rng.uniform(-SOURCE_CENTER_MAX, SOURCE_CENTER_MAX, size=2)
+    noise_seed = int(rng.integers(0, 2**32))
+  elif variant == "hard":
     halo_mass = 10.0**rng.uniform(*HARD_LOG10_HALO_MASS)
     lens_e1, lens_e2 = _polar(rng.uniform(0.0, HARD_LENS_ELLIPTICITY_MAX),
                               rng.uniform(0.0, math.pi))
@@ -430,12 +527,14 @@ def draw_parameters(class_name: str, rng: np.random.Generator, noise: bool = Fal
       "magnitude": magnitude, "R_sersic": r_sersic, "n_sersic": n_sersic,
       "e1": SOURCE_E1, "e2": SOURCE_E2,
       "center_x": float(center_x), "center_y": float(center_y)}]
-  axion_mass = None
+  axion_mass = vortex_angle = half_length = None
+  point_masses = None
   if class_name == "cdm":
-    kwargs_lens += _cdm_subhalos(rng)
+    point_masses = _cdm_subhalos(rng)
   elif class_name == "axion":
-    vortex, axion_mass = _axion_vortex(rng)
-    kwargs_lens += vortex
+    point_masses, axion_mass, vortex_angle, half_length = _axion_vortex(rng)
+  if point_masses is not None:
+    kwargs_lens += _point_masses(*point_masses)
   if variant == "model_ii" and noise:
     noise_seed = int(rng.integers(0, 2**32))
 
@@ -445,9 +544,20 @@ def draw_parameters(class_name: str, rng: np.random.Generator, noise: bool = Fal
          "source_magnitude": magnitude, "source_R_sersic": r_sersic,
          "source_n_sersic": n_sersic, "source_e1": SOURCE_E1, "source_e2": SOURCE_E2,
          "source_center_x": float(center_x), "source_center_y": float(center_y),
-         "axion_mass_ev": axion_mass, "noise_seed": noise_seed}
+         "axion_mass_ev": axion_mass, "noise_seed": noise_seed,
+         "point_masses": (None if point_masses is None else
+                          [[float(m), float(x), float(y)] for m, x, y in zip(*point_masses)]),
+         "vortex_angle": vortex_angle, "vortex_half_length": half_length}
   return ImageParameters(class_name, row, kwargs_lens, kwargs_source_mag, noise_seed,
                          axion_mass)
+
+
+def _render_counts(params: ImageParameters, with_point_masses: bool = True) -> np.ndarray:
+  """The noise-free image of `params` in the instrument's units (counts per second)."""
+  kwargs_lens = params.kwargs_lens if with_point_masses else params.kwargs_lens[:2]
+  sim, image_model = _image_model(len(kwargs_lens) - 2)
+  _, kwargs_source, _ = sim.magnitude2amplitude(None, params.kwargs_source_mag, None)
+  return np.asarray(image_model.image(kwargs_lens, kwargs_source, None), dtype=np.float64)
 
 
 def render(params: ImageParameters) -> np.ndarray:
@@ -456,16 +566,57 @@ def render(params: ImageParameters) -> np.ndarray:
   With a noise seed, lenstronomy's background + Poisson noise is added from it
   (global np.random state is neither used nor touched).
   """
-  sim, image_model = _image_model(len(params.kwargs_lens) - 2)
-  _, kwargs_source, _ = sim.magnitude2amplitude(None, params.kwargs_source_mag, None)
-  image = image_model.image(params.kwargs_lens, kwargs_source, None)
+  image = _render_counts(params)
   if params.noise_seed is not None:
+    sim, _ = _image_model(len(params.kwargs_lens) - 2)
     image = image + sim.noise_for_model(model=image, seed=params.noise_seed)
   return _min_max(np.asarray(image, dtype=np.float64))
 
 
+def substructure_snr(params: ImageParameters) -> float:
+  """How far above the noise the substructure of `params` lies (0 for no_sub).
+
+  The optimal (matched-filter) signal-to-noise ratio of the substructure when the
+  smooth lens is known: sqrt(sum over pixels of (I_sub - I_smooth)^2 / sigma^2),
+  with I_sub and I_smooth the noise-free images with and without the point masses
+  and sigma the instrument's per-pixel noise (background, read and Poisson noise
+  of I_smooth, lenstronomy's `estimate_noise`). It is the same whether or not the
+  image was made with noise: it measures the signal against the noise Euclid would
+  add. A classifier that has to infer the smooth lens from the image itself can do
+  no better than this.
+  """
+  if len(params.kwargs_lens) == 2:
+    return 0.0
+  smooth = _render_counts(params, with_point_masses=False)
+  diff = _render_counts(params) - smooth
+  sim, _ = _image_model(0)
+  sigma = np.asarray(sim.estimate_noise(smooth), dtype=np.float64)
+  return float(np.sqrt(np.sum((diff / sigma)**2)))
+
+
+def parameters_from_row(row: dict[str, Any]) -> ImageParameters:
+  """The ImageParameters of a `read_parameters` row: an image re-rendered from its row
+  alone (`render(parameters_from_row(row))`) is the image in its file."""
+  kwargs_lens = [
+      {"theta_E": row["theta_E"], "e1": row["lens_e1"], "e2": row["lens_e2"],
+       "center_x": 0.0, "center_y": 0.0},
+      {"gamma1": row["shear_gamma1"], "gamma2": row["shear_gamma2"]},
+  ]
+  if row.get("point_masses"):
+    masses, x, y = (np.asarray(c, dtype=np.float64) for c in zip(*row["point_masses"]))
+    kwargs_lens += _point_masses(masses, x, y)
+  kwargs_source_mag = [{
+      "magnitude": row["source_magnitude"], "R_sersic": row["source_R_sersic"],
+      "n_sersic": row["source_n_sersic"], "e1": row["source_e1"], "e2": row["source_e2"],
+      "center_x": row["source_center_x"], "center_y": row["source_center_y"]}]
+  recorded = {k: row.get(k) for k in PARAMS_COLUMNS if k not in ("file", "class", "index")}
+  return ImageParameters(row["class"], recorded, kwargs_lens, kwargs_source_mag,
+                         row["noise_seed"], row["axion_mass_ev"])
+
+
 def simulate_image(class_name: str, rng: np.random.Generator, noise: bool = False,
-                   variant: str = "model_ii") -> tuple[np.ndarray, float | None]:
+                   variant: str = "model_ii",
+                   source_spread: int = 0) -> tuple[np.ndarray, float | None]:
   """Simulates one image of class `class_name` from `rng` (`draw_parameters`, `render`).
 
   `noise` adds lenstronomy's Euclid background + Poisson noise to a `model_ii`
@@ -478,7 +629,8 @@ def simulate_image(class_name: str, rng: np.random.Generator, noise: bool = Fals
   Raises:
     ValueError: `class_name` is not one of CLASS_NAMES, or an unknown variant.
   """
-  params = draw_parameters(class_name, rng, noise=noise, variant=variant)
+  params = draw_parameters(class_name, rng, noise=noise, variant=variant,
+                           source_spread=source_spread)
   return render(params), params.axion_mass
 
 
@@ -526,7 +678,7 @@ def _versions() -> dict[str, str]:
 
 
 def _prepare_manifest(out: Path, seed: int, per_class: int, noise: bool,
-                      variant: str) -> dict[str, Any]:
+                      variant: str, source_spread: int = 0) -> dict[str, Any]:
   """Checks `out` holds nothing made with other settings; returns the manifest.
 
   A manifest without `variant` (written before variants existed) is `model_ii`.
@@ -536,7 +688,9 @@ def _prepare_manifest(out: Path, seed: int, per_class: int, noise: bool,
       flag or recipe, or holds .npy files without a simulation.json.
   """
   settings = {"format": MANIFEST_FORMAT, "variant": variant, "seed": seed, "noise": noise,
-              "recipe": json.loads(json.dumps(recipe(variant)))}
+              "recipe": json.loads(json.dumps(recipe(variant, source_spread)))}
+  if variant == "substructure":   # other variants' manifests stay as they were
+    settings["source_spread"] = source_spread
   path = out / MANIFEST_NAME
   previous = None
   if path.exists():
@@ -555,7 +709,9 @@ def _prepare_manifest(out: Path, seed: int, per_class: int, noise: bool,
       raise SimulationMismatchError(
           f"{out} holds a dataset simulated with other settings "
           f"(differs in: {', '.join(diffs)}; there: {shown or 'other recipe'}; "
-          f"now: variant={variant}, seed={seed}, noise={noise}). Mixing them would corrupt the "
+          f"now: variant={variant}, seed={seed}, noise={noise}"
+          + (f", source_spread={source_spread}" if variant == "substructure" else "")
+          + "). Mixing them would corrupt the "
           "dataset: use another --out folder or the original settings.")
     if previous.get("versions") != _versions():
       warnings.warn(f"{out} was simulated with {previous.get('versions')}, "
@@ -574,27 +730,31 @@ def _prepare_manifest(out: Path, seed: int, per_class: int, noise: bool,
           "versions": (previous or {}).get("versions", _versions())}
 
 
-def _simulate_chunk(out: str, seed: int, noise: bool, variant: str,
+def _simulate_chunk(out: str, seed: int, noise: bool, variant: str, source_spread: int,
                     jobs: Sequence[tuple[str, int]]) -> int:
   """Simulates and atomically writes the listed (class, index) images."""
   for class_name, index in jobs:
     image, axion_mass = simulate_image(class_name, image_rng(seed, class_name, index),
-                                       noise=noise, variant=variant)
+                                       noise=noise, variant=variant,
+                                       source_spread=source_spread)
     write_lens_file(image_path(out, class_name, seed, index), image, axion_mass)
   return len(jobs)
 
 
 def _format_cell(value: Any) -> str:
-  """A params.csv cell: repr of floats (exact round trip), '' for None."""
+  """A params.csv cell: repr of floats (exact round trip), JSON of lists, '' for None."""
   if value is None:
     return ""
+  if isinstance(value, list):
+    return json.dumps(value, separators=(",", ":"))   # floats as repr: exact
   if isinstance(value, float):
     return repr(value)
   return str(value)
 
 
 def parameters_table(out: str | os.PathLike[str], per_class: int, seed: int = 0,
-                     noise: bool = False, variant: str = "model_ii") -> bytes:
+                     noise: bool = False, variant: str = "model_ii",
+                     source_spread: int = 0) -> bytes:
   """The params.csv of a folder of `per_class` images per class (its bytes).
 
   Rows are re-drawn with `draw_parameters` from each image's generator, so they
@@ -606,7 +766,7 @@ def parameters_table(out: str | os.PathLike[str], per_class: int, seed: int = 0,
   for class_name in CLASS_NAMES:
     for index in range(per_class):
       params = draw_parameters(class_name, image_rng(seed, class_name, index), noise=noise,
-                               variant=variant)
+                               variant=variant, source_spread=source_spread)
       path = image_path(out, class_name, seed, index)
       cells = {"file": f"{class_name}/{path.name}", "class": class_name, "index": index,
                **params.row}
@@ -615,7 +775,8 @@ def parameters_table(out: str | os.PathLike[str], per_class: int, seed: int = 0,
 
 
 def read_parameters(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
-  """The rows of a folder's params.csv: numbers as int / float, empty cells as None."""
+  """The rows of a folder's params.csv: numbers as int / float, lists from their JSON,
+  empty cells as None."""
   ints = ("index", "noise_seed")
   rows = []
   with open(Path(out) / PARAMS_NAME, newline="") as f:
@@ -626,6 +787,8 @@ def read_parameters(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
           row[key] = text
         elif text == "":
           row[key] = None
+        elif key in _JSON_COLUMNS:
+          row[key] = json.loads(text)
         else:
           row[key] = int(text) if key in ints else float(text)
       rows.append(row)
@@ -634,7 +797,8 @@ def read_parameters(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 def generate(out: str | os.PathLike[str], per_class: int, seed: int = 0,
              workers: int | None = None, noise: bool = False,
-             progress: bool = True, variant: str = "model_ii") -> dict[str, int]:
+             progress: bool = True, variant: str = "model_ii",
+             source_spread: int = 0) -> dict[str, int]:
   """Simulates `per_class` images per class of `variant` into `out` (DeepLense layout).
 
   Resumable: only missing files are simulated, each written atomically, so an
@@ -643,8 +807,8 @@ def generate(out: str | os.PathLike[str], per_class: int, seed: int = 0,
   Workers are 'spawn'ed processes (safe with JAX/TF loaded in the parent);
   `workers=1` runs in this process. Once every image exists, params.csv
   records each image's parameters (rewritten atomically when images were added
-  or the table is missing). `hard` images always carry noise, so for them
-  `noise` changes nothing.
+  or the table is missing or has other columns). `hard` and `substructure` images
+  always carry noise, so for them `noise` changes nothing.
 
   Returns:
     How many files were written now, per class.
@@ -652,20 +816,22 @@ def generate(out: str | os.PathLike[str], per_class: int, seed: int = 0,
   Raises:
     SimulationMismatchError: `out` holds a dataset made with other settings
       (another variant, seed or noise flag).
-    ValueError: a negative per_class or seed, workers < 1, or an unknown variant.
+    ValueError: a negative per_class or seed, workers < 1, an unknown variant, or
+      a source_spread out of range or given to another variant than substructure.
   """
   if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) \
       or per_class < 0:
     raise ValueError(f"per_class must be a non-negative integer, got {per_class!r}")
   seed = _check_seed(seed)
   variant = _check_variant(variant)
-  noise = bool(noise) or variant == "hard"
+  source_spread = _check_spread(variant, source_spread)
+  noise = bool(noise) or variant != "model_ii"
   workers = (os.cpu_count() or 1) if workers is None else int(workers)
   if workers < 1:
     raise ValueError(f"workers must be >= 1, got {workers}")
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  manifest = _prepare_manifest(out, seed, int(per_class), noise, variant)
+  manifest = _prepare_manifest(out, seed, int(per_class), noise, variant, source_spread)
   manifest["complete"] = False
   fileio.write_json_atomic(out / MANIFEST_NAME, manifest)
   for class_name in CLASS_NAMES:
@@ -680,16 +846,16 @@ def generate(out: str | os.PathLike[str], per_class: int, seed: int = 0,
             desc="simulating", dynamic_ncols=True) as bar:
     if workers == 1 or len(jobs) <= 1:
       for job in jobs:
-        _simulate_chunk(str(out), seed, noise, variant, [job])
+        _simulate_chunk(str(out), seed, noise, variant, source_spread, [job])
         written[job[0]] += 1
         bar.update(1)
     else:
-      _run_pool(out, seed, noise, variant, jobs, workers, written, bar)
+      _run_pool(out, seed, noise, variant, source_spread, jobs, workers, written, bar)
   manifest["complete"] = all(image_path(out, c, seed, i).exists()
                              for i in range(manifest["per_class"]) for c in CLASS_NAMES)
-  if manifest["complete"] and (any(written.values()) or not (out / PARAMS_NAME).exists()):
+  if manifest["complete"] and (any(written.values()) or not _table_current(out)):
     table = parameters_table(out, manifest["per_class"], seed=seed, noise=noise,
-                             variant=variant)
+                             variant=variant, source_spread=source_spread)
     fileio.write_atomic(out / PARAMS_NAME, lambda f: f.write(table))
   manifest["parameters"] = PARAMS_NAME if (out / PARAMS_NAME).exists() else None
   fileio.write_json_atomic(out / MANIFEST_NAME, manifest)
@@ -702,7 +868,17 @@ def _ignore_sigint() -> None:
   signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _run_pool(out: Path, seed: int, noise: bool, variant: str, jobs: list[tuple[str, int]],
+def _table_current(out: Path) -> bool:
+  """Whether `out` has a params.csv with today's columns (older tables lack some)."""
+  try:
+    with open(out / PARAMS_NAME, newline="") as f:
+      return next(csv.reader(f), None) == list(PARAMS_COLUMNS)
+  except OSError:
+    return False
+
+
+def _run_pool(out: Path, seed: int, noise: bool, variant: str, source_spread: int,
+              jobs: list[tuple[str, int]],
               workers: int, written: dict[str, int], bar) -> None:
   """Runs `jobs` in chunks on a pool of spawned processes, updating `bar`."""
   workers = min(workers, len(jobs))
@@ -712,7 +888,8 @@ def _run_pool(out: Path, seed: int, noise: bool, variant: str, jobs: list[tuple[
   context = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(
       workers, mp_context=context, initializer=_ignore_sigint) as pool:
-    futures = {pool.submit(_simulate_chunk, str(out), seed, noise, variant, chunk): chunk
+    futures = {pool.submit(_simulate_chunk, str(out), seed, noise, variant, source_spread,
+                           chunk): chunk
                for chunk in chunks}
     try:
       for future in concurrent.futures.as_completed(futures):
@@ -735,7 +912,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                   "in the DeepLense folder layout. Rerun to resume.")
   parser.add_argument("--variant", choices=VARIANTS, default="model_ii",
                       help="model_ii: the DeepLense recipe (fixed main lens); hard: main "
-                           "lens, shear and source drawn per image, Euclid noise always on")
+                           "lens, shear and source drawn per image, Euclid noise always on; "
+                           "substructure: hard's lens, shear and noise, the source spread "
+                           "set by --source_spread")
+  parser.add_argument("--source_spread", type=int, default=0,
+                      help=f"substructure only: 0 (the Model II source) to {SOURCE_SPREAD_MAX} "
+                           "(hard's source ranges)")
   parser.add_argument("--out", required=True, help="output folder")
   parser.add_argument("--per_class", type=int, required=True,
                       help="images per class")
@@ -757,7 +939,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     written = generate(args.out, args.per_class, seed=args.seed,
                        workers=args.workers, noise=args.noise,
-                       progress=not args.no_progress, variant=args.variant)
+                       progress=not args.no_progress, variant=args.variant,
+                       source_spread=args.source_spread)
   except (SimulationMismatchError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -39,7 +39,8 @@ def _make(data: ml_collections.ConfigDict, progress: bool) -> arrays.Dataset:
   if data.source == "simulated":
     simulate.generate(data.dir, per_class=data.sim.per_class, seed=data.sim.seed,
                       workers=data.sim.workers or None, noise=data.sim.noise,
-                      progress=progress, variant=data.sim.variant)
+                      progress=progress, variant=data.sim.variant,
+                      source_spread=data.sim.get("source_spread", 0))
   if data.reader == "tfds":
     from mae_jax.data import builder  # pylint: disable=g-import-not-at-top (TensorFlow only here)
     prepared = builder.prepare(data.dir, data.cache_dir, rule=split_rule(data),

@@ -176,6 +176,14 @@ def _data_problems(data: ml_collections.ConfigDict) -> list[str]:
   variant = data.get("sim", {}).get("variant")
   if variant is not None and variant not in simulate.VARIANTS:
     problems.append(f"data.sim.variant={variant!r} must be one of {', '.join(simulate.VARIANTS)}")
+  spread = data.get("sim", {}).get("source_spread", 0)
+  if isinstance(spread, bool) or not isinstance(spread, int) \
+      or not 0 <= spread <= simulate.SOURCE_SPREAD_MAX:
+    problems.append(f"data.sim.source_spread={spread!r} must be an integer in "
+                    f"[0, {simulate.SOURCE_SPREAD_MAX}]")
+  elif spread and variant != "substructure":
+    problems.append(f"data.sim.source_spread={spread} applies to the substructure variant "
+                    f"only (data.sim.variant={variant!r})")
   if data.get("on_bad_file") not in (None, "error", "skip"):
     problems.append(f"data.on_bad_file={data.on_bad_file!r} must be 'error' or 'skip'")
   if data.get("source") == "deeplense":
