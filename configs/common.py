@@ -53,7 +53,7 @@ def parse_preset(arg: str | None) -> str:
   return preset
 
 
-VARIANTS = ("model_ii", "hard")
+VARIANTS = ("model_ii", "hard", "substructure")
 
 
 def data_dir(variant: str, preset: str) -> str:
@@ -141,6 +141,10 @@ def classifier_config(preset: str, stage: str) -> ml_collections.ConfigDict:
   del config.model.decoder_dim, config.model.decoder_depth, config.model.decoder_heads
   del config.model.mask_ratio
   config.model.update(dict(
+      # 'vit': the ViT encoder above; 'cnn': the small supervised CNN (models/cnn.py, from
+      # scratch only: the study's supervised ceiling), stages of `cnn_widths` channels.
+      arch="vit",
+      cnn_widths=(16, 32, 64, 128), cnn_stem=2,
       head="mlp",              # the seed's 256->512->256 MLP head; 'linear' is MAE's BN + linear
       head_hidden=(512, 256),
       pool="cls",              # CLS token, or 'mean' of the patch tokens

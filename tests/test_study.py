@@ -71,21 +71,36 @@ def test_budget_schedule_sizes_batch_epochs_and_warmup_from_the_budget():
   assert whole["optim.warmup_epochs"] == 0.4   # a tenth of the run, not all of it
 
 
-def test_goals_give_each_budgets_gap_to_its_target(tmp_path):
+def test_goals_give_each_gap_to_its_target(tmp_path):
   cell = lambda v, arm, n, auc: {"variant": v, "arm": arm, "labels_per_class": n,  # pylint: disable=unnecessary-lambda-assignment
                                  "mean_test_macro_auc": auc, "min": auc, "max": auc,
                                  "mean_interval": None, "seeds": 1}
-  summary = [cell("hard", "mae_finetune", 10, 0.60), cell("hard", "scratch_finetune", 10, 0.52),
-             cell("hard", "mae_probe", 10, 0.66), cell("hard", "radial", 10, 0.58),
-             cell("hard", "mae_finetune", 300, 0.9), cell("hard", "scratch_finetune", 300, 0.5),
-             cell("model_ii", "mae_finetune", 10, 0.70), cell("model_ii", "scratch_finetune", 10, 0.68),
-             cell("model_ii", "radial", 10, 0.95)]
-  got = study.goals(summary, 0.05, {"hard": 0.15}, max_labels=100)
-  assert [(g["goal"], g["variant"], g["arm"]) for g in got] == [
-      ("mae_over_scratch", "hard", "mae_finetune"), ("best_over_radial", "hard", "mae_probe"),
-      ("mae_over_scratch", "model_ii", "mae_finetune")]   # 300 per class is past max_labels
-  assert [round(g["gap"], 6) for g in got] == [0.03, -0.07, -0.03]
-  assert got[1]["target"] == pytest.approx(0.73)
+  summary = [cell("substructure", "mae_finetune", 100, 0.60),
+             cell("substructure", "scratch_finetune", 100, 0.52),
+             cell("substructure", "mae_probe", 100, 0.66), cell("substructure", "radial", 100, 0.50),
+             cell("substructure", "mae_finetune", 10, 0.9),   # not the goal budget
+             cell("substructure", "scratch_finetune", 10, 0.5),
+             cell("substructure", "supervised", 0, 0.93), cell("substructure", "radial", 0, 0.70),
+             cell("model_ii", "mae_finetune", 100, 0.70), cell("model_ii", "scratch_finetune", 100, 0.68),
+             cell("model_ii", "mae_probe", 100, 0.90), cell("model_ii", "radial", 100, 0.95)]
+  got = study.goals(summary, 100, 0.05, over_radial={"substructure": 0.15},
+                    probe_near_radial={"model_ii": 0.03},
+                    ceiling_at_least={"substructure": 0.9}, radial_at_most={"substructure": 0.65})
+  assert [(g["goal"], g["variant"], g["arm"], g["labels_per_class"]) for g in got] == [
+      ("mae_over_scratch", "substructure", "mae_finetune", 100),
+      ("mae_over_radial", "substructure", "mae_finetune", 100),
+      ("ceiling_at_least", "substructure", "supervised", 0),
+      ("radial_at_most", "substructure", "radial", 0),
+      ("mae_over_scratch", "model_ii", "mae_finetune", 100),
+      ("probe_near_radial", "model_ii", "mae_probe", 100)]
+  assert [round(g["gap"], 6) for g in got] == [0.03, -0.05, 0.03, -0.05, -0.03, -0.02]
+  assert got[1]["target"] == pytest.approx(0.65)
+  blocks = study.tables(study.summarise([]) + summary, {"substructure": {"snr": {
+      "cdm": {"median": 34.0, "p10": 9.0, "p90": 80.0}}}, "model_ii": {"snr": None}}, got)
+  tables = [b for b in blocks if b[0] == "table"]
+  assert [len(t[2]) for t in tables] == [len(summary), 2, len(got)]
+  assert tables[1][2][0] == ["substructure", "34 [9, 80]", "", "0.930", "", "0.700"]
+  assert all(len(row) == len(t[1]) for t in tables for row in t[2])
   png = plots.label_efficiency(summary, tmp_path / "le.png", goals=got)
   drawn = json.loads(png.with_suffix(".json").read_text())
   assert [g["gap"] for g in drawn["data"]["goals"]] == [g["gap"] for g in got]
@@ -133,7 +148,10 @@ def test_study_table_is_the_stages_own_numbers(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads((tmp_path / "study" / study.RESULTS_FILE).read_text())
   assert {(r["arm"], r["labels_per_class"]) for r in out["rows"]} == {
-      (a, n) for a in study.ARMS for n in (2, 0)}
+      (a, n) for a in study.ARMS if a not in study.SUPERVISED for n in (2, 0)} | {
+      (a, 0) for a in study.SUPERVISED}
+  assert set(out["ceilings"]["model_ii"]["snr"]) == {"cdm", "axion"}   # simulated: measured
+  assert out["ceilings"]["model_ii"]["snr"]["cdm"]["median"] > 0
   for row in out["rows"]:
     metrics = json.loads((Path(row["run"]) / classify.EVAL_FILE).read_text())
     source = metrics["baseline"] if row["arm"] == "radial" else metrics

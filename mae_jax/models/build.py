@@ -13,12 +13,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mae_jax.models import cnn
 from mae_jax.models import heads
 from mae_jax.models import mae as mae_lib
 from mae_jax.models import masking
 from mae_jax.models import vit
 
 DTYPES = ("float32", "bfloat16")
+# Classifier architectures: the ViT encoder (pretrained by the MAE, or from scratch) or
+# the small supervised CNN (`models/cnn.py`, always from scratch).
+ARCHS = ("vit", "cnn")
 # The model config keys that fix the encoder's parameters and function: a stage that
 # starts from another stage's checkpoint must agree with it on each.
 ENCODER_KEYS = ("image_size", "channels", "patch", "dim", "depth", "heads", "mlp_ratio")
@@ -59,12 +63,22 @@ def init_mae(mae: mae_lib.MAE, key: jax.Array) -> Any:
 
 
 def build_classifier(model: ml_collections.ConfigDict, num_classes: int,
-                     bn_axis_name: str | None = None) -> heads.Classifier:
-  """The classifier of a probe / fine-tune `model` config, with `num_classes` logits.
+                     bn_axis_name: str | None = None) -> heads.Classifier | cnn.CNNClassifier:
+  """The classifier of a probe / fine-tune `model` config, with `num_classes` logits:
+  the ViT classifier, or with `model.arch='cnn'` the small CNN.
 
-  `bn_axis_name` names the mesh axis over which the head's BatchNorm averages its
-  batch statistics in training (the data-parallel axis).
+  `bn_axis_name` names the mesh axis over which the BatchNorms average their batch
+  statistics in training (the data-parallel axis).
   """
+  arch = model.get("arch", "vit")
+  if arch not in ARCHS:
+    raise ValueError(f"model.arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+  if arch == "cnn":
+    return cnn.CNNClassifier(
+        cnn=cnn.CNNConfig(image_size=model.image_size, channels=model.channels,
+                          widths=tuple(model.cnn_widths), stem=model.cnn_stem),
+        num_classes=num_classes, head=model.head, head_hidden=tuple(model.head_hidden),
+        dropout=model.dropout, bn_axis_name=bn_axis_name, dtype=dtype_of(model.dtype))
   return heads.Classifier(
       vit=vit_config(model), num_classes=num_classes, head=model.head, pool=model.pool,
       feature_block=model.get("feature_block", -1),
@@ -72,9 +86,10 @@ def build_classifier(model: ml_collections.ConfigDict, num_classes: int,
       bn_axis_name=bn_axis_name, dtype=dtype_of(model.dtype))
 
 
-def init_classifier(model: heads.Classifier, key: jax.Array) -> tuple[Any, Any]:
+def init_classifier(model: heads.Classifier | cnn.CNNClassifier,
+                    key: jax.Array) -> tuple[Any, Any]:
   """(params, batch_stats) of `model` from `key`."""
-  enc = model.vit
+  enc = model.cnn if isinstance(model, cnn.CNNClassifier) else model.vit
   images = jnp.zeros((2, enc.image_size, enc.image_size, enc.channels), jnp.float32)
   variables = jax.jit(functools.partial(model.init, train=False))(key, images)
   return variables["params"], variables.get("batch_stats", {})

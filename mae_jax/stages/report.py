@@ -417,27 +417,17 @@ def write_figure_data(workdir: Path, path: Path, pattern: str = "**/*.json") -> 
   fileio.write_json_atomic(path, found)
 
 
-def write_study(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict, table: str,
-                figure: str) -> dict[str, Path]:
-  """The study's report.md / report.html: its table (markdown) and figure, then the
-  recipe as run."""
+def write_study(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict,
+                tables: list[tuple], figure: str) -> dict[str, Path]:
+  """The study's report.md / report.html: its figure, its tables (report blocks built
+  from the study's rows, `stages.study.tables`), then the recipe as run."""
   workdir = Path(workdir)
   blocks = [("h1", f"mae_jax label-efficiency study: {config.preset} preset"),
             ("p", f"Workdir {workdir}. Generated "
                   f"{datetime.datetime.now().isoformat(timespec='seconds')}."),
-            ("figure", "Test macro AUC against labels per class", figure)]
-  rows, header = [], None
-  for line in table.splitlines():
-    if line.startswith("| variant"):
-      header = [c.strip() for c in line.strip("|").split("|")]
-    elif line.startswith("|") and not line.startswith("|---") and header:
-      rows.append([c.strip() for c in line.strip("|").split("|")])
-  notes = [line for line in table.splitlines()
-           if line and not line.startswith(("|", "#"))]
-  blocks += [("p", n) for n in notes[:1]]
-  blocks.append(("table", header or [], rows))
-  blocks += [("p", n) for n in notes[1:]]
-  blocks += [("h2", "Recipe as run"), ("pre", _flat_config(config))]
+            ("figure", "Test macro AUC against labels per class", figure),
+            *tables,
+            ("h2", "Recipe as run"), ("pre", _flat_config(config))]
   paths = {"markdown": workdir / REPORT_MD, "html": workdir / REPORT_HTML,
            "figures": workdir / FIGURES_JSON}
   write_figure_data(workdir, paths["figures"], pattern="*.json")

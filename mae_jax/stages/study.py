@@ -13,13 +13,22 @@ seed, run the arms:
 - `mae_probe`: the probe stage on the MAE's frozen features, block and pooling
   chosen on validation;
 - `radial`: the radial-profile logistic regression, fitted on the same labelled
-  images (read from the fine-tune's `eval_metrics.json`).
+  images (read from the fine-tune's `eval_metrics.json`);
+- `supervised` / `supervised_cnn`: the ceiling, once per seed: the same ViT, and the
+  small CNN (`models/cnn.py`), trained from scratch on every label of the train split
+  for `supervised_steps` steps at their `supervised_lrs` (with the radial baseline on
+  all labels beside them).
+
+For simulated variants the study also measures how far above the noise the
+substructure lies (`simulate.substructure_snr` on `snr_images` images per class), so
+every AUC is read against what is reachable, and checks its goals (`goals`).
 
 Every run is an ordinary stage in its own sub-workdir
 (`WORKDIR/<variant>/<budget>/<arm>/...`), skipped when complete and resumed when
 not, so the command can be stopped and run again. Every number comes from a run's
 `eval_metrics.json` (test split, epoch chosen on validation, bootstrap interval);
-the study writes `study.json`, `study.md`, `report.md` / `report.html` and
+the study writes `study.json` (rows, summary, ceilings, goals), `study.md`,
+`report.md` / `report.html` (the same tables, rendered from the same rows) and
 `label_efficiency.png`.
 """
 
@@ -36,6 +45,7 @@ import numpy as np
 from absl import logging
 
 from mae_jax.data import layout
+from mae_jax.data import simulate
 from mae_jax.eval import plots
 from mae_jax.runtime import fileio
 from mae_jax.stages import classify
@@ -45,9 +55,14 @@ from mae_jax.stages import report
 from mae_jax.stages import validate
 from mae_jax.train import loop
 
-ARMS = ("mae_finetune", "scratch_finetune", "mae_probe", "radial")
+ARMS = ("mae_finetune", "scratch_finetune", "mae_probe", "radial", "supervised",
+        "supervised_cnn")
 ARM_TITLES = {"mae_finetune": "MAE fine-tune", "scratch_finetune": "scratch fine-tune",
-              "mae_probe": "MAE probe", "radial": "radial-profile baseline"}
+              "mae_probe": "MAE probe", "radial": "radial-profile baseline",
+              "supervised": "supervised ViT (all labels)",
+              "supervised_cnn": "supervised CNN (all labels)"}
+# The ceiling arms: a network from scratch on every label, with its model overrides.
+SUPERVISED = {"supervised": {}, "supervised_cnn": {"model.arch": "cnn"}}
 RESULTS_FILE, TABLE_FILE, FIGURE_FILE = "study.json", "study.md", "label_efficiency.png"
 
 
@@ -143,160 +158,272 @@ def summarise(rows: list[dict]) -> list[dict[str, Any]]:
   return out
 
 
-def goals(summary: list[dict], over_scratch: float, over_radial: dict[str, float],
-          max_labels: int) -> list[dict[str, Any]]:
-  """The study's goals, per variant and budget up to `max_labels` per class, each with
-  the arm's mean test macro AUC (`value`), the AUC it had to reach (`target`) and the
-  difference (`gap`, negative: missed by that much):
+GOAL_TEXT = {
+    "mae_over_scratch": "MAE fine-tune ≥ scratch fine-tune + {margin}",
+    "mae_over_radial": "MAE fine-tune ≥ radial baseline + {margin}",
+    "probe_near_radial": "MAE probe ≥ radial baseline − {margin}",
+    "ceiling_at_least": "supervised ceiling ≥ {margin}",
+    "radial_at_most": "radial baseline (all labels) ≤ {margin}",
+}
+
+
+def goals(summary: list[dict], labels: int, over_scratch: float,
+          over_radial: dict[str, float] | None = None,
+          probe_near_radial: dict[str, float] | None = None,
+          ceiling_at_least: dict[str, float] | None = None,
+          radial_at_most: dict[str, float] | None = None) -> list[dict[str, Any]]:
+  """The study's goals, each with the arm's mean test macro AUC (`value`), the AUC it had
+  to reach (`target`) and the margin by which it was met (`gap`; negative: missed by that
+  much). At `labels` per class, on every variant with both arms:
   - `mae_over_scratch`: the MAE fine-tune above the scratch fine-tune by `over_scratch`;
-  - `best_over_radial` (variants in `over_radial`): the best deep arm above the
-    radial-profile baseline by that variant's margin."""
+  per variant, where the dict names it:
+  - `mae_over_radial`: the MAE fine-tune above the radial-profile baseline by a margin;
+  - `probe_near_radial`: the MAE probe at most a margin below the radial baseline;
+  and on all labels:
+  - `ceiling_at_least`: the better supervised arm at least this AUC (the task is
+    learnable);
+  - `radial_at_most`: the radial baseline at most this AUC (the lens mass gives the class
+    away no more than this)."""
   mean = {(s["variant"], s["arm"], s["labels_per_class"]): s["mean_test_macro_auc"]
           for s in summary if s["mean_test_macro_auc"] is not None}
   out = []
-  for variant, labels in dict.fromkeys((v, n) for v, _, n in mean if 0 < n <= max_labels):
-    get = lambda arm: mean.get((variant, arm, labels))  # pylint: disable=cell-var-from-loop
-    if get("mae_finetune") is not None and get("scratch_finetune") is not None:
-      out.append({"goal": "mae_over_scratch", "variant": variant, "labels_per_class": labels,
-                  "arm": "mae_finetune", "value": get("mae_finetune"),
-                  "target": get("scratch_finetune") + over_scratch})
-    deep = {a: get(a) for a in ARMS if a != "radial" and get(a) is not None}
-    if variant in over_radial and deep and get("radial") is not None:
-      best = max(deep, key=deep.get)
-      out.append({"goal": "best_over_radial", "variant": variant, "labels_per_class": labels,
-                  "arm": best, "value": deep[best], "target": get("radial") + over_radial[variant]})
-  for g in out:
-    g["gap"] = g["value"] - g["target"]
+
+  def add(goal, variant, n, arm, target, margin, at_most=False):
+    value = mean.get((variant, arm, n))
+    if value is not None and target is not None:
+      out.append({"goal": goal, "variant": variant, "labels_per_class": n, "arm": arm,
+                  "value": value, "target": target, "margin": margin,
+                  "gap": (target - value) if at_most else (value - target)})
+
+  for variant in dict.fromkeys(v for v, _, _ in mean):
+    get = lambda arm, n=labels: mean.get((variant, arm, n))  # pylint: disable=cell-var-from-loop
+    if get("scratch_finetune") is not None:
+      add("mae_over_scratch", variant, labels, "mae_finetune",
+          get("scratch_finetune") + over_scratch, over_scratch)
+    if variant in (over_radial or {}) and get("radial") is not None:
+      add("mae_over_radial", variant, labels, "mae_finetune",
+          get("radial") + over_radial[variant], over_radial[variant])
+    if variant in (probe_near_radial or {}) and get("radial") is not None:
+      add("probe_near_radial", variant, labels, "mae_probe",
+          get("radial") - probe_near_radial[variant], probe_near_radial[variant])
+    ceiling = [a for a in SUPERVISED if get(a, 0) is not None]
+    if variant in (ceiling_at_least or {}) and ceiling:
+      add("ceiling_at_least", variant, 0, max(ceiling, key=lambda a: get(a, 0)),
+          ceiling_at_least[variant], ceiling_at_least[variant])
+    if variant in (radial_at_most or {}):
+      add("radial_at_most", variant, 0, "radial", radial_at_most[variant],
+          radial_at_most[variant], at_most=True)
   return out
 
 
-def _markdown(summary: list[dict], config: ml_collections.ConfigDict, seconds: float,
-              goal_rows: list[dict]) -> str:
-  lines = [f"# Label-efficiency study ({config.preset})", "",
-           "Test macro AUC (the test split chose nothing: epochs and learning rates were "
-           "chosen on validation), mean over seeds, with the lowest and highest seed and the "
-           "mean of the seeds' bootstrap 95% intervals.", "",
-           "| variant | arm | labels per class | seeds | mean test macro AUC | min – max | "
-           "mean 95% interval |", "|---|---|---|---|---|---|---|"]
+def snr_ceiling(data: ml_collections.ConfigDict, images_per_class: int) -> dict[str, Any] | None:
+  """How far above the noise the substructure of a simulated variant lies: per class,
+  the median and 10th / 90th percentiles of `simulate.substructure_snr` over the first
+  `images_per_class` images of its folder (re-rendered from params.csv, noise-free).
+  None for a folder without params.csv (real data)."""
+  folder = Path(data.dir)
+  if data.source != "simulated" or images_per_class <= 0 \
+      or not (folder / simulate.PARAMS_NAME).exists():
+    return None
+  rows = simulate.read_parameters(folder)
+  out = {}
+  for name in layout.CLASS_NAMES:
+    if name == "no_sub":
+      continue
+    snr = [simulate.substructure_snr(simulate.parameters_from_row(r)) for r in rows
+           if r["class"] == name and r["index"] < images_per_class]
+    if snr:
+      p10, p50, p90 = np.percentile(snr, [10, 50, 90])
+      out[name] = {"images": len(snr), "median": float(p50), "p10": float(p10),
+                   "p90": float(p90), "share_below_5": float(np.mean(np.array(snr) < 5))}
+  return out
+
+
+def tables(summary: list[dict], ceilings: dict[str, dict], goal_rows: list[dict]
+           ) -> list[tuple]:
+  """The study's tables as report blocks (`report.to_markdown` / `to_html` render them):
+  the label-efficiency table, the ceilings per variant, the goals."""
+  f = lambda v: "" if v is None else f"{v:.3f}"  # pylint: disable=unnecessary-lambda-assignment
+  rows = []
   for s in summary:
-    f = lambda v: "" if v is None else f"{v:.3f}"  # pylint: disable=unnecessary-lambda-assignment
     ci = s["mean_interval"]
-    lines.append(f"| {s['variant']} | {ARM_TITLES[s['arm']]} | "
-                 f"{'all' if s['labels_per_class'] <= 0 else s['labels_per_class']} | "
-                 f"{s['seeds']} | {f(s['mean_test_macro_auc'])} | {f(s['min'])} – {f(s['max'])} | "
-                 + (f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + " |")
+    rows.append([s["variant"], ARM_TITLES[s["arm"]],
+                 "all" if s["labels_per_class"] <= 0 else str(s["labels_per_class"]),
+                 str(s["seeds"]), f(s["mean_test_macro_auc"]), f"{f(s['min'])} – {f(s['max'])}",
+                 f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""])
+  blocks = [("p", "Test macro AUC (the test split chose nothing: epochs and learning rates were "
+                  "chosen on validation), mean over seeds, with the lowest and highest seed and "
+                  "the mean of the seeds' bootstrap 95% intervals."),
+            ("table", ["variant", "arm", "labels per class", "seeds", "mean test macro AUC",
+                       "min – max", "mean 95% interval"], rows)]
+  mean = {(s["variant"], s["arm"], s["labels_per_class"]): s for s in summary}
+  crow = []
+  for variant, c in ceilings.items():
+    snr = c.get("snr") or {}
+    cell = lambda name: (f"{snr[name]['median']:.0f} [{snr[name]['p10']:.0f}, "  # pylint: disable=unnecessary-lambda-assignment,cell-var-from-loop
+                         f"{snr[name]['p90']:.0f}]" if name in snr else "")
+    auc = lambda arm: f((mean.get((variant, arm, 0)) or {}).get("mean_test_macro_auc"))  # pylint: disable=unnecessary-lambda-assignment,cell-var-from-loop
+    crow.append([variant, cell("cdm"), cell("axion"), *(auc(a) for a in SUPERVISED),
+                 auc("radial")])
+  if crow:
+    blocks += [("p", "Ceilings: how far above the noise the substructure lies (median "
+                     "[10th, 90th percentile] of its noise-weighted signal, the SNR a matched "
+                     "filter with the true smooth lens reaches), and what a network trained on "
+                     "every label reaches (test macro AUC, mean over seeds)."),
+               ("table", ["variant", "cdm substructure SNR", "axion substructure SNR",
+                          *(ARM_TITLES[a] for a in SUPERVISED), "radial baseline (all labels)"],
+                crow)]
   if goal_rows:
-    lines += ["", "Goals (test macro AUC; a negative gap is the amount by which a goal was missed):",
-              "", "| variant | labels per class | goal | arm | mean test macro AUC | target | gap |",
-              "|---|---|---|---|---|---|---|"]
-    what = {"mae_over_scratch": f"MAE fine-tune ≥ scratch + {config.goal_over_scratch}",
-            "best_over_radial": "best arm ≥ radial + {}"}
-    for g in goal_rows:
-      text = what[g["goal"]].format(config.goal_over_radial.get(g["variant"]))
-      lines.append(f"| {g['variant']} | {g['labels_per_class']} | {text} | "
-                   f"{ARM_TITLES[g['arm']]} | {g['value']:.3f} | {g['target']:.3f} | "
-                   f"{g['gap']:+.3f} {'(met)' if g['gap'] >= 0 else '(missed)'} |")
-  lines += ["", f"Wall time: {report.duration(seconds)} (every invocation in this workdir; this "
-            "one skips finished runs).", ""]
-  return "\n".join(lines)
+    blocks += [("p", "Goals (test macro AUC; a negative gap is the amount by which a goal was "
+                     "missed):"),
+               ("table", ["variant", "labels per class", "goal", "arm", "mean test macro AUC",
+                          "target", "gap"],
+                [[g["variant"], "all" if g["labels_per_class"] <= 0 else str(g["labels_per_class"]),
+                  GOAL_TEXT[g["goal"]].format(margin=g["margin"]), ARM_TITLES[g["arm"]],
+                  f"{g['value']:.3f}", f"{g['target']:.3f}",
+                  f"{g['gap']:+.3f} {'(met)' if g['gap'] >= 0 else '(missed)'}"]
+                 for g in goal_rows])]
+  return blocks
 
 
 @registry.register("study")
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) every run of the study; writes its table, figure and report."""
+  """Runs (or resumes) every run of the study; writes its tables, figure and report."""
   workdir = Path(workdir)
   start = time.time()
   unknown = [a for a in config.arms if a not in ARMS]
   if unknown:
     raise ValueError(f"unknown arm(s) {unknown}; choose among {', '.join(ARMS)}")
-  rows = []
   first = config.data.copy_and_resolve_references()
   first.dir = config.data_dirs[config.variants[0]]
   validate.check_chain({name: _stage(sub, name, config, first) for name, sub in (
       ("data", config.data_stage), ("pretrain", config.pretrain), ("probe", config.probe),
       ("finetune", config.finetune))}, workdir / config.variants[0])
+  rows, ceilings = [], {}
   for variant in config.variants:
-    vdir = workdir / variant
-    data = config.data.copy_and_resolve_references()
-    data.sim.variant = variant
-    data.dir = config.data_dirs[variant]
-    summary = _ensure_data(config, data, vdir / "data")
-    train_size = sum(summary["counts"]["train"].values())
-    pre_dir = vdir / "pretrain"
-    pretrain_config = _stage(config.pretrain, "pretrain", config, data)
-    needs_mae = any(a in config.arms for a in ("mae_finetune", "mae_probe"))
-    if needs_mae:
-      _ensure("pretrain", pretrain_config, pre_dir)
-    for labels in config.labels_per_class:
-      bdir = vdir / budget_name(labels)
-      schedule = _budget_schedule(config.finetune, labels, train_size, jax.device_count(),
-                                  config.finetune_steps, config.evaluations)
-      probe_schedule = _budget_schedule(config.probe, labels, train_size, jax.device_count(),
-                                        config.probe_steps, config.evaluations)
-      scratch_lr = None
-      for seed in config.seeds:
-        common = dict(labels_per_class=labels, seed=seed)
-        fine = fine_dir = None
-        if "mae_finetune" in config.arms:
-          run_dir = bdir / "mae_finetune" / f"seed{seed}"
-          fine = _ensure("finetune", _stage(config.finetune, "finetune", config, data,
-                                            init_from=str(pre_dir), **common, **schedule),
-                         run_dir)
-          rows.append(_row(variant, labels, seed, "mae_finetune", fine, run_dir))
-          fine_dir = run_dir
-        if "scratch_finetune" in config.arms:
-          if scratch_lr is None:   # chosen on validation with the first seed
-            tried = {}
-            for lr in config.scratch_lrs:
-              run_dir = bdir / "scratch_finetune" / f"seed{seed}_lr{lr:g}"
-              tried[lr] = (_ensure("finetune", _stage(
-                  config.finetune, "finetune", config, data, init_from="",
-                  **{"optim.lr_groups": ((".*", lr),), "optim.layer_decay": 1.0},
-                  **common, **schedule), run_dir), run_dir)
-            scratch_lr = max(tried, key=lambda lr: _val_auc(tried[lr][0]))
-            logging.info("study: %s, %s: scratch lr %g chosen on validation (%s)", variant,
-                         budget_name(labels), scratch_lr,
-                         ", ".join(f"{lr:g}: {_val_auc(m):.4f}" for lr, (m, _) in tried.items()))
-            metrics, run_dir = tried[scratch_lr]
-          else:
-            run_dir = bdir / "scratch_finetune" / f"seed{seed}_lr{scratch_lr:g}"
-            metrics = _ensure("finetune", _stage(
-                config.finetune, "finetune", config, data, init_from="",
-                **{"optim.lr_groups": ((".*", scratch_lr),), "optim.layer_decay": 1.0},
-                **common, **schedule), run_dir)
-          rows.append(_row(variant, labels, seed, "scratch_finetune", metrics, run_dir,
-                           lr=scratch_lr))
-          fine, fine_dir = (fine, fine_dir) if fine else (metrics, run_dir)
-        if "mae_probe" in config.arms:
-          run_dir = bdir / "mae_probe" / f"seed{seed}"
-          probe = _ensure("probe", _stage(config.probe, "probe", config, data,
-                                          init_from=str(pre_dir), **common, **probe_schedule),
-                          run_dir)
-          rows.append(_row(variant, labels, seed, "mae_probe", probe, run_dir,
-                           features=probe.get("features")))
-          fine, fine_dir = (fine, fine_dir) if fine else (probe, run_dir)
-        if "radial" in config.arms and fine is not None:   # fitted on the same labelled images
-          rows.append(_row(variant, labels, seed, "radial", fine["baseline"], fine_dir))
+    variant_rows, ceilings[variant] = _run_variant(config, variant, workdir / variant)
+    rows += variant_rows
   summary = summarise(rows)
-  goal_rows = goals(summary, config.goal_over_scratch, config.goal_over_radial.to_dict(),
-                    config.goal_max_labels)
+  goal_rows = goals(summary, config.goal_labels, config.goal_over_scratch,
+                    over_radial=config.goal_over_radial.to_dict(),
+                    probe_near_radial=config.goal_probe_near_radial.to_dict(),
+                    ceiling_at_least=config.goal_ceiling_at_least.to_dict(),
+                    radial_at_most=config.goal_radial_at_most.to_dict())
   seconds = time.time() - start
   if loop.is_main_process():
-    before = workdir / RESULTS_FILE
-    old = fileio.read_json(before) if before.exists() else {}
-    earlier = old.get("seconds_all_runs", old.get("seconds_this_run", 0.0))
-    total = earlier + seconds
-    fileio.write_json_atomic(workdir / RESULTS_FILE, {
-        "rows": rows, "summary": summary, "goals": goal_rows,
-        "seconds_this_run": round(seconds, 1), "seconds_all_runs": round(total, 1)})
-    table = _markdown(summary, config, total, goal_rows)
-    fileio.write_atomic(workdir / TABLE_FILE, lambda f: f.write(table.encode()))
-    plots.label_efficiency(summary, workdir / FIGURE_FILE,
-                           title=f"Label efficiency ({config.preset}): test macro AUC",
-                           goals=goal_rows)
-    report.write_study(workdir, config, table, FIGURE_FILE)
+    _write(workdir, config, rows, summary, ceilings, goal_rows, seconds)
   logging.info("study done in %s: %s", report.duration(seconds), workdir / TABLE_FILE)
   return {"rows": len(rows), "table": str(workdir / TABLE_FILE)}
+
+
+def _run_variant(config: ml_collections.ConfigDict, variant: str, vdir: Path
+                 ) -> tuple[list[dict], dict[str, Any]]:
+  """Every run of one variant: data, MAE, each budget's arms, the supervised ceiling.
+  Returns its rows and its ceilings (substructure SNR)."""
+  data = config.data.copy_and_resolve_references()
+  data.sim.variant = variant
+  data.dir = config.data_dirs[variant]
+  summary = _ensure_data(config, data, vdir / "data")
+  train_size = sum(summary["counts"]["train"].values())
+  pre_dir = vdir / "pretrain"
+  if any(a in config.arms for a in ("mae_finetune", "mae_probe")):
+    _ensure("pretrain", _stage(config.pretrain, "pretrain", config, data), pre_dir)
+  rows = []
+  for labels in config.labels_per_class:
+    rows += _run_budget(config, data, variant, labels, train_size, pre_dir,
+                        vdir / budget_name(labels))
+  rows += _run_supervised(config, data, variant, train_size, vdir / "supervised",
+                          radial=0 not in config.labels_per_class)
+  return rows, {"snr": snr_ceiling(data, config.snr_images)}
+
+
+def _run_budget(config, data, variant: str, labels: int, train_size: int, pre_dir: Path,
+                bdir: Path) -> list[dict]:
+  """The arms of one label budget, every seed."""
+  devices = jax.device_count()
+  schedule = _budget_schedule(config.finetune, labels, train_size, devices,
+                              config.finetune_steps, config.evaluations)
+  probe_schedule = _budget_schedule(config.probe, labels, train_size, devices,
+                                    config.probe_steps, config.evaluations)
+  rows, scratch_lr = [], None
+  for seed in config.seeds:
+    common = dict(labels_per_class=labels, seed=seed)
+    runs = {}   # arm -> (metrics, run dir)
+    if "mae_finetune" in config.arms:
+      run_dir = bdir / "mae_finetune" / f"seed{seed}"
+      runs["mae_finetune"] = (_ensure("finetune", _stage(
+          config.finetune, "finetune", config, data, init_from=str(pre_dir), **common,
+          **schedule), run_dir), run_dir)
+    if "scratch_finetune" in config.arms:
+      lrs = config.scratch_lrs if scratch_lr is None else (scratch_lr,)
+      tried = {lr: _scratch(config, data, lr, bdir / "scratch_finetune" / f"seed{seed}_lr{lr:g}",
+                            **common, **schedule) for lr in lrs}
+      if scratch_lr is None:   # chosen on validation with the first seed
+        scratch_lr = max(tried, key=lambda lr: _val_auc(tried[lr][0]))
+        logging.info("study: %s, %s: scratch lr %g chosen on validation (%s)", variant,
+                     budget_name(labels), scratch_lr,
+                     ", ".join(f"{lr:g}: {_val_auc(m):.4f}" for lr, (m, _) in tried.items()))
+      runs["scratch_finetune"] = tried[scratch_lr]
+    if "mae_probe" in config.arms:
+      run_dir = bdir / "mae_probe" / f"seed{seed}"
+      runs["mae_probe"] = (_ensure("probe", _stage(
+          config.probe, "probe", config, data, init_from=str(pre_dir), **common,
+          **probe_schedule), run_dir), run_dir)
+    for arm, (metrics, run_dir) in runs.items():
+      extra = {"lr": scratch_lr} if arm == "scratch_finetune" else (
+          {"features": metrics.get("features")} if arm == "mae_probe" else {})
+      rows.append(_row(variant, labels, seed, arm, metrics, run_dir, **extra))
+    if "radial" in config.arms and runs:   # fitted on the same labelled images
+      metrics, run_dir = next(iter(runs.values()))
+      rows.append(_row(variant, labels, seed, "radial", metrics["baseline"], run_dir))
+  return rows
+
+
+def _scratch(config, data, lr: float, run_dir: Path, **overrides) -> tuple[dict, Path]:
+  """A fine-tune from a random encoder, every param at `lr`."""
+  return _ensure("finetune", _stage(
+      config.finetune, "finetune", config, data, init_from="",
+      **{"optim.lr_groups": ((".*", lr),), "optim.layer_decay": 1.0}, **overrides),
+      run_dir), run_dir
+
+
+def _run_supervised(config, data, variant: str, train_size: int, sdir: Path,
+                    radial: bool) -> list[dict]:
+  """The ceiling arms: each network from scratch on every label, once per seed (and,
+  with `radial`, the radial baseline on every label beside them)."""
+  schedule = _budget_schedule(config.finetune, 0, train_size, jax.device_count(),
+                              config.supervised_steps, config.evaluations)
+  rows = []
+  for seed in config.seeds:
+    runs = {}
+    for arm in (a for a in SUPERVISED if a in config.arms):
+      lr = config.supervised_lrs[arm]
+      runs[arm] = _scratch(config, data, lr, sdir / arm / f"seed{seed}", labels_per_class=0,
+                           seed=seed, **SUPERVISED[arm], **schedule)
+      rows.append(_row(variant, 0, seed, arm, *runs[arm], lr=lr))
+    if radial and "radial" in config.arms and runs:
+      metrics, run_dir = next(iter(runs.values()))
+      rows.append(_row(variant, 0, seed, "radial", metrics["baseline"], run_dir))
+  return rows
+
+
+def _write(workdir: Path, config, rows, summary, ceilings, goal_rows, seconds: float) -> None:
+  """study.json, study.md, the figure and the report (tables rendered from the rows)."""
+  before = workdir / RESULTS_FILE
+  old = fileio.read_json(before) if before.exists() else {}
+  total = old.get("seconds_all_runs", old.get("seconds_this_run", 0.0)) + seconds
+  fileio.write_json_atomic(before, {
+      "rows": rows, "summary": summary, "ceilings": ceilings, "goals": goal_rows,
+      "seconds_this_run": round(seconds, 1), "seconds_all_runs": round(total, 1)})
+  blocks = tables(summary, ceilings, goal_rows) + [
+      ("p", f"Wall time: {report.duration(total)} (every invocation in this workdir; this "
+            "one skips finished runs).")]
+  table = report.to_markdown([("h1", f"Label-efficiency study ({config.preset})")] + blocks)
+  fileio.write_atomic(workdir / TABLE_FILE, lambda f: f.write(table.encode()))
+  plots.label_efficiency(summary, workdir / FIGURE_FILE,
+                         title=f"Label efficiency ({config.preset}): test macro AUC",
+                         goals=goal_rows)
+  report.write_study(workdir, config, blocks, FIGURE_FILE)
 
 
 def _ensure_data(config, data, stage_dir: Path) -> dict:

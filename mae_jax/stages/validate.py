@@ -111,6 +111,28 @@ def _model_problems(model: ml_collections.ConfigDict) -> list[str]:
     problems.append(f"model.mask_ratio={model.mask_ratio} must lie in [0, 1)")
   if "dtype" in model and model.dtype not in build.DTYPES:
     problems.append(f"model.dtype={model.dtype!r} must be one of {', '.join(build.DTYPES)}")
+  if get("arch", "vit") not in build.ARCHS:
+    problems.append(f"model.arch={model.arch!r} must be one of {', '.join(build.ARCHS)}")
+  if get("arch") == "cnn" and (not get("cnn_widths") or any(
+      not isinstance(w, int) or w < 1 for w in model.cnn_widths)
+      or 2 ** (len(model.cnn_widths) - 1) > model.image_size):
+    problems.append(f"model.cnn_widths={get('cnn_widths')} must be positive channel counts, "
+                    f"at most {model.image_size.bit_length()} stages (each halves the image)")
+  return problems
+
+
+def _cnn_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """The CNN is a supervised model trained from scratch: nothing pretrained to start from,
+  no frozen encoder to probe."""
+  if config.get("model", {}).get("arch") != "cnn":
+    return []
+  problems = []
+  if config.get("init_from") or config.get("init_weights"):
+    problems.append("model.arch='cnn' trains from scratch: set init_from='' and "
+                    "init_weights='' (the MAE pretrains a ViT, not the CNN)")
+  if config.get("select_features") or config.get("optim", {}).get("frozen"):
+    problems.append("model.arch='cnn' has no pretrained encoder to freeze or probe: set "
+                    "select_features=False and optim.frozen=()")
   return problems
 
 
@@ -224,7 +246,7 @@ def problems(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str])
   if reference is not None:
     found += key_problems(config, reference)
   if "model" in config:
-    found += _model_problems(config.model)
+    found += _model_problems(config.model) + _cnn_problems(config)
   if config.get("stage") in TRAINING_STAGES:
     found += _batch_problems(config) + _schedule_problems(config)
   if "data" in config:

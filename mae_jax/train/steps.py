@@ -138,12 +138,12 @@ def classifier_body(model: heads.Classifier, *, frozen_encoder: bool,
     feats = inputs
     if frozen_encoder and not inputs_are_features:
       feats = model.apply({"params": state.params, "batch_stats": state.batch_stats}, inputs,
-                          False, method=heads.Classifier.features)
+                          False, method="features")
 
     def loss_fn(params):
       variables = {"params": params, "batch_stats": state.batch_stats}
       if head_only:
-        logits, updates = model.apply(variables, feats, True, method=heads.Classifier.classify,
+        logits, updates = model.apply(variables, feats, True, method="classify",
                                       mutable=["batch_stats"], rngs={"dropout": rng})
       else:
         out, updates = model.apply(variables, inputs, True, mutable=["batch_stats"],
@@ -323,7 +323,7 @@ def logits_fn(model: heads.Classifier, inputs_are_features: bool = False) -> Cal
     del valid, examples
     variables = {"params": tree["params"], "batch_stats": tree["batch_stats"]}
     if inputs_are_features:
-      return model.apply(variables, inputs, False, method=heads.Classifier.classify)
+      return model.apply(variables, inputs, False, method="classify")
     return model.apply(variables, inputs, False)["logits"]
 
   return fn
@@ -335,7 +335,7 @@ def feature_bank_fn(model: heads.Classifier) -> Callable:
   def fn(tree, images, valid, examples):
     del valid, examples
     variables = {"params": tree["params"], "batch_stats": tree["batch_stats"]}
-    return model.apply(variables, images, method=heads.Classifier.feature_bank)
+    return model.apply(variables, images, method="feature_bank")
 
   return fn
 
