@@ -410,6 +410,10 @@ def test_source_spread_dial_runs_from_model_ii_to_hard_ranges():
                  for s in (0, top))
   assert first.kwargs_lens == last.kwargs_lens and first.noise_seed == last.noise_seed
   assert last.row["source_magnitude"] >= first.row["source_magnitude"]
+  # The top level draws hard's images: the same lens, source, noise and substructure.
+  hard = simulate.draw_parameters("cdm", simulate.image_rng(0, "cdm", 4), variant="hard")
+  assert hard.kwargs_lens == last.kwargs_lens and hard.noise_seed == last.noise_seed
+  assert hard.kwargs_source_mag[0] == pytest.approx(last.kwargs_source_mag[0])
 
 
 def test_source_spread_levels_are_monotone_in_difficulty():

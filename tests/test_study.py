@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from configs import finetune as finetune_config
+from configs import study as study_config
 from mae_jax.data import arrays
 from mae_jax.eval import plots
 from mae_jax.runtime import errors
@@ -167,7 +168,22 @@ def test_study_table_is_the_stages_own_numbers(tmp_path):
     assert s["mean_test_macro_auc"] == pytest.approx(np.mean(members))
   for name in (study.TABLE_FILE, study.FIGURE_FILE, "report.md", "report.html", "figures.json"):
     assert (tmp_path / "study" / name).stat().st_size > 0
+  for name in (study.TABLE_FILE, "report.md"):   # the ceiling arms are in the tables
+    text = (tmp_path / "study" / name).read_text()
+    assert "| model_ii | supervised CNN (all labels) | all | 1 |" in text
+    assert "| model_ii | supervised ViT (all labels) | all | 1 |" in text
+    assert "axion substructure SNR" in text
   # Run again: everything is complete and skipped; the table is the same.
   again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert again.returncode == 0 and "running it" not in again.stderr
   assert json.loads((tmp_path / "study" / study.RESULTS_FILE).read_text())["rows"] == out["rows"]
+
+
+def test_unknown_arms_and_variants_are_refused_before_anything_runs(tmp_path):
+  config = study_config.get_config("tiny")
+  config.arms = ("mae_finetune", "cnn")
+  config.variants = ("model_ii", "easy")
+  with pytest.raises(errors.ConfigError) as e:
+    study.run(config, str(tmp_path / "study"))
+  assert "unknown arm 'cnn'" in str(e.value) and "unknown variant 'easy'" in str(e.value)
+  assert not (tmp_path / "study").exists()

@@ -47,6 +47,7 @@ from absl import logging
 from mae_jax.data import layout
 from mae_jax.data import simulate
 from mae_jax.eval import plots
+from mae_jax.runtime import errors
 from mae_jax.runtime import fileio
 from mae_jax.stages import classify
 from mae_jax.stages import pipeline
@@ -64,6 +65,7 @@ ARM_TITLES = {"mae_finetune": "MAE fine-tune", "scratch_finetune": "scratch fine
 # The ceiling arms: a network from scratch on every label, with its model overrides.
 SUPERVISED = {"supervised": {}, "supervised_cnn": {"model.arch": "cnn"}}
 RESULTS_FILE, TABLE_FILE, FIGURE_FILE = "study.json", "study.md", "label_efficiency.png"
+SNR_FILE = "substructure_snr.json"   # per variant folder: the measured SNR, kept
 
 
 def budget_name(labels_per_class: int) -> str:
@@ -291,9 +293,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) every run of the study; writes its tables, figure and report."""
   workdir = Path(workdir)
   start = time.time()
-  unknown = [a for a in config.arms if a not in ARMS]
-  if unknown:
-    raise ValueError(f"unknown arm(s) {unknown}; choose among {', '.join(ARMS)}")
+  _check(config)
   first = config.data.copy_and_resolve_references()
   first.dir = config.data_dirs[config.variants[0]]
   validate.check_chain({name: _stage(sub, name, config, first) for name, sub in (
@@ -316,6 +316,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return {"rows": len(rows), "table": str(workdir / TABLE_FILE)}
 
 
+def _check(config: ml_collections.ConfigDict) -> None:
+  """The study's own keys (each stage's are checked by `validate.check_chain`)."""
+  found = [f"unknown arm {a!r}; choose among {', '.join(ARMS)}"
+           for a in dict.fromkeys((*config.arms, *(a for v in config.variant_arms.values()
+                                                   for a in v))) if a not in ARMS]
+  found += [f"unknown variant {v!r}; choose among {', '.join(config.data_dirs)} (or add "
+            f"data_dirs.{v})" for v in config.variants if v not in config.data_dirs]
+  if found:
+    raise errors.ConfigError(f"{len(found)} config problem(s), nothing was run:\n"
+                             + "\n".join(f"  - {p}" for p in found))
+
+
 def _run_variant(config: ml_collections.ConfigDict, variant: str, vdir: Path
                  ) -> tuple[list[dict], dict[str, Any]]:
   """Every run of one variant: data, MAE, each budget's arms, the supervised ceiling.
@@ -326,19 +338,34 @@ def _run_variant(config: ml_collections.ConfigDict, variant: str, vdir: Path
   summary = _ensure_data(config, data, vdir / "data")
   train_size = sum(summary["counts"]["train"].values())
   pre_dir = vdir / "pretrain"
-  if any(a in config.arms for a in ("mae_finetune", "mae_probe")):
+  arms = tuple(config.variant_arms.get(variant) or config.arms)
+  ladder = tuple(config.variant_labels_per_class.get(variant) or config.labels_per_class)
+  if any(a in arms for a in ("mae_finetune", "mae_probe")):
     _ensure("pretrain", _stage(config.pretrain, "pretrain", config, data), pre_dir)
   rows = []
-  for labels in config.labels_per_class:
-    rows += _run_budget(config, data, variant, labels, train_size, pre_dir,
+  for labels in ladder:
+    rows += _run_budget(config, data, variant, arms, labels, train_size, pre_dir,
                         vdir / budget_name(labels))
   rows += _run_supervised(config, data, variant, train_size, vdir / "supervised",
-                          radial=0 not in config.labels_per_class)
-  return rows, {"snr": snr_ceiling(data, config.snr_images)}
+                          arms=arms, radial=0 not in ladder)
+  return rows, {"snr": _snr(data, config.snr_images, vdir / SNR_FILE)}
 
 
-def _run_budget(config, data, variant: str, labels: int, train_size: int, pre_dir: Path,
-                bdir: Path) -> list[dict]:
+def _snr(data: ml_collections.ConfigDict, images: int, path: Path) -> dict | None:
+  """`snr_ceiling`, measured once per variant folder and kept in `path`."""
+  key = {"dir": str(Path(data.dir).resolve()), "images": images}
+  if path.exists():
+    kept = fileio.read_json(path)
+    if kept.get("key") == key:
+      return kept["snr"]
+  snr = snr_ceiling(data, images)
+  if loop.is_main_process():
+    fileio.write_json_atomic(path, {"key": key, "snr": snr})
+  return snr
+
+
+def _run_budget(config, data, variant: str, arms: tuple[str, ...], labels: int,
+                train_size: int, pre_dir: Path, bdir: Path) -> list[dict]:
   """The arms of one label budget, every seed."""
   devices = jax.device_count()
   schedule = _budget_schedule(config.finetune, labels, train_size, devices,
@@ -349,12 +376,12 @@ def _run_budget(config, data, variant: str, labels: int, train_size: int, pre_di
   for seed in config.seeds:
     common = dict(labels_per_class=labels, seed=seed)
     runs = {}   # arm -> (metrics, run dir)
-    if "mae_finetune" in config.arms:
+    if "mae_finetune" in arms:
       run_dir = bdir / "mae_finetune" / f"seed{seed}"
       runs["mae_finetune"] = (_ensure("finetune", _stage(
           config.finetune, "finetune", config, data, init_from=str(pre_dir), **common,
           **schedule), run_dir), run_dir)
-    if "scratch_finetune" in config.arms:
+    if "scratch_finetune" in arms:
       lrs = config.scratch_lrs if scratch_lr is None else (scratch_lr,)
       tried = {lr: _scratch(config, data, lr, bdir / "scratch_finetune" / f"seed{seed}_lr{lr:g}",
                             **common, **schedule) for lr in lrs}
@@ -364,7 +391,7 @@ def _run_budget(config, data, variant: str, labels: int, train_size: int, pre_di
                      budget_name(labels), scratch_lr,
                      ", ".join(f"{lr:g}: {_val_auc(m):.4f}" for lr, (m, _) in tried.items()))
       runs["scratch_finetune"] = tried[scratch_lr]
-    if "mae_probe" in config.arms:
+    if "mae_probe" in arms:
       run_dir = bdir / "mae_probe" / f"seed{seed}"
       runs["mae_probe"] = (_ensure("probe", _stage(
           config.probe, "probe", config, data, init_from=str(pre_dir), **common,
@@ -373,7 +400,7 @@ def _run_budget(config, data, variant: str, labels: int, train_size: int, pre_di
       extra = {"lr": scratch_lr} if arm == "scratch_finetune" else (
           {"features": metrics.get("features")} if arm == "mae_probe" else {})
       rows.append(_row(variant, labels, seed, arm, metrics, run_dir, **extra))
-    if "radial" in config.arms and runs:   # fitted on the same labelled images
+    if "radial" in arms and runs:   # fitted on the same labelled images
       metrics, run_dir = next(iter(runs.values()))
       rows.append(_row(variant, labels, seed, "radial", metrics["baseline"], run_dir))
   return rows
@@ -387,8 +414,8 @@ def _scratch(config, data, lr: float, run_dir: Path, **overrides) -> tuple[dict,
       run_dir), run_dir
 
 
-def _run_supervised(config, data, variant: str, train_size: int, sdir: Path,
-                    radial: bool) -> list[dict]:
+def _run_supervised(config, data, variant: str, train_size: int, sdir: Path, *,
+                    arms: tuple[str, ...], radial: bool) -> list[dict]:
   """The ceiling arms: each network from scratch on every label, once per seed (and,
   with `radial`, the radial baseline on every label beside them)."""
   schedule = _budget_schedule(config.finetune, 0, train_size, jax.device_count(),
@@ -396,12 +423,12 @@ def _run_supervised(config, data, variant: str, train_size: int, sdir: Path,
   rows = []
   for seed in config.seeds:
     runs = {}
-    for arm in (a for a in SUPERVISED if a in config.arms):
+    for arm in (a for a in SUPERVISED if a in arms):
       lr = config.supervised_lrs[arm]
       runs[arm] = _scratch(config, data, lr, sdir / arm / f"seed{seed}", labels_per_class=0,
                            seed=seed, **SUPERVISED[arm], **schedule)
       rows.append(_row(variant, 0, seed, arm, *runs[arm], lr=lr))
-    if radial and "radial" in config.arms and runs:
+    if radial and "radial" in arms and runs:
       metrics, run_dir = next(iter(runs.values()))
       rows.append(_row(variant, 0, seed, "radial", metrics["baseline"], run_dir))
   return rows
