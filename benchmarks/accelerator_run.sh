@@ -1,30 +1,34 @@
 #!/usr/bin/env bash
-# The seed recipe on one accelerator, in one command: simulate the seed-size Model II set on
-# every core, benchmark the steps and the real training loop (ours, and PyTorch eager when
-# torch is there), profile a few pretraining steps, then run the whole pipeline
-# (pretrain 100 + 250 epochs, probe, fine-tune) and write the report, a JSON of every figure
-# and a summary table into OUT.
+# The seed recipe on one accelerator, in one command per part (docs/accelerator.md):
 #
-#   benchmarks/accelerator_run.sh [PRESET] [OUT]       # PRESET: seed_gpu (default) or tiny
+#   benchmarks/accelerator_run.sh [PRESET] [OUT] [PART]
+#     PRESET: seed_gpu (the default) or tiny (test sizes, float32, for a CPU rehearsal)
+#     PART:   bench  (A) the real-loop throughput only: pretraining at batch 1024 and
+#                    fine-tuning at 512, device feed, bfloat16, the attention
+#                    implementation printed; PyTorch eager after it when torch sees a GPU.
+#                    No data, no simulation. Made to end within 4 minutes on one H200.
+#             short  (B) every stage of the seed_gpu pipeline, shortened: a smaller
+#                    simulated set, a few epochs per stage, a profile of one pretraining
+#                    epoch; per-epoch rates, the profile summary and the report in OUT.
+#                    Resumable: a rerun reuses the data and completed stages. Made to end
+#                    within 7 minutes on one H200.
+#             all    (the default) the whole seed_gpu run: simulation, benchmark, the full
+#                    pipeline (pretrain 100 + 250 epochs, probe, fine-tune), profile, summary.
 #
-# Made for a bare GPU machine that has JAX, flax, optax and orbax but no TensorFlow, tfds or
-# clu and no network: the device feed and the safe reader need none of them. The few other
-# packages travel as wheels in .whl/ (Python 3.12, manylinux x86-64), made here once with
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#     --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl ml-collections==1.1.0 lenstronomy==1.14.2 astropy==8.0.2 \
-#     astropy-iers-data==0.2026.11.23.0.51.45 pyerfa==2.0.1.5
-# (matplotlib, scikit-learn, tensorboard, tqdm, absl-py and PyYAML are on that machine).
-#
-# seed_gpu is the seed recipe with larger batches (pretrain 1024, probe 1024, fine-tune 512)
-# and every learning rate scaled linearly with the batch; the report says so. Budget: about
-# 9 minutes on one H200 in bfloat16. `tiny` runs the same steps at test sizes on a CPU.
+# Made for a bare GPU machine that has JAX, flax, optax and orbax but no TensorFlow, tfds,
+# clu or network, and maybe no `python -m pip`: the device feed and the safe reader need
+# none of them. What is missing there travels as wheels in .whl/, built here with
+# `python benchmarks/wheels.py build` and installed there by unzipping them
+# (`benchmarks/wheels.py install`, no pip). Torch is optional everywhere: a PyTorch worker
+# that fails, times out or finds no GPU is reported and skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PRESET=${1:-seed_gpu}
 OUT=${2:-${OUT:-runs/accelerator}}
+PART=${3:-${PART:-all}}
+case "$PART" in all|bench|short) ;; *) echo "error: PART must be all, bench or short, got $PART" >&2; exit 2;; esac
 mkdir -p "$OUT"
-RUN=${RUN_DIR:-runs/accelerator_$PRESET}
+if [ "$PART" = all ]; then RUN=${RUN_DIR:-runs/accelerator_$PRESET}; else RUN=${RUN_DIR:-runs/accelerator_${PRESET}_$PART}; fi
 LOG="$OUT/accelerator_run.log"
 : > "$LOG"
 say() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
@@ -32,49 +36,118 @@ START=$(date +%s)
 PY=${PYTHON:-python3}
 
 if ls .whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/mae_jax_site .whl/*.whl
-  export PYTHONPATH=/tmp/mae_jax_site${PYTHONPATH:+:$PYTHONPATH}
+  SITE=${WHEEL_SITE:-/tmp/mae_jax_site}
+  "$PY" benchmarks/wheels.py install --dest .whl --target "$SITE" 2>&1 | tee -a "$LOG"
+  export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
 export MAE_JAX_COMPILATION_CACHE=${MAE_JAX_COMPILATION_CACHE:-/tmp/mae_jax_xla}
 
 case "$PRESET" in
-  seed_gpu) PER_CLASS=30000; DTYPE=bfloat16; BENCH="--preset seed --batch 1024 --steps 10 --repeats 5 --loop --loop_batches 256,1024 --loop_steps 40 --loop_epochs 3"; PROFILE="(300, 320)";;
-  tiny)     PER_CLASS=24;    DTYPE=float32;  BENCH="--preset tiny --batch 8 --steps 2 --repeats 2 --loop --loop_batches 8 --loop_steps 3 --loop_epochs 2"; PROFILE="(1, 2)";;
+  seed_gpu) PER_CLASS=30000; SHORT_PER_CLASS=${SHORT_PER_CLASS:-6000}; DTYPE=bfloat16; SIZE=seed
+            BATCHES="pretrain:1024 finetune:512"; LOOP="--loop_steps 30 --loop_epochs 3"
+            STEPS="--steps 10 --repeats 5"; PROFILE="(300, 320)"; SHORT_PROFILE="(12, 13)"
+            SHORT="--config.pretrain.phase_epochs=(2,2) --config.probe.epochs=3 --config.finetune.epochs=3";;
+  tiny)     PER_CLASS=24; SHORT_PER_CLASS=24; DTYPE=float32; SIZE=tiny
+            BATCHES="pretrain:8 finetune:8"; LOOP="--loop_steps 3 --loop_epochs 2"
+            STEPS="--steps 2 --repeats 2"; PROFILE="(1, 2)"; SHORT_PROFILE="(1, 2)"
+            SHORT="--config.pretrain.phase_epochs=(1,1) --config.probe.epochs=1 --config.finetune.epochs=1";;
   *) echo "error: PRESET must be seed_gpu or tiny, got $PRESET" >&2; exit 2;;
 esac
+[ "$PART" = short ] && PER_CLASS=$SHORT_PER_CLASS
 if [ "$PRESET" = tiny ]; then DATA=${DATA:-data/model_ii_sim_tiny}; else DATA=${DATA:-data/model_ii_sim}; fi
+[ "$PART" = short ] && [ "$PRESET" != tiny ] && DATA=${DATA_SHORT:-${DATA}_short}
 
 "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
-import importlib.util, jax
-print("jax", jax.__version__, "devices:", jax.devices())
+import importlib.util, sys, jax
+from mae_jax.models import attention
+print("python", sys.version.split()[0], "jax", jax.__version__, "devices:", jax.devices())
+print("attention implementation asked:", attention.implementation())
 for name in ("tensorflow", "tensorflow_datasets", "clu", "ml_collections", "lenstronomy", "torch"):
   print(f"  {name}: {'present' if importlib.util.find_spec(name) else 'absent'}")
 EOF
+TORCH=0
+if [ "$PRESET" = tiny ]; then
+  timeout 60 "$PY" -c "import torch" 2>/dev/null && TORCH=1
+else
+  timeout 60 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null && TORCH=1
+fi
+say "torch: $([ $TORCH = 1 ] && echo "usable, PyTorch eager is timed after ours" || echo "not used (absent, or no GPU for it)")"
 
-say "1/4 simulating $PER_CLASS images per class into $DATA on $(nproc) cores"
-"$PY" -m mae_jax.data.simulate --out "$DATA" --per_class "$PER_CLASS" --workers "$(nproc)" \
-  2>&1 | tail -n 3 | tee -a "$LOG"
+# The benchmark: per task at its pipeline batch, ours first; torch after, never blocking.
+bench() {   # bench SYSTEMS EXTRA...
+  local systems=$1; shift
+  for tb in $BATCHES; do
+    local task=${tb%%:*} batch=${tb##*:}
+    # shellcheck disable=SC2086
+    "$PY" benchmarks/throughput.py --preset "$SIZE" --task "$task" --batch "$batch" --dtype "$DTYPE" \
+      --systems "$systems" --loop_batches "$batch" --no_pipeline --compilation_cache "$MAE_JAX_COMPILATION_CACHE" \
+      --torch_timeout "${TORCH_TIMEOUT:-90}" "$@" 2>>"$LOG" | tee -a "$OUT/throughput.txt"
+  done
+}
 
-say "2/4 benchmark: steps, real loop (device and host feeds)"
-SYSTEMS=ours
-"$PY" -c "import torch" 2>/dev/null && SYSTEMS=ours,torch
-# shellcheck disable=SC2086
-"$PY" benchmarks/throughput.py $BENCH --dtype "$DTYPE" --systems "$SYSTEMS" --no_pipeline \
-  2>>"$LOG" | tee "$OUT/throughput.txt"
+simulate() {
+  say "simulating $PER_CLASS images per class into $DATA on $(nproc) cores"
+  "$PY" -m mae_jax.data.simulate --out "$DATA" --per_class "$PER_CLASS" --workers "$(nproc)" \
+    2>>"$LOG" | tail -n 3 | tee -a "$LOG"
+}
 
-say "3/4 pipeline ($PRESET, $DTYPE, device feed): data, pretrain, probe, fine-tune, report"
-"$PY" main.py --config="configs/pipeline.py:$PRESET" --workdir="$RUN" \
-  --config.data.dir="$DATA" --config.data.feed=device ${DATA_CACHE:+--config.data.cache_dir="$DATA_CACHE"} \
-  --config.pretrain.model.dtype="$DTYPE" --config.probe.model.dtype="$DTYPE" \
-  --config.finetune.model.dtype="$DTYPE" \
-  --config.pretrain.profile_steps="$PROFILE" 2>>"$LOG" | tail -n 5
+pipeline() {   # pipeline PROFILE EXTRA...
+  local profile=$1; shift
+  # shellcheck disable=SC2068
+  "$PY" main.py --config="configs/pipeline.py:$PRESET" --workdir="$RUN" \
+    --config.data.dir="$DATA" --config.data.feed=device ${DATA_CACHE:+--config.data.cache_dir="$DATA_CACHE"} \
+    --config.pretrain.model.dtype="$DTYPE" --config.probe.model.dtype="$DTYPE" \
+    --config.finetune.model.dtype="$DTYPE" --config.finetune.fit_baseline=False \
+    --config.pretrain.profile_steps="$profile" "$@" 2>>"$LOG" | tail -n 5 | tee -a "$LOG"
+}
 
-say "4/4 profile of pretraining steps $PROFILE and the summary"
-"$PY" benchmarks/profile_summary.py "$RUN/pretrain/profile" --top 15 \
-  --json "$OUT/profile.json" | tee "$OUT/profile.txt"
-cp "$RUN/report.md" "$RUN/report.json" "$RUN/figures.json" "$OUT/"
-"$PY" benchmarks/accelerator_summary.py "$RUN" "$OUT/throughput.txt" \
-  --seconds $(( $(date +%s) - START )) | tee "$OUT/summary.md"
+finish() {   # finish PROFILE: the profile summary, the report's files and summary.md
+  say "profile of pretraining steps $1 (snapped to the loop's chunks) and the summary"
+  "$PY" benchmarks/profile_summary.py "$RUN/pretrain/profile" --top 15 \
+    --json "$OUT/profile.json" > "$OUT/profile.txt" 2>>"$LOG" || say "no profile summary"
+  # The device tool brings back at most 8 files: (B) writes 7, (A) 3.
+  for f in report.md report.json ${COPY_FIGURES:+figures.json}; do
+    if [ -f "$RUN/$f" ]; then cp "$RUN/$f" "$OUT/"; fi
+  done
+  "$PY" benchmarks/accelerator_summary.py --epochs "$RUN" > "$OUT/epochs.md"
+  "$PY" benchmarks/accelerator_summary.py "$RUN" "$OUT/throughput.txt" \
+    --seconds $(( $(date +%s) - START )) > "$OUT/summary.md"
+  cat "$OUT/summary.md"
+}
+
+[ "$PART" = short ] || : > "$OUT/throughput.txt"
+case "$PART" in
+  bench)
+    say "(A) real loop: $BATCHES, device feed, $DTYPE"
+    # shellcheck disable=SC2086
+    bench "" --loop --loop_feeds device $LOOP
+    if [ $TORCH = 1 ]; then
+      say "(A) PyTorch eager at the same batches (optional)"
+      bench torch $STEPS || say "PyTorch eager failed; ours above stand"
+    fi
+    "$PY" benchmarks/accelerator_summary.py "$RUN" "$OUT/throughput.txt" \
+      --seconds $(( $(date +%s) - START )) > "$OUT/summary.md"
+    cat "$OUT/summary.md"
+    ;;
+  short)
+    say "(B) 1/3 data ($PER_CLASS per class)"; simulate
+    say "(B) 2/3 pipeline ($PRESET shortened, $DTYPE, device feed): data, pretrain, probe, fine-tune, report"
+    # shellcheck disable=SC2086
+    pipeline "$SHORT_PROFILE" --config.pretrain.checkpoint_every_epochs=1 \
+      --config.pretrain.optim.warmup_epochs=0.5 --config.probe.optim.warmup_epochs=0.5 \
+      --config.finetune.optim.warmup_epochs=0.5 $SHORT
+    say "(B) 3/3 summary"; finish "$SHORT_PROFILE"
+    ;;
+  all)
+    say "1/4 data"; simulate
+    say "2/4 benchmark: steps, real loop (device and host feeds) at $BATCHES"
+    SYSTEMS=ours; [ $TORCH = 1 ] && SYSTEMS=ours,torch
+    # shellcheck disable=SC2086
+    bench "$SYSTEMS" $STEPS --loop $LOOP
+    say "3/4 pipeline ($PRESET, $DTYPE, device feed): data, pretrain, probe, fine-tune, report"
+    pipeline "$PROFILE"
+    say "4/4 summary"; COPY_FIGURES=1 finish "$PROFILE"
+    ;;
+esac
 say "done in $(( $(date +%s) - START )) s; files in $OUT"

@@ -1,12 +1,16 @@
 """The table of an accelerator run (benchmarks/accelerator_run.sh): speed and results.
 
   python benchmarks/accelerator_summary.py RUN_DIR THROUGHPUT_TXT [--seconds N]
+  python benchmarks/accelerator_summary.py --epochs RUN_DIR      # the per-epoch table only
 
-Reads the pipeline's `report.json` in RUN_DIR and the benchmark's printout, and prints a
-markdown summary: the real-loop images/s against the targets, the wall time of each
-stage and of the whole run, and the probe's and fine-tune's test AUCs (with their
-bootstrap intervals) beside the seed study's published micro AUCs and the
-radial-profile baseline.
+Reads the pipeline's `report.json` in RUN_DIR and the benchmark's printout (either may
+be missing: a part of the run that did not happen is left out), and prints a markdown
+summary: the real-loop images/s against the targets, the wall time of each stage and of
+the whole run, every training epoch's images/s per stage (from each stage's
+`history.json` and `config.json`; an epoch's time is its steps, without evaluation, and
+the first of a stage or phase includes compilation), and the probe's and fine-tune's test
+AUCs (with their bootstrap intervals) beside the seed study's published micro AUCs and
+the radial-profile baseline.
 """
 
 from __future__ import annotations
@@ -31,8 +35,39 @@ def _ci(m: dict) -> str:
   return f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
 
 
+STAGES = ("pretrain", "probe", "finetune")
+
+
+def epoch_rates(run: Path) -> list[tuple[str, int, int, float, float]]:
+  """(stage, epoch, steps, seconds, images/s) of every epoch the pipeline trained."""
+  rows = []
+  for stage in STAGES:
+    history, config = run / stage / "history.json", run / stage / "config.json"
+    if not history.exists() or not config.exists():
+      continue
+    batch = int(json.loads(config.read_text())["batch_size"])
+    previous = 0
+    for record in json.loads(history.read_text()):
+      steps, seconds = record["step"] - previous, float(record.get("seconds") or 0.0)
+      previous = record["step"]
+      rows.append((stage, int(record["epoch"]), steps, seconds,
+                   steps * batch / seconds if seconds > 0 else float("nan")))
+  return rows
+
+
+def epoch_table(run: Path) -> list[str]:
+  rows = epoch_rates(run)
+  if not rows:
+    return []
+  lines = ["| stage | epoch | steps | seconds | images/s |", "|---|---|---|---|---|"]
+  lines += [f"| {stage} | {epoch} | {steps} | {seconds:.2f} | {rate:,.0f} |"
+            for stage, epoch, steps, seconds, rate in rows]
+  return lines + [""]
+
+
 def summary(run: Path, throughput: str, seconds: float | None) -> str:
-  data = json.loads((run / "report.json").read_text())
+  report = run / "report.json"
+  data = json.loads(report.read_text()) if report.exists() else {}
   lines = ["# Accelerator run", ""]
   rates = loop_rates(throughput)
   if rates:
@@ -43,12 +78,17 @@ def summary(run: Path, throughput: str, seconds: float | None) -> str:
                    + (f"{target:,} ({'met' if rate >= target else 'missed'})" if target else "")
                    + " |")
     lines.append("")
+  attention = [l.strip() for l in throughput.splitlines() if re.match(r"^\w+\s+attention ", l)]
+  lines += [f"- {l}" for l in attention] + ([""] if attention else [])
   lines += ["| stage | wall time |", "|---|---|"]
   for name, stage in data.get("stages", {}).items():
     lines.append(f"| {name} | {stage.get('seconds', 0):.1f} s |")
   if seconds is not None:
-    lines.append(f"| **whole run** (simulation, benchmark, pipeline) | {seconds:.0f} s |")
-  lines += ["", "| model (test split) | micro AUC | macro AUC [95%] | accuracy | seed, published |",
+    lines.append(f"| **whole run** | {seconds:.0f} s |")
+  lines += [""] + epoch_table(run)
+  if not data.get("metrics"):
+    return "\n".join(lines) + "\n"
+  lines += ["| model (test split) | micro AUC | macro AUC [95%] | accuracy | seed, published |",
             "|---|---|---|---|---|"]
   for stage in ("probe", "finetune"):
     m = data.get("metrics", {}).get(stage)
@@ -65,10 +105,16 @@ def summary(run: Path, throughput: str, seconds: float | None) -> str:
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("run", help="the pipeline's workdir")
-  parser.add_argument("throughput", help="the benchmark's printout")
+  parser.add_argument("throughput", nargs="?", default="", help="the benchmark's printout")
   parser.add_argument("--seconds", type=float, default=None, help="wall time of the whole run")
+  parser.add_argument("--epochs", action="store_true", help="print the per-epoch table only")
   args = parser.parse_args(argv)
-  print(summary(Path(args.run), Path(args.throughput).read_text(), args.seconds))
+  if args.epochs:
+    print("\n".join(epoch_table(Path(args.run))))
+    return
+  text = Path(args.throughput).read_text() if args.throughput and Path(
+      args.throughput).exists() else ""
+  print(summary(Path(args.run), text, args.seconds))
 
 
 if __name__ == "__main__":

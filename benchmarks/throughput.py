@@ -4,6 +4,7 @@
       [--systems ours,ours_1dev,torch,torch_compile] [--repeats 3] [--steps 2]
       [--dtype float32] [--host_devices N] [--no_pipeline]
       [--loop] [--loop_batches 256,1024] [--loop_feeds device,host] [--loop_steps 20]
+      [--compilation_cache DIR] [--torch_timeout 300]
 
 Ours are the real jitted steps (`steps.make_pretrain_step`,
 `steps.make_classifier_step`) of the preset's configs (configs/pretrain.py,
@@ -28,7 +29,15 @@ stage's feed, its chunks of `steps_per_call` steps in one dispatch, metrics fetc
 log boundaries, a checkpoint at the end; evaluation left out) over whole epochs of
 `--loop_steps` steps on random images, for each feed and each batch size in
 `--loop_batches` (default: the stage's configured batch and `--batch`). Each line is
-the median images/s of the epochs after the first (which compiles).
+the median images/s of the epochs after the first (which compiles), and the attention
+implementation each of the model's attention shapes got is printed (`attention ...`).
+
+Workers write their stderr straight through (JAX's and cuDNN's logs stay visible). Ours
+keep XLA's compiled steps in `--compilation_cache` (default `MAE_JAX_COMPILATION_CACHE`),
+so a second invocation compiles nothing again. PyTorch is optional: its systems run
+last, a failing one or one past `--torch_timeout` seconds is reported and skipped, and
+where ours ran on an accelerator but torch sees none, torch is skipped rather than timed
+on the CPU.
 """
 
 from __future__ import annotations
@@ -151,6 +160,40 @@ def _random_batch(config, batch: int) -> dict[str, Any]:
 # --- Systems (each runs in a worker subprocess) ------------------------------------------
 
 
+def _enable_cache(folder: str) -> None:
+  """XLA's persistent compilation cache in `folder` ('' off), as main.py keeps it."""
+  if not folder:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  path = os.path.expanduser(folder)
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def attention_used(task: str, model: Any) -> str:
+  """The attention implementation asked for and the one each attention shape of the
+  task's model gets (`attention.choose`, cached: the shapes the step compiled)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mae_jax.models import attention  # pylint: disable=g-import-not-at-top
+  from mae_jax.models import masking  # pylint: disable=g-import-not-at-top
+  requested = attention.implementation()
+  patches = (model.image_size // model.patch) ** 2
+  dtype = jnp.dtype(model.dtype).name
+  shapes = []
+  if task == "pretrain":
+    shapes.append(("encoder", 1 + masking.num_kept(patches, model.mask_ratio), model.heads,
+                   model.dim // model.heads))
+    shapes.append(("decoder", 1 + patches, model.decoder_heads,
+                   model.decoder_dim // model.decoder_heads))
+  else:
+    shapes.append(("encoder", 1 + patches, model.heads, model.dim // model.heads))
+  parts = [f"{name} {length} tokens: {attention.choose(requested, heads, length, hd, dtype)}"
+           for name, length, heads, hd in shapes]
+  return f"asked {requested}; " + ", ".join(parts)
+
+
 def _ours(task: str, config, batch: int, args) -> dict[str, Any]:
   """The real mae_jax steps, jitted over a mesh of every JAX device."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -197,7 +240,8 @@ def _ours(task: str, config, batch: int, args) -> dict[str, Any]:
   metrics = jax.device_get(step())
   out.update(compile_s=compile_s, loss=float(metrics["loss"]),
              device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-             threads=os.environ.get("XLA_FLAGS", ""))
+             threads=os.environ.get("XLA_FLAGS", ""),
+             attention=attention_used(task, config.model))
   return out
 
 
@@ -212,6 +256,9 @@ def _torch(task: str, config, batch: int, args, compiled: bool) -> dict[str, Any
 
   jax.config.update("jax_platforms", "cpu")
   device = "cuda" if torch.cuda.is_available() else "cpu"
+  if device == "cpu" and args.torch_needs_gpu:
+    return {"skipped": "torch sees no GPU where ours ran on one (a CPU run would stall "
+                       "the benchmark)", "rates": []}
   m = config.model
   sizes = dict(image_size=m.image_size, channels=m.channels, patch=m.patch, dim=m.dim,
                depth=m.depth, heads=m.heads, mlp_ratio=m.mlp_ratio)
@@ -356,11 +403,14 @@ def _loop(task: str, config, args) -> list[dict[str, Any]]:
                   "steps_per_call": cfg.steps_per_call, "epoch_seconds": seconds,
                   "rates": [args.loop_steps * batch / t for t in seconds[1:]],
                   "first_epoch_s": seconds[0], "wall_s": wall,
-                  "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}"})
+                  "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+                  "attention": attention_used(task, cfg.model)})
   return out
 
 
 def worker(args) -> None:
+  if args.worker in ("ours", "ours_1dev", "loop"):
+    _enable_cache(args.compilation_cache)
   configs = _configs(args.preset, args.dtype)
   for task in args.task:
     config = configs[task]
@@ -379,12 +429,20 @@ def worker(args) -> None:
 # --- Driver -------------------------------------------------------------------------
 
 
-def _run_worker(system: str, args) -> list[dict[str, Any]]:
+OPTIONAL = ("torch", "torch_compile")
+
+
+def _run_worker(system: str, args, needs_gpu: bool = False) -> list[dict[str, Any]]:
+  """One system in its own process, its stderr passed straight through. Ours failing
+  stops the benchmark; an optional (PyTorch) one failing or timing out is reported and
+  left out."""
   cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system,
          "--preset", args.preset, "--batch", str(args.batch), "--task", ",".join(args.task),
          "--repeats", str(args.repeats), "--steps", str(args.steps), "--dtype", args.dtype,
          "--loop_batches", args.loop_batches, "--loop_feeds", args.loop_feeds,
-         "--loop_steps", str(args.loop_steps), "--loop_epochs", str(args.loop_epochs)]
+         "--loop_steps", str(args.loop_steps), "--loop_epochs", str(args.loop_epochs),
+         "--compilation_cache", args.compilation_cache]
+  cmd += ["--torch_needs_gpu"] if needs_gpu else []
   env = dict(os.environ)
   devices = math.gcd(args.batch, max(args.host_devices, 1))   # the batch must divide
   flags = [f for f in env.get("XLA_FLAGS", "").split()
@@ -395,12 +453,26 @@ def _run_worker(system: str, args) -> list[dict[str, Any]]:
     # as attention's, on one thread, so a single device leaves a core idle.
     flags.append(f"--xla_force_host_platform_device_count={devices}")
   env["XLA_FLAGS"] = " ".join(flags)
-  proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+  optional = system in OPTIONAL
+  try:
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False, env=env,
+                          timeout=args.torch_timeout if optional else None)
+  except subprocess.TimeoutExpired:
+    print(f"{system}: skipped, still running after {args.torch_timeout} s", file=sys.stderr,
+          flush=True)
+    return []
   if proc.returncode:
-    sys.stderr.write(proc.stderr[-4000:])
-    raise SystemExit(f"{system} failed (exit {proc.returncode})")
-  return [json.loads(line[len(RESULT):]) for line in proc.stdout.splitlines()
-          if line.startswith(RESULT)]
+    if optional:
+      print(f"{system}: skipped, failed (exit {proc.returncode}; its stderr is above)",
+            file=sys.stderr, flush=True)
+      return []
+    raise SystemExit(f"{system} failed (exit {proc.returncode}; its stderr is above)")
+  results = [json.loads(line[len(RESULT):]) for line in proc.stdout.splitlines()
+             if line.startswith(RESULT)]
+  for r in results:
+    if r.get("skipped"):
+      print(f"{r['task']} {system}: skipped, {r['skipped']}", file=sys.stderr, flush=True)
+  return [r for r in results if not r.get("skipped")]
 
 
 def _line(r: dict[str, Any], flops: int, peak: float | None) -> str:
@@ -447,6 +519,13 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--loop_feeds", default="device,host")
   parser.add_argument("--loop_steps", type=int, default=20, help="steps per loop epoch")
   parser.add_argument("--loop_epochs", type=int, default=3, help="loop epochs (first compiles)")
+  parser.add_argument("--compilation_cache",
+                      default=os.environ.get("MAE_JAX_COMPILATION_CACHE", ""),
+                      help="XLA's compilation cache for ours ('' off; default "
+                           "MAE_JAX_COMPILATION_CACHE)")
+  parser.add_argument("--torch_timeout", type=float, default=600,
+                      help="seconds a PyTorch system may run before it is skipped")
+  parser.add_argument("--torch_needs_gpu", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   args.task = [t for t in args.task.split(",") if t]
@@ -464,10 +543,13 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.steps} steps (median images/s; compilation excluded); {os.cpu_count()} CPUs "
         f"({platform.processor() or platform.machine()}), load {load[0]:.2f}", flush=True)
   results = []
-  for system in (([] if args.no_pipeline else ["pipeline"]) + systems
-                 + (["loop"] if args.loop else [])):
-    results += _run_worker(system, args)
-  device = next((r["device"] for r in results if r["system"] in ("ours", "ours_1dev")), "")
+  required = [s for s in systems if s not in OPTIONAL]
+  for system in (([] if args.no_pipeline else ["pipeline"]) + required
+                 + (["loop"] if args.loop else []) + [s for s in systems if s in OPTIONAL]):
+    on_gpu = any("cpu" not in r.get("device", "cpu").lower() for r in results)
+    results += _run_worker(system, args, needs_gpu=on_gpu)
+  device = next((r["device"] for r in results if r["system"] in ("ours", "ours_1dev", "loop")),
+                "")
   peak = peak_flops(device, args.dtype)
   for r in results:
     r.setdefault("batch", args.batch)
@@ -483,6 +565,11 @@ def main(argv: list[str] | None = None) -> None:
     for r in results:
       if r["task"] == task and r["system"] == "loop":
         print(_loop_line(r, train_flops(task, configs[task].model, r["batch"]), peak))
+  for task in args.task:
+    for r in results:
+      if r["task"] == task and r.get("attention"):
+        print(f"{task:<9}attention ({LABELS[r['system']]}): {r['attention']}")
+        break
   devices = sorted({f"{LABELS[r['system']]}: {r['device']}" for r in results if "device" in r})
   print("devices: " + "; ".join(devices) + f"; load at end {os.getloadavg()[0]:.2f}")
   ratios = []

@@ -107,7 +107,8 @@ def run_config(preset: str) -> dict:
       # Training steps per dispatch (lax.scan); metrics stay on the device until logged.
       steps_per_call={"seed": 50, "demo": 10, "tiny": 1}[size(preset)],
       checkpoint_every_steps=0,   # also save every N steps (0: off)
-      # (first, last) step of a jax.profiler trace written to WORKDIR/profile; () off.
+      # (first, last) step of a jax.profiler trace written to WORKDIR/profile, snapped
+      # to the loop's chunks (it never splits one: no extra compile); () off.
       profile_steps=(),
       tensorboard="auto",   # 'clu' (needs TensorFlow), 'events' (tensorboard package), 'none'
   )
@@ -171,6 +172,10 @@ def classifier_config(preset: str, stage: str) -> ml_collections.ConfigDict:
   # Measured (demo fine-tune, 15 epochs): macro AUC 0.55 with flips+rot90+shift 4, 0.91 without.
   config.augment = False
   config.label_smoothing = 0.0
+  # Fit the radial-profile baseline on the same labelled images and report it beside this
+  # stage. A chain whose stages share the labels needs it once (the accelerator run turns
+  # it off in the fine-tune: the probe's is the same).
+  config.fit_baseline = True
   # Validation (which chooses the epoch that test reports) every this many epochs, and
   # after the last one.
   config.eval_every_epochs = 1

@@ -3,6 +3,7 @@ benchmarks, profiles, runs the whole pipeline and writes its summary."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,9 +21,15 @@ def test_accelerator_script_runs_end_to_end_at_tiny_size(tmp_path):
                           timeout=1200)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
   for name in ("summary.md", "report.md", "report.json", "figures.json", "throughput.txt",
-               "profile.txt", "profile.json", "accelerator_run.log"):
+               "profile.txt", "profile.json", "epochs.md", "accelerator_run.log"):
     assert (out / name).stat().st_size > 0, name
   summary = (out / "summary.md").read_text()
   assert "| pretrain | device | 8 |" in summary and "| finetune | host | 8 |" in summary
   assert "| finetune |" in summary and "| probe |" in summary
   assert "top operations" in (out / "profile.txt").read_text()
+  assert "| pretrain | 1 |" in summary and "): asked blocked; encoder" in summary
+  # The radial-profile baseline is fitted once, in the probe: the fine-tune reuses its labels.
+  finetune = json.loads((tmp_path / "run" / "finetune" / "eval_metrics.json").read_text())
+  probe = json.loads((tmp_path / "run" / "probe" / "eval_metrics.json").read_text())
+  assert finetune["baseline"] is None and probe["baseline"]["macro_auc"] is not None
+  assert "(radial profile)" in summary

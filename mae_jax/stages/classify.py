@@ -112,12 +112,12 @@ def _choose_features(config, workdir: Path, bank: dict, train, val) -> str:
   return chosen
 
 
-def _write_figures(workdir: Path, title: str, chosen: dict, test_labels, base: dict,
+def _write_figures(workdir: Path, title: str, chosen: dict, test_labels, base: dict | None,
                    history: list) -> dict:
   roc_png = plots.roc(metrics_lib.roc_curves(chosen["probs"], test_labels),
                       workdir / "plots" / "roc.png",
                       title=f"{title}, test split, epoch {chosen['epoch']}",
-                      baseline=base["test"]["curves"])
+                      baseline=base["test"]["curves"] if base else None)
   confusion_png = plots.confusion(
       chosen["metrics"]["confusion_matrix"], layout.CLASS_NAMES, workdir / "plots" / "confusion.png",
       title=f"{title}, test accuracy {chosen['metrics']['accuracy']:.3f}")
@@ -160,14 +160,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "augment=False")
 
   # The non-deep baseline, fitted on the same labelled images; scored on val and test.
-  profiles = {name: baseline.profiles_of(s.images) for name, s in
-              (("train", train), ("validation", val), ("test", test))}
-  base = baseline.evaluate_baseline(
-      (profiles["train"], train.labels),
-      {"validation": (profiles["validation"], val.labels), "test": (profiles["test"], test.labels)},
-      intervals_seed=config.seed)
-  logging.info("baseline, %s: validation macro AUC %.4f", baseline.DESCRIPTION,
-               base["validation"]["metrics"]["macro_auc"])
+  base = None
+  if config.get("fit_baseline", True):
+    profiles = {name: baseline.profiles_of(s.images) for name, s in
+                (("train", train), ("validation", val), ("test", test))}
+    base = baseline.evaluate_baseline(
+        (profiles["train"], train.labels),
+        {"validation": (profiles["validation"], val.labels),
+         "test": (profiles["test"], test.labels)},
+        intervals_seed=config.seed)
+    logging.info("baseline, %s: validation macro AUC %.4f", baseline.DESCRIPTION,
+                 base["validation"]["metrics"]["macro_auc"])
 
   inputs = {name: s.images for name, s in (("train", train), ("validation", val), ("test", test))}
   chosen_feature = None
@@ -273,8 +276,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      if k.startswith("val_")},
       "final_epoch": {**final["metrics"], "epoch": final["epoch"], "step": final["step"]},
       "baseline": {**base["test"]["metrics"],
-                   "validation_macro_auc": base["validation"]["metrics"]["macro_auc"]},
-      "margin_over_baseline": baseline.margin(chosen["metrics"], base["test"]["metrics"]),
+                   "validation_macro_auc": base["validation"]["metrics"]["macro_auc"]}
+                  if base else None,
+      "margin_over_baseline": (baseline.margin(chosen["metrics"], base["test"]["metrics"])
+                               if base else None),
       "labels_per_class": config.labels_per_class, "train_examples": len(train),
       "validation_examples": len(val), "test_examples": len(test),
       "features": chosen_feature, "feed": kind,
@@ -291,6 +296,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                "accuracy %.4f; final epoch: macro AUC %.4f", config.stage, time.time() - start,
                chosen["epoch"], summary["macro_auc"], summary["intervals"]["macro_auc"],
                summary["accuracy"], final["metrics"]["macro_auc"])
-  logging.info("%s margin over the radial-profile baseline (test macro AUC %.4f): %s",
-               config.stage, base["test"]["metrics"]["macro_auc"], summary["margin_over_baseline"])
+  if base:
+    logging.info("%s margin over the radial-profile baseline (test macro AUC %.4f): %s",
+                 config.stage, base["test"]["metrics"]["macro_auc"],
+                 summary["margin_over_baseline"])
   return summary

@@ -120,9 +120,9 @@ def chunk_plan(epoch: int, first: int, loop: Loop) -> list[tuple[int, int]]:
   """(first batch, steps) of each dispatch of `epoch` from batch `first` on.
 
   Chunks hold `steps_per_call` steps, counted from the epoch's start, and also end
-  where a checkpoint or the profile is due and at the epoch's end, so a resumed run
-  (which starts at such a boundary) dispatches exactly the chunks of an
-  uninterrupted one.
+  where a checkpoint is due and at the epoch's end, so a resumed run (which starts at
+  such a boundary) dispatches exactly the chunks of an uninterrupted one. The profile
+  cuts nothing: it snaps to these boundaries (`_Profile`), so it costs no extra compile.
   """
   cfg, spe = loop.config, loop.steps_per_epoch
   per_call = max(int(cfg.get("steps_per_call", 1)), 1)
@@ -131,9 +131,6 @@ def chunk_plan(epoch: int, first: int, loop: Loop) -> list[tuple[int, int]]:
   every = cfg.get("checkpoint_every_steps", 0)
   if every > 0:
     cuts |= {b for b in range(1, spe) if (base + b) % every == 0}
-  for s in tuple(cfg.get("profile_steps", ()) or ()):
-    if base < s < base + spe:
-      cuts.add(s - base)
   cuts = sorted(c for c in cuts if c > first)
   plan, start = [], first
   for c in cuts:
@@ -220,24 +217,29 @@ class _Pace:
 
 
 class _Profile:
-  """A `jax.profiler` trace of the steps in `config.profile_steps` = (first, last)."""
+  """A `jax.profiler` trace of the steps in `config.profile_steps` = (first, last),
+  snapped to the loop's chunks: it starts at the first chunk that begins at or after
+  step `first` and stops after the chunk that reaches step `last`, so a profile never
+  splits a chunk (each new chunk length is one more compile of the step)."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: Path):
     steps = tuple(config.get("profile_steps", ()) or ())
     self.first, self.last = (steps + (None, None))[:2] if steps else (None, None)
-    self.folder, self.on = workdir / "profile", False
+    self.folder, self.on, self.done, self.start = workdir / "profile", False, False, 0
 
   def before(self, step: int) -> None:
-    if self.first is not None and step == self.first and not self.on and is_main_process():
+    if (self.first is not None and step >= self.first and not self.on and not self.done
+        and is_main_process()):
       jax.profiler.start_trace(str(self.folder))
-      self.on = True
+      self.on, self.start = True, step
 
   def after(self, step: int, state: Any) -> None:
     if self.on and step >= self.last:
       jax.block_until_ready(state)
       jax.profiler.stop_trace()
-      self.on = False
-      logging.info("profile of steps %d-%d written to %s", self.first, self.last, self.folder)
+      self.on, self.done = False, True
+      logging.info("profile of steps %d-%d (asked: %d-%d) written to %s", self.start, step,
+                   self.first, self.last, self.folder)
 
 
 def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer: MetricWriter,
