@@ -28,7 +28,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from mae_jax.data import arrays  # pylint: disable=g-import-not-at-top
-from mae_jax.data import batching  # pylint: disable=g-import-not-at-top
+from mae_jax.train import batching  # pylint: disable=g-import-not-at-top
 from mae_jax.data import feeds  # pylint: disable=g-import-not-at-top
 from mae_jax.data import layout  # pylint: disable=g-import-not-at-top
 from mae_jax.data import npy_io  # pylint: disable=g-import-not-at-top

@@ -11,7 +11,7 @@ from sklearn import metrics as skm
 from sklearn import preprocessing
 
 from mae_jax.data import arrays
-from mae_jax.data import batching
+from mae_jax.train import batching
 from mae_jax.data import layout
 from mae_jax.data import source
 from mae_jax.eval import baseline

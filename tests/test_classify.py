@@ -12,7 +12,7 @@ from sklearn import metrics as skm
 from configs import finetune as finetune_config
 from configs import probe as probe_config
 from mae_jax.data import arrays
-from mae_jax.data import batching
+from mae_jax.train import batching
 from mae_jax.data import feeds
 from mae_jax.eval import metrics as metrics_lib
 from mae_jax.models import build

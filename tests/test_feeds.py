@@ -1,5 +1,5 @@
 """Batches: the epoch order of each device's shard, normalisation and augmentation in
-JAX (data/batching.py), and the two feeds (data/feeds.py) that deliver them."""
+JAX (train/batching.py), and the two feeds (data/feeds.py) that deliver them."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mae_jax.data import batching
+from mae_jax.train import batching
 from mae_jax.data import feeds
 from mae_jax.runtime import parallel
 from mae_jax.stages import common

@@ -4,6 +4,9 @@
   scikit-learn: a subprocess that refuses those imports still imports every module
   there and runs one tiny pretraining step and one classifier step.
 - No import circles between the modules of `mae_jax` (function-level imports count).
+- `models/`, `train/` and `runtime/` import nothing from `data/` or `eval/` (the
+  batches' pure-JAX order, normalisation and augmentation live in `train/batching.py`,
+  which `data/` reuses).
 - Nothing outside `stages/` imports `stages/`; stages are dispatched through one
   registry; config problems are raised in one place; flattening goes through
   `flax.traverse_util`, never a hand-written walk.
@@ -111,6 +114,13 @@ def test_no_import_circles():
 def test_nothing_outside_stages_imports_stages():
   offenders = {m: sorted(t for t in targets if t.startswith("mae_jax.stages"))
                for m, targets in _graph().items() if not m.startswith("mae_jax.stages")}
+  offenders = {m: t for m, t in offenders.items() if t}
+  assert not offenders, offenders
+
+
+def test_jax_only_layers_import_nothing_from_data_or_eval():
+  offenders = {m: sorted(t for t in targets if t.split(".")[1] in ("data", "eval", "stages"))
+               for m, targets in _graph().items() if m.split(".")[1:2] and m.split(".")[1] in JAX_ONLY}
   offenders = {m: t for m, t in offenders.items() if t}
   assert not offenders, offenders
 

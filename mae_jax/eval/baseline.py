@@ -26,7 +26,7 @@ from sklearn import linear_model
 from sklearn import pipeline as sk_pipeline
 from sklearn import preprocessing
 
-from mae_jax.data import batching
+from mae_jax.train import batching
 from mae_jax.data import layout
 from mae_jax.eval import metrics
 

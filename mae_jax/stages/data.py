@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mae_jax.data import batching
+from mae_jax.train import batching
 from mae_jax.data import feeds
 from mae_jax.data import layout
 from mae_jax.data import source

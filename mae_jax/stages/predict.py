@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from mae_jax.data import batching
+from mae_jax.train import batching
 from mae_jax.data import layout
 from mae_jax.data import npy_io
 from mae_jax.eval import metrics as metrics_lib
@@ -133,7 +133,7 @@ def load_model(run_dir: str | os.PathLike[str]):
 
 def normalize(images: np.ndarray) -> np.ndarray:
   """(N, H, W) images -> (N, H, W, 1) float32, min-max scaled per image exactly as in
-  training (`data.batching.normalize`)."""
+  training (`train.batching.normalize`)."""
   return np.asarray(batching.normalize(np.asarray(images, np.float32)))[..., None]
 
 

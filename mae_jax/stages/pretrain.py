@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mae_jax.data import batching
+from mae_jax.train import batching
 from mae_jax.data import feeds
 from mae_jax.data import source
 from mae_jax.eval import plots
