@@ -11,11 +11,12 @@ from sklearn import metrics as skm
 from sklearn import preprocessing
 
 from mae_jax.data import arrays
-from mae_jax.train import batching
 from mae_jax.data import layout
 from mae_jax.data import source
 from mae_jax.eval import baseline
+from mae_jax.runtime import workdir as workdir_lib
 from mae_jax.stages import classify
+from mae_jax.train import batching
 
 
 def _distance(size: int) -> np.ndarray:
@@ -135,7 +136,7 @@ def test_classify_writes_the_baseline_beside_the_model(small_folder, tmp_path):
   workdir = tmp_path / "run"
   classify.run(config, str(workdir))
 
-  written = json.loads((workdir / classify.EVAL_FILE).read_text())
+  written = json.loads((workdir / workdir_lib.EVAL_FILE).read_text())
   dataset = arrays.prepare(root, tmp_path / "cache", rule=source.split_rule(config.data),
                            progress=False)
   split = {name: (baseline.profiles_of(dataset[name].images), dataset[name].labels)

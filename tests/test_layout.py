@@ -9,7 +9,8 @@
   which `data/` reuses).
 - Nothing outside `stages/` imports `stages/`; stages are dispatched through one
   registry; config problems are raised in one place; flattening goes through
-  `flax.traverse_util`, never a hand-written walk.
+  `flax.traverse_util`, never a hand-written walk; the names of a workdir's files are
+  spelled in `runtime/workdir.py` only.
 """
 
 from __future__ import annotations
@@ -286,3 +287,17 @@ def test_trees_are_flattened_by_flax_traverse_util_only(layer):
   for name, tree in _trees().items():
     if name.startswith(f"mae_jax.{layer}"):
       assert not _hand_written_walks(tree), f"{name}: {_hand_written_walks(tree)}"
+
+
+def test_workdir_file_names_are_spelled_in_one_place():
+  """The files stages read back from each other's workdirs are named in runtime/workdir.py."""
+  from mae_jax.runtime import workdir  # pylint: disable=g-import-not-at-top
+  names = {v for k, v in vars(workdir).items() if k.isupper() and isinstance(v, str)}
+  assert {"config.json", "best_checkpoint", "eval_metrics.json", "history.json"} <= names
+  for name, tree in _trees().items():
+    if name == "mae_jax.runtime.workdir":
+      continue
+    spelled = [n.lineno for n in ast.walk(tree)
+               if isinstance(n, ast.Constant) and n.value in names]
+    assert not spelled, f"{name} line(s) {spelled} spell a workdir file name"
+

@@ -17,6 +17,7 @@ from configs import finetune as finetune_config
 from mae_jax.data import arrays
 from mae_jax.eval import plots
 from mae_jax.runtime import errors
+from mae_jax.runtime import workdir as workdir_lib
 from mae_jax.stages import classify
 from mae_jax.stages import common
 from mae_jax.stages import study
@@ -130,7 +131,7 @@ def test_the_test_split_chooses_nothing(tmp_path, monkeypatch):
   strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # pylint: disable=unnecessary-lambda-assignment
   histories = [strip(json.loads((r / "history.json").read_text())) for r in runs]
   assert histories[0] == histories[1]
-  metrics = [json.loads((r / classify.EVAL_FILE).read_text()) for r in runs]
+  metrics = [json.loads((r / workdir_lib.EVAL_FILE).read_text()) for r in runs]
   assert metrics[0]["epoch"] == metrics[1]["epoch"]
   assert metrics[0]["validation"] == metrics[1]["validation"]
   assert metrics[0]["confusion_matrix"] != metrics[1]["confusion_matrix"]
@@ -153,7 +154,7 @@ def test_study_table_is_the_stages_own_numbers(tmp_path):
   assert set(out["ceilings"]["model_ii"]["snr"]) == {"cdm", "axion"}   # simulated: measured
   assert out["ceilings"]["model_ii"]["snr"]["cdm"]["median"] > 0
   for row in out["rows"]:
-    metrics = json.loads((Path(row["run"]) / classify.EVAL_FILE).read_text())
+    metrics = json.loads((Path(row["run"]) / workdir_lib.EVAL_FILE).read_text())
     source = metrics["baseline"] if row["arm"] == "radial" else metrics
     assert row["test_macro_auc"] == source["macro_auc"]
     assert row["test_macro_auc_interval"] == source["intervals"]["macro_auc"]

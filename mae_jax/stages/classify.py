@@ -40,14 +40,13 @@ from mae_jax.runtime import checkpoint
 from mae_jax.runtime import errors
 from mae_jax.runtime import fileio
 from mae_jax.runtime import parallel
+from mae_jax.runtime import workdir as workdir_lib
 from mae_jax.stages import common
 from mae_jax.stages import registry
 from mae_jax.train import loop as loop_lib
 from mae_jax.train import optim
 from mae_jax.train import steps
 
-EVAL_FILE = "eval_metrics.json"
-FEATURES_FILE = "feature_choice.json"
 
 
 def _source_stage(config: ml_collections.ConfigDict) -> str:
@@ -94,7 +93,7 @@ def _feature_bank(model, params, batch_stats, splits: dict, mesh, config, dtype)
 def _choose_features(config, workdir: Path, bank: dict, train, val) -> str:
   """The candidate feature chosen on validation (kept in feature_choice.json, so a
   resumed run keeps its choice)."""
-  path = workdir / FEATURES_FILE
+  path = workdir / workdir_lib.FEATURES_FILE
   if path.exists() and checkpoint.latest_step(workdir) is not None:
     return fileio.read_json(path)["chosen"]
   if config.select_features:
@@ -115,13 +114,14 @@ def _choose_features(config, workdir: Path, bank: dict, train, val) -> str:
 def _write_figures(workdir: Path, title: str, chosen: dict, test_labels, base: dict,
                    history: list) -> dict:
   roc_png = plots.roc(metrics_lib.roc_curves(chosen["probs"], test_labels),
-                      workdir / "plots" / "roc.png",
+                      workdir / workdir_lib.PLOTS / "roc.png",
                       title=f"{title}, test split, epoch {chosen['epoch']}",
                       baseline=base["test"]["curves"])
   confusion_png = plots.confusion(
-      chosen["metrics"]["confusion_matrix"], layout.CLASS_NAMES, workdir / "plots" / "confusion.png",
+      chosen["metrics"]["confusion_matrix"], layout.CLASS_NAMES,
+      workdir / workdir_lib.PLOTS / "confusion.png",
       title=f"{title}, test accuracy {chosen['metrics']['accuracy']:.3f}")
-  plots.loss_curves(history, workdir / "plots" / "loss_curve.png", title=title,
+  plots.loss_curves(history, workdir / workdir_lib.PLOTS / "loss_curve.png", title=title,
                     ylabel="cross-entropy")
   return {"roc": plots.image_array(roc_png), "confusion": plots.image_array(confusion_png)}
 
@@ -205,7 +205,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = parallel.replicate(steps.ClassifierState.create(
       apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats), mesh)
   mngr = checkpoint.manager(workdir, config.keep_checkpoints)
-  best_mngr = checkpoint.manager(workdir, 1, folder="best_checkpoint")
+  best_mngr = checkpoint.manager(workdir, 1, folder=workdir_lib.BEST_CHECKPOINT)
   writer = common.metric_writer(workdir, config)
   state, step, history, progress = loop_lib.open_run(workdir, config, state, steps_per_epoch,
                                                      mngr, writer)
@@ -283,7 +283,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     title = f"{config.stage} ({config.preset})"
     images = _write_figures(workdir, title, chosen, test.labels, base, history)
     writer.write_images(int(state.step), images)
-    fileio.write_json_atomic(workdir / EVAL_FILE, summary)
+    fileio.write_json_atomic(workdir / workdir_lib.EVAL_FILE, summary)
   writer.flush()
   mngr.close()
   best_mngr.close()

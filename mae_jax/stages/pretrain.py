@@ -19,7 +19,6 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mae_jax.train import batching
 from mae_jax.data import feeds
 from mae_jax.data import source
 from mae_jax.eval import plots
@@ -29,14 +28,15 @@ from mae_jax.runtime import checkpoint
 from mae_jax.runtime import errors
 from mae_jax.runtime import fileio
 from mae_jax.runtime import parallel
+from mae_jax.runtime import workdir as workdir_lib
 from mae_jax.stages import common
 from mae_jax.stages import registry
+from mae_jax.train import batching
 from mae_jax.train import loop as loop_lib
 from mae_jax.train import losses
 from mae_jax.train import optim
 from mae_jax.train import steps
 
-SUMMARY_FILE = "pretrain_summary.json"
 
 
 def _phase_of(epoch: int, phase_epochs: tuple[int, ...]) -> int:
@@ -109,12 +109,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if not main:
       return
     # `record`: the epoch just ended, not yet in the history.
-    plots.loss_curves(history + ([record] if record else []), workdir / "plots" / "loss_curve.png",
-                      phase_starts, title=f"MAE pretraining ({config.loss.type} loss)")
+    plots.loss_curves(history + ([record] if record else []),
+                      workdir / workdir_lib.PLOTS / "loss_curve.png", phase_starts,
+                      title=f"MAE pretraining ({config.loss.type} loss)")
     rows = jax.device_get(reconstruct(jax.device_get(state.params), plot_images, plot_key))
     rows = {k: rows[k] for k in steps.RECONSTRUCTION_ROWS}   # device_get sorts dict keys
     png = plots.reconstructions(
-        rows, workdir / "plots" / "reconstructions.png",
+        rows, workdir / workdir_lib.PLOTS / "reconstructions.png",
         title=f"step {int(state.step)}, mask ratio {config.model.mask_ratio}")
     writer.write_images(int(state.step), {"reconstructions": plots.image_array(png)})
 
@@ -151,7 +152,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
              "final_val_loss": history[-1]["val_loss"] if history else None,
              "wall_seconds_this_run": round(time.time() - start, 1)}
   if main:
-    fileio.write_json_atomic(workdir / SUMMARY_FILE, summary)
+    fileio.write_json_atomic(workdir / workdir_lib.PRETRAIN_SUMMARY, summary)
   logging.info("pretraining done: %s", summary)
   mngr.close()
   return summary

@@ -28,9 +28,8 @@ from mae_jax.runtime import checkpoint
 from mae_jax.runtime import errors
 from mae_jax.runtime import faults
 from mae_jax.runtime import fileio
+from mae_jax.runtime import workdir as workdir_lib
 
-HISTORY_FILE = "history.json"
-CONFIG_FILE = "config.json"
 # How often (seconds) the loop logs steps/s and the time left.
 REPORT_EVERY_SECONDS = 60.0
 
@@ -81,7 +80,7 @@ def check_finite(metrics: dict, step: int) -> dict[str, float]:
 
 def load_history(workdir: Path, completed_epochs: int) -> list[dict]:
   """Per-epoch records of earlier runs, cut to the epochs the checkpoint completed."""
-  path = workdir / HISTORY_FILE
+  path = workdir / workdir_lib.HISTORY_FILE
   if not path.exists():
     return []
   return [h for h in json.loads(path.read_text()) if h["epoch"] <= completed_epochs]
@@ -160,7 +159,7 @@ def open_run(workdir: Path, config: ml_collections.ConfigDict, state: Any,
   if step == 0:
     writer.write_hparams(hparams(config))
     if is_main_process():
-      fileio.write_json_atomic(workdir / CONFIG_FILE, config.to_dict())
+      fileio.write_json_atomic(workdir / workdir_lib.CONFIG_FILE, config.to_dict())
   return state, step, history, progress
 
 
@@ -267,7 +266,7 @@ def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer: MetricW
     end_epoch(loop.state, done - 1, record)
     history.append(record)
     if main:
-      fileio.write_json_atomic(loop.workdir / HISTORY_FILE, history)
+      fileio.write_json_atomic(loop.workdir / workdir_lib.HISTORY_FILE, history)
   pace = _Pace(loop.total_epochs * loop.steps_per_epoch, writer)
   profile = _Profile(cfg, loop.workdir)
   state = loop.state
@@ -330,7 +329,7 @@ def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer: MetricW
                  ", ".join(f"{k} {v:.5g}" for k, v in record.items()
                            if isinstance(v, float)))
     if main:
-      fileio.write_json_atomic(loop.workdir / HISTORY_FILE, history)
+      fileio.write_json_atomic(loop.workdir / workdir_lib.HISTORY_FILE, history)
     if due(epoch + 1, cfg.checkpoint_every_epochs) or epoch + 1 == loop.total_epochs or \
         due(step, cfg.checkpoint_every_steps):
       checkpoint.save(mngr, step, state, _progress(loop, step, key, []))
