@@ -12,7 +12,6 @@ from sklearn import metrics as skm
 from configs import finetune as finetune_config
 from configs import probe as probe_config
 from mae_jax.data import arrays
-from mae_jax.train import batching
 from mae_jax.data import feeds
 from mae_jax.eval import metrics as metrics_lib
 from mae_jax.models import build
@@ -22,6 +21,7 @@ from mae_jax.runtime import errors
 from mae_jax.runtime import parallel
 from mae_jax.stages import classify
 from mae_jax.stages import common
+from mae_jax.train import batching
 from mae_jax.train import optim
 from mae_jax.train import steps
 

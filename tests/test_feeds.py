@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mae_jax.train import batching
 from mae_jax.data import feeds
 from mae_jax.runtime import parallel
 from mae_jax.stages import common
+from mae_jax.train import batching
 from mae_jax.train import steps
 
 ROOT = Path(__file__).resolve().parents[1]

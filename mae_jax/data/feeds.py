@@ -28,8 +28,8 @@ from absl import logging
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 
-from mae_jax.train import batching
 from mae_jax.runtime import parallel
+from mae_jax.train import batching
 
 FEEDS = ("auto", "device", "host")
 

@@ -15,9 +15,9 @@ import ml_collections
 from jax.experimental import multihost_utils
 
 from mae_jax.data import arrays
-from mae_jax.train import batching
 from mae_jax.data import simulate
 from mae_jax.data import splits
+from mae_jax.train import batching
 
 SOURCES = ("deeplense", "simulated")
 READERS = ("files", "tfds")

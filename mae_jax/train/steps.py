@@ -31,11 +31,11 @@ import optax
 from flax.training import train_state
 from jax import lax
 
-from mae_jax.train import batching
 from mae_jax.models import heads
 from mae_jax.models import mae as mae_lib
 from mae_jax.models import masking
 from mae_jax.runtime import parallel
+from mae_jax.train import batching
 from mae_jax.train import losses
 
 TrainState = train_state.TrainState
