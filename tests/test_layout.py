@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -301,3 +302,17 @@ def test_workdir_file_names_are_spelled_in_one_place():
                if isinstance(n, ast.Constant) and n.value in names]
     assert not spelled, f"{name} line(s) {spelled} spell a workdir file name"
 
+
+def test_documented_module_commands_are_real_modules():
+  """Every `python -m mae_jax....` in the README and docs names a module (no shim) that runs
+  its own `main` when executed."""
+  pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+  named = {m.rstrip(".") for page in pages
+           for m in re.findall(r"python -m (mae_jax[\w.]*)", page.read_text())}
+  assert {"mae_jax.models.load", "mae_jax.eval.plots", "mae_jax.data.simulate"} <= named
+  modules = _modules()
+  for name in named:
+    assert name in modules, f"{name} is documented but is no module"
+    assert not _is_package(name, modules) and 'if __name__ == "__main__":' in \
+        modules[name].read_text(), f"{name} does not run as a command"
+  assert "mae_jax.convert" not in modules and "mae_jax.plots" not in modules

@@ -5,7 +5,7 @@ fine-tune start from pretraining), and public PyTorch MAE weights
 (facebookresearch/mae state dicts or Hugging Face `ViTMAEForPreTraining`
 checkpoints, `load_params` / `import_weights`).
 
-  python -m mae_jax.convert --checkpoint mae_pretrain.pth \
+  python -m mae_jax.models.load --checkpoint mae_pretrain.pth \
       --config configs/pretrain.py:seed --out runs/imported
   python main.py --config=configs/finetune.py:seed --config.init_from=runs/imported ...
 
@@ -422,7 +422,7 @@ def restore_from_stage(source_workdir: str | Path, params: PyTree, batch_stats: 
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m mae_jax.convert", description=__doc__)
+  parser = argparse.ArgumentParser(prog="python -m mae_jax.models.load", description=__doc__)
   parser.add_argument("--checkpoint", required=True, help=".pth/.safetensors file or HF folder")
   parser.add_argument("--config", default="configs/pretrain.py:seed",
                       help="pretrain config (file.py:preset) whose model sizes to match")

@@ -53,13 +53,6 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
-def agree_min(value: int) -> int:
-  """The minimum of `value` over all processes (the same number everywhere)."""
-  if jax.process_count() == 1:
-    return int(value)
-  return int(np.min(multihost_utils.process_allgather(np.asarray(value))))
-
-
 def agree_max(value: int) -> int:
   """The maximum of `value` over all processes."""
   if jax.process_count() == 1:
