@@ -118,6 +118,7 @@ def test_profiles_of_raw_images_normalise_them_as_the_model_does():
                              rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_classify_writes_the_baseline_beside_the_model(small_folder, tmp_path):
   """A probe-free fine-tune from scratch on 16x16 images: eval_metrics.json holds the
   baseline, equal to scikit-learn on the same splits, and the model's margin over it."""

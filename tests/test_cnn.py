@@ -73,6 +73,7 @@ def test_cnn_configs_are_checked(tmp_path):
              for p in validate.problems(probe, tmp_path / "probe"))
 
 
+@pytest.mark.slow
 def test_a_cnn_fine_tune_trains_and_reports(tmp_path):
   root = tmp_path / "src"
   write_folder(root, per_class=16)

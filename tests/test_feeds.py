@@ -110,6 +110,7 @@ def test_evaluator_sees_every_example_once_in_canonical_order():
     np.testing.assert_array_equal(out, 2.0 * np.arange(23))
 
 
+@pytest.mark.slow
 def test_feeds_give_identical_batches_on_one_and_four_devices():
   """The host and the device feed give the same normalised, augmented batches, every
   batch of an epoch, and a chunk that starts mid-epoch sees the batches an epoch from

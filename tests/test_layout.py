@@ -137,6 +137,7 @@ def test_jax_only_layers_import_none_of_the_heavy_libraries_statically():
         assert not bad, f"{name} imports {bad}"
 
 
+@pytest.mark.slow
 def test_jax_only_layers_run_a_step_where_heavy_libraries_cannot_be_imported():
   """Every module of models/, train/, runtime/ imports, and one tiny pretraining step
   and one classifier step run, with TensorFlow, tfds, clu, matplotlib and

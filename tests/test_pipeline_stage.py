@@ -196,6 +196,7 @@ def _files(run: Path) -> dict[str, tuple[int, int]]:
           for p in run.rglob("*") if p.is_file() and p.parent != run}
 
 
+@pytest.mark.slow
 def test_pipeline_end_to_end_then_only_the_report(tmp_path):
   run = tmp_path / "run"
   args = ["--config=configs/pipeline.py:tiny", f"--workdir={run}",

@@ -158,6 +158,7 @@ def test_missing_inputs_and_models_are_explained(finetuned, tmp_path):
   assert predict.find_model(run.parent) == run
 
 
+@pytest.mark.slow
 def test_predict_through_main(finetuned, tmp_path):
   run, *_ = finetuned
   data = _folder(tmp_path / "new")

@@ -107,6 +107,7 @@ def test_goals_give_each_gap_to_its_target(tmp_path):
   assert [g["gap"] for g in drawn["data"]["goals"]] == [g["gap"] for g in got]
 
 
+@pytest.mark.slow
 def test_the_test_split_chooses_nothing(tmp_path, monkeypatch):
   """Two runs whose test splits differ completely (noise images, shuffled labels): every
   training and validation number and the chosen epoch are identical; only the reported
@@ -137,6 +138,7 @@ def test_the_test_split_chooses_nothing(tmp_path, monkeypatch):
   assert metrics[0]["confusion_matrix"] != metrics[1]["confusion_matrix"]
 
 
+@pytest.mark.slow
 def test_study_table_is_the_stages_own_numbers(tmp_path):
   """A tiny study (one variant, budgets 2 per class and all, one seed, every arm): each
   row of study.json is the test macro AUC in its run's eval_metrics.json."""
