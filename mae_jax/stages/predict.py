@@ -42,6 +42,7 @@ from mae_jax.runtime import errors
 from mae_jax.runtime import fileio
 from mae_jax.runtime import parallel
 from mae_jax.runtime import workdir as workdir_lib
+from mae_jax.stages import classify
 from mae_jax.stages import registry
 from mae_jax.train import batching
 from mae_jax.train import steps
@@ -110,14 +111,16 @@ def find_model(model_dir: str | os.PathLike[str]) -> Path:
 
 def load_model(run_dir: str | os.PathLike[str]):
   """(model, params, batch_stats, the run's config, checkpoint step) of a fine-tune
-  workdir's best checkpoint; the model is built from the workdir's `config.json`.
+  workdir's best checkpoint; the model is built from the workdir's `config.json` (and a
+  probe's feature_choice.json).
 
   Raises:
     errors.IncompatibleCheckpointError: the checkpoint does not fit that config.
   """
   run_dir = Path(run_dir)
   config = ml_collections.ConfigDict(fileio.read_json(run_dir / workdir_lib.CONFIG_FILE))
-  model = build.build_classifier(config.model, len(layout.CLASS_NAMES))
+  model = build.build_classifier(config.model, len(layout.CLASS_NAMES),
+                                 feature=classify.read_feature_choice(run_dir))
   params, batch_stats = build.init_classifier(model, jax.random.key(0))
   restored, step = checkpoint.restore_latest_on_one_device(run_dir / workdir_lib.BEST_CHECKPOINT)
   loaded = {"params": restored.get("params"), "batch_stats": restored.get("batch_stats") or {}}
