@@ -232,6 +232,40 @@ class _Profile:
       logging.info("profile of steps %d-%d written to %s", self.first, self.last, self.folder)
 
 
+def _catch_up(loop: Loop, step: int, history: list[dict], carried: list[float],
+              end_epoch: Callable[[Any, int, dict], None]) -> None:
+  """A step checkpoint at an epoch's last step, then a stop before that epoch's
+  evaluation: the resumed run evaluates and records the epoch first."""
+  done = step // loop.steps_per_epoch
+  if step and step % loop.steps_per_epoch == 0 and (not history or history[-1]["epoch"] < done):
+    record = {"epoch": done, "step": step,
+              "train_loss": float(np.mean(carried)) if carried else None,
+              "lr": float(loop.schedule(step - 1)), "seconds": 0.0}
+    end_epoch(loop.state, done - 1, record)
+    history.append(record)
+    if is_main_process():
+      fileio.write_json_atomic(loop.workdir / workdir_lib.HISTORY_FILE, history)
+
+
+def _record_epoch(loop: Loop, state: Any, epoch: int, step: int, losses: list[float],
+                  seconds: float, history: list[dict], writer: MetricWriter,
+                  end_epoch: Callable[[Any, int, dict], None]) -> None:
+  """An epoch's record: its loss and rate, what `end_epoch` adds; logged, written as
+  scalars and appended to history.json."""
+  record = {"epoch": epoch + 1, "step": step,
+            "train_loss": float(np.mean(losses)) if losses else None,
+            "lr": float(loop.schedule(step - 1)), "seconds": round(seconds, 2)}
+  end_epoch(state, epoch, record)
+  history.append(record)
+  writer.write_scalars(step, {k: v for k, v in record.items()
+                              if isinstance(v, (int, float)) and k not in ("epoch", "step")})
+  logging.info("epoch %d/%d%s: %s", epoch + 1, loop.total_epochs, loop.describe(epoch),
+               ", ".join(f"{k} {v:.5g}" for k, v in record.items()
+                         if isinstance(v, float)))
+  if is_main_process():
+    fileio.write_json_atomic(loop.workdir / workdir_lib.HISTORY_FILE, history)
+
+
 def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer: MetricWriter,
                end_epoch: Callable[[Any, int, dict], None],
                progress: dict | None = None) -> Any:
@@ -250,16 +284,7 @@ def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer: MetricW
   due = lambda n, every: every > 0 and n % every == 0  # pylint: disable=unnecessary-lambda-assignment
   key = _resume_key(loop, step, progress, jax.random.fold_in(jax.random.key(cfg.seed), 1))
   carried = list((progress or {}).get("epoch_losses", []))
-  done = step // loop.steps_per_epoch
-  if step and step % loop.steps_per_epoch == 0 and (not history or history[-1]["epoch"] < done):
-    # A step checkpoint at an epoch's last step, then a stop before its evaluation: do it now.
-    record = {"epoch": done, "step": step,
-              "train_loss": float(np.mean(carried)) if carried else None,
-              "lr": float(loop.schedule(step - 1)), "seconds": 0.0}
-    end_epoch(loop.state, done - 1, record)
-    history.append(record)
-    if main:
-      fileio.write_json_atomic(loop.workdir / workdir_lib.HISTORY_FILE, history)
+  _catch_up(loop, step, history, carried, end_epoch)
   pace = _Pace(loop.total_epochs * loop.steps_per_epoch, writer)
   profile = _Profile(cfg, loop.workdir)
   state = loop.state
@@ -311,18 +336,8 @@ def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer: MetricW
     flush()
     writer.write_scalars(step, {f"train_{k}": v for k, v in last.items() if k != "finite"}
                          | {"lr": float(loop.schedule(step - 1))})
-    record = {"epoch": epoch + 1, "step": step,
-              "train_loss": float(np.mean(losses)) if losses else None,
-              "lr": float(loop.schedule(step - 1)), "seconds": round(time.time() - t0, 2)}
-    end_epoch(state, epoch, record)
-    history.append(record)
-    writer.write_scalars(step, {k: v for k, v in record.items()
-                                if isinstance(v, (int, float)) and k not in ("epoch", "step")})
-    logging.info("epoch %d/%d%s: %s", epoch + 1, loop.total_epochs, loop.describe(epoch),
-                 ", ".join(f"{k} {v:.5g}" for k, v in record.items()
-                           if isinstance(v, float)))
-    if main:
-      fileio.write_json_atomic(loop.workdir / workdir_lib.HISTORY_FILE, history)
+    _record_epoch(loop, state, epoch, step, losses, time.time() - t0, history, writer,
+                  end_epoch)
     if due(epoch + 1, cfg.checkpoint_every_epochs) or epoch + 1 == loop.total_epochs or \
         due(step, cfg.checkpoint_every_steps):
       checkpoint.save(mngr, step, state, _progress(loop, step, key, []))
