@@ -28,11 +28,11 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from mae_jax.data import arrays  # pylint: disable=g-import-not-at-top
-from mae_jax.data import batching  # pylint: disable=g-import-not-at-top
 from mae_jax.data import feeds  # pylint: disable=g-import-not-at-top
 from mae_jax.data import layout  # pylint: disable=g-import-not-at-top
 from mae_jax.data import npy_io  # pylint: disable=g-import-not-at-top
 from mae_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
+from mae_jax.train import batching  # pylint: disable=g-import-not-at-top
 from mae_jax.train import steps  # pylint: disable=g-import-not-at-top
 
 

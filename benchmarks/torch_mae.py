@@ -15,7 +15,7 @@ train/losses.py, train/optim.py), written the way a PyTorch user would
   MLP head 256 -> 512 -> 256 (BatchNorm, ReLU, dropout) -> classes; AdamW with an
   encoder rate and a head rate.
 
-Parameter names are facebookresearch/mae's, so `mae_jax.convert` reads a state
+Parameter names are facebookresearch/mae's, so `mae_jax.models.load` reads a state
 dict of `MaskedAutoencoder`; `state_dict_from_jax` goes the other way, so both
 systems can start from the same weights (`tests/test_throughput.py` checks that
 they then give the same outputs).

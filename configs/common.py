@@ -186,7 +186,7 @@ def classifier_config(preset: str, stage: str) -> ml_collections.ConfigDict:
 
 
 def classifier_optim(**overrides) -> ml_collections.ConfigDict:
-  """Optimiser keys read by `mae_jax.optim.classifier_optimizer`."""
+  """Optimiser keys read by `mae_jax.train.optim.classifier_optimizer`."""
   optim = dict(
       name="adamw", lr_groups=((r".*", 1e-3),), lr_scaling="none", layer_decay=1.0,
       frozen=(), weight_decay=0.0, b1=0.9, b2=0.999, momentum=0.9, trust_coefficient=0.001,

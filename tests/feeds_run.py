@@ -9,9 +9,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from mae_jax.data import batching  # pylint: disable=g-import-not-at-top
 from mae_jax.data import feeds  # pylint: disable=g-import-not-at-top
 from mae_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
+from mae_jax.train import batching  # pylint: disable=g-import-not-at-top
 from mae_jax.train import steps  # pylint: disable=g-import-not-at-top
 
 

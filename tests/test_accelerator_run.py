@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_accelerator_script_runs_end_to_end_at_tiny_size(tmp_path):
   out = tmp_path / "out"
   env = {**os.environ, "PYTHON": sys.executable, "RUN_DIR": str(tmp_path / "run"), "DATA": str(tmp_path / "sim"),

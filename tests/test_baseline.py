@@ -11,11 +11,12 @@ from sklearn import metrics as skm
 from sklearn import preprocessing
 
 from mae_jax.data import arrays
-from mae_jax.data import batching
 from mae_jax.data import layout
 from mae_jax.data import source
 from mae_jax.eval import baseline
+from mae_jax.runtime import workdir as workdir_lib
 from mae_jax.stages import classify
+from mae_jax.train import batching
 
 
 def _distance(size: int) -> np.ndarray:
@@ -117,6 +118,7 @@ def test_profiles_of_raw_images_normalise_them_as_the_model_does():
                              rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_classify_writes_the_baseline_beside_the_model(small_folder, tmp_path):
   """A probe-free fine-tune from scratch on 16x16 images: eval_metrics.json holds the
   baseline, equal to scikit-learn on the same splits, and the model's margin over it."""
@@ -135,7 +137,7 @@ def test_classify_writes_the_baseline_beside_the_model(small_folder, tmp_path):
   workdir = tmp_path / "run"
   classify.run(config, str(workdir))
 
-  written = json.loads((workdir / classify.EVAL_FILE).read_text())
+  written = json.loads((workdir / workdir_lib.EVAL_FILE).read_text())
   dataset = arrays.prepare(root, tmp_path / "cache", rule=source.split_rule(config.data),
                            progress=False)
   split = {name: (baseline.profiles_of(dataset[name].images), dataset[name].labels)

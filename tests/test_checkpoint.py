@@ -54,6 +54,7 @@ def test_half_written_checkpoint_is_ignored_and_removed(tmp_path):
   assert step == 3 and progress is None and not tmp.exists()
 
 
+@pytest.mark.slow
 def test_crash_points(tmp_path, monkeypatch):
   monkeypatch.delenv(faults.ENV, raising=False)
   faults.maybe_kill("save", 3)  # unset: nothing happens

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,16 +14,19 @@ from sklearn import metrics as skm
 from configs import finetune as finetune_config
 from configs import probe as probe_config
 from mae_jax.data import arrays
-from mae_jax.data import batching
 from mae_jax.data import feeds
 from mae_jax.eval import metrics as metrics_lib
 from mae_jax.models import build
+from mae_jax.models import heads
 from mae_jax.models import load
 from mae_jax.runtime import checkpoint
 from mae_jax.runtime import errors
+from mae_jax.runtime import fileio
 from mae_jax.runtime import parallel
+from mae_jax.runtime import workdir as workdir_lib
 from mae_jax.stages import classify
 from mae_jax.stages import common
+from mae_jax.train import batching
 from mae_jax.train import optim
 from mae_jax.train import steps
 
@@ -242,3 +247,32 @@ def test_restore_refuses_deeper_encoders_and_other_head_counts(tmp_path):
   with pytest.raises(errors.IncompatibleCheckpointError, match="model.heads=1, this one"):
     load.restore_from_stage(tmp_path / "heads", params, stats, dont_load=[],
                                   model=config.model.to_dict())
+
+
+def test_the_probe_feature_is_a_typed_value_in_its_own_file(tmp_path):
+  """feature_choice.json holds the block and pooling (read back without parsing a name);
+  a workdir from before that kept the choice in its config.json still reads; the feature
+  bank's candidates are the FeatureChoice names, and a classifier built with one reads it."""
+  choice = heads.FeatureChoice(block=0, pool="mean")
+  fileio.write_json_atomic(tmp_path / workdir_lib.FEATURES_FILE,
+                           {"chosen": choice.name, **dataclasses.asdict(choice)})
+  assert classify.read_feature_choice(tmp_path) == choice
+  old = tmp_path / "old"
+  old.mkdir()
+  fileio.write_json_atomic(old / workdir_lib.FEATURES_FILE, {"chosen": "block0_cls"})
+  fileio.write_json_atomic(old / workdir_lib.CONFIG_FILE,
+                           {"model": {"feature_block": 0, "pool": "cls"}})
+  assert classify.read_feature_choice(old) == heads.FeatureChoice(0, "cls")
+  assert classify.read_feature_choice(tmp_path / "fine-tune") is None
+
+  config = probe_config.get_config("tiny")
+  model = build.build_classifier(config.model, 3)
+  params, stats = build.init_classifier(model, jax.random.key(0))
+  images = jnp.zeros((2, config.model.image_size, config.model.image_size, 1))
+  bank = model.apply({"params": params, "batch_stats": stats}, images, method="feature_bank")
+  assert set(bank) == {c.name for c in heads.feature_candidates(config.model.depth)}
+  chosen = build.build_classifier(config.model, 3, feature=choice)
+  assert (chosen.feature_block, chosen.pool) == (0, "mean")
+  np.testing.assert_allclose(
+      chosen.apply({"params": params, "batch_stats": stats}, images, method="features"),
+      bank[choice.name], rtol=1e-5, atol=1e-6)

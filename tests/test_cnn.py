@@ -14,6 +14,7 @@ from configs import finetune as finetune_config
 from configs import probe as probe_config
 from mae_jax.models import build
 from mae_jax.models import cnn
+from mae_jax.runtime import workdir as workdir_lib
 from mae_jax.stages import classify
 from mae_jax.stages import validate
 from tests.conftest import write_folder
@@ -72,6 +73,7 @@ def test_cnn_configs_are_checked(tmp_path):
              for p in validate.problems(probe, tmp_path / "probe"))
 
 
+@pytest.mark.slow
 def test_a_cnn_fine_tune_trains_and_reports(tmp_path):
   root = tmp_path / "src"
   write_folder(root, per_class=16)
@@ -84,7 +86,7 @@ def test_a_cnn_fine_tune_trains_and_reports(tmp_path):
   config.init_from = ""
   config.epochs = 3
   classify.run(config, str(tmp_path / "run"))
-  metrics = json.loads((tmp_path / "run" / classify.EVAL_FILE).read_text())
+  metrics = json.loads((tmp_path / "run" / workdir_lib.EVAL_FILE).read_text())
   assert 0.0 <= metrics["macro_auc"] <= 1.0 and metrics["baseline"]["macro_auc"] is not None
   history = json.loads((tmp_path / "run" / "history.json").read_text())
   assert len(history) == 3 and all(np.isfinite(h["train_loss"]) for h in history)

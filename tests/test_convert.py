@@ -61,6 +61,7 @@ def _pair(shape, norm_pix):
   return hf, ours
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("norm_pix", [False, True])
 def test_parity_with_hugging_face(shape, norm_pix):
@@ -198,6 +199,7 @@ def test_hugging_face_folder_and_cli(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, from_disk, live)
 
 
+@pytest.mark.slow
 def test_cli_output_initialises_a_stage(tmp_path):
   """The CLI writes a stage-style checkpoint that restore_from_stage (init_from) reads."""
   torch = _torch()

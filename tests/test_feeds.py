@@ -1,5 +1,5 @@
 """Batches: the epoch order of each device's shard, normalisation and augmentation in
-JAX (data/batching.py), and the two feeds (data/feeds.py) that deliver them."""
+JAX (train/batching.py), and the two feeds (data/feeds.py) that deliver them."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mae_jax.data import batching
 from mae_jax.data import feeds
 from mae_jax.runtime import parallel
 from mae_jax.stages import common
+from mae_jax.train import batching
 from mae_jax.train import steps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,6 +110,7 @@ def test_evaluator_sees_every_example_once_in_canonical_order():
     np.testing.assert_array_equal(out, 2.0 * np.arange(23))
 
 
+@pytest.mark.slow
 def test_feeds_give_identical_batches_on_one_and_four_devices():
   """The host and the device feed give the same normalised, augmented batches, every
   batch of an epoch, and a chunk that starts mid-epoch sees the batches an epoch from

@@ -4,15 +4,20 @@
   scikit-learn: a subprocess that refuses those imports still imports every module
   there and runs one tiny pretraining step and one classifier step.
 - No import circles between the modules of `mae_jax` (function-level imports count).
+- `models/`, `train/` and `runtime/` import nothing from `data/` or `eval/` (the
+  batches' pure-JAX order, normalisation and augmentation live in `train/batching.py`,
+  which `data/` reuses).
 - Nothing outside `stages/` imports `stages/`; stages are dispatched through one
   registry; config problems are raised in one place; flattening goes through
-  `flax.traverse_util`, never a hand-written walk.
+  `flax.traverse_util`, never a hand-written walk; the names of a workdir's files are
+  spelled in `runtime/workdir.py` only.
 """
 
 from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -115,6 +120,13 @@ def test_nothing_outside_stages_imports_stages():
   assert not offenders, offenders
 
 
+def test_jax_only_layers_import_nothing_from_data_or_eval():
+  offenders = {m: sorted(t for t in targets if t.split(".")[1] in ("data", "eval", "stages"))
+               for m, targets in _graph().items() if m.split(".")[1:2] and m.split(".")[1] in JAX_ONLY}
+  offenders = {m: t for m, t in offenders.items() if t}
+  assert not offenders, offenders
+
+
 def test_jax_only_layers_import_none_of_the_heavy_libraries_statically():
   for name, path in _modules().items():
     if name.split(".")[1:2] and name.split(".")[1] in JAX_ONLY:
@@ -125,6 +137,7 @@ def test_jax_only_layers_import_none_of_the_heavy_libraries_statically():
         assert not bad, f"{name} imports {bad}"
 
 
+@pytest.mark.slow
 def test_jax_only_layers_run_a_step_where_heavy_libraries_cannot_be_imported():
   """Every module of models/, train/, runtime/ imports, and one tiny pretraining step
   and one classifier step run, with TensorFlow, tfds, clu, matplotlib and
@@ -276,3 +289,31 @@ def test_trees_are_flattened_by_flax_traverse_util_only(layer):
   for name, tree in _trees().items():
     if name.startswith(f"mae_jax.{layer}"):
       assert not _hand_written_walks(tree), f"{name}: {_hand_written_walks(tree)}"
+
+
+def test_workdir_file_names_are_spelled_in_one_place():
+  """The files stages read back from each other's workdirs are named in runtime/workdir.py."""
+  from mae_jax.runtime import workdir  # pylint: disable=g-import-not-at-top
+  names = {v for k, v in vars(workdir).items() if k.isupper() and isinstance(v, str)}
+  assert {"config.json", "best_checkpoint", "eval_metrics.json", "history.json"} <= names
+  for name, tree in _trees().items():
+    if name == "mae_jax.runtime.workdir":
+      continue
+    spelled = [n.lineno for n in ast.walk(tree)
+               if isinstance(n, ast.Constant) and n.value in names]
+    assert not spelled, f"{name} line(s) {spelled} spell a workdir file name"
+
+
+def test_documented_module_commands_are_real_modules():
+  """Every `python -m mae_jax....` in the README and docs names a module (no shim) that runs
+  its own `main` when executed."""
+  pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+  named = {m.rstrip(".") for page in pages
+           for m in re.findall(r"python -m (mae_jax[\w.]*)", page.read_text())}
+  assert {"mae_jax.models.load", "mae_jax.eval.plots", "mae_jax.data.simulate"} <= named
+  modules = _modules()
+  for name in named:
+    assert name in modules, f"{name} is documented but is no module"
+    assert not _is_package(name, modules) and 'if __name__ == "__main__":' in \
+        modules[name].read_text(), f"{name} does not run as a command"
+  assert "mae_jax.convert" not in modules and "mae_jax.plots" not in modules

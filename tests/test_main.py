@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from mae_jax.eval import plots
 from mae_jax.data import simulate
@@ -22,6 +23,7 @@ def _main(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
                         capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_data_stage_simulates_prepares_and_reports(tmp_path):
   data = tmp_path / "sim"
   args = ["--config=configs/data.py:tiny", f"--workdir={tmp_path / 'run'}",
@@ -45,6 +47,7 @@ def test_data_stage_simulates_prepares_and_reports(tmp_path):
   assert "simulating" not in again.stderr and "checking" not in again.stderr
 
 
+@pytest.mark.slow
 def test_missing_deeplense_folder_explains_layout(tmp_path):
   result = _main("--config=configs/data.py:tiny", f"--workdir={tmp_path / 'run'}",
                  "--config.data.source=deeplense", f"--config.data.dir={tmp_path / 'none'}",
@@ -55,6 +58,7 @@ def test_missing_deeplense_folder_explains_layout(tmp_path):
   assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_bad_files_are_listed(tmp_path):
   data = tmp_path / "src"
   simulate.generate(data, per_class=3, workers=1, progress=False)
@@ -78,6 +82,7 @@ def test_bad_files_are_listed(tmp_path):
   assert str(trunc) in report and str(nan) in report
 
 
+@pytest.mark.slow
 def test_misspelled_config_key_fails(tmp_path):
   result = _main("--config=configs/data.py:tiny", f"--workdir={tmp_path}",
                  "--config.data.validaton_fraction=0.2")
@@ -99,6 +104,7 @@ def _pretrain_args(tmp_path: Path, *extra: str) -> list[str]:
           "--config.data.sim.workers=1", *extra]
 
 
+@pytest.mark.slow
 def test_pretrain_writes_checkpoints_events_figures_and_resumes(tmp_path):
   run = tmp_path / "run"
   first = _main(*_pretrain_args(tmp_path))
@@ -125,6 +131,7 @@ def test_pretrain_writes_checkpoints_events_figures_and_resumes(tmp_path):
   assert (run / "checkpoints" / str(extended[2]["step"])).is_dir()
 
 
+@pytest.mark.slow
 def test_pretrain_divergence_stops_with_a_message(tmp_path):
   # Batch 4: 3 steps in the first epoch, so the run diverges before its first checkpoint.
   result = _main(*_pretrain_args(tmp_path, "--config.optim.lr=1e30", "--config.batch_size=4",
@@ -136,6 +143,7 @@ def test_pretrain_divergence_stops_with_a_message(tmp_path):
   assert not ckpts.exists() or not any(p.name.isdigit() for p in ckpts.iterdir())
 
 
+@pytest.mark.slow
 def test_pretrain_probe_finetune_chain(tmp_path):
   data = [f"--config.data.dir={tmp_path / 'sim'}", f"--config.data.cache_dir={tmp_path / 'cache'}",
           "--config.data.sim.workers=1"]
@@ -196,6 +204,7 @@ class _Evil:
     return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_bad_data_end_to_end(tmp_path):
   """A malicious pickle, a truncated file, a 150x150 image and an all-NaN image: one
   message naming each; with on_bad_file=skip the stage trains on the rest."""
@@ -232,6 +241,7 @@ def test_bad_data_end_to_end(tmp_path):
   assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_chain_runs_where_tensorflow_tfds_and_clu_cannot_be_imported(tmp_path):
   """The device feed and the safe reader need no TensorFlow: with an import hook refusing
   tensorflow, tensorflow_datasets and clu, the tiny pretrain -> probe -> fine-tune chain

@@ -56,6 +56,7 @@ def _pretrain(dtype: str, num_steps: int = 40):
   return mae, params, images, state, history, hlo
 
 
+@pytest.mark.slow
 def test_bfloat16_pretrain_computes_in_bfloat16_and_learns():
   mae, params, images, state, losses, hlo = _pretrain("bfloat16")
   assert "bf16" in hlo   # the matmuls really run in bfloat16

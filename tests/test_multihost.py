@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from mae_jax.runtime import checkpoint
 
@@ -63,6 +64,7 @@ def _assert_equal(a: dict, b: dict) -> None:
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_four_devices(tmp_path):
   data = [f"--config.data.dir={tmp_path / 'sim'}", f"--config.data.cache_dir={tmp_path / 'cache'}",
           "--config.data.sim.workers=1"]

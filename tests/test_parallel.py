@@ -17,6 +17,7 @@ from mae_jax.runtime import parallel
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.mark.slow
 def test_one_and_four_devices_give_the_same_steps():
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -46,6 +47,7 @@ def test_global_batch_shape():
   assert batch["image"].sharding.spec == parallel.BATCH
 
 
+@pytest.mark.slow
 def test_stage_restores_a_checkpoint_written_on_more_devices(tmp_path):
   """Pretrain on 4 devices, then start a stage from it on 1 (this process)."""
   script = f"""

@@ -15,8 +15,10 @@ import pytest
 from configs import pipeline as pipeline_config
 from mae_jax.eval import plots
 from mae_jax.runtime import fileio
+from mae_jax.runtime import workdir as workdir_lib
 from mae_jax.stages import pipeline
 from mae_jax.stages import report
+from mae_jax.stages import runs as runs_lib
 from mae_jax.stages import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,19 +66,19 @@ def test_incomplete_reason(tmp_path):
   d.mkdir()
   as_run = json.loads(json.dumps(probe.to_dict()))
   record = {"complete": True, "config": as_run, "step": None}
-  assert pipeline.incomplete_reason("probe", d, probe, None) == "not run yet"
-  assert "did not finish" in pipeline.incomplete_reason("probe", d, probe,
+  assert runs_lib.incomplete_reason("probe", d, probe, None) == "not run yet"
+  assert "did not finish" in runs_lib.incomplete_reason("probe", d, probe,
                                                         {**record, "complete": False})
-  assert "eval_metrics.json is missing" in pipeline.incomplete_reason("probe", d, probe, record)
+  assert "eval_metrics.json is missing" in runs_lib.incomplete_reason("probe", d, probe, record)
   (d / "eval_metrics.json").write_text("{}")
-  assert pipeline.incomplete_reason("probe", d, probe, record) is None
+  assert runs_lib.incomplete_reason("probe", d, probe, record) is None
   # The pipeline's own workdir, given another way, does not count as a change ...
   moved = {**record, "config": {**as_run, "init_from": "/elsewhere/pretrain"}}
-  assert pipeline.incomplete_reason("probe", d, probe, moved) is None
+  assert runs_lib.incomplete_reason("probe", d, probe, moved) is None
   # ... a real setting does, and so does a checkpoint other than the one it finished at.
   changed = {**record, "config": {**as_run, "epochs": as_run["epochs"] + 1}}
-  assert "config changed" in pipeline.incomplete_reason("probe", d, probe, changed)
-  assert "latest checkpoint" in pipeline.incomplete_reason("probe", d, probe,
+  assert "config changed" in runs_lib.incomplete_reason("probe", d, probe, changed)
+  assert "latest checkpoint" in runs_lib.incomplete_reason("probe", d, probe,
                                                            {**record, "step": 12})
 
 
@@ -115,12 +117,12 @@ def test_report_shows_the_stages_numbers_figures_and_baseline(tmp_path):
   fileio.write_json_atomic(run / "pretrain" / "pretrain_summary.json",
                            {"epochs": 60, "steps": 840, "final_train_loss": 0.08,
                             "final_val_loss": 0.077})
-  fileio.write_json_atomic(run / "pretrain" / pipeline.STAGE_FILE,
+  fileio.write_json_atomic(run / "pretrain" / workdir_lib.STAGE_RECORD,
                            _record("pretrain", [100.0, 162.5], step=900))
-  fileio.write_json_atomic(run / "probe" / pipeline.STAGE_FILE,
+  fileio.write_json_atomic(run / "probe" / workdir_lib.STAGE_RECORD,
                            _record("probe", [61.0], step=40,
                                    source={"stage": "pretrain", "step": 840}))
-  fileio.write_json_atomic(run / "finetune" / pipeline.STAGE_FILE,
+  fileio.write_json_atomic(run / "finetune" / workdir_lib.STAGE_RECORD,
                            _record("finetune", [30.0], step=40, complete=False,
                                    source={"stage": "pretrain", "step": 900}))
   config = pipeline_config.get_config("demo")
@@ -194,6 +196,7 @@ def _files(run: Path) -> dict[str, tuple[int, int]]:
           for p in run.rglob("*") if p.is_file() and p.parent != run}
 
 
+@pytest.mark.slow
 def test_pipeline_end_to_end_then_only_the_report(tmp_path):
   run = tmp_path / "run"
   args = ["--config=configs/pipeline.py:tiny", f"--workdir={run}",
@@ -204,9 +207,9 @@ def test_pipeline_end_to_end_then_only_the_report(tmp_path):
     args.append(f"--config.pretrain.init_weights={hf}")
   first = _main(*args)
   assert first.returncode == 0, first.stderr[-3000:]
-  for stage in pipeline.STAGES:
+  for stage in runs_lib.STAGES:
     assert f"stage {stage}: not run yet; running it in {run / stage}" in first.stderr
-    record = report.read_record(run / stage)
+    record = runs_lib.read_record(run / stage)
     assert record["complete"] and len(record["runs"]) == 1 and record["runs"][0]["seconds"] > 0
   if hf is not None:
     assert f"initialised from weights {hf}" in first.stderr
@@ -242,7 +245,7 @@ def test_pipeline_end_to_end_then_only_the_report(tmp_path):
   before, report_time = _files(run), (run / "report.md").stat().st_mtime_ns
   second = _main(*args)
   assert second.returncode == 0, second.stderr[-3000:]
-  for stage in pipeline.STAGES:
+  for stage in runs_lib.STAGES:
     assert f"stage {stage}: complete in {run / stage}, skipped" in second.stderr
   assert "running it" not in second.stderr and "resuming" not in second.stderr
   assert _files(run) == before

@@ -22,10 +22,13 @@ from mae_jax.data import layout
 from mae_jax.data import npy_io
 from mae_jax.eval import metrics as metrics_lib
 from mae_jax.models import build
+from mae_jax.models import heads
 from mae_jax.runtime import checkpoint
 from mae_jax.runtime import errors
 from mae_jax.runtime import fileio
 from mae_jax.runtime import parallel
+from mae_jax.runtime import workdir as workdir_lib
+from mae_jax.stages import classify
 from mae_jax.stages import predict
 from mae_jax.train import steps
 from tests import conftest
@@ -145,6 +148,19 @@ def test_flat_folder_has_no_labels(finetuned, tmp_path):
   assert (out / "bad_files.tsv").read_text() == "file\tdefect\n"
 
 
+def test_a_probe_is_rebuilt_with_the_feature_it_chose(finetuned, tmp_path):
+  """predict reads a probe's feature_choice.json, not a config rewritten to hold it."""
+  run = tmp_path / "probe"
+  shutil.copytree(finetuned[0], run)
+  model = predict.load_model(run)[0]
+  assert (model.feature_block, model.pool) == (-1, "cls")   # the config's
+  fileio.write_json_atomic(run / workdir_lib.FEATURES_FILE, {"chosen": "block0_mean",
+                                                             "block": 0, "pool": "mean"})
+  model = predict.load_model(run)[0]
+  assert classify.read_feature_choice(run) == heads.FeatureChoice(0, "mean")
+  assert (model.feature_block, model.pool) == (0, "mean")
+
+
 def test_missing_inputs_and_models_are_explained(finetuned, tmp_path):
   run, *_ = finetuned
   with pytest.raises(layout.LayoutError, match="does not exist"):
@@ -158,6 +174,7 @@ def test_missing_inputs_and_models_are_explained(finetuned, tmp_path):
   assert predict.find_model(run.parent) == run
 
 
+@pytest.mark.slow
 def test_predict_through_main(finetuned, tmp_path):
   run, *_ = finetuned
   data = _folder(tmp_path / "new")

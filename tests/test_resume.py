@@ -64,6 +64,7 @@ def _half_written(folder: Path) -> bool:
   return any("tmp" in p.name for p in folder.iterdir())
 
 
+@pytest.mark.slow
 def test_pretrain_killed_anywhere_resumes_bit_identical(tmp_path, data):
   args = ["--config=configs/pretrain.py:tiny", "--config.phase_epochs=(2, 2)",
           "--config.classes=('no_sub',)",   # a pool of 13 images: 3 steps per epoch
@@ -105,6 +106,7 @@ def test_pretrain_killed_anywhere_resumes_bit_identical(tmp_path, data):
   assert "cannot resume" in other.stderr and "steps_per_epoch 3 in the checkpoint" in other.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("feed, per_call", [("device", 3), ("host", 1)])
 def test_finetune_killed_inside_saves_resumes_bit_identical(tmp_path, data, feed, per_call):
   """With either feed, one step or three per dispatch (chunks end at checkpoints)."""
@@ -136,6 +138,7 @@ def test_finetune_killed_inside_saves_resumes_bit_identical(tmp_path, data, feed
   assert metrics[0] == metrics[1]
 
 
+@pytest.mark.slow
 def test_probe_killed_mid_run_resumes_on_the_pretrained_features(tmp_path, data):
   """The probe computes its frozen features before restoring its checkpoint: a resumed
   run must compute them from the pretrained encoder, not from a fresh init."""
@@ -164,6 +167,7 @@ def _tree_digest(folder: Path) -> str:
   return h.hexdigest()
 
 
+@pytest.mark.slow
 def test_divergence_names_step_and_metric_and_keeps_the_good_checkpoint(tmp_path, data):
   run = tmp_path / "run"
   base = ["--config=configs/pretrain.py:tiny", f"--workdir={run}", "--config.batch_size=4",

@@ -18,6 +18,7 @@ from configs import study as study_config
 from mae_jax.data import arrays
 from mae_jax.eval import plots
 from mae_jax.runtime import errors
+from mae_jax.runtime import workdir as workdir_lib
 from mae_jax.stages import classify
 from mae_jax.stages import common
 from mae_jax.stages import study
@@ -107,6 +108,7 @@ def test_goals_give_each_gap_to_its_target(tmp_path):
   assert [g["gap"] for g in drawn["data"]["goals"]] == [g["gap"] for g in got]
 
 
+@pytest.mark.slow
 def test_the_test_split_chooses_nothing(tmp_path, monkeypatch):
   """Two runs whose test splits differ completely (noise images, shuffled labels): every
   training and validation number and the chosen epoch are identical; only the reported
@@ -131,12 +133,13 @@ def test_the_test_split_chooses_nothing(tmp_path, monkeypatch):
   strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # pylint: disable=unnecessary-lambda-assignment
   histories = [strip(json.loads((r / "history.json").read_text())) for r in runs]
   assert histories[0] == histories[1]
-  metrics = [json.loads((r / classify.EVAL_FILE).read_text()) for r in runs]
+  metrics = [json.loads((r / workdir_lib.EVAL_FILE).read_text()) for r in runs]
   assert metrics[0]["epoch"] == metrics[1]["epoch"]
   assert metrics[0]["validation"] == metrics[1]["validation"]
   assert metrics[0]["confusion_matrix"] != metrics[1]["confusion_matrix"]
 
 
+@pytest.mark.slow
 def test_study_table_is_the_stages_own_numbers(tmp_path):
   """A tiny study (one variant, budgets 2 per class and all, one seed, every arm): each
   row of study.json is the test macro AUC in its run's eval_metrics.json."""
@@ -154,7 +157,7 @@ def test_study_table_is_the_stages_own_numbers(tmp_path):
   assert set(out["ceilings"]["model_ii"]["snr"]) == {"cdm", "axion"}   # simulated: measured
   assert out["ceilings"]["model_ii"]["snr"]["cdm"]["median"] > 0
   for row in out["rows"]:
-    metrics = json.loads((Path(row["run"]) / classify.EVAL_FILE).read_text())
+    metrics = json.loads((Path(row["run"]) / workdir_lib.EVAL_FILE).read_text())
     source = metrics["baseline"] if row["arm"] == "radial" else metrics
     assert row["test_macro_auc"] == source["macro_auc"]
     assert row["test_macro_auc_interval"] == source["intervals"]["macro_auc"]

@@ -142,6 +142,7 @@ def test_peak_flops_of_known_accelerators():
   assert throughput.peak_flops("cpu", "float32") is None
 
 
+@pytest.mark.slow
 def test_tiny_run_prints_every_line():
   """End to end at tiny size (~30 s on 2 cores): the feed, ours and PyTorch eager."""
   _torch_mae()

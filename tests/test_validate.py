@@ -143,6 +143,7 @@ def test_data_folder_without_class_folders(tmp_path):
   assert "python -m mae_jax.data.simulate --out" in found
 
 
+@pytest.mark.slow
 def test_all_problems_at_once_before_any_work(tmp_path):
   """Through main.py on 4 devices: every problem listed, no traceback, no data simulated."""
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
@@ -174,6 +175,7 @@ def _last_line(result: subprocess.CompletedProcess) -> str:
   return result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--config=configs/pretrain.py:demo", "--config.optim.lr_warmup=3"],
      "error: unknown config key optim.lr_warmup; did you mean optim.warmup_epochs?"),

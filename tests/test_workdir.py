@@ -38,6 +38,7 @@ def _hold(path: Path) -> subprocess.Popen:
   return holder
 
 
+@pytest.mark.slow
 def test_second_run_on_a_workdir_is_refused_with_the_holder(tmp_path):
   run = tmp_path / "run"
   holder = _hold(run)

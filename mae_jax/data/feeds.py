@@ -1,7 +1,7 @@
 """Feeds: how a split's examples reach the jitted steps.
 
 Both feeds cut the split into one shard per device, strided (example i on device
-i mod D, at row i div D; `data.batching`), and both deliver raw images: the step
+i mod D, at row i div D; `train.batching`), and both deliver raw images: the step
 normalises and augments them (`train.steps.Feeding`).
 
 - `DeviceFeed` puts the split in device memory once, sharded over the mesh's data
@@ -28,8 +28,8 @@ from absl import logging
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 
-from mae_jax.data import batching
 from mae_jax.runtime import parallel
+from mae_jax.train import batching
 
 FEEDS = ("auto", "device", "host")
 

@@ -15,9 +15,9 @@ import ml_collections
 from jax.experimental import multihost_utils
 
 from mae_jax.data import arrays
-from mae_jax.data import batching
 from mae_jax.data import simulate
 from mae_jax.data import splits
+from mae_jax.train import batching
 
 SOURCES = ("deeplense", "simulated")
 READERS = ("files", "tfds")
@@ -54,18 +54,15 @@ def load(data: ml_collections.ConfigDict, progress: bool = True) -> arrays.Datas
   """Makes sure the data folder exists (simulating it if so configured), prepares it,
   and returns every split as arrays.
 
+  `data` is checked beforehand (`stages/validate.py`: source, reader, variant, ...).
+
   Raises:
-    ValueError: unknown `data.source`, `data.reader` or `data.sim.variant`.
     errors.SimulationMismatchError: the simulated folder was made with other
       settings (e.g. the other `data.sim.variant`).
     errors.LayoutError: a `deeplense` folder without the class folders; the
       message says what is expected and how to simulate a folder.
     errors.BadDataError: bad files while `data.on_bad_file='error'`.
   """
-  if data.source not in SOURCES:
-    raise ValueError(f"data.source must be one of {SOURCES}, got {data.source!r}")
-  if data.reader not in READERS:
-    raise ValueError(f"data.reader must be one of {READERS}, got {data.reader!r}")
   if jax.process_count() == 1:
     return _make(data, progress)
   # Multi-process: process 0 simulates and prepares; the others then find it done

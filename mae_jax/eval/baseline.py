@@ -26,9 +26,9 @@ from sklearn import linear_model
 from sklearn import pipeline as sk_pipeline
 from sklearn import preprocessing
 
-from mae_jax.data import batching
 from mae_jax.data import layout
 from mae_jax.eval import metrics
+from mae_jax.train import batching
 
 DESCRIPTION = ("scikit-learn logistic regression (lbfgs, C=1, standardised features) on the "
                "azimuthally averaged radial profile about the image centre (1-pixel rings)")

@@ -1,7 +1,7 @@
 """Figures (matplotlib, headless): sample grids, loss curves, MAE reconstructions,
 ROC curves and confusion matrices.
 
-  python -m mae_jax.plots samples --data DIR --out samples.png [--per_class 6]
+  python -m mae_jax.eval.plots samples --data DIR --out samples.png [--per_class 6]
 """
 
 from __future__ import annotations
@@ -276,7 +276,8 @@ def _samples_from_folder(data: str, per_class: int):
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description="mae_jax figures")
+  parser = argparse.ArgumentParser(prog="python -m mae_jax.eval.plots",
+                                   description="mae_jax figures")
   sub = parser.add_subparsers(dest="what", required=True)
   s = sub.add_parser("samples", help="grid of images per class of a DeepLense folder")
   s.add_argument("--data", required=True, help="DeepLense-layout folder")

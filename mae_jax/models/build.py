@@ -63,12 +63,16 @@ def init_mae(mae: mae_lib.MAE, key: jax.Array) -> Any:
 
 
 def build_classifier(model: ml_collections.ConfigDict, num_classes: int,
-                     bn_axis_name: str | None = None) -> heads.Classifier | cnn.CNNClassifier:
+                     bn_axis_name: str | None = None,
+                     feature: heads.FeatureChoice | None = None
+                     ) -> heads.Classifier | cnn.CNNClassifier:
   """The classifier of a probe / fine-tune `model` config, with `num_classes` logits:
   the ViT classifier, or with `model.arch='cnn'` the small CNN.
 
   `bn_axis_name` names the mesh axis over which the BatchNorms average their batch
-  statistics in training (the data-parallel axis).
+  statistics in training (the data-parallel axis). `feature`, when given, is the frozen
+  feature the ViT classifier reads instead of `model.feature_block` and `model.pool`
+  (a probe's choice on validation).
   """
   arch = model.get("arch", "vit")
   if arch not in ARCHS:
@@ -79,9 +83,10 @@ def build_classifier(model: ml_collections.ConfigDict, num_classes: int,
                           widths=tuple(model.cnn_widths), stem=model.cnn_stem),
         num_classes=num_classes, head=model.head, head_hidden=tuple(model.head_hidden),
         dropout=model.dropout, bn_axis_name=bn_axis_name, dtype=dtype_of(model.dtype))
+  feature = feature or heads.FeatureChoice(model.get("feature_block", -1), model.pool)
   return heads.Classifier(
-      vit=vit_config(model), num_classes=num_classes, head=model.head, pool=model.pool,
-      feature_block=model.get("feature_block", -1),
+      vit=vit_config(model), num_classes=num_classes, head=model.head, pool=feature.pool,
+      feature_block=feature.block,
       head_hidden=tuple(model.head_hidden), dropout=model.dropout, drop_path=model.drop_path,
       bn_axis_name=bn_axis_name, dtype=dtype_of(model.dtype))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -54,6 +56,24 @@ def feature_name(block: int, pool: str) -> str:
   return f"block{block}_{pool}"
 
 
+@dataclasses.dataclass(frozen=True)
+class FeatureChoice:
+  """Which frozen feature a classifier reads: the tokens of `block` (-1: after the final
+  norm), pooled by `pool` ("cls" or "mean"). A probe chooses it on validation."""
+  block: int = -1
+  pool: str = "cls"
+
+  @property
+  def name(self) -> str:
+    return feature_name(self.block, self.pool)
+
+
+def feature_candidates(depth: int) -> tuple[FeatureChoice, ...]:
+  """Every feature `Classifier.feature_bank` computes for an encoder of `depth` blocks:
+  each block but the last, and the final normed tokens, each pooled both ways."""
+  return tuple(FeatureChoice(block, pool) for block in (*range(depth - 1), -1) for pool in POOLS)
+
+
 class Classifier(nn.Module):
   """ViT encoder on all patches (no masking) + a classification head.
 
@@ -99,9 +119,9 @@ class Classifier(nn.Module):
     """Every candidate feature of frozen `images` in one pass (inference mode): each
     block's output and the final normed tokens, each pooled both ways."""
     final, _, _, blocks = self.encoder(images, deterministic=True, return_blocks=True)
-    named = {i: t for i, t in enumerate(blocks[:-1])} | {-1: final}
-    return {feature_name(i, p): pool_tokens(t, p).astype(jnp.float32)
-            for i, t in named.items() for p in POOLS}
+    tokens = {i: t for i, t in enumerate(blocks[:-1])} | {-1: final}
+    return {c.name: pool_tokens(tokens[c.block], c.pool).astype(jnp.float32)
+            for c in feature_candidates(len(blocks))}
 
   def classify(self, features: jax.Array, train: bool = False) -> jax.Array:
     return self.classifier(features, train).astype(jnp.float32)

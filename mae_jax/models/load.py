@@ -5,7 +5,7 @@ fine-tune start from pretraining), and public PyTorch MAE weights
 (facebookresearch/mae state dicts or Hugging Face `ViTMAEForPreTraining`
 checkpoints, `load_params` / `import_weights`).
 
-  python -m mae_jax.convert --checkpoint mae_pretrain.pth \
+  python -m mae_jax.models.load --checkpoint mae_pretrain.pth \
       --config configs/pretrain.py:seed --out runs/imported
   python main.py --config=configs/finetune.py:seed --config.init_from=runs/imported ...
 
@@ -41,6 +41,7 @@ from mae_jax.models import build
 from mae_jax.models import masking
 from mae_jax.runtime import checkpoint
 from mae_jax.runtime import errors
+from mae_jax.runtime import workdir as workdir_lib
 
 PyTree = Any
 ConversionError = errors.ConversionError
@@ -317,7 +318,7 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
     for name in ("model.safetensors", "pytorch_model.bin"):
       if (path / name).exists():
         return load_state_dict(path / name)
-    if (path / "checkpoints").is_dir():
+    if (path / workdir_lib.CHECKPOINTS).is_dir():
       raise ConversionError(f"{path} is a mae_jax stage workdir, not a PyTorch checkpoint: "
                             f"start from it with --config.init_from={path}")
     raise ConversionError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
@@ -390,7 +391,7 @@ def restore_from_stage(source_workdir: str | Path, params: PyTree, batch_stats: 
   Returns:
     (params, batch_stats, the source step, names left freshly initialised).
   """
-  path = Path(source_workdir).absolute() / "checkpoints"
+  path = Path(source_workdir).absolute() / workdir_lib.CHECKPOINTS
   try:
     restored, step = checkpoint.restore_latest_on_one_device(path)
   except errors.MissingCheckpointError:
@@ -398,7 +399,7 @@ def restore_from_stage(source_workdir: str | Path, params: PyTree, batch_stats: 
         f"no checkpoint in {path}" + (f"; make one with:\n  {make_it}" if make_it else "")
     ) from None
   what = f"checkpoint {path}/{step}"
-  source_config = Path(source_workdir) / "config.json"
+  source_config = Path(source_workdir) / workdir_lib.CONFIG_FILE
   if model is not None and source_config.exists():
     theirs = json.loads(source_config.read_text()).get("model", {})
     for key in build.ENCODER_KEYS:
@@ -421,7 +422,7 @@ def restore_from_stage(source_workdir: str | Path, params: PyTree, batch_stats: 
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m mae_jax.convert", description=__doc__)
+  parser = argparse.ArgumentParser(prog="python -m mae_jax.models.load", description=__doc__)
   parser.add_argument("--checkpoint", required=True, help=".pth/.safetensors file or HF folder")
   parser.add_argument("--config", default="configs/pretrain.py:seed",
                       help="pretrain config (file.py:preset) whose model sizes to match")
@@ -443,7 +444,8 @@ def main(argv: list[str] | None = None) -> None:
   checkpoint.save(mngr, 0, {"params": params})
   mngr.wait_until_finished()
   mngr.close()
-  print(f"converted {args.checkpoint} -> {Path(args.out).absolute() / 'checkpoints' / '0'}; "
+  saved = Path(args.out).absolute() / workdir_lib.CHECKPOINTS / "0"
+  print(f"converted {args.checkpoint} -> {saved}; "
         f"start a stage from it with --config.init_from={args.out}")
 
 

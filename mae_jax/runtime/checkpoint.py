@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 
 from mae_jax.runtime import errors
 from mae_jax.runtime import faults
+from mae_jax.runtime import workdir as workdir_lib
 
 PyTree = Any
 STATE, PROGRESS = "state", "progress"
@@ -28,7 +29,7 @@ LEGACY_STATE = "default"   # single-item checkpoints (mae_jax before progress re
 
 
 def manager(workdir: str | Path, max_to_keep: int = 3,
-            folder: str = "checkpoints") -> ocp.CheckpointManager:
+            folder: str = workdir_lib.CHECKPOINTS) -> ocp.CheckpointManager:
   """A checkpoint manager over `<workdir>/<folder>` keeping the last `max_to_keep`."""
   path = Path(workdir).absolute() / folder
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
@@ -107,7 +108,7 @@ def restore_latest(mngr: ocp.CheckpointManager, template: PyTree
 
 def latest_step(workdir: str | Path) -> int | None:
   """The latest checkpoint step in a workdir, without building a state."""
-  path = Path(workdir).absolute() / "checkpoints"
+  path = Path(workdir).absolute() / workdir_lib.CHECKPOINTS
   if not path.is_dir():
     return None
   with ocp.CheckpointManager(path) as mngr:

@@ -1,5 +1,7 @@
-"""A stage's workdir: one run at a time (an advisory lock naming its holder) and
-a check that it can be written before any work starts."""
+"""A stage's workdir: the names of the files stages leave there (spelled here once,
+so every reader and writer agrees and existing workdirs resume), one run at a time
+(an advisory lock naming its holder), and a check that it can be written before any
+work starts."""
 
 from __future__ import annotations
 
@@ -16,6 +18,19 @@ from typing import Iterator
 from mae_jax.runtime import errors
 
 LOCK_FILE = ".mae_jax.lock"
+# What a stage leaves in its workdir, read back by resumes, later stages, predict,
+# the pipeline, its report and the study.
+CONFIG_FILE = "config.json"              # a training stage's config as run
+HISTORY_FILE = "history.json"            # a training stage's record per epoch
+METRICS_FILE = "metrics.jsonl"           # logged metrics, one JSON object a line
+CHECKPOINTS = "checkpoints"              # orbax: the latest states, resumed from
+BEST_CHECKPOINT = "best_checkpoint"      # orbax: the state of the epoch validation chose
+PLOTS = "plots"                          # figures, each with its data in a .json beside it
+DATA_SUMMARY = "data_summary.json"       # the data stage's summary
+PRETRAIN_SUMMARY = "pretrain_summary.json"  # the pretrain stage's summary
+EVAL_FILE = "eval_metrics.json"          # a classifier stage's test evaluation
+FEATURES_FILE = "feature_choice.json"    # a probe's frozen feature, chosen on validation
+STAGE_RECORD = "pipeline_stage.json"     # a pipeline stage's config, step and runs
 
 
 def writable_problem(workdir: str | os.PathLike[str]) -> str | None:

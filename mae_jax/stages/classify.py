@@ -12,6 +12,11 @@ split, and only the head trains on them; with `select_features` the block and
 pooling of those features are chosen on validation first. The test split is scored
 once, after training: for the epoch validation chose and for the final one (its
 frozen features and the baseline's test scores are computed earlier, and choose nothing).
+
+`run` is three phases on one `_Run`: `_setup` (data, model, starting params, the
+baseline, the cached features), `_fit` (optimiser, resumable training, validation)
+and `_close` (the test split, figures, eval_metrics.json). A probe's chosen feature
+is a `heads.FeatureChoice`, kept in feature_choice.json and read by `predict`.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -37,17 +42,15 @@ from mae_jax.models import build
 from mae_jax.models import heads
 from mae_jax.models import load
 from mae_jax.runtime import checkpoint
-from mae_jax.runtime import errors
 from mae_jax.runtime import fileio
 from mae_jax.runtime import parallel
+from mae_jax.runtime import workdir as workdir_lib
 from mae_jax.stages import common
 from mae_jax.stages import registry
 from mae_jax.train import loop as loop_lib
 from mae_jax.train import optim
 from mae_jax.train import steps
 
-EVAL_FILE = "eval_metrics.json"
-FEATURES_FILE = "feature_choice.json"
 
 
 def _source_stage(config: ml_collections.ConfigDict) -> str:
@@ -77,166 +80,204 @@ def _initial_params(config, model, workdir: Path) -> tuple[Any, Any]:
   return params, batch_stats
 
 
-def _feature_bank(model, params, batch_stats, splits: dict, mesh, config, dtype) -> dict:
+@dataclasses.dataclass
+class _Run:
+  """What the phases of one probe or fine-tune run share. `_setup` fills the first
+  fields; `_fit` opens the checkpoint managers and the writer, and `_close` closes them."""
+  config: ml_collections.ConfigDict
+  workdir: Path
+  mesh: jax.sharding.Mesh
+  splits: dict[str, Any]          # "train" (the labelled budget), "validation", "test"
+  model: Any
+  params: Any
+  batch_stats: Any
+  frozen: Any                     # per param: does the optimiser freeze it
+  base: dict | None               # the radial-profile baseline on validation and test
+  inputs: dict[str, np.ndarray]   # per split: its images, or its cached features
+  feature: heads.FeatureChoice | None = None
+  kind: str = ""                  # the feed: "device" or "host"
+  mngr: Any = None
+  best_mngr: Any = None
+  writer: Any = None
+
+  @property
+  def frozen_encoder(self) -> bool:
+    return all(jax.tree.leaves(self.frozen["encoder"]))
+
+  @property
+  def cached(self) -> bool:
+    """A frozen encoder without augmentation: its features are computed once per split
+    and only the head trains on them."""
+    return self.frozen_encoder and not self.config.augment
+
+  @property
+  def dtype(self) -> Any:
+    return build.dtype_of(self.config.model.dtype)
+
+  @property
+  def feed_dtype(self) -> Any:
+    return np.float32 if self.cached else self.dtype
+
+  def feeding(self, batch_size: int) -> steps.Feeding:
+    return steps.Feeding(source=self.kind, local_batch=batch_size // self.mesh.devices.size,
+                         seed=self.config.seed, dtype=self.dtype, images=not self.cached)
+
+  def feed(self, split: str) -> feeds.DeviceFeed | feeds.HostFeed:
+    return feeds.make(self.kind, self.inputs[split], self.splits[split].labels, self.mesh,
+                      self.config.seed, self.feed_dtype)
+
+
+def read_feature_choice(workdir: str | Path) -> heads.FeatureChoice | None:
+  """The frozen feature a probe in `workdir` trained on (feature_choice.json), or None
+  where the run cached no features (a fine-tune). Workdirs written before the file held
+  `block` and `pool` kept the choice in their config.json's model."""
+  workdir = Path(workdir)
+  path = workdir / workdir_lib.FEATURES_FILE
+  if not path.exists():
+    return None
+  saved = fileio.read_json(path)
+  if "block" not in saved:
+    model = fileio.read_json(workdir / workdir_lib.CONFIG_FILE)["model"]
+    return heads.FeatureChoice(model.get("feature_block", -1), model["pool"])
+  return heads.FeatureChoice(int(saved["block"]), saved["pool"])
+
+
+def _labelled_splits(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The labelled budget of the train split, validation and test, checked for size."""
+  dataset = common.load_dataset(config)
+  splits = {"train": common.labelled_subset(dataset["train"], config.labels_per_class,
+                                            config.seed),
+            "validation": dataset["validation"], "test": dataset["test"]}
+  common.log_split_sizes(config.stage, {"train (labelled)": splits["train"],
+                                        "validation": splits["validation"],
+                                        "test": splits["test"]})
+  for name in ("validation", "test"):
+    common.require(splits[name], 1, "labelled", config.data.dir)
+  common.require(splits["train"], config.batch_size, "labelled", config.data.dir)
+  return splits
+
+
+def _baseline(config: ml_collections.ConfigDict, splits: dict[str, Any]) -> dict:
+  """The non-deep baseline, fitted on the same labelled images; scored on val and test."""
+  profiles = {name: baseline.profiles_of(s.images) for name, s in splits.items()}
+  base = baseline.evaluate_baseline(
+      (profiles["train"], splits["train"].labels),
+      {name: (profiles[name], splits[name].labels) for name in ("validation", "test")},
+      intervals_seed=config.seed)
+  logging.info("baseline, %s: validation macro AUC %.4f", baseline.DESCRIPTION,
+               base["validation"]["metrics"]["macro_auc"])
+  return base
+
+
+def _feature_bank(run: _Run) -> dict:
   """{split: {candidate feature: (N, D)}} of the frozen encoder, one pass per split."""
-  fn = steps.feature_bank_fn(model)
-  tree = parallel.replicate({"params": params, "batch_stats": batch_stats}, mesh)
+  fn = steps.feature_bank_fn(run.model)
+  tree = parallel.replicate({"params": run.params, "batch_stats": run.batch_stats}, run.mesh)
   out = {}
-  for name, split in splits.items():
-    kind = common.choose_feed(config, split.images.nbytes, f"{name} features")
-    feed = feeds.make(kind, split.images, split.labels, mesh, config.seed, dtype)
-    feeding = steps.Feeding(source=kind, local_batch=config.eval_batch_size // mesh.devices.size,
-                            seed=config.seed, dtype=dtype)
-    out[name] = common.Evaluator(fn, mesh, feed, feeding)(tree)
+  for name, split in run.splits.items():
+    kind = common.choose_feed(run.config, split.images.nbytes, f"{name} features")
+    feed = feeds.make(kind, split.images, split.labels, run.mesh, run.config.seed, run.dtype)
+    feeding = steps.Feeding(source=kind, local_batch=run.config.eval_batch_size //
+                            run.mesh.devices.size, seed=run.config.seed, dtype=run.dtype)
+    out[name] = common.Evaluator(fn, run.mesh, feed, feeding)(tree)
   return out
 
 
-def _choose_features(config, workdir: Path, bank: dict, train, val) -> str:
-  """The candidate feature chosen on validation (kept in feature_choice.json, so a
-  resumed run keeps its choice)."""
-  path = workdir / FEATURES_FILE
-  if path.exists() and checkpoint.latest_step(workdir) is not None:
-    return fileio.read_json(path)["chosen"]
+def _choose_features(run: _Run, bank: dict) -> heads.FeatureChoice:
+  """The candidate feature chosen on validation, or the configured one (kept in
+  feature_choice.json, so a resumed run keeps its choice)."""
+  config = run.config
+  if (run.workdir / workdir_lib.FEATURES_FILE).exists() and \
+      checkpoint.latest_step(run.workdir) is not None:
+    return read_feature_choice(run.workdir)
+  scores = {}
+  chosen = heads.FeatureChoice(config.model.feature_block, config.model.pool)
   if config.select_features:
-    scores = features_lib.score_candidates(bank["train"], train.labels, bank["validation"],
-                                           val.labels)
-    chosen = features_lib.choose(scores)
-  else:
-    scores = {}
-    chosen = heads.feature_name(config.model.feature_block, config.model.pool)
+    scores = features_lib.score_candidates(bank["train"], run.splits["train"].labels,
+                                           bank["validation"], run.splits["validation"].labels)
+    candidates = {c.name: c for c in heads.feature_candidates(config.model.depth)}
+    chosen = candidates[features_lib.choose(scores)]
   if loop_lib.is_main_process():
-    fileio.write_json_atomic(path, {"chosen": chosen, "validation_macro_auc": scores,
-                                    "scored_by": "logistic regression on train features"})
-  logging.info("frozen features: %s%s", chosen,
-               f" (chosen on validation: {scores[chosen]:.4f})" if scores else "")
+    fileio.write_json_atomic(run.workdir / workdir_lib.FEATURES_FILE, {
+        "chosen": chosen.name, **dataclasses.asdict(chosen), "validation_macro_auc": scores,
+        "scored_by": "logistic regression on train features"})
+  logging.info("frozen features: %s%s", chosen.name,
+               f" (chosen on validation: {scores[chosen.name]:.4f})" if scores else "")
   return chosen
 
 
-def _write_figures(workdir: Path, title: str, chosen: dict, test_labels, base: dict | None,
-                   history: list) -> dict:
-  roc_png = plots.roc(metrics_lib.roc_curves(chosen["probs"], test_labels),
-                      workdir / "plots" / "roc.png",
-                      title=f"{title}, test split, epoch {chosen['epoch']}",
-                      baseline=base["test"]["curves"] if base else None)
-  confusion_png = plots.confusion(
-      chosen["metrics"]["confusion_matrix"], layout.CLASS_NAMES, workdir / "plots" / "confusion.png",
-      title=f"{title}, test accuracy {chosen['metrics']['accuracy']:.3f}")
-  plots.loss_curves(history, workdir / "plots" / "loss_curve.png", title=title,
-                    ylabel="cross-entropy")
-  return {"roc": plots.image_array(roc_png), "confusion": plots.image_array(confusion_png)}
+def _cache_features(run: _Run) -> None:
+  """The frozen encoder's features of every split, computed once; the classifier is
+  rebuilt to read the chosen one, and trains its head on them."""
+  start = time.time()
+  bank = _feature_bank(run)
+  run.feature = _choose_features(run, bank)
+  run.model = build.build_classifier(run.config.model, len(layout.CLASS_NAMES), parallel.AXIS,
+                                     feature=run.feature)
+  run.inputs = {name: b[run.feature.name] for name, b in bank.items()}
+  logging.info("frozen features of every split computed in %.1f s", time.time() - start)
 
 
-@registry.register("probe", "finetune")
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) a probe or fine-tune stage; returns its test evaluation."""
-  config = config.copy_and_resolve_references()   # the feature choice is written into it
-  workdir = Path(workdir)
-  main = loop_lib.is_main_process()
+def _setup(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
+  """Checks, data, the model and its starting params, the baseline, and (a frozen
+  encoder without augmentation) the cached features of every split."""
   mesh = parallel.make_mesh()
   parallel.check_batch(config.batch_size)
   parallel.check_batch(config.eval_batch_size, "eval_batch_size")
-  local_batch = config.batch_size // mesh.devices.size
-  dtype = build.dtype_of(config.model.dtype)
-  if main:
+  if loop_lib.is_main_process():
     workdir.mkdir(parents=True, exist_ok=True)
-
-  dataset = common.load_dataset(config)
-  train = common.labelled_subset(dataset["train"], config.labels_per_class, config.seed)
-  val, test = dataset["validation"], dataset["test"]
-  common.log_split_sizes(config.stage, {"train (labelled)": train, "validation": val,
-                                        "test": test})
-  for split in (val, test):
-    common.require(split, 1, "labelled", config.data.dir)
-  common.require(train, config.batch_size, "labelled", config.data.dir)
-
+  splits = _labelled_splits(config)
   model = build.build_classifier(config.model, len(layout.CLASS_NAMES), parallel.AXIS)
   params, batch_stats = _initial_params(config, model, workdir)
-  frozen = optim.match(params, config.optim.frozen)
-  frozen_encoder = all(jax.tree.leaves(frozen["encoder"]))
-  cached = frozen_encoder and not config.augment
-  if config.select_features and not cached:
-    raise errors.InsufficientDataError(
-        "select_features needs frozen, cached features: a frozen encoder (optim.frozen) and "
-        "augment=False")
+  run = _Run(config=config, workdir=workdir, mesh=mesh, splits=splits, model=model,
+             params=params, batch_stats=batch_stats,
+             frozen=optim.match(params, config.optim.frozen), base={}, inputs={})
+  run.base = _baseline(config, splits) if config.get("fit_baseline", True) else None
+  run.inputs = {name: s.images for name, s in splits.items()}
+  if run.cached:
+    _cache_features(run)
+  run.kind = common.choose_feed(config, run.inputs["train"].nbytes +
+                                run.inputs["validation"].nbytes, config.stage)
+  return run
 
-  # The non-deep baseline, fitted on the same labelled images; scored on val and test.
-  base = None
-  if config.get("fit_baseline", True):
-    profiles = {name: baseline.profiles_of(s.images) for name, s in
-                (("train", train), ("validation", val), ("test", test))}
-    base = baseline.evaluate_baseline(
-        (profiles["train"], train.labels),
-        {"validation": (profiles["validation"], val.labels),
-         "test": (profiles["test"], test.labels)},
-        intervals_seed=config.seed)
-    logging.info("baseline, %s: validation macro AUC %.4f", baseline.DESCRIPTION,
-                 base["validation"]["metrics"]["macro_auc"])
 
-  inputs = {name: s.images for name, s in (("train", train), ("validation", val), ("test", test))}
-  chosen_feature = None
-  if cached:   # the frozen encoder's features, once per split; only the head trains
-    start = time.time()
-    bank = _feature_bank(model, params, batch_stats, {"train": train, "validation": val,
-                                                      "test": test}, mesh, config, dtype)
-    chosen_feature = _choose_features(config, workdir, bank, train, val)
-    block, pool = chosen_feature.removeprefix("block").split("_")
-    config.model.feature_block, config.model.pool = int(block), pool
-    model = build.build_classifier(config.model, len(layout.CLASS_NAMES), parallel.AXIS)
-    inputs = {name: b[chosen_feature] for name, b in bank.items()}
-    logging.info("frozen features of every split computed in %.1f s", time.time() - start)
-
-  kind = common.choose_feed(config, inputs["train"].nbytes + inputs["validation"].nbytes,
-                            config.stage)
-  feed_dtype = np.float32 if cached else dtype
-  feed = feeds.make(kind, inputs["train"], train.labels, mesh, config.seed, feed_dtype)
-  val_feed = feeds.make(kind, inputs["validation"], val.labels, mesh, config.seed, feed_dtype)
-  steps_per_epoch = len(train) // config.batch_size
-  steps_per_epoch = min(steps_per_epoch, min(feed.layout.counts) // local_batch)
+def _optimizer(run: _Run, steps_per_epoch: int) -> tuple[Any, Any]:
+  """The optimiser of the trained params and the head's learning-rate schedule."""
+  config = run.config
   total_steps = config.epochs * steps_per_epoch
   tx, peaks = optim.classifier_optimizer(
-      params, config.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+      run.params, config.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
       global_batch=config.batch_size, depth=config.model.depth)
-  trained = sum(int(np.prod(p.shape)) for p, f in zip(jax.tree.leaves(params),
-                                                     jax.tree.leaves(frozen)) if not f)
+  trained = sum(int(np.prod(p.shape)) for p, f in zip(jax.tree.leaves(run.params),
+                                                     jax.tree.leaves(run.frozen)) if not f)
   logging.info("%s: %s params, %s trained; %d labelled images, %d steps per epoch%s",
-               config.stage, f"{optim.count_params(params):,}", f"{trained:,}", len(train),
-               steps_per_epoch, " (frozen encoder: cached features, head only)" if cached else "")
+               config.stage, f"{optim.count_params(run.params):,}", f"{trained:,}",
+               len(run.splits["train"]), steps_per_epoch,
+               " (frozen encoder: cached features, head only)" if run.cached else "")
   head_lr = max(jax.tree.leaves(peaks))
   schedule = optim.warmup_cosine(head_lr, total_steps,
                                  int(config.optim.warmup_epochs * steps_per_epoch),
                                  min(config.optim.min_lr, head_lr))
-  state = parallel.replicate(steps.ClassifierState.create(
-      apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats), mesh)
-  mngr = checkpoint.manager(workdir, config.keep_checkpoints)
-  best_mngr = checkpoint.manager(workdir, 1, folder="best_checkpoint")
-  writer = common.metric_writer(workdir, config)
-  state, step, history, progress = loop_lib.open_run(workdir, config, state, steps_per_epoch,
-                                                     mngr, writer)
-  for stale in [s for s in best_mngr.all_steps() if s > step]:  # from a run we no longer continue
-    best_mngr.delete(stale)
+  return tx, schedule
 
-  feeding = steps.Feeding(source=kind, local_batch=local_batch, seed=config.seed, dtype=dtype,
-                          images=not cached)
-  body = steps.classifier_body(model, frozen_encoder=frozen_encoder,
-                               label_smoothing=config.label_smoothing, inputs_are_features=cached)
-  chunks = common.Chunks(body, mesh, feed, feeding)
-  eval_feeding = dataclasses.replace(feeding,
-                                     local_batch=config.eval_batch_size // mesh.devices.size)
-  logits_fn = steps.logits_fn(model, inputs_are_features=cached)
-  evaluate_val = common.Evaluator(logits_fn, mesh, val_feed, eval_feeding)
-  augmentation = source.augmentation(config.data) if config.augment else None
+
+def _tree(state) -> dict:
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _validation(run: _Run, evaluate: common.Evaluator, history: list[dict]) -> Callable:
+  """The end of an epoch: every `eval_every_epochs` epochs (and after the last) the
+  validation metrics join its record, and a new best macro AUC saves best_checkpoint/."""
+  config = run.config
   best = max((h["val_macro_auc"] for h in history if h.get("val_macro_auc") is not None),
              default=-1.0)
-
-  def tree_of(state):
-    return {"params": state.params, "batch_stats": state.batch_stats}
 
   def end_epoch(state, epoch, record):
     nonlocal best
     if (epoch + 1) % config.eval_every_epochs and epoch + 1 != config.epochs:
-      return   # validation every `eval_every_epochs` epochs, and after the last
-    probs = metrics_lib.softmax(evaluate_val(tree_of(state)))
-    m = metrics_lib.classification_metrics(probs, val.labels)
+      return
+    probs = metrics_lib.softmax(evaluate(_tree(state)))
+    m = metrics_lib.classification_metrics(probs, run.splits["validation"].labels)
     record.update({"val_accuracy": m["accuracy"], "val_macro_auc": m["macro_auc"],
                    "val_micro_auc": m["micro_auc"]})
     record.update({f"val_auc_{k}": v for k, v in m["auc"].items()})
@@ -244,32 +285,70 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       best = m["macro_auc"]
       # Never two managers' saves in flight at once: across processes, the orbax barriers
       # of two concurrent asynchronous saves can meet in different orders and deadlock.
-      mngr.wait_until_finished()
-      checkpoint.save(best_mngr, record["step"], state)
-      best_mngr.wait_until_finished()
+      run.mngr.wait_until_finished()
+      checkpoint.save(run.best_mngr, record["step"], state)
+      run.best_mngr.wait_until_finished()
 
+  return end_epoch
+
+
+def _fit(run: _Run) -> tuple[Any, list[dict]]:
+  """Trains (or resumes) the classifier; returns the final state and the history."""
+  config = run.config
+  feed = run.feed("train")
+  steps_per_epoch = min(len(run.splits["train"]) // config.batch_size,
+                        min(feed.layout.counts) // (config.batch_size // run.mesh.devices.size))
+  tx, schedule = _optimizer(run, steps_per_epoch)
+  state = parallel.replicate(steps.ClassifierState.create(
+      apply_fn=run.model.apply, params=run.params, tx=tx, batch_stats=run.batch_stats), run.mesh)
+  run.mngr = checkpoint.manager(run.workdir, config.keep_checkpoints)
+  run.best_mngr = checkpoint.manager(run.workdir, 1, folder=workdir_lib.BEST_CHECKPOINT)
+  run.writer = common.metric_writer(run.workdir, config)
+  state, step, history, progress = loop_lib.open_run(run.workdir, config, state, steps_per_epoch,
+                                                     run.mngr, run.writer)
+  for stale in [s for s in run.best_mngr.all_steps() if s > step]:  # a run not continued
+    run.best_mngr.delete(stale)
+  body = steps.classifier_body(run.model, frozen_encoder=run.frozen_encoder,
+                               label_smoothing=config.label_smoothing,
+                               inputs_are_features=run.cached)
+  chunks = common.Chunks(body, run.mesh, feed, run.feeding(config.batch_size))
+  evaluate_val = common.Evaluator(steps.logits_fn(run.model, inputs_are_features=run.cached),
+                                  run.mesh, run.feed("validation"),
+                                  run.feeding(config.eval_batch_size))
+  augmentation = source.augmentation(config.data) if config.augment else None
   loop = loop_lib.Loop(
-      config=config, workdir=workdir, state=state,
+      config=config, workdir=run.workdir, state=state,
       run_chunk=lambda s, e, f, n, k: chunks(s, e, f, n, k, augmentation),
-      train_examples=len(train), global_batch=config.batch_size,
+      train_examples=len(run.splits["train"]), global_batch=config.batch_size,
       steps_per_epoch=steps_per_epoch, total_epochs=config.epochs, schedule=schedule)
-  start = time.time()
-  with checkpoint.finishing(mngr, best_mngr):   # saves in flight complete, even on failure
-    state = loop_lib.run_epochs(loop, step, history, mngr, writer, end_epoch, progress)
+  end_epoch = _validation(run, evaluate_val, history)
+  with checkpoint.finishing(run.mngr, run.best_mngr):   # saves in flight complete, even on failure
+    state = loop_lib.run_epochs(loop, step, history, run.mngr, run.writer, end_epoch, progress)
+  return state, history
 
-  # The test split, read now and only now: the epoch validation chose, and the last one.
-  test_feed = feeds.make(kind, inputs["test"], test.labels, mesh, config.seed, feed_dtype)
-  evaluate_test = common.Evaluator(logits_fn, mesh, test_feed, eval_feeding)
-  chosen_state, chosen_step, _ = checkpoint.restore_latest(best_mngr, state)
+
+def _test(run: _Run, state, history: list[dict]) -> dict[str, dict]:
+  """The test split, read now and only now: scored for the epoch validation chose
+  ("chosen") and for the last one ("final")."""
+  evaluate = common.Evaluator(steps.logits_fn(run.model, inputs_are_features=run.cached),
+                              run.mesh, run.feed("test"), run.feeding(run.config.eval_batch_size))
+  chosen_state, chosen_step, _ = checkpoint.restore_latest(run.best_mngr, state)
   results = {}
   for name, s, at in (("chosen", chosen_state, chosen_step), ("final", state, int(state.step))):
-    probs = metrics_lib.softmax(evaluate_test(tree_of(s)))
+    probs = metrics_lib.softmax(evaluate(_tree(s)))
     epoch = next((h["epoch"] for h in history if h["step"] == at), None)
     results[name] = {"probs": probs, "epoch": epoch, "step": at,
-                     "metrics": metrics_lib.with_intervals(probs, test.labels, seed=config.seed)}
-  chosen, final = results["chosen"], results["final"]
+                     "metrics": metrics_lib.with_intervals(probs, run.splits["test"].labels,
+                                                           seed=run.config.seed)}
+  return results
+
+
+def _summary(run: _Run, results: dict[str, dict], history: list[dict]) -> dict:
+  """eval_metrics.json: the chosen epoch's test metrics, its validation record, the final
+  epoch, the baseline and the margin over it."""
+  chosen, final, base = results["chosen"], results["final"], run.base
   val_best = next(h for h in history if h["step"] == chosen["step"])  # an evaluated epoch
-  summary = {
+  return {
       "split": "test", **chosen["metrics"], "epoch": chosen["epoch"], "step": chosen["step"],
       "chosen_by": "validation macro AUC",
       "validation": {k.removeprefix("val_"): v for k, v in val_best.items()
@@ -280,24 +359,57 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   if base else None,
       "margin_over_baseline": (baseline.margin(chosen["metrics"], base["test"]["metrics"])
                                if base else None),
-      "labels_per_class": config.labels_per_class, "train_examples": len(train),
-      "validation_examples": len(val), "test_examples": len(test),
-      "features": chosen_feature, "feed": kind,
+      "labels_per_class": run.config.labels_per_class, "train_examples": len(run.splits["train"]),
+      "validation_examples": len(run.splits["validation"]),
+      "test_examples": len(run.splits["test"]),
+      "features": run.feature.name if run.feature else None, "feed": run.kind,
   }
-  if main:
+
+
+def _close(run: _Run, state, history: list[dict], seconds: float) -> dict:
+  """Scores the test split, writes the figures and eval_metrics.json, closes the run."""
+  config = run.config
+  results = _test(run, state, history)
+  summary = _summary(run, results, history)
+  if loop_lib.is_main_process():
     title = f"{config.stage} ({config.preset})"
-    images = _write_figures(workdir, title, chosen, test.labels, base, history)
-    writer.write_images(int(state.step), images)
-    fileio.write_json_atomic(workdir / EVAL_FILE, summary)
-  writer.flush()
-  mngr.close()
-  best_mngr.close()
+    images = _write_figures(run.workdir, title, results["chosen"], run.splits["test"].labels,
+                            run.base, history)
+    run.writer.write_images(int(state.step), images)
+    fileio.write_json_atomic(run.workdir / workdir_lib.EVAL_FILE, summary)
+  run.writer.flush()
+  run.mngr.close()
+  run.best_mngr.close()
   logging.info("%s done in %.1f s; test (epoch %s, chosen on validation): macro AUC %.4f %s, "
-               "accuracy %.4f; final epoch: macro AUC %.4f", config.stage, time.time() - start,
-               chosen["epoch"], summary["macro_auc"], summary["intervals"]["macro_auc"],
-               summary["accuracy"], final["metrics"]["macro_auc"])
-  if base:
+               "accuracy %.4f; final epoch: macro AUC %.4f", config.stage, seconds,
+               results["chosen"]["epoch"], summary["macro_auc"], summary["intervals"]["macro_auc"],
+               summary["accuracy"], results["final"]["metrics"]["macro_auc"])
+  if run.base:
     logging.info("%s margin over the radial-profile baseline (test macro AUC %.4f): %s",
-                 config.stage, base["test"]["metrics"]["macro_auc"],
+                 config.stage, run.base["test"]["metrics"]["macro_auc"],
                  summary["margin_over_baseline"])
   return summary
+
+
+def _write_figures(workdir: Path, title: str, chosen: dict, test_labels, base: dict | None,
+                   history: list) -> dict:
+  roc_png = plots.roc(metrics_lib.roc_curves(chosen["probs"], test_labels),
+                      workdir / workdir_lib.PLOTS / "roc.png",
+                      title=f"{title}, test split, epoch {chosen['epoch']}",
+                      baseline=base["test"]["curves"] if base else None)
+  confusion_png = plots.confusion(
+      chosen["metrics"]["confusion_matrix"], layout.CLASS_NAMES,
+      workdir / workdir_lib.PLOTS / "confusion.png",
+      title=f"{title}, test accuracy {chosen['metrics']['accuracy']:.3f}")
+  plots.loss_curves(history, workdir / workdir_lib.PLOTS / "loss_curve.png", title=title,
+                    ylabel="cross-entropy")
+  return {"roc": plots.image_array(roc_png), "confusion": plots.image_array(confusion_png)}
+
+
+@registry.register("probe", "finetune")
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) a probe or fine-tune stage; returns its test evaluation."""
+  run_ = _setup(config, Path(workdir))
+  start = time.time()
+  state, history = _fit(run_)
+  return _close(run_, state, history, time.time() - start)

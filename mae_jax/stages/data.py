@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mae_jax.data import batching
 from mae_jax.data import feeds
 from mae_jax.data import layout
 from mae_jax.data import source
@@ -25,10 +24,11 @@ from mae_jax.data import splits
 from mae_jax.eval import plots
 from mae_jax.runtime import fileio
 from mae_jax.runtime import parallel
+from mae_jax.runtime import workdir as workdir_lib
 from mae_jax.stages import registry
+from mae_jax.train import batching
 from mae_jax.train import steps
 
-SUMMARY_FILE = "data_summary.json"
 
 
 def _samples(split, per_class: int) -> dict[str, np.ndarray]:
@@ -75,7 +75,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   h, w = dataset.image_shape
   shown = dataset["validation"] if len(dataset["validation"]) else train
   fig = plots.sample_grid(_samples(shown, config.samples_per_class),
-                          workdir / "plots" / "samples.png",
+                          workdir / workdir_lib.PLOTS / "samples.png",
                           title=f"{config.data.source} data, {h}x{w}, min-max normalised")
   summary = {
       "source": config.data.source,
@@ -91,10 +91,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "feed_batch": config.batch_size,
   }
   workdir.mkdir(parents=True, exist_ok=True)
-  fileio.write_json_atomic(workdir / SUMMARY_FILE, summary)
+  fileio.write_json_atomic(workdir / workdir_lib.DATA_SUMMARY, summary)
   for name, c in counts.items():
     logging.info("%-10s %s (total %d)", name, c, sum(c.values()))
   logging.info("image size %dx%d; %d bad file(s); device feed, augmented: %.0f images/s",
                h, w, len(dataset.bad_files), rate)
-  logging.info("wrote %s and %s", workdir / SUMMARY_FILE, fig)
+  logging.info("wrote %s and %s", workdir / workdir_lib.DATA_SUMMARY, fig)
   return summary

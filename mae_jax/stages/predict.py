@@ -32,7 +32,6 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from mae_jax.data import batching
 from mae_jax.data import layout
 from mae_jax.data import npy_io
 from mae_jax.eval import metrics as metrics_lib
@@ -42,7 +41,10 @@ from mae_jax.runtime import checkpoint
 from mae_jax.runtime import errors
 from mae_jax.runtime import fileio
 from mae_jax.runtime import parallel
+from mae_jax.runtime import workdir as workdir_lib
+from mae_jax.stages import classify
 from mae_jax.stages import registry
+from mae_jax.train import batching
 from mae_jax.train import steps
 
 PREDICTIONS_FILE = "predictions.csv"
@@ -98,7 +100,8 @@ def find_model(model_dir: str | os.PathLike[str]) -> Path:
   """
   root = Path(model_dir)
   for candidate in (root, root / "finetune"):
-    if (candidate / "best_checkpoint").is_dir() and (candidate / "config.json").exists():
+    if ((candidate / workdir_lib.BEST_CHECKPOINT).is_dir()
+        and (candidate / workdir_lib.CONFIG_FILE).exists()):
       return candidate
   raise errors.MissingCheckpointError(
       f"no fine-tuned model in {root}: expected {root}/best_checkpoint/ (a fine-tune workdir) "
@@ -108,16 +111,18 @@ def find_model(model_dir: str | os.PathLike[str]) -> Path:
 
 def load_model(run_dir: str | os.PathLike[str]):
   """(model, params, batch_stats, the run's config, checkpoint step) of a fine-tune
-  workdir's best checkpoint; the model is built from the workdir's `config.json`.
+  workdir's best checkpoint; the model is built from the workdir's `config.json` (and a
+  probe's feature_choice.json).
 
   Raises:
     errors.IncompatibleCheckpointError: the checkpoint does not fit that config.
   """
   run_dir = Path(run_dir)
-  config = ml_collections.ConfigDict(fileio.read_json(run_dir / "config.json"))
-  model = build.build_classifier(config.model, len(layout.CLASS_NAMES))
+  config = ml_collections.ConfigDict(fileio.read_json(run_dir / workdir_lib.CONFIG_FILE))
+  model = build.build_classifier(config.model, len(layout.CLASS_NAMES),
+                                 feature=classify.read_feature_choice(run_dir))
   params, batch_stats = build.init_classifier(model, jax.random.key(0))
-  restored, step = checkpoint.restore_latest_on_one_device(run_dir / "best_checkpoint")
+  restored, step = checkpoint.restore_latest_on_one_device(run_dir / workdir_lib.BEST_CHECKPOINT)
   loaded = {"params": restored.get("params"), "batch_stats": restored.get("batch_stats") or {}}
   template = {"params": params, "batch_stats": batch_stats}
   def shapes(tree):
@@ -126,14 +131,14 @@ def load_model(run_dir: str | os.PathLike[str]):
   if jax.tree.structure(shapes(loaded)) != jax.tree.structure(shapes(template)) or \
       jax.tree.leaves(shapes(loaded)) != jax.tree.leaves(shapes(template)):
     raise errors.IncompatibleCheckpointError(
-        f"the checkpoint in {run_dir / 'best_checkpoint'} does not fit the model its "
+        f"the checkpoint in {run_dir / workdir_lib.BEST_CHECKPOINT} does not fit the model its "
         f"config.json describes")
   return model, loaded["params"], loaded["batch_stats"], config, step
 
 
 def normalize(images: np.ndarray) -> np.ndarray:
   """(N, H, W) images -> (N, H, W, 1) float32, min-max scaled per image exactly as in
-  training (`data.batching.normalize`)."""
+  training (`train.batching.normalize`)."""
   return np.asarray(batching.normalize(np.asarray(images, np.float32)))[..., None]
 
 
@@ -192,7 +197,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run_dir = find_model(config.model_dir)
   model, params, batch_stats, run_config, step = load_model(run_dir)
   logging.info("classifying %d file(s) of %s with %s step %d", len(files), config.input,
-               run_dir / "best_checkpoint", step)
+               run_dir / workdir_lib.BEST_CHECKPOINT, step)
   done, bad = classify_files(files, model, params, batch_stats, run_config.model.image_size,
                              config.batch_size)
   names = layout.CLASS_NAMES
@@ -221,8 +226,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                "input": summary["input"]}
     fileio.write_json_atomic(workdir / METRICS_FILE, metrics)
     title = f"predictions on {Path(config.input).name} ({len(labels)} labelled files)"
-    plots.roc(metrics_lib.roc_curves(probs, labels), workdir / "plots" / "roc.png", title=title)
-    plots.confusion(metrics["confusion_matrix"], names, workdir / "plots" / "confusion.png",
+    plots.roc(metrics_lib.roc_curves(probs, labels), workdir / workdir_lib.PLOTS / "roc.png",
+              title=title)
+    plots.confusion(metrics["confusion_matrix"], names,
+                    workdir / workdir_lib.PLOTS / "confusion.png",
                     title=f"{title}, accuracy {metrics['accuracy']:.3f}")
     summary["metrics"] = str(workdir / METRICS_FILE)
     logging.info("labelled files: micro AUC %s, macro AUC %s, accuracy %.4f",

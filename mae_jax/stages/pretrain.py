@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from mae_jax.data import batching
 from mae_jax.data import feeds
 from mae_jax.data import source
 from mae_jax.eval import plots
@@ -29,14 +29,15 @@ from mae_jax.runtime import checkpoint
 from mae_jax.runtime import errors
 from mae_jax.runtime import fileio
 from mae_jax.runtime import parallel
+from mae_jax.runtime import workdir as workdir_lib
 from mae_jax.stages import common
 from mae_jax.stages import registry
+from mae_jax.train import batching
 from mae_jax.train import loop as loop_lib
 from mae_jax.train import losses
 from mae_jax.train import optim
 from mae_jax.train import steps
 
-SUMMARY_FILE = "pretrain_summary.json"
 
 
 def _phase_of(epoch: int, phase_epochs: tuple[int, ...]) -> int:
@@ -44,24 +45,10 @@ def _phase_of(epoch: int, phase_epochs: tuple[int, ...]) -> int:
   return int(np.searchsorted(ends, epoch, side="right"))
 
 
-@registry.register("pretrain")
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) MAE pretraining; returns the final summary."""
-  workdir = Path(workdir)
-  main = loop_lib.is_main_process()
-  phase_epochs = tuple(int(e) for e in config.phase_epochs)
-  mesh = parallel.make_mesh()
-  local_batch = parallel.check_batch(config.batch_size) // jax.local_device_count()
-  local_eval = parallel.check_batch(config.eval_batch_size, "eval_batch_size") // \
-      jax.local_device_count()
-  mae = build.build_mae(config.model)
-  loss = losses.Reconstruction.from_config(config.loss)
-  dtype = build.dtype_of(config.model.dtype)
-  if main:
-    workdir.mkdir(parents=True, exist_ok=True)
-
-  # The unlabelled pool: the train split's images of `classes`, subsampled to `pool_size`;
-  # validation images of the same classes give the validation loss. Test is never read.
+def _pool(config: ml_collections.ConfigDict) -> tuple[list[str], Any, Any]:
+  """(classes, pool, validation): the unlabelled pool is the train split's images of
+  `classes`, subsampled to `pool_size`; validation images of the same classes give the
+  validation loss. Test is never read."""
   classes = common.class_names_of(config.classes)
   dataset = common.load_dataset(config)
   pool = common.pool_subset(dataset["train"].of_classes(classes), config.pool_size, config.seed)
@@ -69,19 +56,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   common.log_split_sizes("pretraining images", {"pool": pool, "validation": val})
   common.require(pool, config.batch_size, "/".join(classes), config.data.dir)
   common.require(val, 1, "/".join(classes), config.data.dir)
-  kind = common.choose_feed(config, pool.images.nbytes + val.images.nbytes, "pretraining")
-  feed = feeds.make(kind, pool.images, pool.labels, mesh, config.seed, dtype)
-  val_feed = feeds.make(kind, val.images, val.labels, mesh, config.seed, dtype)
-  steps_per_epoch = batching.steps_per_epoch(len(pool), mesh.devices.size, local_batch)
-  if steps_per_epoch < 1:
-    raise errors.InsufficientDataError(
-        f"batch_size={config.batch_size} exceeds the {len(pool)} pretraining images of "
-        f"{list(classes)} ({len(pool) // mesh.devices.size} per device)")
-  total_epochs = sum(phase_epochs)
-  total_steps = total_epochs * steps_per_epoch
+  return classes, pool, val
 
-  key = jax.random.key(config.seed)
-  init_key, eval_key, plot_key = (jax.random.fold_in(key, i) for i in (0, 2, 3))
+
+def _initial_state(config: ml_collections.ConfigDict, mae, workdir: Path, mesh,
+                   steps_per_epoch: int, total_steps: int, init_key: jax.Array
+                   ) -> tuple[Any, Any]:
+  """The replicated train state (fresh params, or public weights on a fresh run) and the
+  learning-rate schedule."""
   params = build.init_mae(mae, init_key)
   if config.init_weights and checkpoint.latest_step(workdir) is None:  # a fresh run only
     params = load.import_weights(config.init_weights, params, mae.encoder.num_patches)
@@ -91,32 +73,52 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("MAE: %s params (encoder %s); %d steps per epoch of %d images",
                f"{optim.count_params(params):,}", f"{optim.count_params(params['encoder']):,}",
                steps_per_epoch, config.batch_size)
-  mngr = checkpoint.manager(workdir, config.keep_checkpoints)
-  writer = common.metric_writer(workdir, config)
-  state, step, history, progress = loop_lib.open_run(workdir, config, state, steps_per_epoch,
-                                                     mngr, writer)
-  feeding = steps.Feeding(source=kind, local_batch=local_batch, seed=config.seed, dtype=dtype)
-  chunks = common.Chunks(steps.pretrain_body(mae, loss, config.batch_size), mesh, feed, feeding)
-  eval_feeding = dataclasses.replace(feeding, local_batch=local_eval)
-  evaluate = common.Evaluator(steps.pretrain_eval_fn(mae, loss, eval_key),
-                              mesh, val_feed, eval_feeding)
-  reconstruct = steps.make_reconstruct(mae, loss)
-  phase_starts = list(np.cumsum((0,) + phase_epochs[:-1]))
+  return state, schedule
+
+
+def _plotter(config: ml_collections.ConfigDict, workdir: Path, mae, loss, val, history: list,
+             writer, plot_key: jax.Array) -> Callable:
+  """save_plots(state, record=None): the loss curves and reconstructions of validation
+  images, on the main process (`record`: the epoch just ended, not yet in the history)."""
+  phase_starts = list(np.cumsum((0,) + tuple(int(e) for e in config.phase_epochs)[:-1]))
   plot_images = np.asarray(batching.normalize(val.images[:config.num_reconstructions]))[..., None]
-  augmentation = source.augmentation(config.data)
+  reconstruct = steps.make_reconstruct(mae, loss)
 
   def save_plots(state, record=None):
-    if not main:
+    if not loop_lib.is_main_process():
       return
-    # `record`: the epoch just ended, not yet in the history.
-    plots.loss_curves(history + ([record] if record else []), workdir / "plots" / "loss_curve.png",
-                      phase_starts, title=f"MAE pretraining ({config.loss.type} loss)")
+    plots.loss_curves(history + ([record] if record else []),
+                      workdir / workdir_lib.PLOTS / "loss_curve.png", phase_starts,
+                      title=f"MAE pretraining ({config.loss.type} loss)")
     rows = jax.device_get(reconstruct(jax.device_get(state.params), plot_images, plot_key))
     rows = {k: rows[k] for k in steps.RECONSTRUCTION_ROWS}   # device_get sorts dict keys
     png = plots.reconstructions(
-        rows, workdir / "plots" / "reconstructions.png",
+        rows, workdir / workdir_lib.PLOTS / "reconstructions.png",
         title=f"step {int(state.step)}, mask ratio {config.model.mask_ratio}")
     writer.write_images(int(state.step), {"reconstructions": plots.image_array(png)})
+
+  return save_plots
+
+
+def _chunk_runner(config: ml_collections.ConfigDict, chunks: common.Chunks) -> Callable:
+  """The loop's run_chunk: augmentation in the phases `phase_augment` turns it on for."""
+  phase_epochs = tuple(int(e) for e in config.phase_epochs)
+  augmentation = source.augmentation(config.data)
+
+  def run_chunk(state, epoch, first, num, key):
+    augmented = config.phase_augment[_phase_of(epoch, phase_epochs)]
+    return chunks(state, epoch, first, num, key,
+                  augmentation if augmented and augmentation.enabled else None)
+
+  return run_chunk
+
+
+def _epoch_end(config: ml_collections.ConfigDict, evaluate: common.Evaluator,
+               save_plots: Callable) -> Callable:
+  """The end of an epoch: its phase and validation loss join its record; the figures
+  every `plot_every_epochs` epochs and after the last."""
+  phase_epochs = tuple(int(e) for e in config.phase_epochs)
+  total_epochs = sum(phase_epochs)
 
   def end_epoch(state, epoch, record):
     out = evaluate(state.params)
@@ -126,17 +128,55 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         epoch + 1 == total_epochs:
       save_plots(state, record)
 
-  def run_chunk(state, epoch, first, num, key):
-    augmented = config.phase_augment[_phase_of(epoch, phase_epochs)]
-    return chunks(state, epoch, first, num, key,
-                  augmentation if augmented and augmentation.enabled else None)
+  return end_epoch
 
+
+@registry.register("pretrain")
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) MAE pretraining; returns the final summary."""
+  workdir = Path(workdir)
+  phase_epochs = tuple(int(e) for e in config.phase_epochs)
+  mesh = parallel.make_mesh()
+  local_batch = parallel.check_batch(config.batch_size) // jax.local_device_count()
+  local_eval = parallel.check_batch(config.eval_batch_size, "eval_batch_size") // \
+      jax.local_device_count()
+  mae = build.build_mae(config.model)
+  loss = losses.Reconstruction.from_config(config.loss)
+  dtype = build.dtype_of(config.model.dtype)
+  if loop_lib.is_main_process():
+    workdir.mkdir(parents=True, exist_ok=True)
+
+  classes, pool, val = _pool(config)
+  kind = common.choose_feed(config, pool.images.nbytes + val.images.nbytes, "pretraining")
+  feed = feeds.make(kind, pool.images, pool.labels, mesh, config.seed, dtype)
+  val_feed = feeds.make(kind, val.images, val.labels, mesh, config.seed, dtype)
+  steps_per_epoch = batching.steps_per_epoch(len(pool), mesh.devices.size, local_batch)
+  if steps_per_epoch < 1:
+    raise errors.InsufficientDataError(
+        f"batch_size={config.batch_size} exceeds the {len(pool)} pretraining images of "
+        f"{list(classes)} ({len(pool) // mesh.devices.size} per device)")
+  total_epochs = sum(phase_epochs)
+
+  key = jax.random.key(config.seed)
+  init_key, eval_key, plot_key = (jax.random.fold_in(key, i) for i in (0, 2, 3))
+  state, schedule = _initial_state(config, mae, workdir, mesh, steps_per_epoch,
+                                   total_epochs * steps_per_epoch, init_key)
+  mngr = checkpoint.manager(workdir, config.keep_checkpoints)
+  writer = common.metric_writer(workdir, config)
+  state, step, history, progress = loop_lib.open_run(workdir, config, state, steps_per_epoch,
+                                                     mngr, writer)
+  feeding = steps.Feeding(source=kind, local_batch=local_batch, seed=config.seed, dtype=dtype)
+  chunks = common.Chunks(steps.pretrain_body(mae, loss, config.batch_size), mesh, feed, feeding)
+  evaluate = common.Evaluator(steps.pretrain_eval_fn(mae, loss, eval_key), mesh, val_feed,
+                              dataclasses.replace(feeding, local_batch=local_eval))
+  save_plots = _plotter(config, workdir, mae, loss, val, history, writer, plot_key)
   loop = loop_lib.Loop(
-      config=config, workdir=workdir, state=state, run_chunk=run_chunk,
+      config=config, workdir=workdir, state=state, run_chunk=_chunk_runner(config, chunks),
       train_examples=len(pool), global_batch=config.batch_size,
       steps_per_epoch=steps_per_epoch, total_epochs=total_epochs, schedule=schedule,
       describe=lambda e: f" (phase {_phase_of(e, phase_epochs) + 1})",
       phase=lambda e: _phase_of(e, phase_epochs) + 1)
+  end_epoch = _epoch_end(config, evaluate, save_plots)
   start = time.time()
   with checkpoint.finishing(mngr):   # saves in flight complete, even when training fails
     state = loop_lib.run_epochs(loop, step, history, mngr, writer, end_epoch, progress)
@@ -150,8 +190,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
              "final_train_loss": history[-1]["train_loss"] if history else None,
              "final_val_loss": history[-1]["val_loss"] if history else None,
              "wall_seconds_this_run": round(time.time() - start, 1)}
-  if main:
-    fileio.write_json_atomic(workdir / SUMMARY_FILE, summary)
+  if loop_lib.is_main_process():
+    fileio.write_json_atomic(workdir / workdir_lib.PRETRAIN_SUMMARY, summary)
   logging.info("pretraining done: %s", summary)
   mngr.close()
   return summary

@@ -25,15 +25,8 @@ from flax import traverse_util
 from mae_jax.data import layout
 from mae_jax.eval import plots
 from mae_jax.runtime import fileio
-from mae_jax.stages import classify
-from mae_jax.stages import data as data_stage
-from mae_jax.stages import pretrain
-
-# The pipeline's stages in order, the record each writes, and the file each writes last.
-STAGES = ("data", "pretrain", "probe", "finetune")
-STAGE_FILE = "pipeline_stage.json"
-OUTPUT = {"data": data_stage.SUMMARY_FILE, "pretrain": pretrain.SUMMARY_FILE,
-          "probe": classify.EVAL_FILE, "finetune": classify.EVAL_FILE}
+from mae_jax.runtime import workdir as workdir_lib
+from mae_jax.stages import runs as runs_lib
 
 REPORT_MD, REPORT_HTML, REPORT_JSON, FIGURE_GRID, FIGURES_JSON = (
     "report.md", "report.html", "report.json", "figures.png", "figures.json")
@@ -67,12 +60,6 @@ GRID = (("pretrain", "plots/reconstructions.png"), ("pretrain", "plots/loss_curv
 # --- Collecting ----------------------------------------------------------------------
 
 
-def read_record(stage_dir: str | os.PathLike[str]) -> dict | None:
-  """A stage's `pipeline_stage.json`, or None if it has none."""
-  path = Path(stage_dir) / STAGE_FILE
-  return fileio.read_json(path) if path.exists() else None
-
-
 def _read(path: Path) -> Any:
   return fileio.read_json(path) if path.exists() else None
 
@@ -101,9 +88,9 @@ def collect(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict,
                          "generated": datetime.datetime.now().isoformat(timespec="seconds"),
                          "command": " ".join(sys.argv), "stages": {}, "metrics": {},
                          "baselines": {}, "notes": [], "seed_published": SEED_PUBLISHED}
-  for name in STAGES:
+  for name in runs_lib.STAGES:
     d = workdir / name
-    record = read_record(d)
+    record = runs_lib.read_record(d)
     if name not in stages and record is None:
       continue
     runs = (record or {}).get("runs", [])
@@ -116,7 +103,7 @@ def collect(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict,
         "load_average_1m": ([runs[-1]["hardware"].get("load_average_1m"),
                              runs[-1].get("load_average_1m_end")] if runs else None),
         "step": (record or {}).get("step"),
-        "summary": _read(d / OUTPUT[name]),
+        "summary": _read(d / runs_lib.OUTPUT[name]),
     }
     out["stages"][name] = entry
     if name in ("probe", "finetune") and entry["summary"]:
@@ -125,7 +112,7 @@ def collect(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict,
         out["baselines"].setdefault(bname, b)
     source = (record or {}).get("source")
     if source and source.get("stage"):
-      now = (read_record(workdir / source["stage"]) or {}).get("step")
+      now = (runs_lib.read_record(workdir / source["stage"]) or {}).get("step")
       if source.get("step") is not None and now is not None and now != source["step"]:
         out["notes"].append(
             f"{name} was started from {source['stage']} step {source['step']}, but "
@@ -283,8 +270,8 @@ def figures(workdir: Path, data: dict) -> list[tuple[str, str]]:
            if (workdir / stage / rel).exists()]
   known = {p for _, p in found}
   for stage in data["stages"]:
-    for png in sorted((workdir / stage / "plots").glob("*.png")):
-      rel = f"{stage}/plots/{png.name}"
+    for png in sorted((workdir / stage / workdir_lib.PLOTS).glob("*.png")):
+      rel = f"{stage}/{workdir_lib.PLOTS}/{png.name}"
       if rel not in known:
         found.append((f"{STAGE_TITLES[stage]}: {png.stem.replace('_', ' ')}", rel))
   return found

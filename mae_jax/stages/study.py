@@ -49,10 +49,12 @@ from mae_jax.data import simulate
 from mae_jax.eval import plots
 from mae_jax.runtime import errors
 from mae_jax.runtime import fileio
-from mae_jax.stages import classify
-from mae_jax.stages import pipeline
+from mae_jax.runtime import workdir as workdir_lib
+from mae_jax.stages import classify  # pylint: disable=unused-import (registers probe, finetune)
+from mae_jax.stages import data as data_stage  # pylint: disable=unused-import (registers data)
 from mae_jax.stages import registry
 from mae_jax.stages import report
+from mae_jax.stages import runs as runs_lib
 from mae_jax.stages import validate
 from mae_jax.train import loop
 
@@ -111,14 +113,14 @@ def _budget_schedule(sub: ml_collections.ConfigDict, labels: int, train_size: in
 
 def _ensure(name: str, config: ml_collections.ConfigDict, stage_dir: Path) -> dict | None:
   """Runs stage `name` in `stage_dir` unless complete; returns its eval_metrics.json."""
-  record = report.read_record(stage_dir)
-  why = pipeline.incomplete_reason(name, stage_dir, config, record)
+  record = runs_lib.read_record(stage_dir)
+  why = runs_lib.incomplete_reason(name, stage_dir, config, record)
   if why is None:
     logging.info("study: %s complete, skipped", stage_dir)
   else:
     logging.info("study: %s: %s; running it", stage_dir, why)
-    pipeline.run_stage(name, registry.get(name), config, stage_dir, record)
-  path = stage_dir / classify.EVAL_FILE
+    runs_lib.run_stage(name, registry.get(name), config, stage_dir, record)
+  path = stage_dir / workdir_lib.EVAL_FILE
   return fileio.read_json(path) if path.exists() else None
 
 
@@ -455,7 +457,7 @@ def _write(workdir: Path, config, rows, summary, ceilings, goal_rows, seconds: f
 
 def _ensure_data(config, data, stage_dir: Path) -> dict:
   stage = _stage(config.data_stage, "data", config, data)
-  record = report.read_record(stage_dir)
-  if pipeline.incomplete_reason("data", stage_dir, stage, record) is not None:
-    pipeline.run_stage("data", registry.get("data"), stage, stage_dir, record)
-  return json.loads((stage_dir / "data_summary.json").read_text())
+  record = runs_lib.read_record(stage_dir)
+  if runs_lib.incomplete_reason("data", stage_dir, stage, record) is not None:
+    runs_lib.run_stage("data", registry.get("data"), stage, stage_dir, record)
+  return json.loads((stage_dir / workdir_lib.DATA_SUMMARY).read_text())

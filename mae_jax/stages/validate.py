@@ -227,9 +227,9 @@ def _source_checkpoint_problems(config: ml_collections.ConfigDict, workdir: Path
   if checkpoint.latest_step(source) is None:
     make = (f"python main.py --config=configs/{config.get('init_from_stage', 'pretrain')}.py:"
             f"{config.get('preset', 'demo')} --workdir={source}")
-    return [f"init_from: no checkpoint in {source.absolute() / 'checkpoints'}; make one with:\n"
-            f"  {make}"]
-  saved = source / "config.json"
+    return [f"init_from: no checkpoint in {source.absolute() / workdir_lib.CHECKPOINTS}; "
+            f"make one with:\n  {make}"]
+  saved = source / workdir_lib.CONFIG_FILE
   if not saved.exists():
     return []
   theirs = json.loads(saved.read_text()).get("model", {})

@@ -20,6 +20,8 @@ import numpy as np
 from absl import logging
 from matplotlib import image as mpl_image
 
+from mae_jax.runtime import workdir as workdir_lib
+
 try:  # TensorFlow-backed TensorBoard writer, where TensorFlow is installed.
   from clu import metric_writers as clu_writers
 except ImportError:  # pragma: no cover - exercised by the TensorFlow-free test
@@ -31,7 +33,6 @@ try:  # Event files without TensorFlow (what torch.utils.tensorboard uses too).
 except ImportError:  # pragma: no cover
   EventFileWriter = None
 
-METRICS_FILE = "metrics.jsonl"
 
 
 def _jsonable(value: Any) -> Any:
@@ -46,7 +47,7 @@ class JsonLinesWriter:
   """Appends every write to `<workdir>/metrics.jsonl`, flushed at each write."""
 
   def __init__(self, workdir: Path):
-    self.path = Path(workdir) / METRICS_FILE
+    self.path = Path(workdir) / workdir_lib.METRICS_FILE
     self.path.parent.mkdir(parents=True, exist_ok=True)
 
   def _append(self, record: dict) -> None:
@@ -180,5 +181,5 @@ def create(workdir: str | Path, main_process: bool, tensorboard: str = "auto") -
       _WARNED.append(True)
       logging.warning("neither TensorFlow nor the tensorboard package is installed: no "
                       "TensorBoard events are written; every metric is in %s",
-                      workdir / METRICS_FILE)
+                      workdir / workdir_lib.METRICS_FILE)
   return MultiWriter(writers)

@@ -28,9 +28,8 @@ from mae_jax.runtime import checkpoint
 from mae_jax.runtime import errors
 from mae_jax.runtime import faults
 from mae_jax.runtime import fileio
+from mae_jax.runtime import workdir as workdir_lib
 
-HISTORY_FILE = "history.json"
-CONFIG_FILE = "config.json"
 # How often (seconds) the loop logs steps/s and the time left.
 REPORT_EVERY_SECONDS = 60.0
 
@@ -54,13 +53,6 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
-def agree_min(value: int) -> int:
-  """The minimum of `value` over all processes (the same number everywhere)."""
-  if jax.process_count() == 1:
-    return int(value)
-  return int(np.min(multihost_utils.process_allgather(np.asarray(value))))
-
-
 def agree_max(value: int) -> int:
   """The maximum of `value` over all processes."""
   if jax.process_count() == 1:
@@ -81,7 +73,7 @@ def check_finite(metrics: dict, step: int) -> dict[str, float]:
 
 def load_history(workdir: Path, completed_epochs: int) -> list[dict]:
   """Per-epoch records of earlier runs, cut to the epochs the checkpoint completed."""
-  path = workdir / HISTORY_FILE
+  path = workdir / workdir_lib.HISTORY_FILE
   if not path.exists():
     return []
   return [h for h in json.loads(path.read_text()) if h["epoch"] <= completed_epochs]
@@ -157,7 +149,7 @@ def open_run(workdir: Path, config: ml_collections.ConfigDict, state: Any,
   if step == 0:
     writer.write_hparams(hparams(config))
     if is_main_process():
-      fileio.write_json_atomic(workdir / CONFIG_FILE, config.to_dict())
+      fileio.write_json_atomic(workdir / workdir_lib.CONFIG_FILE, config.to_dict())
   return state, step, history, progress
 
 
@@ -242,6 +234,40 @@ class _Profile:
                    self.first, self.last, self.folder)
 
 
+def _catch_up(loop: Loop, step: int, history: list[dict], carried: list[float],
+              end_epoch: Callable[[Any, int, dict], None]) -> None:
+  """A step checkpoint at an epoch's last step, then a stop before that epoch's
+  evaluation: the resumed run evaluates and records the epoch first."""
+  done = step // loop.steps_per_epoch
+  if step and step % loop.steps_per_epoch == 0 and (not history or history[-1]["epoch"] < done):
+    record = {"epoch": done, "step": step,
+              "train_loss": float(np.mean(carried)) if carried else None,
+              "lr": float(loop.schedule(step - 1)), "seconds": 0.0}
+    end_epoch(loop.state, done - 1, record)
+    history.append(record)
+    if is_main_process():
+      fileio.write_json_atomic(loop.workdir / workdir_lib.HISTORY_FILE, history)
+
+
+def _record_epoch(loop: Loop, state: Any, epoch: int, step: int, losses: list[float],
+                  seconds: float, history: list[dict], writer: MetricWriter,
+                  end_epoch: Callable[[Any, int, dict], None]) -> None:
+  """An epoch's record: its loss and rate, what `end_epoch` adds; logged, written as
+  scalars and appended to history.json."""
+  record = {"epoch": epoch + 1, "step": step,
+            "train_loss": float(np.mean(losses)) if losses else None,
+            "lr": float(loop.schedule(step - 1)), "seconds": round(seconds, 2)}
+  end_epoch(state, epoch, record)
+  history.append(record)
+  writer.write_scalars(step, {k: v for k, v in record.items()
+                              if isinstance(v, (int, float)) and k not in ("epoch", "step")})
+  logging.info("epoch %d/%d%s: %s", epoch + 1, loop.total_epochs, loop.describe(epoch),
+               ", ".join(f"{k} {v:.5g}" for k, v in record.items()
+                         if isinstance(v, float)))
+  if is_main_process():
+    fileio.write_json_atomic(loop.workdir / workdir_lib.HISTORY_FILE, history)
+
+
 def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer: MetricWriter,
                end_epoch: Callable[[Any, int, dict], None],
                progress: dict | None = None) -> Any:
@@ -260,16 +286,7 @@ def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer: MetricW
   due = lambda n, every: every > 0 and n % every == 0  # pylint: disable=unnecessary-lambda-assignment
   key = _resume_key(loop, step, progress, jax.random.fold_in(jax.random.key(cfg.seed), 1))
   carried = list((progress or {}).get("epoch_losses", []))
-  done = step // loop.steps_per_epoch
-  if step and step % loop.steps_per_epoch == 0 and (not history or history[-1]["epoch"] < done):
-    # A step checkpoint at an epoch's last step, then a stop before its evaluation: do it now.
-    record = {"epoch": done, "step": step,
-              "train_loss": float(np.mean(carried)) if carried else None,
-              "lr": float(loop.schedule(step - 1)), "seconds": 0.0}
-    end_epoch(loop.state, done - 1, record)
-    history.append(record)
-    if main:
-      fileio.write_json_atomic(loop.workdir / HISTORY_FILE, history)
+  _catch_up(loop, step, history, carried, end_epoch)
   pace = _Pace(loop.total_epochs * loop.steps_per_epoch, writer)
   profile = _Profile(cfg, loop.workdir)
   state = loop.state
@@ -321,18 +338,8 @@ def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer: MetricW
     flush()
     writer.write_scalars(step, {f"train_{k}": v for k, v in last.items() if k != "finite"}
                          | {"lr": float(loop.schedule(step - 1))})
-    record = {"epoch": epoch + 1, "step": step,
-              "train_loss": float(np.mean(losses)) if losses else None,
-              "lr": float(loop.schedule(step - 1)), "seconds": round(time.time() - t0, 2)}
-    end_epoch(state, epoch, record)
-    history.append(record)
-    writer.write_scalars(step, {k: v for k, v in record.items()
-                                if isinstance(v, (int, float)) and k not in ("epoch", "step")})
-    logging.info("epoch %d/%d%s: %s", epoch + 1, loop.total_epochs, loop.describe(epoch),
-                 ", ".join(f"{k} {v:.5g}" for k, v in record.items()
-                           if isinstance(v, float)))
-    if main:
-      fileio.write_json_atomic(loop.workdir / HISTORY_FILE, history)
+    _record_epoch(loop, state, epoch, step, losses, time.time() - t0, history, writer,
+                  end_epoch)
     if due(epoch + 1, cfg.checkpoint_every_epochs) or epoch + 1 == loop.total_epochs or \
         due(step, cfg.checkpoint_every_steps):
       checkpoint.save(mngr, step, state, _progress(loop, step, key, []))

@@ -12,7 +12,7 @@ returns each step's metrics, fetched by the loop only when it needs them. Where 
 batches come from is a `Feeding`: `device`, the split already in device memory
 (each device gathers its rows from the epoch's order), or `host`, the chunk's raw
 batches passed in. Either way the step normalises and augments them with
-`data.batching`, so a run's batches do not depend on the feed.
+`train.batching`, so a run's batches do not depend on the feed.
 
 Nothing here reads files or imports TensorFlow, clu, matplotlib or scikit-learn.
 """
@@ -31,11 +31,11 @@ import optax
 from flax.training import train_state
 from jax import lax
 
-from mae_jax.data import batching
 from mae_jax.models import heads
 from mae_jax.models import mae as mae_lib
 from mae_jax.models import masking
 from mae_jax.runtime import parallel
+from mae_jax.train import batching
 from mae_jax.train import losses
 
 TrainState = train_state.TrainState
