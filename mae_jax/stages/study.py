@@ -47,7 +47,6 @@ from absl import logging
 from mae_jax.data import layout
 from mae_jax.data import simulate
 from mae_jax.eval import plots
-from mae_jax.runtime import errors
 from mae_jax.runtime import fileio
 from mae_jax.runtime import workdir as workdir_lib
 from mae_jax.stages import classify  # pylint: disable=unused-import (registers probe, finetune)
@@ -295,7 +294,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) every run of the study; writes its tables, figure and report."""
   workdir = Path(workdir)
   start = time.time()
-  _check(config)
+  validate.check_study(config, ARMS)
   first = config.data.copy_and_resolve_references()
   first.dir = config.data_dirs[config.variants[0]]
   validate.check_chain({name: _stage(sub, name, config, first) for name, sub in (
@@ -316,18 +315,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _write(workdir, config, rows, summary, ceilings, goal_rows, seconds)
   logging.info("study done in %s: %s", report.duration(seconds), workdir / TABLE_FILE)
   return {"rows": len(rows), "table": str(workdir / TABLE_FILE)}
-
-
-def _check(config: ml_collections.ConfigDict) -> None:
-  """The study's own keys (each stage's are checked by `validate.check_chain`)."""
-  found = [f"unknown arm {a!r}; choose among {', '.join(ARMS)}"
-           for a in dict.fromkeys((*config.arms, *(a for v in config.variant_arms.values()
-                                                   for a in v))) if a not in ARMS]
-  found += [f"unknown variant {v!r}; choose among {', '.join(config.data_dirs)} (or add "
-            f"data_dirs.{v})" for v in config.variants if v not in config.data_dirs]
-  if found:
-    raise errors.ConfigError(f"{len(found)} config problem(s), nothing was run:\n"
-                             + "\n".join(f"  - {p}" for p in found))
 
 
 def _run_variant(config: ml_collections.ConfigDict, variant: str, vdir: Path

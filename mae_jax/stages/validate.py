@@ -14,7 +14,7 @@ import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -280,6 +280,19 @@ def check(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str],
   if found:
     lines = "\n".join(f"  - {p}" for p in found)
     raise ConfigError(f"{len(found)} config problem(s), nothing was run:\n{lines}")
+
+
+def check_study(config: ml_collections.ConfigDict, arms: Sequence[str]) -> None:
+  """The study's own keys, before anything runs (each stage's are `check_chain`'s):
+  every arm one of `arms`, every variant one with a data folder."""
+  found = [f"unknown arm {a!r}; choose among {', '.join(arms)}"
+           for a in dict.fromkeys((*config.arms, *(a for v in config.variant_arms.values()
+                                                   for a in v))) if a not in arms]
+  found += [f"unknown variant {v!r}; choose among {', '.join(config.data_dirs)} (or add "
+            f"data_dirs.{v})" for v in config.variants if v not in config.data_dirs]
+  if found:
+    raise ConfigError(f"{len(found)} config problem(s), nothing was run:\n"
+                      + "\n".join(f"  - {p}" for p in found))
 
 
 def check_chain(stages: dict[str, ml_collections.ConfigDict], workdir: Path) -> None:
