@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mae_jax.models import dense
 from mae_jax.models import masking
 from mae_jax.models import vit
 
@@ -29,7 +30,7 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:
     enc, cfg = self.encoder, self.config
-    x = nn.Dense(cfg.dim, kernel_init=vit.xavier, dtype=self.dtype, name="embed")(latent)
+    x = dense.Dense(cfg.dim, kernel_init=vit.xavier, dtype=self.dtype, name="embed")(latent)
     n, visible = x.shape[0], x.shape[1] - 1
     token = self.param("mask_token", vit.token_init, (1, 1, cfg.dim)).astype(self.dtype)
     tokens = jnp.broadcast_to(token, (n, enc.num_patches - visible, cfg.dim))
@@ -41,7 +42,7 @@ class Decoder(nn.Module):
       x = vit.Block(cfg.dim, cfg.heads, cfg.mlp_ratio, 0.0, self.dtype, name=f"block_{i}")(x)
     x = nn.LayerNorm(epsilon=vit.LN_EPS, dtype=self.dtype, name="norm")(x)
     out = enc.patch * enc.patch * enc.channels
-    x = nn.Dense(out, kernel_init=vit.xavier, dtype=self.dtype, name="pred")(x)
+    x = dense.Dense(out, kernel_init=vit.xavier, dtype=self.dtype, name="pred")(x)
     return x[:, 1:].astype(jnp.float32)
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from mae_jax.models import attention
+from mae_jax.models import dense
 from mae_jax.models import masking
 
 Dtype = Any
@@ -59,11 +60,11 @@ class Attention(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.dim % self.heads:
       raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
-    qkv = nn.Dense(3 * self.dim, kernel_init=xavier, dtype=self.dtype, name="qkv")(x)
+    qkv = dense.Dense(3 * self.dim, kernel_init=xavier, dtype=self.dtype, name="qkv")(x)
     # Exact softmax attention in cache-sized blocks with a hand-written backward (see
     # mae_jax/models/attention.py): the plain einsum-softmax-einsum form was half of the CPU step.
     out = attention.multi_head_attention(qkv, self.heads)
-    return nn.Dense(self.dim, kernel_init=xavier, dtype=self.dtype, name="proj")(out)
+    return dense.Dense(self.dim, kernel_init=xavier, dtype=self.dtype, name="proj")(out)
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -85,9 +86,9 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     dim = x.shape[-1]
-    x = nn.Dense(self.hidden, kernel_init=xavier, dtype=self.dtype, name="fc1")(x)
+    x = dense.Dense(self.hidden, kernel_init=xavier, dtype=self.dtype, name="fc1")(x)
     x = gelu(x)
-    return nn.Dense(dim, kernel_init=xavier, dtype=self.dtype, name="fc2")(x)
+    return dense.Dense(dim, kernel_init=xavier, dtype=self.dtype, name="fc2")(x)
 
 
 class Block(nn.Module):
