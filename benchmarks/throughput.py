@@ -384,7 +384,8 @@ def _loop(task: str, config, args) -> list[dict[str, Any]]:
       with tempfile.TemporaryDirectory() as tmp:
         cfg.checkpoint_every_epochs = 0
         cfg.checkpoint_every_steps = 0
-        the_loop = loop.Loop(config=cfg, workdir=Path(tmp), state=parallel.replicate(state, mesh),
+        the_loop = loop.Loop(settings=loop.LoopSettings.from_config(cfg), workdir=Path(tmp),
+                             state=parallel.replicate(state, mesh),
                              run_chunk=lambda s, e, f, k, key: chunks(s, e, f, k, key),
                              train_examples=n, global_batch=batch,
                              steps_per_epoch=args.loop_steps, total_epochs=args.loop_epochs,

@@ -304,8 +304,8 @@ def _fit(run: _Run) -> tuple[Any, list[dict]]:
   run.mngr = checkpoint.manager(run.workdir, config.keep_checkpoints)
   run.best_mngr = checkpoint.manager(run.workdir, 1, folder=workdir_lib.BEST_CHECKPOINT)
   run.writer = common.metric_writer(run.workdir, config)
-  state, step, history, progress = loop_lib.open_run(run.workdir, config, state, steps_per_epoch,
-                                                     run.mngr, run.writer)
+  state, step, history, progress = loop_lib.open_run(
+      run.workdir, config.to_dict(), state, steps_per_epoch, run.mngr, run.writer)
   for stale in [s for s in run.best_mngr.all_steps() if s > step]:  # a run not continued
     run.best_mngr.delete(stale)
   body = steps.classifier_body(run.model, frozen_encoder=run.frozen_encoder,
@@ -317,7 +317,7 @@ def _fit(run: _Run) -> tuple[Any, list[dict]]:
                                   run.feeding(config.eval_batch_size))
   augmentation = source.augmentation(config.data) if config.augment else None
   loop = loop_lib.Loop(
-      config=config, workdir=run.workdir, state=state,
+      settings=loop_lib.LoopSettings.from_config(config), workdir=run.workdir, state=state,
       run_chunk=lambda s, e, f, n, k: chunks(s, e, f, n, k, augmentation),
       train_examples=len(run.splits["train"]), global_batch=config.batch_size,
       steps_per_epoch=steps_per_epoch, total_epochs=config.epochs, schedule=schedule)

@@ -163,15 +163,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                    total_epochs * steps_per_epoch, init_key)
   mngr = checkpoint.manager(workdir, config.keep_checkpoints)
   writer = common.metric_writer(workdir, config)
-  state, step, history, progress = loop_lib.open_run(workdir, config, state, steps_per_epoch,
-                                                     mngr, writer)
+  state, step, history, progress = loop_lib.open_run(workdir, config.to_dict(), state,
+                                                     steps_per_epoch, mngr, writer)
   feeding = steps.Feeding(source=kind, local_batch=local_batch, seed=config.seed, dtype=dtype)
   chunks = common.Chunks(steps.pretrain_body(mae, loss, config.batch_size), mesh, feed, feeding)
   evaluate = common.Evaluator(steps.pretrain_eval_fn(mae, loss, eval_key), mesh, val_feed,
                               dataclasses.replace(feeding, local_batch=local_eval))
   save_plots = _plotter(config, workdir, mae, loss, val, history, writer, plot_key)
   loop = loop_lib.Loop(
-      config=config, workdir=workdir, state=state, run_chunk=_chunk_runner(config, chunks),
+      settings=loop_lib.LoopSettings.from_config(config), workdir=workdir, state=state,
+      run_chunk=_chunk_runner(config, chunks),
       train_examples=len(pool), global_batch=config.batch_size,
       steps_per_epoch=steps_per_epoch, total_epochs=total_epochs, schedule=schedule,
       describe=lambda e: f" (phase {_phase_of(e, phase_epochs) + 1})",

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import jax
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -79,20 +78,39 @@ def load_history(workdir: Path, completed_epochs: int) -> list[dict]:
   return [h for h in json.loads(path.read_text()) if h["epoch"] <= completed_epochs]
 
 
-def hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The config as flat `a.b.c` scalars, for TensorBoard's hparams."""
-  flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
+def hparams(config: Mapping[str, Any]) -> dict[str, Any]:
+  """The config (a plain nested dict) as flat `a.b.c` scalars, for TensorBoard's hparams."""
+  flat = traverse_util.flatten_dict(dict(config), sep=".")
   return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
 
 
 # --- The epoch loop ----------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+  """The loop keys of a training stage's config (defaults in `configs/common.py`)."""
+  seed: int                      # the run's PRNG seed (checked on resume)
+  log_every_steps: int           # write the training metrics every N steps
+  checkpoint_every_epochs: int   # save every N epochs (and after the last); 0: off
+  checkpoint_every_steps: int    # also save every N steps; 0: off
+  steps_per_call: int            # training steps per dispatch
+  profile_steps: tuple[int, ...]  # (first, last) steps of a profiler trace, or ()
+
+  @classmethod
+  def from_config(cls, config: Any) -> "LoopSettings":
+    """From a training stage's config (anything with the keys above)."""
+    return cls(seed=int(config.seed), log_every_steps=int(config.log_every_steps),
+               checkpoint_every_epochs=int(config.checkpoint_every_epochs),
+               checkpoint_every_steps=int(config.checkpoint_every_steps),
+               steps_per_call=int(config.steps_per_call),
+               profile_steps=tuple(int(s) for s in config.profile_steps or ()))
+
+
 @dataclasses.dataclass
 class Loop:
   """A stage's training run: what to step, over which data, for how long."""
-  config: ml_collections.ConfigDict   # reads seed, log_every_steps, checkpoint_every_*,
-                                      # steps_per_call, profile_steps
+  settings: LoopSettings
   workdir: Path
   state: Any                          # replicated train state with `.step`
   # (state, epoch, first batch, number of steps, key) -> (state, per-step metrics): that
@@ -116,11 +134,11 @@ def chunk_plan(epoch: int, first: int, loop: Loop) -> list[tuple[int, int]]:
   such a boundary) dispatches exactly the chunks of an uninterrupted one. The profile
   cuts nothing: it snaps to these boundaries (`_Profile`), so it costs no extra compile.
   """
-  cfg, spe = loop.config, loop.steps_per_epoch
-  per_call = max(int(cfg.get("steps_per_call", 1)), 1)
+  spe = loop.steps_per_epoch
+  per_call = max(loop.settings.steps_per_call, 1)
   base = epoch * spe
   cuts = {b for b in range(per_call, spe, per_call)} | {spe}
-  every = cfg.get("checkpoint_every_steps", 0)
+  every = loop.settings.checkpoint_every_steps
   if every > 0:
     cuts |= {b for b in range(1, spe) if (base + b) % every == 0}
   cuts = sorted(c for c in cuts if c > first)
@@ -131,13 +149,14 @@ def chunk_plan(epoch: int, first: int, loop: Loop) -> list[tuple[int, int]]:
   return plan
 
 
-def open_run(workdir: Path, config: ml_collections.ConfigDict, state: Any,
+def open_run(workdir: Path, config: Mapping[str, Any], state: Any,
              steps_per_epoch: int, mngr, writer: MetricWriter
              ) -> tuple[Any, int, list[dict], dict | None]:
   """Resumes `state` from this workdir's latest checkpoint if there is one.
 
-  A fresh run writes its hparams and `config.json`. Returns (state, step,
-  history cut to that step, the checkpoint's progress record or None).
+  A fresh run writes its hparams and `config.json` (`config`: the stage's whole
+  config as a plain nested dict). Returns (state, step, history cut to that step,
+  the checkpoint's progress record or None).
   """
   restored = checkpoint.restore_latest(mngr, state)
   step, progress = 0, None
@@ -149,7 +168,7 @@ def open_run(workdir: Path, config: ml_collections.ConfigDict, state: Any,
   if step == 0:
     writer.write_hparams(hparams(config))
     if is_main_process():
-      fileio.write_json_atomic(workdir / workdir_lib.CONFIG_FILE, config.to_dict())
+      fileio.write_json_atomic(workdir / workdir_lib.CONFIG_FILE, dict(config))
   return state, step, history, progress
 
 
@@ -163,7 +182,7 @@ def _progress(loop: Loop, step: int, key: jax.Array, losses: list[float]) -> dic
           "steps_per_epoch": loop.steps_per_epoch,
           "global_batch": loop.global_batch,
           "process_count": jax.process_count(), "train_examples": loop.train_examples,
-          "seed": loop.config.seed, "rng_key": np.asarray(jax.random.key_data(key)).tolist(),
+          "seed": loop.settings.seed, "rng_key": np.asarray(jax.random.key_data(key)).tolist(),
           "phase": loop.phase(min(epoch, loop.total_epochs - 1)), "epoch_losses": list(losses)}
 
 
@@ -209,13 +228,13 @@ class _Pace:
 
 
 class _Profile:
-  """A `jax.profiler` trace of the steps in `config.profile_steps` = (first, last),
-  snapped to the loop's chunks: it starts at the first chunk that begins at or after
-  step `first` and stops after the chunk that reaches step `last`, so a profile never
+  """A `jax.profiler` trace of the steps in `profile_steps` = (first, last), snapped
+  to the loop's chunks: it starts at the first chunk that begins at or after step
+  `first` and stops after the chunk that reaches step `last`, so a profile never
   splits a chunk (each new chunk length is one more compile of the step)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: Path):
-    steps = tuple(config.get("profile_steps", ()) or ())
+  def __init__(self, profile_steps: tuple[int, ...], workdir: Path):
+    steps = tuple(profile_steps)
     self.first, self.last = (steps + (None, None))[:2] if steps else (None, None)
     self.folder, self.on, self.done, self.start = workdir / "profile", False, False, 0
 
@@ -282,13 +301,13 @@ def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer: MetricW
   record)` adds evaluation results to the epoch's record (and may draw or save); then
   the record joins `history.json` and a checkpoint is saved when due.
   """
-  cfg, main = loop.config, is_main_process()
+  cfg, main = loop.settings, is_main_process()
   due = lambda n, every: every > 0 and n % every == 0  # pylint: disable=unnecessary-lambda-assignment
   key = _resume_key(loop, step, progress, jax.random.fold_in(jax.random.key(cfg.seed), 1))
   carried = list((progress or {}).get("epoch_losses", []))
   _catch_up(loop, step, history, carried, end_epoch)
   pace = _Pace(loop.total_epochs * loop.steps_per_epoch, writer)
-  profile = _Profile(cfg, loop.workdir)
+  profile = _Profile(cfg.profile_steps, loop.workdir)
   state = loop.state
   for epoch in range(step // loop.steps_per_epoch, loop.total_epochs):
     first = step - epoch * loop.steps_per_epoch
