@@ -35,10 +35,9 @@ def _setup(config, epochs_steps=(10, 5)):
   model = build.build_classifier(config.model, 3, parallel.AXIS)
   params, stats = build.init_classifier(model, jax.random.key(0))
   total, per_epoch = epochs_steps
-  tx, peaks = optim.classifier_optimizer(params, config.optim, total_steps=total,
-                                         steps_per_epoch=per_epoch,
-                                         global_batch=config.batch_size,
-                                         depth=config.model.depth)
+  tx, peaks = optim.classifier_optimizer(
+      params, optim.ClassifierOptimSettings.from_config(config.optim), total_steps=total,
+      steps_per_epoch=per_epoch, global_batch=config.batch_size, depth=config.model.depth)
   mesh = parallel.make_mesh()
   state = parallel.replicate(steps.ClassifierState.create(
       apply_fn=model.apply, params=params, tx=tx, batch_stats=stats), mesh)

@@ -170,7 +170,8 @@ def test_jax_only_layers_run_a_step_where_heavy_libraries_cannot_be_imported():
       config = pretrain_config.get_config("tiny")
       mae = build.build_mae(config.model)
       params = build.init_mae(mae, jax.random.key(0))
-      tx, _ = optim.adamw(params, config.optim, total_steps=4, steps_per_epoch=2)
+      tx, _ = optim.adamw(params, optim.AdamWSettings.from_config(config.optim), total_steps=4,
+                          steps_per_epoch=2)
       state = parallel.replicate(steps.TrainState.create(apply_fn=mae.apply, params=params,
                                                          tx=tx), mesh)
       step = steps.make_pretrain_step(mae, losses.Reconstruction.from_config(config.loss), mesh)
@@ -182,8 +183,9 @@ def test_jax_only_layers_run_a_step_where_heavy_libraries_cannot_be_imported():
       config = finetune_config.get_config("tiny")
       model = build.build_classifier(config.model, 3, parallel.AXIS)
       params, stats = build.init_classifier(model, jax.random.key(0))
-      tx, _ = optim.classifier_optimizer(params, config.optim, total_steps=4, steps_per_epoch=2,
-                                         global_batch=4, depth=config.model.depth)
+      tx, _ = optim.classifier_optimizer(
+          params, optim.ClassifierOptimSettings.from_config(config.optim), total_steps=4,
+          steps_per_epoch=2, global_batch=4, depth=config.model.depth)
       state = parallel.replicate(steps.ClassifierState.create(
           apply_fn=model.apply, params=params, tx=tx, batch_stats=stats), mesh)
       step = steps.make_classifier_step(model, mesh, frozen_encoder=False)

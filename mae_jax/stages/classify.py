@@ -59,13 +59,14 @@ def _source_stage(config: ml_collections.ConfigDict) -> str:
           f"--workdir={config.init_from}")
 
 
-def _initial_params(config, model, workdir: Path) -> tuple[Any, Any]:
+def _initial_params(config, opt: optim.ClassifierOptimSettings, model,
+                    workdir: Path) -> tuple[Any, Any]:
   """Fresh params, then public weights or the previous stage's: on a fresh run, and on a
   resumed one whose encoder is frozen (its features are computed before the checkpoint
   is restored, and a frozen encoder is the source's, bit for bit)."""
   params, batch_stats = build.init_classifier(
       model, jax.random.fold_in(jax.random.key(config.seed), 0))
-  frozen_encoder = all(jax.tree.leaves(optim.match(params, config.optim.frozen)["encoder"]))
+  frozen_encoder = all(jax.tree.leaves(optim.match(params, opt.frozen)["encoder"]))
   if checkpoint.latest_step(workdir) is None or frozen_encoder:
     if config.init_weights:
       params = load.import_weights(config.init_weights, params, model.vit.num_patches)
@@ -85,6 +86,7 @@ class _Run:
   """What the phases of one probe or fine-tune run share. `_setup` fills the first
   fields; `_fit` opens the checkpoint managers and the writer, and `_close` closes them."""
   config: ml_collections.ConfigDict
+  opt: optim.ClassifierOptimSettings   # the config's `optim`
   workdir: Path
   mesh: jax.sharding.Mesh
   splits: dict[str, Any]          # "train" (the labelled budget), "validation", "test"
@@ -228,10 +230,11 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
     workdir.mkdir(parents=True, exist_ok=True)
   splits = _labelled_splits(config)
   model = build.build_classifier(config.model, len(layout.CLASS_NAMES), parallel.AXIS)
-  params, batch_stats = _initial_params(config, model, workdir)
-  run = _Run(config=config, workdir=workdir, mesh=mesh, splits=splits, model=model,
-             params=params, batch_stats=batch_stats,
-             frozen=optim.match(params, config.optim.frozen), base={}, inputs={})
+  opt = optim.ClassifierOptimSettings.from_config(config.optim)
+  params, batch_stats = _initial_params(config, opt, model, workdir)
+  run = _Run(config=config, opt=opt, workdir=workdir, mesh=mesh, splits=splits, model=model,
+             params=params, batch_stats=batch_stats, frozen=optim.match(params, opt.frozen),
+             base={}, inputs={})
   run.base = _baseline(config, splits) if config.get("fit_baseline", True) else None
   run.inputs = {name: s.images for name, s in splits.items()}
   if run.cached:
@@ -246,7 +249,7 @@ def _optimizer(run: _Run, steps_per_epoch: int) -> tuple[Any, Any]:
   config = run.config
   total_steps = config.epochs * steps_per_epoch
   tx, peaks = optim.classifier_optimizer(
-      run.params, config.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+      run.params, run.opt, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
       global_batch=config.batch_size, depth=config.model.depth)
   trained = sum(int(np.prod(p.shape)) for p, f in zip(jax.tree.leaves(run.params),
                                                      jax.tree.leaves(run.frozen)) if not f)
@@ -256,8 +259,8 @@ def _optimizer(run: _Run, steps_per_epoch: int) -> tuple[Any, Any]:
                " (frozen encoder: cached features, head only)" if run.cached else "")
   head_lr = max(jax.tree.leaves(peaks))
   schedule = optim.warmup_cosine(head_lr, total_steps,
-                                 int(config.optim.warmup_epochs * steps_per_epoch),
-                                 min(config.optim.min_lr, head_lr))
+                                 int(run.opt.warmup_epochs * steps_per_epoch),
+                                 min(run.opt.min_lr, head_lr))
   return tx, schedule
 
 

@@ -67,7 +67,8 @@ def _initial_state(config: ml_collections.ConfigDict, mae, workdir: Path, mesh,
   params = build.init_mae(mae, init_key)
   if config.init_weights and checkpoint.latest_step(workdir) is None:  # a fresh run only
     params = load.import_weights(config.init_weights, params, mae.encoder.num_patches)
-  tx, schedule = optim.adamw(params, config.optim, total_steps, steps_per_epoch)
+  tx, schedule = optim.adamw(params, optim.AdamWSettings.from_config(config.optim),
+                             total_steps, steps_per_epoch)
   state = parallel.replicate(steps.TrainState.create(apply_fn=mae.apply, params=params, tx=tx),
                              mesh)
   logging.info("MAE: %s params (encoder %s); %d steps per epoch of %d images",
