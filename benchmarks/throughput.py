@@ -325,7 +325,7 @@ def _pipeline(task: str, config, batch: int, args) -> dict[str, Any]:
   size = config.model.image_size
   images = np.random.default_rng(0).random((max(4 * batch, 64), size, size), np.float32)
   augment = task == "pretrain" or config.augment
-  augmentation = source.augmentation(config.data) if augment else None
+  augmentation = source.DataSettings.from_config(config.data).augment if augment else None
   rates = [data_stage.feed_rate(images, batch, augmentation, num_steps=4)
            for _ in range(max(args.repeats, 3))]
   return {"rates": rates, "augment": augment}

@@ -7,6 +7,9 @@
 - `models/`, `train/` and `runtime/` import nothing from `data/` or `eval/` (the
   batches' pure-JAX order, normalisation and augmentation live in `train/batching.py`,
   which `data/` reuses).
+- `train/` and `data/` import no ml_collections: the stages turn the config into frozen
+  settings (`LoopSettings`, `AdamWSettings`, `ClassifierOptimSettings`, `DataSettings`)
+  where it crosses into them.
 - Nothing outside `stages/` imports `stages/`; stages are dispatched through one
   registry; config problems are raised in one place; flattening goes through
   `flax.traverse_util`, never a hand-written walk; the names of a workdir's files are
@@ -135,6 +138,23 @@ def test_jax_only_layers_import_none_of_the_heavy_libraries_statically():
                  else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
         bad = [n for n in names if n.split(".")[0] in REFUSED]
         assert not bad, f"{name} imports {bad}"
+
+
+def _imported_names(tree: ast.Module) -> list[str]:
+  """Every module name an `import` or `from ... import` in `tree` names (functions included)."""
+  return [n for node in ast.walk(tree)
+          for n in ([a.name for a in node.names] if isinstance(node, ast.Import)
+                    else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])]
+
+
+def test_train_and_data_take_settings_not_config_dicts():
+  """The config crosses into train/ and data/ as frozen settings made in stages/: neither
+  layer imports ml_collections."""
+  for name, path in _modules().items():
+    if name.split(".")[1:2] and name.split(".")[1] in ("train", "data"):
+      bad = [n for n in _imported_names(ast.parse(path.read_text()))
+             if n.split(".")[0] == "ml_collections"]
+      assert not bad, f"{name} imports {bad}"
 
 
 @pytest.mark.slow

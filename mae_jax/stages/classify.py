@@ -86,6 +86,7 @@ class _Run:
   """What the phases of one probe or fine-tune run share. `_setup` fills the first
   fields; `_fit` opens the checkpoint managers and the writer, and `_close` closes them."""
   config: ml_collections.ConfigDict
+  data: source.DataSettings            # the config's `data`
   opt: optim.ClassifierOptimSettings   # the config's `optim`
   workdir: Path
   mesh: jax.sharding.Mesh
@@ -144,9 +145,10 @@ def read_feature_choice(workdir: str | Path) -> heads.FeatureChoice | None:
   return heads.FeatureChoice(int(saved["block"]), saved["pool"])
 
 
-def _labelled_splits(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def _labelled_splits(config: ml_collections.ConfigDict,
+                     data: source.DataSettings) -> dict[str, Any]:
   """The labelled budget of the train split, validation and test, checked for size."""
-  dataset = common.load_dataset(config)
+  dataset = common.load_dataset(data, config.model.image_size)
   splits = {"train": common.labelled_subset(dataset["train"], config.labels_per_class,
                                             config.seed),
             "validation": dataset["validation"], "test": dataset["test"]}
@@ -154,8 +156,8 @@ def _labelled_splits(config: ml_collections.ConfigDict) -> dict[str, Any]:
                                         "validation": splits["validation"],
                                         "test": splits["test"]})
   for name in ("validation", "test"):
-    common.require(splits[name], 1, "labelled", config.data.dir)
-  common.require(splits["train"], config.batch_size, "labelled", config.data.dir)
+    common.require(splits[name], 1, "labelled", data.dir)
+  common.require(splits["train"], config.batch_size, "labelled", data.dir)
   return splits
 
 
@@ -177,7 +179,7 @@ def _feature_bank(run: _Run) -> dict:
   tree = parallel.replicate({"params": run.params, "batch_stats": run.batch_stats}, run.mesh)
   out = {}
   for name, split in run.splits.items():
-    kind = common.choose_feed(run.config, split.images.nbytes, f"{name} features")
+    kind = common.choose_feed(run.data, split.images.nbytes, f"{name} features")
     feed = feeds.make(kind, split.images, split.labels, run.mesh, run.config.seed, run.dtype)
     feeding = steps.Feeding(source=kind, local_batch=run.config.eval_batch_size //
                             run.mesh.devices.size, seed=run.config.seed, dtype=run.dtype)
@@ -228,18 +230,19 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
   parallel.check_batch(config.eval_batch_size, "eval_batch_size")
   if loop_lib.is_main_process():
     workdir.mkdir(parents=True, exist_ok=True)
-  splits = _labelled_splits(config)
+  data = source.DataSettings.from_config(config.data)
+  splits = _labelled_splits(config, data)
   model = build.build_classifier(config.model, len(layout.CLASS_NAMES), parallel.AXIS)
   opt = optim.ClassifierOptimSettings.from_config(config.optim)
   params, batch_stats = _initial_params(config, opt, model, workdir)
-  run = _Run(config=config, opt=opt, workdir=workdir, mesh=mesh, splits=splits, model=model,
-             params=params, batch_stats=batch_stats, frozen=optim.match(params, opt.frozen),
-             base={}, inputs={})
+  run = _Run(config=config, data=data, opt=opt, workdir=workdir, mesh=mesh, splits=splits,
+             model=model, params=params, batch_stats=batch_stats,
+             frozen=optim.match(params, opt.frozen), base={}, inputs={})
   run.base = _baseline(config, splits) if config.get("fit_baseline", True) else None
   run.inputs = {name: s.images for name, s in splits.items()}
   if run.cached:
     _cache_features(run)
-  run.kind = common.choose_feed(config, run.inputs["train"].nbytes +
+  run.kind = common.choose_feed(data, run.inputs["train"].nbytes +
                                 run.inputs["validation"].nbytes, config.stage)
   return run
 
@@ -318,7 +321,7 @@ def _fit(run: _Run) -> tuple[Any, list[dict]]:
   evaluate_val = common.Evaluator(steps.logits_fn(run.model, inputs_are_features=run.cached),
                                   run.mesh, run.feed("validation"),
                                   run.feeding(config.eval_batch_size))
-  augmentation = source.augmentation(config.data) if config.augment else None
+  augmentation = run.data.augment if config.augment else None
   loop = loop_lib.Loop(
       settings=loop_lib.LoopSettings.from_config(config), workdir=run.workdir, state=state,
       run_chunk=lambda s, e, f, n, k: chunks(s, e, f, n, k, augmentation),

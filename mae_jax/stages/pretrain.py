@@ -45,17 +45,18 @@ def _phase_of(epoch: int, phase_epochs: tuple[int, ...]) -> int:
   return int(np.searchsorted(ends, epoch, side="right"))
 
 
-def _pool(config: ml_collections.ConfigDict) -> tuple[list[str], Any, Any]:
+def _pool(config: ml_collections.ConfigDict,
+          data: source.DataSettings) -> tuple[list[str], Any, Any]:
   """(classes, pool, validation): the unlabelled pool is the train split's images of
   `classes`, subsampled to `pool_size`; validation images of the same classes give the
   validation loss. Test is never read."""
   classes = common.class_names_of(config.classes)
-  dataset = common.load_dataset(config)
+  dataset = common.load_dataset(data, config.model.image_size)
   pool = common.pool_subset(dataset["train"].of_classes(classes), config.pool_size, config.seed)
   val = dataset["validation"].of_classes(classes)
   common.log_split_sizes("pretraining images", {"pool": pool, "validation": val})
-  common.require(pool, config.batch_size, "/".join(classes), config.data.dir)
-  common.require(val, 1, "/".join(classes), config.data.dir)
+  common.require(pool, config.batch_size, "/".join(classes), data.dir)
+  common.require(val, 1, "/".join(classes), data.dir)
   return classes, pool, val
 
 
@@ -101,10 +102,10 @@ def _plotter(config: ml_collections.ConfigDict, workdir: Path, mae, loss, val, h
   return save_plots
 
 
-def _chunk_runner(config: ml_collections.ConfigDict, chunks: common.Chunks) -> Callable:
+def _chunk_runner(config: ml_collections.ConfigDict, augmentation: batching.Augment,
+                  chunks: common.Chunks) -> Callable:
   """The loop's run_chunk: augmentation in the phases `phase_augment` turns it on for."""
   phase_epochs = tuple(int(e) for e in config.phase_epochs)
-  augmentation = source.augmentation(config.data)
 
   def run_chunk(state, epoch, first, num, key):
     augmented = config.phase_augment[_phase_of(epoch, phase_epochs)]
@@ -147,8 +148,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if loop_lib.is_main_process():
     workdir.mkdir(parents=True, exist_ok=True)
 
-  classes, pool, val = _pool(config)
-  kind = common.choose_feed(config, pool.images.nbytes + val.images.nbytes, "pretraining")
+  data = source.DataSettings.from_config(config.data)
+  classes, pool, val = _pool(config, data)
+  kind = common.choose_feed(data, pool.images.nbytes + val.images.nbytes, "pretraining")
   feed = feeds.make(kind, pool.images, pool.labels, mesh, config.seed, dtype)
   val_feed = feeds.make(kind, val.images, val.labels, mesh, config.seed, dtype)
   steps_per_epoch = batching.steps_per_epoch(len(pool), mesh.devices.size, local_batch)
@@ -173,7 +175,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   save_plots = _plotter(config, workdir, mae, loss, val, history, writer, plot_key)
   loop = loop_lib.Loop(
       settings=loop_lib.LoopSettings.from_config(config), workdir=workdir, state=state,
-      run_chunk=_chunk_runner(config, chunks),
+      run_chunk=_chunk_runner(config, data.augment, chunks),
       train_examples=len(pool), global_batch=config.batch_size,
       steps_per_epoch=steps_per_epoch, total_epochs=total_epochs, schedule=schedule,
       describe=lambda e: f" (phase {_phase_of(e, phase_epochs) + 1})",
