@@ -108,6 +108,21 @@ def test_source_checkpoint_of_another_architecture(tmp_path):
       "model.heads=2; the encoder config must match"]
 
 
+def test_a_stage_checks_the_encoder_of_the_source_it_reads(tmp_path):
+  """Same shapes, other head count: only the source's config.json tells. A stage checks it
+  right before it reads `init_from` (a chain makes its sources after it was checked)."""
+  config = finetune_config.get_config("tiny")
+  _fake_stage(tmp_path / "pre", {**config.model.to_dict(), "heads": 1})
+  config.init_from = str(tmp_path / "pre")
+  with pytest.raises(validate.ConfigError,
+                     match=r"init_from: the source stage \S+pre used model.heads=1, this one "
+                           r"model.heads=2; the encoder config must match"):
+    validate.check_source_encoder(config)
+  _fake_stage(tmp_path / "same", config.model.to_dict())
+  config.init_from = str(tmp_path / "same")
+  validate.check_source_encoder(config)
+
+
 def test_resuming_workdir_does_not_need_its_source(tmp_path):
   config = finetune_config.get_config("tiny")
   config.init_from = str(tmp_path / "gone")

@@ -47,6 +47,7 @@ from mae_jax.runtime import parallel
 from mae_jax.runtime import workdir as workdir_lib
 from mae_jax.stages import common
 from mae_jax.stages import registry
+from mae_jax.stages import validate
 from mae_jax.train import loop as loop_lib
 from mae_jax.train import optim
 from mae_jax.train import steps
@@ -71,9 +72,10 @@ def _initial_params(config, opt: optim.ClassifierOptimSettings, model,
     if config.init_weights:
       params = load.import_weights(config.init_weights, params, model.vit.num_patches)
     elif config.init_from:
+      validate.check_source_encoder(config)
       params, batch_stats, src_step, fresh = load.restore_from_stage(
           config.init_from, params, batch_stats, dont_load=list(config.dont_load),
-          make_it=_source_stage(config), model=config.model.to_dict())
+          make_it=_source_stage(config))
       logging.info("initialised from %s step %d; fresh: %s", config.init_from, src_step,
                    ", ".join(sorted({n.rsplit("/", 2)[0] for n in fresh})) or "none")
     else:
