@@ -13,7 +13,8 @@
 - Nothing outside `stages/` imports `stages/`; stages are dispatched through one
   registry; config problems are raised in one place; flattening goes through
   `flax.traverse_util`, never a hand-written walk; the names of a workdir's files are
-  spelled in `runtime/workdir.py` only.
+  spelled in `runtime/workdir.py` only; functions in `stages/` and `train/loop.py` are
+  under 40 lines.
 """
 
 from __future__ import annotations
@@ -276,6 +277,17 @@ def test_config_problems_are_raised_in_one_place():
         called = call.attr if isinstance(call, ast.Attribute) else getattr(call, "id", "")
         if called == "ConfigError":
           assert name == "mae_jax.stages.validate", f"{name} line {node.lineno} raises ConfigError"
+
+
+def test_stage_and_loop_functions_are_short():
+  """Functions (methods and nested ones too) in stages/ and train/loop.py are under 40
+  lines: a longer one is split into named phases."""
+  for name, tree in _trees().items():
+    if name.startswith("mae_jax.stages") or name == "mae_jax.train.loop":
+      long = [f"{f.name} ({f.end_lineno - f.lineno + 1} lines)" for f in ast.walk(tree)
+              if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+              and f.end_lineno - f.lineno + 1 >= 40]
+      assert not long, f"{name}: {', '.join(long)}"
 
 
 def _hand_written_walks(tree: ast.Module) -> list[str]:
