@@ -85,7 +85,8 @@ def main() -> None:
   args = parser.parse_args()
   file, _, preset = args.config.partition(":")
   config = validate.load_config_file(file, preset or None)
-  dataset = arrays.prepare(args.data, args.cache, rule=source.split_rule(config.data), progress=False)
+  dataset = arrays.prepare(args.data, args.cache,
+                           rule=source.DataSettings.from_config(config.data).split, progress=False)
   train = common.labelled_subset(dataset["train"], args.labels_per_class, 0)
   val = dataset["validation"]
   mesh = parallel.make_mesh()

@@ -40,7 +40,8 @@ def main() -> None:
   config = pretrain_config.get_config(args.preset)
   mae = build.build_mae(config.model)
   params = build.init_mae(mae, jax.random.key(0))
-  tx, _ = optim.adamw(params, config.optim, total_steps=1000, steps_per_epoch=100)
+  tx, _ = optim.adamw(params, optim.AdamWSettings.from_config(config.optim), total_steps=1000,
+                      steps_per_epoch=100)
   mesh = parallel.make_mesh()
   parallel.check_batch(args.batch)
   state = parallel.replicate(steps.TrainState.create(apply_fn=mae.apply, params=params, tx=tx),

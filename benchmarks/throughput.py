@@ -210,16 +210,17 @@ def _ours(task: str, config, batch: int, args) -> dict[str, Any]:
   if task == "pretrain":
     model = build.build_mae(config.model)
     params = build.init_mae(model, jax.random.key(0))
-    tx, _ = optim.adamw(params, config.optim, total_steps=1000, steps_per_epoch=100)
+    tx, _ = optim.adamw(params, optim.AdamWSettings.from_config(config.optim), total_steps=1000,
+                        steps_per_epoch=100)
     state = steps.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
     fn = steps.make_pretrain_step(model, losses.Reconstruction.from_config(config.loss), mesh)
     inputs = (data["image"], key)
   else:
     model = build.build_classifier(config.model, 3, parallel.AXIS)
     params, stats = build.init_classifier(model, jax.random.key(0))
-    tx, _ = optim.classifier_optimizer(params, config.optim, total_steps=1000,
-                                       steps_per_epoch=100, global_batch=batch,
-                                       depth=config.model.depth)
+    tx, _ = optim.classifier_optimizer(
+        params, optim.ClassifierOptimSettings.from_config(config.optim), total_steps=1000,
+        steps_per_epoch=100, global_batch=batch, depth=config.model.depth)
     state = steps.ClassifierState.create(apply_fn=model.apply, params=params, tx=tx,
                                          batch_stats=stats)
     fn = steps.make_classifier_step(model, mesh, frozen_encoder=False,
@@ -324,7 +325,7 @@ def _pipeline(task: str, config, batch: int, args) -> dict[str, Any]:
   size = config.model.image_size
   images = np.random.default_rng(0).random((max(4 * batch, 64), size, size), np.float32)
   augment = task == "pretrain" or config.augment
-  augmentation = source.augmentation(config.data) if augment else None
+  augmentation = source.DataSettings.from_config(config.data).augment if augment else None
   rates = [data_stage.feed_rate(images, batch, augmentation, num_steps=4)
            for _ in range(max(args.repeats, 3))]
   return {"rates": rates, "augment": augment}
@@ -367,13 +368,16 @@ def _loop(task: str, config, args) -> list[dict[str, Any]]:
       if task == "pretrain":
         model = build.build_mae(cfg.model)
         params = build.init_mae(model, jax.random.key(0))
-        tx, schedule = optim.adamw(params, cfg.optim, total, args.loop_steps)
+        tx, schedule = optim.adamw(params, optim.AdamWSettings.from_config(cfg.optim), total,
+                                   args.loop_steps)
         state = steps.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
         body = steps.pretrain_body(model, losses.Reconstruction.from_config(cfg.loss), batch)
       else:
         model = build.build_classifier(cfg.model, 3, parallel.AXIS)
         params, stats = build.init_classifier(model, jax.random.key(0))
-        tx, peaks = optim.classifier_optimizer(params, cfg.optim, total_steps=total,
+        tx, peaks = optim.classifier_optimizer(params,
+                                               optim.ClassifierOptimSettings.from_config(cfg.optim),
+                                               total_steps=total,
                                                steps_per_epoch=args.loop_steps,
                                                global_batch=batch, depth=cfg.model.depth)
         schedule = optim.warmup_cosine(max(jax.tree.leaves(peaks)), total, 0)
@@ -384,7 +388,8 @@ def _loop(task: str, config, args) -> list[dict[str, Any]]:
       with tempfile.TemporaryDirectory() as tmp:
         cfg.checkpoint_every_epochs = 0
         cfg.checkpoint_every_steps = 0
-        the_loop = loop.Loop(config=cfg, workdir=Path(tmp), state=parallel.replicate(state, mesh),
+        the_loop = loop.Loop(settings=loop.LoopSettings.from_config(cfg), workdir=Path(tmp),
+                             state=parallel.replicate(state, mesh),
                              run_chunk=lambda s, e, f, k, key: chunks(s, e, f, k, key),
                              train_examples=n, global_batch=batch,
                              steps_per_epoch=args.loop_steps, total_epochs=args.loop_epochs,

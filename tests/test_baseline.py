@@ -138,8 +138,8 @@ def test_classify_writes_the_baseline_beside_the_model(small_folder, tmp_path):
   classify.run(config, str(workdir))
 
   written = json.loads((workdir / workdir_lib.EVAL_FILE).read_text())
-  dataset = arrays.prepare(root, tmp_path / "cache", rule=source.split_rule(config.data),
-                           progress=False)
+  dataset = arrays.prepare(root, tmp_path / "cache",
+                           rule=source.DataSettings.from_config(config.data).split, progress=False)
   split = {name: (baseline.profiles_of(dataset[name].images), dataset[name].labels)
            for name in ("train", "test")}
   scaler = preprocessing.StandardScaler().fit(split["train"][0])

@@ -7,10 +7,14 @@
 - `models/`, `train/` and `runtime/` import nothing from `data/` or `eval/` (the
   batches' pure-JAX order, normalisation and augmentation live in `train/batching.py`,
   which `data/` reuses).
+- `train/` and `data/` import no ml_collections: the stages turn the config into frozen
+  settings (`LoopSettings`, `AdamWSettings`, `ClassifierOptimSettings`, `DataSettings`)
+  where it crosses into them.
 - Nothing outside `stages/` imports `stages/`; stages are dispatched through one
   registry; config problems are raised in one place; flattening goes through
   `flax.traverse_util`, never a hand-written walk; the names of a workdir's files are
-  spelled in `runtime/workdir.py` only.
+  spelled in `runtime/workdir.py` only; functions in `stages/` and `train/loop.py` are
+  under 40 lines.
 """
 
 from __future__ import annotations
@@ -137,6 +141,23 @@ def test_jax_only_layers_import_none_of_the_heavy_libraries_statically():
         assert not bad, f"{name} imports {bad}"
 
 
+def _imported_names(tree: ast.Module) -> list[str]:
+  """Every module name an `import` or `from ... import` in `tree` names (functions included)."""
+  return [n for node in ast.walk(tree)
+          for n in ([a.name for a in node.names] if isinstance(node, ast.Import)
+                    else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])]
+
+
+def test_train_and_data_take_settings_not_config_dicts():
+  """The config crosses into train/ and data/ as frozen settings made in stages/: neither
+  layer imports ml_collections."""
+  for name, path in _modules().items():
+    if name.split(".")[1:2] and name.split(".")[1] in ("train", "data"):
+      bad = [n for n in _imported_names(ast.parse(path.read_text()))
+             if n.split(".")[0] == "ml_collections"]
+      assert not bad, f"{name} imports {bad}"
+
+
 @pytest.mark.slow
 def test_jax_only_layers_run_a_step_where_heavy_libraries_cannot_be_imported():
   """Every module of models/, train/, runtime/ imports, and one tiny pretraining step
@@ -170,7 +191,8 @@ def test_jax_only_layers_run_a_step_where_heavy_libraries_cannot_be_imported():
       config = pretrain_config.get_config("tiny")
       mae = build.build_mae(config.model)
       params = build.init_mae(mae, jax.random.key(0))
-      tx, _ = optim.adamw(params, config.optim, total_steps=4, steps_per_epoch=2)
+      tx, _ = optim.adamw(params, optim.AdamWSettings.from_config(config.optim), total_steps=4,
+                          steps_per_epoch=2)
       state = parallel.replicate(steps.TrainState.create(apply_fn=mae.apply, params=params,
                                                          tx=tx), mesh)
       step = steps.make_pretrain_step(mae, losses.Reconstruction.from_config(config.loss), mesh)
@@ -182,8 +204,9 @@ def test_jax_only_layers_run_a_step_where_heavy_libraries_cannot_be_imported():
       config = finetune_config.get_config("tiny")
       model = build.build_classifier(config.model, 3, parallel.AXIS)
       params, stats = build.init_classifier(model, jax.random.key(0))
-      tx, _ = optim.classifier_optimizer(params, config.optim, total_steps=4, steps_per_epoch=2,
-                                         global_batch=4, depth=config.model.depth)
+      tx, _ = optim.classifier_optimizer(
+          params, optim.ClassifierOptimSettings.from_config(config.optim), total_steps=4,
+          steps_per_epoch=2, global_batch=4, depth=config.model.depth)
       state = parallel.replicate(steps.ClassifierState.create(
           apply_fn=model.apply, params=params, tx=tx, batch_stats=stats), mesh)
       step = steps.make_classifier_step(model, mesh, frozen_encoder=False)
@@ -254,6 +277,17 @@ def test_config_problems_are_raised_in_one_place():
         called = call.attr if isinstance(call, ast.Attribute) else getattr(call, "id", "")
         if called == "ConfigError":
           assert name == "mae_jax.stages.validate", f"{name} line {node.lineno} raises ConfigError"
+
+
+def test_stage_and_loop_functions_are_short():
+  """Functions (methods and nested ones too) in stages/ and train/loop.py are under 40
+  lines: a longer one is split into named phases."""
+  for name, tree in _trees().items():
+    if name.startswith("mae_jax.stages") or name == "mae_jax.train.loop":
+      long = [f"{f.name} ({f.end_lineno - f.lineno + 1} lines)" for f in ast.walk(tree)
+              if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+              and f.end_lineno - f.lineno + 1 >= 40]
+      assert not long, f"{name}: {', '.join(long)}"
 
 
 def _hand_written_walks(tree: ast.Module) -> list[str]:

@@ -40,7 +40,8 @@ def _pretrain(dtype: str, num_steps: int = 40):
   config.model.dtype = dtype
   mae = build.build_mae(config.model)
   params = build.init_mae(mae, jax.random.key(0))
-  tx, _ = optim.adamw(params, config.optim, total_steps=num_steps, steps_per_epoch=num_steps // 2)
+  tx, _ = optim.adamw(params, optim.AdamWSettings.from_config(config.optim), total_steps=num_steps,
+                      steps_per_epoch=num_steps // 2)
   mesh = parallel.make_mesh()
   state = parallel.replicate(steps.TrainState.create(apply_fn=mae.apply, params=params, tx=tx),
                              mesh)
@@ -76,8 +77,9 @@ def test_bfloat16_finetune_learns_with_float32_state():
   config.model.dtype = "bfloat16"
   model = build.build_classifier(config.model, 3, parallel.AXIS)
   params, stats = build.init_classifier(model, jax.random.key(0))
-  tx, _ = optim.classifier_optimizer(params, config.optim, total_steps=40, steps_per_epoch=20,
-                                     global_batch=12, depth=config.model.depth)
+  tx, _ = optim.classifier_optimizer(
+      params, optim.ClassifierOptimSettings.from_config(config.optim), total_steps=40,
+      steps_per_epoch=20, global_batch=12, depth=config.model.depth)
   mesh = parallel.make_mesh()
   state = parallel.replicate(steps.ClassifierState.create(
       apply_fn=model.apply, params=params, tx=tx, batch_stats=stats), mesh)

@@ -34,7 +34,8 @@ def test_decay_mask_excludes_biases_norms_tokens(params):
 def test_weight_decay_applies_only_where_masked(params):
   config = pretrain_config.get_config("tiny")
   config.optim.weight_decay = 0.5
-  tx, _ = optim.adamw(params, config.optim, total_steps=10, steps_per_epoch=10)
+  tx, _ = optim.adamw(params, optim.AdamWSettings.from_config(config.optim), total_steps=10,
+                      steps_per_epoch=10)
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)
   # With zero gradients only decoupled weight decay moves params, and not at step 0:
@@ -68,7 +69,8 @@ def test_match_uses_full_names(params):
 def test_grad_clip_limits_the_gradient_adam_sees(params):
   config = pretrain_config.get_config("tiny")
   config.optim.grad_clip_norm = 1e-3
-  tx, _ = optim.adamw(params, config.optim, total_steps=10, steps_per_epoch=10)
+  tx, _ = optim.adamw(params, optim.AdamWSettings.from_config(config.optim), total_steps=10,
+                      steps_per_epoch=10)
   huge = jax.tree.map(lambda p: jnp.full_like(p, 1e6), params)
   _, state = tx.update(huge, tx.init(params), params)
   adam_state = state[1][0]

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import types
 
-import ml_collections
-
 from mae_jax.train import loop
 
 
 def _plan(spe, per_call, epochs, profile):
-  cfg = ml_collections.ConfigDict({"steps_per_call": per_call, "checkpoint_every_steps": 0,
-                                   "profile_steps": profile})
-  fake = types.SimpleNamespace(config=cfg, steps_per_epoch=spe)
+  cfg = loop.LoopSettings(seed=0, log_every_steps=1, checkpoint_every_epochs=0,
+                          checkpoint_every_steps=0, steps_per_call=per_call,
+                          profile_steps=profile)
+  fake = types.SimpleNamespace(settings=cfg, steps_per_epoch=spe)
   return cfg, [(e, start, num) for e in range(epochs) for start, num in loop.chunk_plan(e, 0, fake)]
 
 
@@ -25,7 +24,7 @@ def test_profile_steps_split_no_chunk_and_trace_whole_chunks(tmp_path, monkeypat
   # seed_gpu pretraining: 26 steps an epoch in one chunk; (300, 320) used to add 3 cuts.
   cfg, plan = _plan(26, 50, 14, (300, 320))
   assert {num for _, _, num in plan} == {26}
-  profile = loop._Profile(cfg, tmp_path)   # pylint: disable=protected-access
+  profile = loop._Profile(cfg.profile_steps, tmp_path)   # pylint: disable=protected-access
   traced, step = [], 0
   for _, _, num in plan:
     profile.before(step)

@@ -118,8 +118,8 @@ def test_the_test_split_chooses_nothing(tmp_path, monkeypatch):
   config = _finetune_config(root, tmp_path / "cache")
   load = common.load_dataset
 
-  def scrambled(cfg):
-    dataset = load(cfg)
+  def scrambled(data, image_size):
+    dataset = load(data, image_size)
     test = dataset["test"]
     rng = np.random.default_rng(9)
     noisy = dataclasses.replace(test, images=rng.random(test.images.shape, np.float32),

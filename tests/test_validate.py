@@ -6,15 +6,19 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
 from configs import probe as probe_config
 from mae_jax.runtime import checkpoint
+from mae_jax.stages import launch
 from mae_jax.stages import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,6 +108,21 @@ def test_source_checkpoint_of_another_architecture(tmp_path):
       "model.heads=2; the encoder config must match"]
 
 
+def test_a_stage_checks_the_encoder_of_the_source_it_reads(tmp_path):
+  """Same shapes, other head count: only the source's config.json tells. A stage checks it
+  right before it reads `init_from` (a chain makes its sources after it was checked)."""
+  config = finetune_config.get_config("tiny")
+  _fake_stage(tmp_path / "pre", {**config.model.to_dict(), "heads": 1})
+  config.init_from = str(tmp_path / "pre")
+  with pytest.raises(validate.ConfigError,
+                     match=r"init_from: the source stage \S+pre used model.heads=1, this one "
+                           r"model.heads=2; the encoder config must match"):
+    validate.check_source_encoder(config)
+  _fake_stage(tmp_path / "same", config.model.to_dict())
+  config.init_from = str(tmp_path / "same")
+  validate.check_source_encoder(config)
+
+
 def test_resuming_workdir_does_not_need_its_source(tmp_path):
   config = finetune_config.get_config("tiny")
   config.init_from = str(tmp_path / "gone")
@@ -191,6 +210,51 @@ def test_a_newcomers_first_mistakes_get_one_line(tmp_path, args, message):
   line = _last_line(_main(*args, f"--workdir={tmp_path / 'run'}"))
   assert line.startswith(message), line
   assert not (tmp_path / "run").exists()
+
+
+def _parse(argv: list[str]) -> flags.FlagValues:
+  """launch.parse_flags (what main.py's app.run calls) on main.py's --config and --workdir,
+  defined on flags of their own."""
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values,
+                                  lock_config=True, sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "", flag_values=flag_values)
+  launch.parse_flags(argv, flag_values)
+  return flag_values
+
+
+def test_a_successful_parse_loads_the_config_file_once(tmp_path):
+  loads = tmp_path / "loads.txt"
+  file = tmp_path / "counted.py"
+  file.write_text(textwrap.dedent(f"""
+      from configs import pretrain
+
+      def get_config(arg=None):
+        with open({str(loads)!r}, "a") as f:
+          f.write("loaded\\n")
+        return pretrain.get_config(arg)
+  """))
+  parsed = _parse(["main.py", f"--config={file}:tiny", "--config.optim.lr=0.5",
+                   f"--workdir={tmp_path / 'run'}"])
+  assert parsed.config.preset == "tiny" and parsed.config.optim.lr == 0.5
+  assert loads.read_text().splitlines() == ["loaded"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/pretrain.py:demo", "--config.optim.lr_warmup=3"],
+     "error: unknown config key optim.lr_warmup; did you mean optim.warmup_epochs?"),
+    (["--config=configs/pretrain.py:demmo"],
+     "error: configs/pretrain.py: unknown preset 'demmo'; did you mean demo? Presets: demo, "
+     "seed, seed_gpu, tiny"),
+    (["--config=configs/pretrian.py"], "error: config file configs/pretrian.py not found"),
+    (["--config=configs/pretrian.py", "--config.seed=1"],
+     "error: config file configs/pretrian.py not found"),
+])
+def test_flag_mistakes_end_in_one_line_in_process(tmp_path, args, message):
+  """The same lines as through main.py (test_a_newcomers_first_mistakes_get_one_line)."""
+  with pytest.raises(SystemExit) as exit_:
+    _parse(["main.py", *args, f"--workdir={tmp_path / 'run'}"])
+  assert str(exit_.value.code).startswith(message), exit_.value.code
 
 
 @pytest.mark.parametrize("stage, key, value, message", [

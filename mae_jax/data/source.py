@@ -1,4 +1,5 @@
-"""From a `data` config to the prepared splits as arrays.
+"""From a stage's data settings (`DataSettings`, made once from its `data` config) to
+the prepared splits as arrays.
 
 The embedded default: with `data.source='simulated'` the folder is generated (or
 completed, if an earlier generation was interrupted) before it is read. Two
@@ -10,8 +11,10 @@ who keep their data as tfds. TensorFlow loads only when `tfds` is chosen.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
-import ml_collections
 from jax.experimental import multihost_utils
 
 from mae_jax.data import arrays
@@ -23,34 +26,70 @@ SOURCES = ("deeplense", "simulated")
 READERS = ("files", "tfds")
 
 
-def split_rule(data: ml_collections.ConfigDict) -> splits.SplitRule:
-  """The split settings of a `data` config."""
-  return splits.SplitRule(validation_fraction=data.validation_fraction,
-                          test_fraction=data.test_fraction)
+@dataclasses.dataclass(frozen=True)
+class SimSettings:
+  """How a simulated folder is made: a data config's `sim`."""
+  per_class: int       # images per class
+  seed: int
+  noise: bool
+  workers: int         # parallel workers; 0: one per CPU core
+  variant: str         # one of simulate.VARIANTS
+  source_spread: int   # the substructure variant's source dial, 0..SOURCE_SPREAD_MAX
+
+  @classmethod
+  def from_config(cls, sim: Any) -> "SimSettings":
+    """From a data config's `sim` (anything with the keys above)."""
+    return cls(per_class=int(sim.per_class), seed=int(sim.seed), noise=bool(sim.noise),
+               workers=int(sim.workers), variant=str(sim.variant),
+               source_spread=int(sim.source_spread))
 
 
-def augmentation(data: ml_collections.ConfigDict) -> batching.Augment:
-  """The augmentation settings of a `data` config."""
-  return batching.Augment(flip=data.augment.flip, rot90=data.augment.rot90,
-                          max_shift=data.augment.max_shift)
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+  """A stage's `data` config (defaults in `configs/common.py`, `data_config`): where the
+  images come from, how they are split, read, fed and augmented."""
+  source: str                  # one of SOURCES
+  dir: str                     # the DeepLense-layout folder (simulated first if 'simulated')
+  cache_dir: str               # the prepared splits
+  reader: str                  # one of READERS
+  on_bad_file: str             # 'error' or 'skip'
+  split: splits.SplitRule      # validation and test fractions
+  sim: SimSettings
+  augment: batching.Augment
+  feed: str                    # 'auto', 'device' or 'host' (`feeds.choose`)
+  device_memory_share: float   # the device feed's share of a device's memory ('auto')
+
+  @classmethod
+  def from_config(cls, data: Any) -> "DataSettings":
+    """From a config's `data` (anything with the keys above), checked beforehand by
+    `stages/validate.py`."""
+    return cls(source=str(data.source), dir=str(data.dir), cache_dir=str(data.cache_dir),
+               reader=str(data.reader), on_bad_file=str(data.on_bad_file),
+               split=splits.SplitRule(validation_fraction=data.validation_fraction,
+                                      test_fraction=data.test_fraction),
+               sim=SimSettings.from_config(data.sim),
+               augment=batching.Augment(flip=bool(data.augment.flip),
+                                        rot90=bool(data.augment.rot90),
+                                        max_shift=int(data.augment.max_shift)),
+               feed=str(data.feed), device_memory_share=float(data.device_memory_share))
 
 
-def _make(data: ml_collections.ConfigDict, progress: bool) -> arrays.Dataset:
+def _make(data: DataSettings, progress: bool) -> arrays.Dataset:
   if data.source == "simulated":
-    simulate.generate(data.dir, per_class=data.sim.per_class, seed=data.sim.seed,
-                      workers=data.sim.workers or None, noise=data.sim.noise,
-                      progress=progress, variant=data.sim.variant,
-                      source_spread=data.sim.get("source_spread", 0))
+    sim = data.sim
+    simulate.generate(data.dir, per_class=sim.per_class, seed=sim.seed,
+                      workers=sim.workers or None, noise=sim.noise, progress=progress,
+                      variant=sim.variant, source_spread=sim.source_spread)
   if data.reader == "tfds":
     from mae_jax.data import builder  # pylint: disable=g-import-not-at-top (TensorFlow only here)
-    prepared = builder.prepare(data.dir, data.cache_dir, rule=split_rule(data),
+    prepared = builder.prepare(data.dir, data.cache_dir, rule=data.split,
                                on_bad_file=data.on_bad_file, progress=progress)
     return builder.read_dataset(prepared)
-  return arrays.prepare(data.dir, data.cache_dir, rule=split_rule(data),
+  return arrays.prepare(data.dir, data.cache_dir, rule=data.split,
                         on_bad_file=data.on_bad_file, progress=progress)
 
 
-def load(data: ml_collections.ConfigDict, progress: bool = True) -> arrays.Dataset:
+def load(data: DataSettings, progress: bool = True) -> arrays.Dataset:
   """Makes sure the data folder exists (simulating it if so configured), prepares it,
   and returns every split as arrays.
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -373,20 +372,19 @@ def _merge(template: PyTree, loaded: dict[str, Any], dont_load: list[str], requi
 
 def restore_from_stage(source_workdir: str | Path, params: PyTree, batch_stats: PyTree,
                        *, dont_load: list[str], required: str = r"encoder/.*",
-                       make_it: str = "", model: dict | None = None
-                       ) -> tuple[PyTree, PyTree, int, list[str]]:
+                       make_it: str = "") -> tuple[PyTree, PyTree, int, list[str]]:
   """Initialises params (and BatchNorm statistics) from another stage's latest checkpoint.
 
   Every param whose name is in the checkpoint with the same shape is taken,
   except those matching a `dont_load` pattern; the rest keep their fresh
-  initialisation (listed in the result). Optimiser state is never taken.
+  initialisation (listed in the result). Optimiser state is never taken. Encoder
+  settings no shape reveals (e.g. heads) are the stage's to check beforehand, against
+  the source's `config.json` (`stages/validate.py`, `check_source_encoder`).
 
   Raises:
     errors.MissingCheckpointError: no checkpoint there (`make_it` says how to make one).
     errors.IncompatibleCheckpointError: a `required` param is missing, any shape
-      differs, the checkpoint has encoder params this model lacks (a deeper encoder),
-      or the source's `config.json` names other encoder sizes than `model` (e.g.
-      heads, which no shape reveals).
+      differs, or the checkpoint has encoder params this model lacks (a deeper encoder).
 
   Returns:
     (params, batch_stats, the source step, names left freshly initialised).
@@ -399,14 +397,6 @@ def restore_from_stage(source_workdir: str | Path, params: PyTree, batch_stats: 
         f"no checkpoint in {path}" + (f"; make one with:\n  {make_it}" if make_it else "")
     ) from None
   what = f"checkpoint {path}/{step}"
-  source_config = Path(source_workdir) / workdir_lib.CONFIG_FILE
-  if model is not None and source_config.exists():
-    theirs = json.loads(source_config.read_text()).get("model", {})
-    for key in build.ENCODER_KEYS:
-      if key in theirs and key in model and theirs[key] != model[key]:
-        raise errors.IncompatibleCheckpointError(
-            f"{what}: the source stage used model.{key}={theirs[key]}, this one "
-            f"model.{key}={model[key]}; the encoder config must match")
   loaded = traverse_util.flatten_dict(restored["params"], sep="/")
   params, fresh = _merge(params, loaded, dont_load, required, what)
   ours = set(traverse_util.flatten_dict(params, sep="/"))

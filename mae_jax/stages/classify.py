@@ -47,6 +47,7 @@ from mae_jax.runtime import parallel
 from mae_jax.runtime import workdir as workdir_lib
 from mae_jax.stages import common
 from mae_jax.stages import registry
+from mae_jax.stages import validate
 from mae_jax.train import loop as loop_lib
 from mae_jax.train import optim
 from mae_jax.train import steps
@@ -59,20 +60,22 @@ def _source_stage(config: ml_collections.ConfigDict) -> str:
           f"--workdir={config.init_from}")
 
 
-def _initial_params(config, model, workdir: Path) -> tuple[Any, Any]:
+def _initial_params(config, opt: optim.ClassifierOptimSettings, model,
+                    workdir: Path) -> tuple[Any, Any]:
   """Fresh params, then public weights or the previous stage's: on a fresh run, and on a
   resumed one whose encoder is frozen (its features are computed before the checkpoint
   is restored, and a frozen encoder is the source's, bit for bit)."""
   params, batch_stats = build.init_classifier(
       model, jax.random.fold_in(jax.random.key(config.seed), 0))
-  frozen_encoder = all(jax.tree.leaves(optim.match(params, config.optim.frozen)["encoder"]))
+  frozen_encoder = all(jax.tree.leaves(optim.match(params, opt.frozen)["encoder"]))
   if checkpoint.latest_step(workdir) is None or frozen_encoder:
     if config.init_weights:
       params = load.import_weights(config.init_weights, params, model.vit.num_patches)
     elif config.init_from:
+      validate.check_source_encoder(config)
       params, batch_stats, src_step, fresh = load.restore_from_stage(
           config.init_from, params, batch_stats, dont_load=list(config.dont_load),
-          make_it=_source_stage(config), model=config.model.to_dict())
+          make_it=_source_stage(config))
       logging.info("initialised from %s step %d; fresh: %s", config.init_from, src_step,
                    ", ".join(sorted({n.rsplit("/", 2)[0] for n in fresh})) or "none")
     else:
@@ -85,6 +88,8 @@ class _Run:
   """What the phases of one probe or fine-tune run share. `_setup` fills the first
   fields; `_fit` opens the checkpoint managers and the writer, and `_close` closes them."""
   config: ml_collections.ConfigDict
+  data: source.DataSettings            # the config's `data`
+  opt: optim.ClassifierOptimSettings   # the config's `optim`
   workdir: Path
   mesh: jax.sharding.Mesh
   splits: dict[str, Any]          # "train" (the labelled budget), "validation", "test"
@@ -142,9 +147,10 @@ def read_feature_choice(workdir: str | Path) -> heads.FeatureChoice | None:
   return heads.FeatureChoice(int(saved["block"]), saved["pool"])
 
 
-def _labelled_splits(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def _labelled_splits(config: ml_collections.ConfigDict,
+                     data: source.DataSettings) -> dict[str, Any]:
   """The labelled budget of the train split, validation and test, checked for size."""
-  dataset = common.load_dataset(config)
+  dataset = common.load_dataset(data, config.model.image_size)
   splits = {"train": common.labelled_subset(dataset["train"], config.labels_per_class,
                                             config.seed),
             "validation": dataset["validation"], "test": dataset["test"]}
@@ -152,8 +158,8 @@ def _labelled_splits(config: ml_collections.ConfigDict) -> dict[str, Any]:
                                         "validation": splits["validation"],
                                         "test": splits["test"]})
   for name in ("validation", "test"):
-    common.require(splits[name], 1, "labelled", config.data.dir)
-  common.require(splits["train"], config.batch_size, "labelled", config.data.dir)
+    common.require(splits[name], 1, "labelled", data.dir)
+  common.require(splits["train"], config.batch_size, "labelled", data.dir)
   return splits
 
 
@@ -175,7 +181,7 @@ def _feature_bank(run: _Run) -> dict:
   tree = parallel.replicate({"params": run.params, "batch_stats": run.batch_stats}, run.mesh)
   out = {}
   for name, split in run.splits.items():
-    kind = common.choose_feed(run.config, split.images.nbytes, f"{name} features")
+    kind = common.choose_feed(run.data, split.images.nbytes, f"{name} features")
     feed = feeds.make(kind, split.images, split.labels, run.mesh, run.config.seed, run.dtype)
     feeding = steps.Feeding(source=kind, local_batch=run.config.eval_batch_size //
                             run.mesh.devices.size, seed=run.config.seed, dtype=run.dtype)
@@ -226,17 +232,19 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
   parallel.check_batch(config.eval_batch_size, "eval_batch_size")
   if loop_lib.is_main_process():
     workdir.mkdir(parents=True, exist_ok=True)
-  splits = _labelled_splits(config)
+  data = source.DataSettings.from_config(config.data)
+  splits = _labelled_splits(config, data)
   model = build.build_classifier(config.model, len(layout.CLASS_NAMES), parallel.AXIS)
-  params, batch_stats = _initial_params(config, model, workdir)
-  run = _Run(config=config, workdir=workdir, mesh=mesh, splits=splits, model=model,
-             params=params, batch_stats=batch_stats,
-             frozen=optim.match(params, config.optim.frozen), base={}, inputs={})
+  opt = optim.ClassifierOptimSettings.from_config(config.optim)
+  params, batch_stats = _initial_params(config, opt, model, workdir)
+  run = _Run(config=config, data=data, opt=opt, workdir=workdir, mesh=mesh, splits=splits,
+             model=model, params=params, batch_stats=batch_stats,
+             frozen=optim.match(params, opt.frozen), base={}, inputs={})
   run.base = _baseline(config, splits) if config.get("fit_baseline", True) else None
   run.inputs = {name: s.images for name, s in splits.items()}
   if run.cached:
     _cache_features(run)
-  run.kind = common.choose_feed(config, run.inputs["train"].nbytes +
+  run.kind = common.choose_feed(data, run.inputs["train"].nbytes +
                                 run.inputs["validation"].nbytes, config.stage)
   return run
 
@@ -246,7 +254,7 @@ def _optimizer(run: _Run, steps_per_epoch: int) -> tuple[Any, Any]:
   config = run.config
   total_steps = config.epochs * steps_per_epoch
   tx, peaks = optim.classifier_optimizer(
-      run.params, config.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+      run.params, run.opt, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
       global_batch=config.batch_size, depth=config.model.depth)
   trained = sum(int(np.prod(p.shape)) for p, f in zip(jax.tree.leaves(run.params),
                                                      jax.tree.leaves(run.frozen)) if not f)
@@ -256,8 +264,8 @@ def _optimizer(run: _Run, steps_per_epoch: int) -> tuple[Any, Any]:
                " (frozen encoder: cached features, head only)" if run.cached else "")
   head_lr = max(jax.tree.leaves(peaks))
   schedule = optim.warmup_cosine(head_lr, total_steps,
-                                 int(config.optim.warmup_epochs * steps_per_epoch),
-                                 min(config.optim.min_lr, head_lr))
+                                 int(run.opt.warmup_epochs * steps_per_epoch),
+                                 min(run.opt.min_lr, head_lr))
   return tx, schedule
 
 
@@ -304,8 +312,8 @@ def _fit(run: _Run) -> tuple[Any, list[dict]]:
   run.mngr = checkpoint.manager(run.workdir, config.keep_checkpoints)
   run.best_mngr = checkpoint.manager(run.workdir, 1, folder=workdir_lib.BEST_CHECKPOINT)
   run.writer = common.metric_writer(run.workdir, config)
-  state, step, history, progress = loop_lib.open_run(run.workdir, config, state, steps_per_epoch,
-                                                     run.mngr, run.writer)
+  state, step, history, progress = loop_lib.open_run(
+      run.workdir, config.to_dict(), state, steps_per_epoch, run.mngr, run.writer)
   for stale in [s for s in run.best_mngr.all_steps() if s > step]:  # a run not continued
     run.best_mngr.delete(stale)
   body = steps.classifier_body(run.model, frozen_encoder=run.frozen_encoder,
@@ -315,9 +323,9 @@ def _fit(run: _Run) -> tuple[Any, list[dict]]:
   evaluate_val = common.Evaluator(steps.logits_fn(run.model, inputs_are_features=run.cached),
                                   run.mesh, run.feed("validation"),
                                   run.feeding(config.eval_batch_size))
-  augmentation = source.augmentation(config.data) if config.augment else None
+  augmentation = run.data.augment if config.augment else None
   loop = loop_lib.Loop(
-      config=config, workdir=run.workdir, state=state,
+      settings=loop_lib.LoopSettings.from_config(config), workdir=run.workdir, state=state,
       run_chunk=lambda s, e, f, n, k: chunks(s, e, f, n, k, augmentation),
       train_examples=len(run.splits["train"]), global_batch=config.batch_size,
       steps_per_epoch=steps_per_epoch, total_epochs=config.epochs, schedule=schedule)

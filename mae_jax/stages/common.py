@@ -23,16 +23,16 @@ from mae_jax.train import loop
 from mae_jax.train import steps
 
 
-def load_dataset(config: ml_collections.ConfigDict) -> arrays.Dataset:
+def load_dataset(data: source.DataSettings, image_size: int) -> arrays.Dataset:
   """The stage's data, every split as arrays (simulated first if so configured).
 
   Raises:
     ValueError: the data's images are not the model's size.
   """
-  dataset = source.load(config.data, progress=loop.is_main_process())
-  if tuple(dataset.image_shape) != (config.model.image_size,) * 2:
+  dataset = source.load(data, progress=loop.is_main_process())
+  if tuple(dataset.image_shape) != (image_size,) * 2:
     raise ValueError(f"the data's images are {dataset.image_shape}, but "
-                     f"model.image_size={config.model.image_size}")
+                     f"model.image_size={image_size}")
   return dataset
 
 
@@ -73,8 +73,9 @@ def pool_subset(split: arrays.Split, size: int, seed: int) -> arrays.Split:
   return split.take(np.sort(rng.choice(len(split), size, replace=False)))
 
 
-def choose_feed(config: ml_collections.ConfigDict, nbytes: int, what: str) -> str:
-  kind, why = feeds.choose(config.data.feed, nbytes, config.data.device_memory_share)
+def choose_feed(data: source.DataSettings, nbytes: int, what: str) -> str:
+  """The feed of `nbytes` of `what` (data.feed, or 'auto''s choice), logged with why."""
+  kind, why = feeds.choose(data.feed, nbytes, data.device_memory_share)
   feeds.log_choice(kind, why, what)
   return kind
 

@@ -67,20 +67,20 @@ def feed_rate(images: np.ndarray, batch: int, augmentation: batching.Augment,
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Prepares `config.data` and writes its summary and sample figure to `workdir`."""
   workdir = Path(workdir)
-  dataset = source.load(config.data)
+  data = source.DataSettings.from_config(config.data)
+  dataset = source.load(data)
   counts = {name: dataset[name].class_counts() for name in splits.SPLITS}
   train = dataset["train"]
-  rate = feed_rate(train.images, min(config.batch_size, len(train)),
-                   source.augmentation(config.data))
+  rate = feed_rate(train.images, min(config.batch_size, len(train)), data.augment)
   h, w = dataset.image_shape
   shown = dataset["validation"] if len(dataset["validation"]) else train
   fig = plots.sample_grid(_samples(shown, config.samples_per_class),
                           workdir / workdir_lib.PLOTS / "samples.png",
-                          title=f"{config.data.source} data, {h}x{w}, min-max normalised")
+                          title=f"{data.source} data, {h}x{w}, min-max normalised")
   summary = {
-      "source": config.data.source,
-      "data_dir": str(Path(config.data.dir).resolve()),
-      "reader": config.data.reader,
+      "source": data.source,
+      "data_dir": str(Path(data.dir).resolve()),
+      "reader": data.reader,
       "cache_dir": str(dataset.cache_dir),
       "image_shape": [h, w],
       "counts": counts,

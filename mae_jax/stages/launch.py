@@ -65,17 +65,10 @@ def _config_argument(argv: Sequence[str], name: str) -> str | None:
   return None
 
 
-def override_problems(argv: Sequence[str], name: str = "config") -> list[str]:
-  """`--config.KEY=...` overrides in `argv` naming no key of the config file, each
-  with the closest valid key (the config file is loaded again to list its keys)."""
-  arg = _config_argument(argv, name)
-  if not arg:
-    return []
-  file, _, preset = arg.partition(":")
-  try:
-    config = validate.load_config_file(file, preset or None)
-  except errors.UserError:
-    return []
+def override_problems(argv: Sequence[str], config: ml_collections.ConfigDict,
+                      name: str = "config") -> list[str]:
+  """`--config.KEY=...` overrides in `argv` naming no key of `config` (the config file as
+  loaded), each with the closest valid key."""
   valid = validate.flat_keys(config)
   prefixes = {k.rsplit(".", i)[0] for k in valid for i in range(k.count(".") + 1)}
   problems = []
@@ -86,34 +79,42 @@ def override_problems(argv: Sequence[str], name: str = "config") -> list[str]:
   return problems
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with config mistakes reported in one line each (exit 1)."""
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """absl's flag parsing, with config mistakes reported in one line each (exit 1).
+
+  config_flags loads the config file once; only when that fails (or was deferred) is
+  the file loaded again (`config_file_problems`), to say what is wrong.
+  """
   try:
-    rest = flags.FLAGS(argv)
+    rest = flag_values(argv)
   except errors.UserError as e:
     raise SystemExit(f"error: {e}") from None
-  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
     found = config_file_problems(argv)
     if found:
       raise SystemExit("error: " + "; ".join(found)) from None
     if isinstance(e, flags.Error):
       raise SystemExit(f"error: {e}") from None
     raise
-  # config_flags defers some failures (a missing file) until the config is read.
-  found = config_file_problems(argv)
-  if found:
-    raise SystemExit("error: " + "; ".join(found))
+  # config_flags defers some failures (a missing file) until the config is read: its
+  # value is then no ConfigDict.
+  if _config_argument(argv, "config") and \
+      not isinstance(flag_values["config"].value, ml_collections.ConfigDict):
+    found = config_file_problems(argv)
+    if found:
+      raise SystemExit("error: " + "; ".join(found))
   return rest
 
 
 def config_file_problems(argv: Sequence[str], name: str = "config") -> list[str]:
-  """What is wrong with `--config=FILE:PRESET` and its `--config.KEY` overrides in `argv`."""
+  """What is wrong with `--config=FILE:PRESET` and its `--config.KEY` overrides in `argv`
+  (the file loaded once more, by `validate.load_config_file`)."""
   arg = _config_argument(argv, name)
   if not arg:
     return []
   file, _, preset = arg.partition(":")
   try:
-    validate.load_config_file(file, preset or None)
+    config = validate.load_config_file(file, preset or None)
   except errors.UserError as e:
     return [str(e)]
-  return override_problems(argv, name)
+  return override_problems(argv, config, name)

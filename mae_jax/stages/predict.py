@@ -187,6 +187,38 @@ def _csv(rows: list[list[Any]]) -> bytes:
   return buf.getvalue().encode()
 
 
+def _prediction_rows(done: list[tuple[InputFile, np.ndarray]],
+                     labelled: bool) -> list[list[str]]:
+  """predictions.csv: a header, then per file its predicted class and probabilities (and
+  its true class when some file has one)."""
+  names = layout.CLASS_NAMES
+  header = ["file", "predicted_class", *(f"p_{c}" for c in names)]
+  header += ["true_class"] if labelled else []
+  return [header] + [[f.name, names[int(np.argmax(p))], *(f"{v:.6f}" for v in p)]
+                     + ([names[f.label] if f.label is not None else ""] if labelled else [])
+                     for f, p in done]
+
+
+def _write_metrics(workdir: Path, input_path: str, done: list[tuple[InputFile, np.ndarray]],
+                   step: int) -> Path:
+  """metrics.json, plots/roc.png and plots/confusion.png of the files with a true class."""
+  known = [(f.label, p) for f, p in done if f.label is not None]
+  labels = np.array([k for k, _ in known])
+  probs = np.stack([p for _, p in known])
+  metrics = {**metrics_lib.classification_metrics(probs, labels), "checkpoint_step": step,
+             "input": str(Path(input_path).absolute())}
+  fileio.write_json_atomic(workdir / METRICS_FILE, metrics)
+  title = f"predictions on {Path(input_path).name} ({len(labels)} labelled files)"
+  plots.roc(metrics_lib.roc_curves(probs, labels), workdir / workdir_lib.PLOTS / "roc.png",
+            title=title)
+  plots.confusion(metrics["confusion_matrix"], layout.CLASS_NAMES,
+                  workdir / workdir_lib.PLOTS / "confusion.png",
+                  title=f"{title}, accuracy {metrics['accuracy']:.3f}")
+  logging.info("labelled files: micro AUC %s, macro AUC %s, accuracy %.4f",
+               metrics["micro_auc"], metrics["macro_auc"], metrics["accuracy"])
+  return workdir / METRICS_FILE
+
+
 @registry.register("predict")
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Classifies `config.input` with the best checkpoint under `config.model_dir`."""
@@ -200,40 +232,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                run_dir / workdir_lib.BEST_CHECKPOINT, step)
   done, bad = classify_files(files, model, params, batch_stats, run_config.model.image_size,
                              config.batch_size)
-  names = layout.CLASS_NAMES
   labelled = any(f.label is not None for f, _ in done)
-  header = ["file", "predicted_class", *(f"p_{c}" for c in names)]
-  header += ["true_class"] if labelled else []
-  rows = [[f.name, names[int(np.argmax(p))], *(f"{v:.6f}" for v in p)]
-          + ([names[f.label] if f.label is not None else ""] if labelled else [])
-          for f, p in done]
+  table = _prediction_rows(done, labelled)
   workdir.mkdir(parents=True, exist_ok=True)
-  fileio.write_atomic(workdir / PREDICTIONS_FILE, lambda f: f.write(_csv([header] + rows)))
+  fileio.write_atomic(workdir / PREDICTIONS_FILE, lambda f: f.write(_csv(table)))
   tsv = "file\tdefect\n" + "".join(f"{n}\t{' '.join(d.split())}\n" for n, d in bad)
   fileio.write_atomic(workdir / BAD_FILES, lambda f: f.write(tsv.encode()))
   for name, defect in bad:
     logging.warning("bad file %s: %s", name, defect)
-  counts = {c: sum(r[1] == c for r in rows) for c in names}
+  counts = {c: sum(r[1] == c for r in table[1:]) for c in layout.CLASS_NAMES}
   summary = {"input": str(Path(config.input).absolute()), "model": str(run_dir.absolute()),
              "checkpoint_step": step, "files": len(files), "classified": len(done),
              "bad_files": len(bad), "predicted": counts,
              "predictions": str(workdir / PREDICTIONS_FILE), "metrics": None}
   if labelled:
-    known = [(f.label, p) for f, p in done if f.label is not None]
-    labels = np.array([k for k, _ in known])
-    probs = np.stack([p for _, p in known])
-    metrics = {**metrics_lib.classification_metrics(probs, labels), "checkpoint_step": step,
-               "input": summary["input"]}
-    fileio.write_json_atomic(workdir / METRICS_FILE, metrics)
-    title = f"predictions on {Path(config.input).name} ({len(labels)} labelled files)"
-    plots.roc(metrics_lib.roc_curves(probs, labels), workdir / workdir_lib.PLOTS / "roc.png",
-              title=title)
-    plots.confusion(metrics["confusion_matrix"], names,
-                    workdir / workdir_lib.PLOTS / "confusion.png",
-                    title=f"{title}, accuracy {metrics['accuracy']:.3f}")
-    summary["metrics"] = str(workdir / METRICS_FILE)
-    logging.info("labelled files: micro AUC %s, macro AUC %s, accuracy %.4f",
-                 metrics["micro_auc"], metrics["macro_auc"], metrics["accuracy"])
+    summary["metrics"] = str(_write_metrics(workdir, config.input, done, step))
   fileio.write_json_atomic(workdir / SUMMARY_FILE, summary)
   logging.info("wrote %s: %d classified (%s), %d bad file(s)%s", workdir / PREDICTIONS_FILE,
                len(done), ", ".join(f"{c} {n}" for c, n in counts.items()), len(bad),

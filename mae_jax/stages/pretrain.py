@@ -5,6 +5,10 @@ It reads an unlabelled pool: the train split's images of `classes` (the seed:
 `no_sub` only), subsampled to `pool_size` if set. Labels are never read, and the
 test split is never touched.
 
+`run` is three phases on one `_Run`, as in classify.py: `_setup` (the model, the pool,
+the feeds), `_fit` (the starting state, resumable training, validation loss, figures)
+and `_close` (pretrain_summary.json).
+
   python main.py --config=configs/pretrain.py:demo --workdir=runs/pretrain_demo
 """
 
@@ -45,17 +49,18 @@ def _phase_of(epoch: int, phase_epochs: tuple[int, ...]) -> int:
   return int(np.searchsorted(ends, epoch, side="right"))
 
 
-def _pool(config: ml_collections.ConfigDict) -> tuple[list[str], Any, Any]:
+def _pool(config: ml_collections.ConfigDict,
+          data: source.DataSettings) -> tuple[list[str], Any, Any]:
   """(classes, pool, validation): the unlabelled pool is the train split's images of
   `classes`, subsampled to `pool_size`; validation images of the same classes give the
   validation loss. Test is never read."""
   classes = common.class_names_of(config.classes)
-  dataset = common.load_dataset(config)
+  dataset = common.load_dataset(data, config.model.image_size)
   pool = common.pool_subset(dataset["train"].of_classes(classes), config.pool_size, config.seed)
   val = dataset["validation"].of_classes(classes)
   common.log_split_sizes("pretraining images", {"pool": pool, "validation": val})
-  common.require(pool, config.batch_size, "/".join(classes), config.data.dir)
-  common.require(val, 1, "/".join(classes), config.data.dir)
+  common.require(pool, config.batch_size, "/".join(classes), data.dir)
+  common.require(val, 1, "/".join(classes), data.dir)
   return classes, pool, val
 
 
@@ -67,7 +72,8 @@ def _initial_state(config: ml_collections.ConfigDict, mae, workdir: Path, mesh,
   params = build.init_mae(mae, init_key)
   if config.init_weights and checkpoint.latest_step(workdir) is None:  # a fresh run only
     params = load.import_weights(config.init_weights, params, mae.encoder.num_patches)
-  tx, schedule = optim.adamw(params, config.optim, total_steps, steps_per_epoch)
+  tx, schedule = optim.adamw(params, optim.AdamWSettings.from_config(config.optim),
+                             total_steps, steps_per_epoch)
   state = parallel.replicate(steps.TrainState.create(apply_fn=mae.apply, params=params, tx=tx),
                              mesh)
   logging.info("MAE: %s params (encoder %s); %d steps per epoch of %d images",
@@ -100,10 +106,10 @@ def _plotter(config: ml_collections.ConfigDict, workdir: Path, mae, loss, val, h
   return save_plots
 
 
-def _chunk_runner(config: ml_collections.ConfigDict, chunks: common.Chunks) -> Callable:
+def _chunk_runner(config: ml_collections.ConfigDict, augmentation: batching.Augment,
+                  chunks: common.Chunks) -> Callable:
   """The loop's run_chunk: augmentation in the phases `phase_augment` turns it on for."""
   phase_epochs = tuple(int(e) for e in config.phase_epochs)
-  augmentation = source.augmentation(config.data)
 
   def run_chunk(state, epoch, first, num, key):
     augmented = config.phase_augment[_phase_of(epoch, phase_epochs)]
@@ -131,11 +137,44 @@ def _epoch_end(config: ml_collections.ConfigDict, evaluate: common.Evaluator,
   return end_epoch
 
 
-@registry.register("pretrain")
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) MAE pretraining; returns the final summary."""
-  workdir = Path(workdir)
-  phase_epochs = tuple(int(e) for e in config.phase_epochs)
+@dataclasses.dataclass
+class _Run:
+  """What the phases of one pretraining run share. `_setup` fills the first fields; `_fit`
+  opens the checkpoint manager and the writer (and `_close` closes them)."""
+  config: ml_collections.ConfigDict
+  data: source.DataSettings        # the config's `data`
+  workdir: Path
+  mesh: jax.sharding.Mesh
+  mae: Any
+  loss: losses.Reconstruction
+  classes: tuple[str, ...]
+  pool: Any                        # the unlabelled training images (an arrays.Split)
+  val: Any                         # validation images of the same classes
+  kind: str                        # the feed: "device" or "host"
+  feeds: dict[str, Any]            # "pool" and "validation"
+  local_batch: int                 # this process's share of batch_size
+  local_eval: int                  # ... and of eval_batch_size
+  steps_per_epoch: int
+  mngr: Any = None
+  writer: Any = None
+  save_plots: Callable | None = None   # save_plots(state, record=None): `_plotter`
+  started: float = 0.0             # when training started (time.time())
+
+  @property
+  def phase_epochs(self) -> tuple[int, ...]:
+    return tuple(int(e) for e in self.config.phase_epochs)
+
+  @property
+  def total_epochs(self) -> int:
+    return sum(self.phase_epochs)
+
+  def phase(self, epoch: int) -> int:
+    """The 1-based phase of `epoch`."""
+    return _phase_of(epoch, self.phase_epochs) + 1
+
+
+def _setup(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
+  """Checks, the model and its loss, the unlabelled pool and validation images, their feeds."""
   mesh = parallel.make_mesh()
   local_batch = parallel.check_batch(config.batch_size) // jax.local_device_count()
   local_eval = parallel.check_batch(config.eval_batch_size, "eval_batch_size") // \
@@ -145,53 +184,76 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   dtype = build.dtype_of(config.model.dtype)
   if loop_lib.is_main_process():
     workdir.mkdir(parents=True, exist_ok=True)
-
-  classes, pool, val = _pool(config)
-  kind = common.choose_feed(config, pool.images.nbytes + val.images.nbytes, "pretraining")
-  feed = feeds.make(kind, pool.images, pool.labels, mesh, config.seed, dtype)
-  val_feed = feeds.make(kind, val.images, val.labels, mesh, config.seed, dtype)
+  data = source.DataSettings.from_config(config.data)
+  classes, pool, val = _pool(config, data)
+  kind = common.choose_feed(data, pool.images.nbytes + val.images.nbytes, "pretraining")
+  made = {name: feeds.make(kind, s.images, s.labels, mesh, config.seed, dtype)
+          for name, s in (("pool", pool), ("validation", val))}
   steps_per_epoch = batching.steps_per_epoch(len(pool), mesh.devices.size, local_batch)
   if steps_per_epoch < 1:
     raise errors.InsufficientDataError(
         f"batch_size={config.batch_size} exceeds the {len(pool)} pretraining images of "
         f"{list(classes)} ({len(pool) // mesh.devices.size} per device)")
-  total_epochs = sum(phase_epochs)
+  return _Run(config=config, data=data, workdir=workdir, mesh=mesh, mae=mae, loss=loss,
+              classes=tuple(classes), pool=pool, val=val, kind=kind, feeds=made,
+              local_batch=local_batch, local_eval=local_eval, steps_per_epoch=steps_per_epoch)
 
+
+def _fit(run: _Run) -> tuple[Any, list[dict]]:
+  """Trains (or resumes) the MAE; returns the final state and the history."""
+  config, spe = run.config, run.steps_per_epoch
   key = jax.random.key(config.seed)
   init_key, eval_key, plot_key = (jax.random.fold_in(key, i) for i in (0, 2, 3))
-  state, schedule = _initial_state(config, mae, workdir, mesh, steps_per_epoch,
-                                   total_epochs * steps_per_epoch, init_key)
-  mngr = checkpoint.manager(workdir, config.keep_checkpoints)
-  writer = common.metric_writer(workdir, config)
-  state, step, history, progress = loop_lib.open_run(workdir, config, state, steps_per_epoch,
-                                                     mngr, writer)
-  feeding = steps.Feeding(source=kind, local_batch=local_batch, seed=config.seed, dtype=dtype)
-  chunks = common.Chunks(steps.pretrain_body(mae, loss, config.batch_size), mesh, feed, feeding)
-  evaluate = common.Evaluator(steps.pretrain_eval_fn(mae, loss, eval_key), mesh, val_feed,
-                              dataclasses.replace(feeding, local_batch=local_eval))
-  save_plots = _plotter(config, workdir, mae, loss, val, history, writer, plot_key)
+  state, schedule = _initial_state(config, run.mae, run.workdir, run.mesh, spe,
+                                   run.total_epochs * spe, init_key)
+  run.mngr = checkpoint.manager(run.workdir, config.keep_checkpoints)
+  run.writer = common.metric_writer(run.workdir, config)
+  state, step, history, progress = loop_lib.open_run(run.workdir, config.to_dict(), state, spe,
+                                                     run.mngr, run.writer)
+  feeding = steps.Feeding(source=run.kind, local_batch=run.local_batch, seed=config.seed,
+                          dtype=build.dtype_of(config.model.dtype))
+  chunks = common.Chunks(steps.pretrain_body(run.mae, run.loss, config.batch_size), run.mesh,
+                         run.feeds["pool"], feeding)
+  evaluate = common.Evaluator(steps.pretrain_eval_fn(run.mae, run.loss, eval_key), run.mesh,
+                              run.feeds["validation"],
+                              dataclasses.replace(feeding, local_batch=run.local_eval))
+  run.save_plots = _plotter(config, run.workdir, run.mae, run.loss, run.val, history, run.writer,
+                            plot_key)
   loop = loop_lib.Loop(
-      config=config, workdir=workdir, state=state, run_chunk=_chunk_runner(config, chunks),
-      train_examples=len(pool), global_batch=config.batch_size,
-      steps_per_epoch=steps_per_epoch, total_epochs=total_epochs, schedule=schedule,
-      describe=lambda e: f" (phase {_phase_of(e, phase_epochs) + 1})",
-      phase=lambda e: _phase_of(e, phase_epochs) + 1)
-  end_epoch = _epoch_end(config, evaluate, save_plots)
-  start = time.time()
-  with checkpoint.finishing(mngr):   # saves in flight complete, even when training fails
-    state = loop_lib.run_epochs(loop, step, history, mngr, writer, end_epoch, progress)
+      settings=loop_lib.LoopSettings.from_config(config), workdir=run.workdir, state=state,
+      run_chunk=_chunk_runner(config, run.data.augment, chunks), train_examples=len(run.pool),
+      global_batch=config.batch_size, steps_per_epoch=spe, total_epochs=run.total_epochs,
+      schedule=schedule, describe=lambda e: f" (phase {run.phase(e)})", phase=run.phase)
+  end_epoch = _epoch_end(config, evaluate, run.save_plots)
+  run.started = time.time()
+  with checkpoint.finishing(run.mngr):   # saves in flight complete, even when training fails
+    state = loop_lib.run_epochs(loop, step, history, run.mngr, run.writer, end_epoch, progress)
+  return state, history
+
+
+def _close(run: _Run, state, history: list[dict]) -> dict:
+  """The figures (also when no epoch ended in this run), pretrain_summary.json; closes the run."""
   if not history or history[-1]["step"] != int(state.step):  # nothing trained now: still draw
-    save_plots(state)
-  writer.flush()
-  summary = {"steps": int(state.step), "epochs": total_epochs, "steps_per_epoch": steps_per_epoch,
-             "pool": {"classes": list(classes), "images": len(pool),
-                      "validation_images": len(val)},
-             "feed": kind,
+    run.save_plots(state)
+  run.writer.flush()
+  summary = {"steps": int(state.step), "epochs": run.total_epochs,
+             "steps_per_epoch": run.steps_per_epoch,
+             "pool": {"classes": list(run.classes), "images": len(run.pool),
+                      "validation_images": len(run.val)},
+             "feed": run.kind,
              "final_train_loss": history[-1]["train_loss"] if history else None,
              "final_val_loss": history[-1]["val_loss"] if history else None,
-             "wall_seconds_this_run": round(time.time() - start, 1)}
+             "wall_seconds_this_run": round(time.time() - run.started, 1)}
   if loop_lib.is_main_process():
-    fileio.write_json_atomic(workdir / workdir_lib.PRETRAIN_SUMMARY, summary)
+    fileio.write_json_atomic(run.workdir / workdir_lib.PRETRAIN_SUMMARY, summary)
   logging.info("pretraining done: %s", summary)
-  mngr.close()
+  run.mngr.close()
   return summary
+
+
+@registry.register("pretrain")
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) MAE pretraining; returns the final summary."""
+  run_ = _setup(config, Path(workdir))
+  state, history = _fit(run_)
+  return _close(run_, state, history)

@@ -80,6 +80,35 @@ def baselines(metrics: dict | None) -> dict[str, dict]:
           if isinstance(v, dict) and any(m in v for m in ("micro_auc", "macro_auc"))}
 
 
+def _stage_entry(name: str, folder: Path, configured: bool, record: dict | None) -> dict:
+  """What the report shows of one stage: its status, runs, time, hardware and summary."""
+  runs = (record or {}).get("runs", [])
+  return {
+      "configured": configured,
+      "complete": bool(record and record.get("complete")),
+      "runs": len(runs),
+      "seconds": round(sum(r.get("seconds") or 0.0 for r in runs), 1),
+      "hardware": runs[-1].get("hardware") if runs else None,
+      "load_average_1m": ([runs[-1]["hardware"].get("load_average_1m"),
+                           runs[-1].get("load_average_1m_end")] if runs else None),
+      "step": (record or {}).get("step"),
+      "summary": _read(folder / runs_lib.OUTPUT[name]),
+  }
+
+
+def _stale_source_note(workdir: Path, name: str, record: dict | None) -> str | None:
+  """A note when the stage `name` started from was trained further since."""
+  source = (record or {}).get("source")
+  if not (source and source.get("stage")):
+    return None
+  now = (runs_lib.read_record(workdir / source["stage"]) or {}).get("step")
+  if source.get("step") is not None and now is not None and now != source["step"]:
+    return (f"{name} was started from {source['stage']} step {source['step']}, but "
+            f"{source['stage']} now ends at step {now}: delete {workdir / name} to redo {name} "
+            "from it.")
+  return None
+
+
 def collect(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict,
             stages: dict[str, ml_collections.ConfigDict]) -> dict[str, Any]:
   """Everything the report shows, read from the stages' files (JSON-ready)."""
@@ -89,34 +118,18 @@ def collect(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict,
                          "command": " ".join(sys.argv), "stages": {}, "metrics": {},
                          "baselines": {}, "notes": [], "seed_published": SEED_PUBLISHED}
   for name in runs_lib.STAGES:
-    d = workdir / name
-    record = runs_lib.read_record(d)
+    record = runs_lib.read_record(workdir / name)
     if name not in stages and record is None:
       continue
-    runs = (record or {}).get("runs", [])
-    entry = {
-        "configured": name in stages,
-        "complete": bool(record and record.get("complete")),
-        "runs": len(runs),
-        "seconds": round(sum(r.get("seconds") or 0.0 for r in runs), 1),
-        "hardware": runs[-1].get("hardware") if runs else None,
-        "load_average_1m": ([runs[-1]["hardware"].get("load_average_1m"),
-                             runs[-1].get("load_average_1m_end")] if runs else None),
-        "step": (record or {}).get("step"),
-        "summary": _read(d / runs_lib.OUTPUT[name]),
-    }
+    entry = _stage_entry(name, workdir / name, name in stages, record)
     out["stages"][name] = entry
     if name in ("probe", "finetune") and entry["summary"]:
       out["metrics"][name] = {k: v for k, v in entry["summary"].items() if k != "baseline"}
       for bname, b in baselines(entry["summary"]).items():
         out["baselines"].setdefault(bname, b)
-    source = (record or {}).get("source")
-    if source and source.get("stage"):
-      now = (runs_lib.read_record(workdir / source["stage"]) or {}).get("step")
-      if source.get("step") is not None and now is not None and now != source["step"]:
-        out["notes"].append(
-            f"{name} was started from {source['stage']} step {source['step']}, but "
-            f"{source['stage']} now ends at step {now}: delete {d} to redo {name} from it.")
+    note = _stale_source_note(workdir, name, record)
+    if note:
+      out["notes"].append(note)
     if name in stages and not entry["complete"]:
       out["notes"].append(f"{name} is not complete; rerun the pipeline command to finish it.")
   return out
@@ -158,9 +171,8 @@ def _metric_row(label: str, m: dict, examples: str = "", digits: int = 4) -> lis
           *(f(auc.get(c)) for c in layout.CLASS_NAMES), f(m.get("accuracy"))]
 
 
-def _metrics_blocks(data: dict) -> list[tuple]:
-  header = ["model", "test images", "micro AUC", "macro AUC [95% interval]",
-            *(f"AUC {c}" for c in layout.CLASS_NAMES), "accuracy"]
+def _metric_table_rows(data: dict) -> list[list[str]]:
+  """Per model (chosen and last epoch), the seed's published numbers, and each baseline."""
   rows = []
   for stage in ("probe", "finetune"):
     m = data["metrics"].get(stage)
@@ -178,26 +190,33 @@ def _metrics_blocks(data: dict) -> list[tuple]:
     label = "baseline" if name == "baseline" else f"baseline: {name}"
     rows.append(_metric_row(f"{label} (same labelled images, same test split)", b,
                             str(b.get("num_examples", ""))))
-  blocks = [("h2", "Results"), ("table", header, rows)]
-  lines = []
-  for stage in ("probe", "finetune"):
-    m = data["metrics"].get(stage)
-    if not m:
-      continue
-    seed = SEED_PUBLISHED[stage]["micro_auc"]
-    line = (f"{STAGE_TITLES[stage]}: test micro AUC {_f(m['micro_auc'])} against the seed's "
-            f"{seed:.2f} ({m['micro_auc'] - seed:+.4f})" if m.get("micro_auc") is not None
-            else f"{STAGE_TITLES[stage]}: no micro AUC (a class is missing from the split)")
-    for name, b in data["baselines"].items():
-      margins = [f"{key.replace('_auc', ' AUC')} {m[key] - b[key]:+.4f}"
-                 for key in ("macro_auc", "micro_auc")
-                 if m.get(key) is not None and b.get(key) is not None]
-      if margins:
-        line += (f"; margin over the {'baseline' if name == 'baseline' else name}: "
-                 + ", ".join(margins))
-    if m.get("features"):
-      line += f"; frozen features: {m['features']}"
-    lines.append(line + ".")
+  return rows
+
+
+def _comparison_line(data: dict, stage: str, m: dict) -> str:
+  """A model against the seed's micro AUC and each baseline, and its frozen features."""
+  seed = SEED_PUBLISHED[stage]["micro_auc"]
+  line = (f"{STAGE_TITLES[stage]}: test micro AUC {_f(m['micro_auc'])} against the seed's "
+          f"{seed:.2f} ({m['micro_auc'] - seed:+.4f})" if m.get("micro_auc") is not None
+          else f"{STAGE_TITLES[stage]}: no micro AUC (a class is missing from the split)")
+  for name, b in data["baselines"].items():
+    margins = [f"{key.replace('_auc', ' AUC')} {m[key] - b[key]:+.4f}"
+               for key in ("macro_auc", "micro_auc")
+               if m.get(key) is not None and b.get(key) is not None]
+    if margins:
+      line += (f"; margin over the {'baseline' if name == 'baseline' else name}: "
+               + ", ".join(margins))
+  if m.get("features"):
+    line += f"; frozen features: {m['features']}"
+  return line + "."
+
+
+def _metrics_blocks(data: dict) -> list[tuple]:
+  header = ["model", "test images", "micro AUC", "macro AUC [95% interval]",
+            *(f"AUC {c}" for c in layout.CLASS_NAMES), "accuracy"]
+  blocks = [("h2", "Results"), ("table", header, _metric_table_rows(data))]
+  lines = [_comparison_line(data, stage, data["metrics"][stage])
+           for stage in ("probe", "finetune") if data["metrics"].get(stage)]
   for name, b in data["baselines"].items():
     if b.get("description"):
       lines.append(f"{'The baseline' if name == 'baseline' else name}: {b['description']}.")

@@ -189,34 +189,48 @@ def goals(summary: list[dict], labels: int, over_scratch: float,
     away no more than this)."""
   mean = {(s["variant"], s["arm"], s["labels_per_class"]): s["mean_test_macro_auc"]
           for s in summary if s["mean_test_macro_auc"] is not None}
+  margins = {"mae_over_radial": over_radial or {}, "probe_near_radial": probe_near_radial or {},
+             "ceiling_at_least": ceiling_at_least or {}, "radial_at_most": radial_at_most or {}}
   out = []
-
-  def add(goal, variant, n, arm, target, margin, at_most=False):
-    value = mean.get((variant, arm, n))
-    if value is not None and target is not None:
-      out.append({"goal": goal, "variant": variant, "labels_per_class": n, "arm": arm,
-                  "value": value, "target": target, "margin": margin,
-                  "gap": (target - value) if at_most else (value - target)})
-
   for variant in dict.fromkeys(v for v, _, _ in mean):
-    get = lambda arm, n=labels: mean.get((variant, arm, n))  # pylint: disable=cell-var-from-loop
-    if get("scratch_finetune") is not None:
-      add("mae_over_scratch", variant, labels, "mae_finetune",
-          get("scratch_finetune") + over_scratch, over_scratch)
-    if variant in (over_radial or {}) and get("radial") is not None:
-      add("mae_over_radial", variant, labels, "mae_finetune",
-          get("radial") + over_radial[variant], over_radial[variant])
-    if variant in (probe_near_radial or {}) and get("radial") is not None:
-      add("probe_near_radial", variant, labels, "mae_probe",
-          get("radial") - probe_near_radial[variant], probe_near_radial[variant])
-    ceiling = [a for a in SUPERVISED if get(a, 0) is not None]
-    if variant in (ceiling_at_least or {}) and ceiling:
-      add("ceiling_at_least", variant, 0, max(ceiling, key=lambda a: get(a, 0)),
-          ceiling_at_least[variant], ceiling_at_least[variant])
-    if variant in (radial_at_most or {}):
-      add("radial_at_most", variant, 0, "radial", radial_at_most[variant],
-          radial_at_most[variant], at_most=True)
+    out += _variant_goals(mean, variant, labels, over_scratch, margins)
   return out
+
+
+def _goal(mean: dict, goal: str, variant: str, n: int, arm: str, target: float | None,
+          margin: float, at_most: bool = False) -> dict[str, Any] | None:
+  """One goal's row (`goals`), or None where the arm or the target is missing."""
+  value = mean.get((variant, arm, n))
+  if value is None or target is None:
+    return None
+  return {"goal": goal, "variant": variant, "labels_per_class": n, "arm": arm, "value": value,
+          "target": target, "margin": margin,
+          "gap": (target - value) if at_most else (value - target)}
+
+
+def _variant_goals(mean: dict, variant: str, labels: int, over_scratch: float,
+                   margins: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+  """The goals of one variant (`goals`), in their fixed order."""
+  get = lambda arm, n=labels: mean.get((variant, arm, n))  # pylint: disable=unnecessary-lambda-assignment
+  found = []
+  if get("scratch_finetune") is not None:
+    found.append(_goal(mean, "mae_over_scratch", variant, labels, "mae_finetune",
+                       get("scratch_finetune") + over_scratch, over_scratch))
+  for goal, arm, sign in (("mae_over_radial", "mae_finetune", 1),
+                          ("probe_near_radial", "mae_probe", -1)):
+    if variant in margins[goal] and get("radial") is not None:
+      margin = margins[goal][variant]
+      found.append(_goal(mean, goal, variant, labels, arm, get("radial") + sign * margin, margin))
+  ceiling = [a for a in SUPERVISED if get(a, 0) is not None]
+  if variant in margins["ceiling_at_least"] and ceiling:
+    margin = margins["ceiling_at_least"][variant]
+    found.append(_goal(mean, "ceiling_at_least", variant, 0,
+                       max(ceiling, key=lambda a: get(a, 0)), margin, margin))
+  if variant in margins["radial_at_most"]:
+    margin = margins["radial_at_most"][variant]
+    found.append(_goal(mean, "radial_at_most", variant, 0, "radial", margin, margin,
+                       at_most=True))
+  return [g for g in found if g is not None]
 
 
 def snr_ceiling(data: ml_collections.ConfigDict, images_per_class: int) -> dict[str, Any] | None:
@@ -242,51 +256,70 @@ def snr_ceiling(data: ml_collections.ConfigDict, images_per_class: int) -> dict[
   return out
 
 
-def tables(summary: list[dict], ceilings: dict[str, dict], goal_rows: list[dict]
-           ) -> list[tuple]:
-  """The study's tables as report blocks (`report.to_markdown` / `to_html` render them):
-  the label-efficiency table, the ceilings per variant, the goals."""
-  f = lambda v: "" if v is None else f"{v:.3f}"  # pylint: disable=unnecessary-lambda-assignment
+def _f3(value: float | None) -> str:
+  return "" if value is None else f"{value:.3f}"
+
+
+def _summary_blocks(summary: list[dict]) -> list[tuple]:
+  """The label-efficiency table: per variant, arm and budget, the mean over seeds."""
   rows = []
   for s in summary:
     ci = s["mean_interval"]
     rows.append([s["variant"], ARM_TITLES[s["arm"]],
                  "all" if s["labels_per_class"] <= 0 else str(s["labels_per_class"]),
-                 str(s["seeds"]), f(s["mean_test_macro_auc"]), f"{f(s['min'])} – {f(s['max'])}",
+                 str(s["seeds"]), _f3(s["mean_test_macro_auc"]),
+                 f"{_f3(s['min'])} – {_f3(s['max'])}",
                  f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""])
-  blocks = [("p", "Test macro AUC (the test split chose nothing: epochs and learning rates were "
-                  "chosen on validation), mean over seeds, with the lowest and highest seed and "
-                  "the mean of the seeds' bootstrap 95% intervals."),
-            ("table", ["variant", "arm", "labels per class", "seeds", "mean test macro AUC",
-                       "min – max", "mean 95% interval"], rows)]
+  return [("p", "Test macro AUC (the test split chose nothing: epochs and learning rates were "
+                "chosen on validation), mean over seeds, with the lowest and highest seed and "
+                "the mean of the seeds' bootstrap 95% intervals."),
+          ("table", ["variant", "arm", "labels per class", "seeds", "mean test macro AUC",
+                     "min – max", "mean 95% interval"], rows)]
+
+
+def _ceiling_blocks(summary: list[dict], ceilings: dict[str, dict]) -> list[tuple]:
+  """Per variant: the substructure's SNR and what training on every label reaches."""
   mean = {(s["variant"], s["arm"], s["labels_per_class"]): s for s in summary}
   crow = []
   for variant, c in ceilings.items():
     snr = c.get("snr") or {}
     cell = lambda name: (f"{snr[name]['median']:.0f} [{snr[name]['p10']:.0f}, "  # pylint: disable=unnecessary-lambda-assignment,cell-var-from-loop
                          f"{snr[name]['p90']:.0f}]" if name in snr else "")
-    auc = lambda arm: f((mean.get((variant, arm, 0)) or {}).get("mean_test_macro_auc"))  # pylint: disable=unnecessary-lambda-assignment,cell-var-from-loop
+    auc = lambda arm: _f3((mean.get((variant, arm, 0)) or {}).get("mean_test_macro_auc"))  # pylint: disable=unnecessary-lambda-assignment,cell-var-from-loop
     crow.append([variant, cell("cdm"), cell("axion"), *(auc(a) for a in SUPERVISED),
                  auc("radial")])
-  if crow:
-    blocks += [("p", "Ceilings: how far above the noise the substructure lies (median "
-                     "[10th, 90th percentile] of its noise-weighted signal, the SNR a matched "
-                     "filter with the true smooth lens reaches), and what a network trained on "
-                     "every label reaches (test macro AUC, mean over seeds)."),
-               ("table", ["variant", "cdm substructure SNR", "axion substructure SNR",
-                          *(ARM_TITLES[a] for a in SUPERVISED), "radial baseline (all labels)"],
-                crow)]
-  if goal_rows:
-    blocks += [("p", "Goals (test macro AUC; a negative gap is the amount by which a goal was "
-                     "missed):"),
-               ("table", ["variant", "labels per class", "goal", "arm", "mean test macro AUC",
-                          "target", "gap"],
-                [[g["variant"], "all" if g["labels_per_class"] <= 0 else str(g["labels_per_class"]),
-                  GOAL_TEXT[g["goal"]].format(margin=g["margin"]), ARM_TITLES[g["arm"]],
-                  f"{g['value']:.3f}", f"{g['target']:.3f}",
-                  f"{g['gap']:+.3f} {'(met)' if g['gap'] >= 0 else '(missed)'}"]
-                 for g in goal_rows])]
-  return blocks
+  if not crow:
+    return []
+  return [("p", "Ceilings: how far above the noise the substructure lies (median "
+                "[10th, 90th percentile] of its noise-weighted signal, the SNR a matched "
+                "filter with the true smooth lens reaches), and what a network trained on "
+                "every label reaches (test macro AUC, mean over seeds)."),
+          ("table", ["variant", "cdm substructure SNR", "axion substructure SNR",
+                     *(ARM_TITLES[a] for a in SUPERVISED), "radial baseline (all labels)"],
+           crow)]
+
+
+def _goal_blocks(goal_rows: list[dict]) -> list[tuple]:
+  """The goals (`goals`): each arm's mean against its target, met or missed by how much."""
+  if not goal_rows:
+    return []
+  return [("p", "Goals (test macro AUC; a negative gap is the amount by which a goal was "
+                "missed):"),
+          ("table", ["variant", "labels per class", "goal", "arm", "mean test macro AUC",
+                     "target", "gap"],
+           [[g["variant"], "all" if g["labels_per_class"] <= 0 else str(g["labels_per_class"]),
+             GOAL_TEXT[g["goal"]].format(margin=g["margin"]), ARM_TITLES[g["arm"]],
+             f"{g['value']:.3f}", f"{g['target']:.3f}",
+             f"{g['gap']:+.3f} {'(met)' if g['gap'] >= 0 else '(missed)'}"]
+            for g in goal_rows])]
+
+
+def tables(summary: list[dict], ceilings: dict[str, dict], goal_rows: list[dict]
+           ) -> list[tuple]:
+  """The study's tables as report blocks (`report.to_markdown` / `to_html` render them):
+  the label-efficiency table, the ceilings per variant, the goals."""
+  return (_summary_blocks(summary) + _ceiling_blocks(summary, ceilings)
+          + _goal_blocks(goal_rows))
 
 
 @registry.register("study")
@@ -353,6 +386,29 @@ def _snr(data: ml_collections.ConfigDict, images: int, path: Path) -> dict | Non
   return snr
 
 
+def _mae_arm(config, data, stage: str, pre_dir: Path, run_dir: Path,
+             **overrides) -> tuple[dict, Path]:
+  """A fine-tune or probe (`stage`) of the variant's MAE: (its metrics, its run dir)."""
+  return _ensure(stage, _stage(config[stage], stage, config, data, init_from=str(pre_dir),
+                               **overrides), run_dir), run_dir
+
+
+def _scratch_arm(config, data, variant: str, labels: int, seed: int, bdir: Path,
+                 scratch_lr: float | None, **overrides) -> tuple[tuple[dict, Path], float]:
+  """The scratch fine-tune of one seed: with the first seed, every `scratch_lrs` rate and
+  the one validation chooses; later seeds at that rate. Returns (its metrics and run dir,
+  the rate)."""
+  lrs = config.scratch_lrs if scratch_lr is None else (scratch_lr,)
+  tried = {lr: _scratch(config, data, lr, bdir / "scratch_finetune" / f"seed{seed}_lr{lr:g}",
+                        **overrides) for lr in lrs}
+  if scratch_lr is None:   # chosen on validation with the first seed
+    scratch_lr = max(tried, key=lambda lr: _val_auc(tried[lr][0]))
+    logging.info("study: %s, %s: scratch lr %g chosen on validation (%s)", variant,
+                 budget_name(labels), scratch_lr,
+                 ", ".join(f"{lr:g}: {_val_auc(m):.4f}" for lr, (m, _) in tried.items()))
+  return tried[scratch_lr], scratch_lr
+
+
 def _run_budget(config, data, variant: str, arms: tuple[str, ...], labels: int,
                 train_size: int, pre_dir: Path, bdir: Path) -> list[dict]:
   """The arms of one label budget, every seed."""
@@ -366,25 +422,14 @@ def _run_budget(config, data, variant: str, arms: tuple[str, ...], labels: int,
     common = dict(labels_per_class=labels, seed=seed)
     runs = {}   # arm -> (metrics, run dir)
     if "mae_finetune" in arms:
-      run_dir = bdir / "mae_finetune" / f"seed{seed}"
-      runs["mae_finetune"] = (_ensure("finetune", _stage(
-          config.finetune, "finetune", config, data, init_from=str(pre_dir), **common,
-          **schedule), run_dir), run_dir)
+      runs["mae_finetune"] = _mae_arm(config, data, "finetune", pre_dir,
+                                      bdir / "mae_finetune" / f"seed{seed}", **common, **schedule)
     if "scratch_finetune" in arms:
-      lrs = config.scratch_lrs if scratch_lr is None else (scratch_lr,)
-      tried = {lr: _scratch(config, data, lr, bdir / "scratch_finetune" / f"seed{seed}_lr{lr:g}",
-                            **common, **schedule) for lr in lrs}
-      if scratch_lr is None:   # chosen on validation with the first seed
-        scratch_lr = max(tried, key=lambda lr: _val_auc(tried[lr][0]))
-        logging.info("study: %s, %s: scratch lr %g chosen on validation (%s)", variant,
-                     budget_name(labels), scratch_lr,
-                     ", ".join(f"{lr:g}: {_val_auc(m):.4f}" for lr, (m, _) in tried.items()))
-      runs["scratch_finetune"] = tried[scratch_lr]
+      runs["scratch_finetune"], scratch_lr = _scratch_arm(config, data, variant, labels, seed,
+                                                          bdir, scratch_lr, **common, **schedule)
     if "mae_probe" in arms:
-      run_dir = bdir / "mae_probe" / f"seed{seed}"
-      runs["mae_probe"] = (_ensure("probe", _stage(
-          config.probe, "probe", config, data, init_from=str(pre_dir), **common,
-          **probe_schedule), run_dir), run_dir)
+      runs["mae_probe"] = _mae_arm(config, data, "probe", pre_dir,
+                                   bdir / "mae_probe" / f"seed{seed}", **common, **probe_schedule)
     for arm, (metrics, run_dir) in runs.items():
       extra = {"lr": scratch_lr} if arm == "scratch_finetune" else (
           {"features": metrics.get("features")} if arm == "mae_probe" else {})

@@ -217,6 +217,30 @@ def _data_problems(data: ml_collections.ConfigDict) -> list[str]:
   return problems
 
 
+def encoder_problems(model: ml_collections.ConfigDict, source: Path) -> list[str]:
+  """Each encoder key (`build.ENCODER_KEYS`) on which `model` differs from the model the
+  stage in `source` saved in its config.json (none when it saved none)."""
+  saved = source / workdir_lib.CONFIG_FILE
+  if not saved.exists():
+    return []
+  theirs = json.loads(saved.read_text()).get("model", {})
+  return [f"init_from: the source stage {source} used model.{k}={theirs[k]}, this one "
+          f"model.{k}={model[k]}; the encoder config must match"
+          for k in build.ENCODER_KEYS if k in theirs and k in model and theirs[k] != model[k]]
+
+
+def check_source_encoder(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError when the stage in `config.init_from` used another encoder config.
+
+  What a stage calls right before it takes params from `init_from`: `check` already
+  compared a fresh run's source, but a chain (pipeline, study) makes its sources after
+  it was checked, and a resumed probe reads its frozen encoder from there again.
+  """
+  found = encoder_problems(config.model, Path(config.init_from))
+  if found:
+    raise ConfigError("; ".join(found))
+
+
 def _source_checkpoint_problems(config: ml_collections.ConfigDict, workdir: Path) -> list[str]:
   """A probe / fine-tune that starts fresh needs its `init_from` stage's checkpoint,
   made with the same encoder sizes."""
@@ -229,14 +253,7 @@ def _source_checkpoint_problems(config: ml_collections.ConfigDict, workdir: Path
             f"{config.get('preset', 'demo')} --workdir={source}")
     return [f"init_from: no checkpoint in {source.absolute() / workdir_lib.CHECKPOINTS}; "
             f"make one with:\n  {make}"]
-  saved = source / workdir_lib.CONFIG_FILE
-  if not saved.exists():
-    return []
-  theirs = json.loads(saved.read_text()).get("model", {})
-  return [f"init_from: the source stage {source} used model.{k}={theirs[k]}, this one "
-          f"model.{k}={config.model[k]}; the encoder config must match"
-          for k in build.ENCODER_KEYS
-          if k in theirs and k in config.model and theirs[k] != config.model[k]]
+  return encoder_problems(config.model, source)
 
 
 def problems(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> list[str]:

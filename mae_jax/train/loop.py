@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import jax
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -79,20 +78,39 @@ def load_history(workdir: Path, completed_epochs: int) -> list[dict]:
   return [h for h in json.loads(path.read_text()) if h["epoch"] <= completed_epochs]
 
 
-def hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The config as flat `a.b.c` scalars, for TensorBoard's hparams."""
-  flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
+def hparams(config: Mapping[str, Any]) -> dict[str, Any]:
+  """The config (a plain nested dict) as flat `a.b.c` scalars, for TensorBoard's hparams."""
+  flat = traverse_util.flatten_dict(dict(config), sep=".")
   return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
 
 
 # --- The epoch loop ----------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+  """The loop keys of a training stage's config (defaults in `configs/common.py`)."""
+  seed: int                      # the run's PRNG seed (checked on resume)
+  log_every_steps: int           # write the training metrics every N steps
+  checkpoint_every_epochs: int   # save every N epochs (and after the last); 0: off
+  checkpoint_every_steps: int    # also save every N steps; 0: off
+  steps_per_call: int            # training steps per dispatch
+  profile_steps: tuple[int, ...]  # (first, last) steps of a profiler trace, or ()
+
+  @classmethod
+  def from_config(cls, config: Any) -> "LoopSettings":
+    """From a training stage's config (anything with the keys above)."""
+    return cls(seed=int(config.seed), log_every_steps=int(config.log_every_steps),
+               checkpoint_every_epochs=int(config.checkpoint_every_epochs),
+               checkpoint_every_steps=int(config.checkpoint_every_steps),
+               steps_per_call=int(config.steps_per_call),
+               profile_steps=tuple(int(s) for s in config.profile_steps or ()))
+
+
 @dataclasses.dataclass
 class Loop:
   """A stage's training run: what to step, over which data, for how long."""
-  config: ml_collections.ConfigDict   # reads seed, log_every_steps, checkpoint_every_*,
-                                      # steps_per_call, profile_steps
+  settings: LoopSettings
   workdir: Path
   state: Any                          # replicated train state with `.step`
   # (state, epoch, first batch, number of steps, key) -> (state, per-step metrics): that
@@ -116,11 +134,11 @@ def chunk_plan(epoch: int, first: int, loop: Loop) -> list[tuple[int, int]]:
   such a boundary) dispatches exactly the chunks of an uninterrupted one. The profile
   cuts nothing: it snaps to these boundaries (`_Profile`), so it costs no extra compile.
   """
-  cfg, spe = loop.config, loop.steps_per_epoch
-  per_call = max(int(cfg.get("steps_per_call", 1)), 1)
+  spe = loop.steps_per_epoch
+  per_call = max(loop.settings.steps_per_call, 1)
   base = epoch * spe
   cuts = {b for b in range(per_call, spe, per_call)} | {spe}
-  every = cfg.get("checkpoint_every_steps", 0)
+  every = loop.settings.checkpoint_every_steps
   if every > 0:
     cuts |= {b for b in range(1, spe) if (base + b) % every == 0}
   cuts = sorted(c for c in cuts if c > first)
@@ -131,13 +149,14 @@ def chunk_plan(epoch: int, first: int, loop: Loop) -> list[tuple[int, int]]:
   return plan
 
 
-def open_run(workdir: Path, config: ml_collections.ConfigDict, state: Any,
+def open_run(workdir: Path, config: Mapping[str, Any], state: Any,
              steps_per_epoch: int, mngr, writer: MetricWriter
              ) -> tuple[Any, int, list[dict], dict | None]:
   """Resumes `state` from this workdir's latest checkpoint if there is one.
 
-  A fresh run writes its hparams and `config.json`. Returns (state, step,
-  history cut to that step, the checkpoint's progress record or None).
+  A fresh run writes its hparams and `config.json` (`config`: the stage's whole
+  config as a plain nested dict). Returns (state, step, history cut to that step,
+  the checkpoint's progress record or None).
   """
   restored = checkpoint.restore_latest(mngr, state)
   step, progress = 0, None
@@ -149,7 +168,7 @@ def open_run(workdir: Path, config: ml_collections.ConfigDict, state: Any,
   if step == 0:
     writer.write_hparams(hparams(config))
     if is_main_process():
-      fileio.write_json_atomic(workdir / workdir_lib.CONFIG_FILE, config.to_dict())
+      fileio.write_json_atomic(workdir / workdir_lib.CONFIG_FILE, dict(config))
   return state, step, history, progress
 
 
@@ -163,7 +182,7 @@ def _progress(loop: Loop, step: int, key: jax.Array, losses: list[float]) -> dic
           "steps_per_epoch": loop.steps_per_epoch,
           "global_batch": loop.global_batch,
           "process_count": jax.process_count(), "train_examples": loop.train_examples,
-          "seed": loop.config.seed, "rng_key": np.asarray(jax.random.key_data(key)).tolist(),
+          "seed": loop.settings.seed, "rng_key": np.asarray(jax.random.key_data(key)).tolist(),
           "phase": loop.phase(min(epoch, loop.total_epochs - 1)), "epoch_losses": list(losses)}
 
 
@@ -209,13 +228,13 @@ class _Pace:
 
 
 class _Profile:
-  """A `jax.profiler` trace of the steps in `config.profile_steps` = (first, last),
-  snapped to the loop's chunks: it starts at the first chunk that begins at or after
-  step `first` and stops after the chunk that reaches step `last`, so a profile never
+  """A `jax.profiler` trace of the steps in `profile_steps` = (first, last), snapped
+  to the loop's chunks: it starts at the first chunk that begins at or after step
+  `first` and stops after the chunk that reaches step `last`, so a profile never
   splits a chunk (each new chunk length is one more compile of the step)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: Path):
-    steps = tuple(config.get("profile_steps", ()) or ())
+  def __init__(self, profile_steps: tuple[int, ...], workdir: Path):
+    steps = tuple(profile_steps)
     self.first, self.last = (steps + (None, None))[:2] if steps else (None, None)
     self.folder, self.on, self.done, self.start = workdir / "profile", False, False, 0
 
@@ -268,6 +287,88 @@ def _record_epoch(loop: Loop, state: Any, epoch: int, step: int, losses: list[fl
     fileio.write_json_atomic(loop.workdir / workdir_lib.HISTORY_FILE, history)
 
 
+def _due(n: int, every: int) -> bool:
+  return every > 0 and n % every == 0
+
+
+class _Metrics:
+  """An epoch's step metrics: those still on the device (fetched and checked for NaN/inf
+  only when a log, the epoch's end or a checkpoint needs them), and the losses fetched."""
+
+  def __init__(self, losses: list[float]):
+    self.losses = losses                        # the epoch's training losses so far
+    self.pending: list[tuple[int, dict]] = []   # (step after a chunk, its metrics on device)
+    self.last: dict[str, float] = {}            # the latest fetched step's metrics
+
+  def flush(self, keep_last: bool = False) -> None:
+    """Fetches and checks pending metrics (raising on NaN/inf); keeps their losses."""
+    ready = self.pending[:-1] if keep_last else self.pending[:]
+    for end, metrics in ready:
+      host = jax.device_get(metrics)
+      n = len(host["loss"])
+      for j in range(n):
+        self.last = check_finite({k: v[j] for k, v in host.items()}, end - n + j + 1)
+        self.losses.append(self.last["loss"])
+    del self.pending[:len(ready)]
+
+  def scalars(self, lr: float) -> dict[str, float]:
+    """The latest step's training metrics and `lr`, as the writer gets them."""
+    return {f"train_{k}": v for k, v in self.last.items() if k != "finite"} | {"lr": lr}
+
+
+@dataclasses.dataclass
+class _Session:
+  """What the epochs of one `run_epochs` call share."""
+  loop: Loop
+  mngr: Any
+  writer: MetricWriter
+  key: jax.Array
+  pace: _Pace
+  profile: _Profile
+
+
+def _crash_points(mngr, step: int, num: int) -> None:
+  """The resume tests' crash points (MAE_JAX_KILL_AT) at the steps of one chunk."""
+  for s in range(step + 1, step + num + 1):
+    if faults.armed("step", s):
+      mngr.wait_until_finished()
+    faults.maybe_kill("step", s)
+
+
+def _train_epoch(run: _Session, epoch: int, step: int, state: Any,
+                 metrics: _Metrics) -> tuple[Any, int]:
+  """The chunks of `epoch` from `step` on; returns the state and the step after them.
+
+  A logging step's metrics are fetched while the next chunk runs; a checkpoint due
+  inside the epoch saves after its metrics are checked."""
+  loop, settings = run.loop, run.loop.settings
+  first = step - epoch * loop.steps_per_epoch
+  bar = tqdm(total=loop.steps_per_epoch, initial=first, disable=not is_main_process(),
+             unit="step", leave=False,
+             desc=f"epoch {epoch + 1}/{loop.total_epochs}{loop.describe(epoch)}")
+  log_due = False
+  for start, num in chunk_plan(epoch, first, loop):
+    run.profile.before(step)
+    state, chunk_metrics = loop.run_chunk(state, epoch, start, num, run.key)
+    if log_due:   # the previous chunk's metrics, fetched while this one runs
+      metrics.flush(keep_last=True)
+      run.writer.write_scalars(step, metrics.scalars(float(loop.schedule(step - 1))))
+    _crash_points(run.mngr, step, num)
+    log_due = any(_due(s, settings.log_every_steps) for s in range(step + 1, step + num + 1))
+    step += num
+    metrics.pending.append((step, chunk_metrics))
+    run.profile.after(step, state)
+    bar.update(num)
+    if metrics.losses:
+      bar.set_postfix(loss=f"{metrics.losses[-1]:.4f}")
+    run.pace(step)
+    if _due(step, settings.checkpoint_every_steps) and start + num < loop.steps_per_epoch:
+      metrics.flush()
+      checkpoint.save(run.mngr, step, state, _progress(loop, step, run.key, metrics.losses))
+  bar.close()
+  return state, step
+
+
 def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer: MetricWriter,
                end_epoch: Callable[[Any, int, dict], None],
                progress: dict | None = None) -> Any:
@@ -282,65 +383,21 @@ def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer: MetricW
   record)` adds evaluation results to the epoch's record (and may draw or save); then
   the record joins `history.json` and a checkpoint is saved when due.
   """
-  cfg, main = loop.config, is_main_process()
-  due = lambda n, every: every > 0 and n % every == 0  # pylint: disable=unnecessary-lambda-assignment
-  key = _resume_key(loop, step, progress, jax.random.fold_in(jax.random.key(cfg.seed), 1))
+  settings = loop.settings
+  key = _resume_key(loop, step, progress, jax.random.fold_in(jax.random.key(settings.seed), 1))
   carried = list((progress or {}).get("epoch_losses", []))
   _catch_up(loop, step, history, carried, end_epoch)
-  pace = _Pace(loop.total_epochs * loop.steps_per_epoch, writer)
-  profile = _Profile(cfg, loop.workdir)
+  run = _Session(loop, mngr, writer, key, _Pace(loop.total_epochs * loop.steps_per_epoch, writer),
+                 _Profile(settings.profile_steps, loop.workdir))
   state = loop.state
   for epoch in range(step // loop.steps_per_epoch, loop.total_epochs):
-    first = step - epoch * loop.steps_per_epoch
-    losses = carried if first else []
-    pending: list[tuple[int, dict]] = []   # (step after the chunk, its metrics on device)
-    last, t0 = {}, time.time()
-
-    def flush(keep_last: bool = False):
-      """Fetches and checks pending metrics (raising on NaN/inf); keeps their losses."""
-      nonlocal last
-      ready = pending[:-1] if keep_last else pending[:]
-      for end, metrics in ready:
-        host = jax.device_get(metrics)
-        n = len(host["loss"])
-        for j in range(n):
-          last = check_finite({k: v[j] for k, v in host.items()}, end - n + j + 1)
-          losses.append(last["loss"])
-      del pending[:len(ready)]
-
-    bar = tqdm(total=loop.steps_per_epoch, initial=first, disable=not main, unit="step",
-               desc=f"epoch {epoch + 1}/{loop.total_epochs}{loop.describe(epoch)}", leave=False)
-    log_due = False
-    for start, num in chunk_plan(epoch, first, loop):
-      profile.before(step)
-      state, metrics = loop.run_chunk(state, epoch, start, num, key)
-      if log_due:   # the previous chunk's metrics, fetched while this one runs
-        flush(keep_last=True)
-        writer.write_scalars(step, {f"train_{k}": v for k, v in last.items() if k != "finite"}
-                             | {"lr": float(loop.schedule(step - 1))})
-        log_due = False
-      for s in range(step + 1, step + num + 1):
-        if faults.armed("step", s):
-          mngr.wait_until_finished()
-        faults.maybe_kill("step", s)
-      log_due = any(due(s, cfg.log_every_steps) for s in range(step + 1, step + num + 1))
-      step += num
-      pending.append((step, metrics))
-      profile.after(step, state)
-      bar.update(num)
-      if losses:
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-      pace(step)
-      if due(step, cfg.checkpoint_every_steps) and start + num < loop.steps_per_epoch:
-        flush()
-        checkpoint.save(mngr, step, state, _progress(loop, step, key, losses))
-    bar.close()
-    flush()
-    writer.write_scalars(step, {f"train_{k}": v for k, v in last.items() if k != "finite"}
-                         | {"lr": float(loop.schedule(step - 1))})
-    _record_epoch(loop, state, epoch, step, losses, time.time() - t0, history, writer,
+    metrics, t0 = _Metrics(carried if step - epoch * loop.steps_per_epoch else []), time.time()
+    state, step = _train_epoch(run, epoch, step, state, metrics)
+    metrics.flush()
+    writer.write_scalars(step, metrics.scalars(float(loop.schedule(step - 1))))
+    _record_epoch(loop, state, epoch, step, metrics.losses, time.time() - t0, history, writer,
                   end_epoch)
-    if due(epoch + 1, cfg.checkpoint_every_epochs) or epoch + 1 == loop.total_epochs or \
-        due(step, cfg.checkpoint_every_steps):
+    if _due(epoch + 1, settings.checkpoint_every_epochs) or epoch + 1 == loop.total_epochs or \
+        _due(step, settings.checkpoint_every_steps):
       checkpoint.save(mngr, step, state, _progress(loop, step, key, []))
   return state

@@ -1,16 +1,17 @@
 """Schedules and optax chains, with parameters addressed by `/`-joined names.
 
 Which parameters decay, train at which rate or stay frozen is decided here from
-name patterns in the config, in one place, and logged.
+name patterns in the optimiser settings (`AdamWSettings`, `ClassifierOptimSettings`,
+made from a config's `optim` by the stage), in one place, and logged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -53,13 +54,30 @@ def decay_mask(params: PyTree, no_decay: Sequence[str]) -> PyTree:
   return jax.tree.map(lambda skip: not skip, match(params, no_decay))
 
 
-def adamw(params: PyTree, optim: ml_collections.ConfigDict, total_steps: int,
-          steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with warmup + cosine per step and no decay on `optim.no_decay` params.
+@dataclasses.dataclass(frozen=True)
+class AdamWSettings:
+  """Pretraining's AdamW: a pretraining config's `optim` (defaults in `configs/pretrain.py`)."""
+  lr: float                   # peak learning rate
+  b1: float
+  b2: float
+  weight_decay: float
+  warmup_epochs: float        # linear warmup, then cosine to `min_lr`
+  min_lr: float
+  grad_clip_norm: float       # clip the global gradient norm; 0: none
+  no_decay: tuple[str, ...]   # name patterns of params without weight decay
 
-  Reads `optim.lr`, `b1`, `b2`, `weight_decay`, `warmup_epochs`, `min_lr`,
-  `no_decay` (name patterns) and `grad_clip_norm` (0: none).
-  """
+  @classmethod
+  def from_config(cls, optim: Any) -> "AdamWSettings":
+    """From a config's `optim` (anything with the keys above)."""
+    return cls(lr=float(optim.lr), b1=float(optim.b1), b2=float(optim.b2),
+               weight_decay=float(optim.weight_decay), warmup_epochs=float(optim.warmup_epochs),
+               min_lr=float(optim.min_lr), grad_clip_norm=float(optim.grad_clip_norm),
+               no_decay=tuple(optim.no_decay))
+
+
+def adamw(params: PyTree, optim: AdamWSettings, total_steps: int,
+          steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with warmup + cosine per step and no decay on `optim.no_decay` params."""
   schedule = warmup_cosine(optim.lr, total_steps, int(optim.warmup_epochs * steps_per_epoch),
                            optim.min_lr)
   mask = decay_mask(params, optim.no_decay)
@@ -110,30 +128,62 @@ def layer_id(name: str, depth: int) -> int:
   return depth + 1
 
 
-def classifier_optimizer(params: PyTree, optim_cfg: ml_collections.ConfigDict, *,
+@dataclasses.dataclass(frozen=True)
+class ClassifierOptimSettings:
+  """The probe / fine-tune optimiser: a classifier config's `optim` (defaults in
+  `configs/common.py`, `classifier_optim`)."""
+  name: str                                   # 'lars' or 'adamw'
+  lr_groups: tuple[tuple[str, float], ...]    # (name pattern, base lr); first match wins
+  lr_scaling: str                             # 'linear': rates x global batch / 256; 'none'
+  layer_decay: float                          # MAE's layer-wise decay of encoder rates; 1: off
+  frozen: tuple[str, ...]                     # name patterns of params that never change
+  weight_decay: float
+  b1: float                                   # AdamW
+  b2: float
+  momentum: float                             # LARS
+  trust_coefficient: float
+  warmup_epochs: float
+  min_lr: float
+  grad_clip_norm: float                       # 0: none
+  no_decay: tuple[str, ...]                   # name patterns of params without weight decay
+
+  @classmethod
+  def from_config(cls, optim: Any) -> "ClassifierOptimSettings":
+    """From a config's `optim` (anything with the keys above)."""
+    return cls(name=str(optim.name),
+               lr_groups=tuple((str(p), float(lr)) for p, lr in optim.lr_groups),
+               lr_scaling=str(optim.lr_scaling), layer_decay=float(optim.layer_decay),
+               frozen=tuple(optim.frozen), weight_decay=float(optim.weight_decay),
+               b1=float(optim.b1), b2=float(optim.b2), momentum=float(optim.momentum),
+               trust_coefficient=float(optim.trust_coefficient),
+               warmup_epochs=float(optim.warmup_epochs), min_lr=float(optim.min_lr),
+               grad_clip_norm=float(optim.grad_clip_norm), no_decay=tuple(optim.no_decay))
+
+
+def classifier_optimizer(params: PyTree, optim: ClassifierOptimSettings, *,
                          total_steps: int, steps_per_epoch: int, global_batch: int,
                          depth: int) -> tuple[optax.GradientTransformation, PyTree]:
-  """The probe / fine-tune optimiser from the config, with frozen params in it.
+  """The probe / fine-tune optimiser from its settings, with frozen params in it.
 
-  `optim_cfg.name` is 'lars' or 'adamw'. Params matching `optim_cfg.frozen`
+  `optim.name` is 'lars' or 'adamw'. Params matching `optim.frozen`
   patterns get `optax.set_to_zero()` (no update, no optimiser state). The rest
-  are split by `optim_cfg.lr_groups` (pattern, base lr) pairs, first match wins,
+  are split by `optim.lr_groups` (pattern, base lr) pairs, first match wins,
   every param must match one; with `layer_decay` < 1, encoder params' rates are
   scaled by layer_decay ** (depth + 1 - layer_id) as in MAE. With `lr_scaling`
   'linear', rates are multiplied by global_batch / 256. Each distinct (rate,
   decays?) pair becomes one `optax.partition` group, named by an integer id, with
-  its own warmup + cosine schedule; weight decay skips `optim_cfg.no_decay` params.
+  its own warmup + cosine schedule; weight decay skips `optim.no_decay` params.
 
   Returns:
     The transformation and a pytree of each param's peak learning rate (0 when frozen).
   """
-  if optim_cfg.name not in ("lars", "adamw"):
-    raise ValueError(f"optim.name must be 'lars' or 'adamw', got {optim_cfg.name!r}")
+  if optim.name not in ("lars", "adamw"):
+    raise ValueError(f"optim.name must be 'lars' or 'adamw', got {optim.name!r}")
   names = param_names(params)
-  frozen = match(params, optim_cfg.frozen)
-  decays = decay_mask(params, optim_cfg.no_decay)
-  groups = [(re.compile(p), lr) for p, lr in optim_cfg.lr_groups]
-  scale = global_batch / 256.0 if optim_cfg.lr_scaling == "linear" else 1.0
+  frozen = match(params, optim.frozen)
+  decays = decay_mask(params, optim.no_decay)
+  groups = [(re.compile(p), lr) for p, lr in optim.lr_groups]
+  scale = global_batch / 256.0 if optim.lr_scaling == "linear" else 1.0
 
   def peak(name: str, is_frozen: bool) -> float:
     if is_frozen:
@@ -141,11 +191,11 @@ def classifier_optimizer(params: PyTree, optim_cfg: ml_collections.ConfigDict, *
     for pattern, lr in groups:
       if pattern.fullmatch(name):
         factor = 1.0
-        if optim_cfg.layer_decay != 1.0 and name.startswith("encoder/"):
-          factor = optim_cfg.layer_decay ** (depth + 1 - layer_id(name, depth))
+        if optim.layer_decay != 1.0 and name.startswith("encoder/"):
+          factor = optim.layer_decay ** (depth + 1 - layer_id(name, depth))
         return lr * scale * factor
     raise ValueError(f"param {name} matches no optim.lr_groups pattern "
-                     f"{[p for p, _ in optim_cfg.lr_groups]}; add a catch-all such as '.*'")
+                     f"{[p for p, _ in optim.lr_groups]}; add a catch-all such as '.*'")
 
   peaks = jax.tree.map(peak, names, frozen)
   # One optimiser group per distinct (peak rate, decays?) pair; group 0 is the frozen
@@ -155,22 +205,22 @@ def classifier_optimizer(params: PyTree, optim_cfg: ml_collections.ConfigDict, *
     if not f:
       table.setdefault((lr, d), len(table) + 1)
   ids = jax.tree.map(lambda lr, d, f: 0 if f else table[(lr, d)], peaks, decays, frozen)
-  warmup = int(optim_cfg.warmup_epochs * steps_per_epoch)
+  warmup = int(optim.warmup_epochs * steps_per_epoch)
   transforms = {0: optax.set_to_zero()}
   for (lr, decays_here), gid in table.items():
-    wd = optim_cfg.weight_decay if decays_here else 0.0
-    schedule = warmup_cosine(lr, total_steps, warmup, min(optim_cfg.min_lr, lr))
-    if optim_cfg.name == "lars":
-      transforms[gid] = lars(schedule, wd, optim_cfg.momentum, optim_cfg.trust_coefficient)
+    wd = optim.weight_decay if decays_here else 0.0
+    schedule = warmup_cosine(lr, total_steps, warmup, min(optim.min_lr, lr))
+    if optim.name == "lars":
+      transforms[gid] = lars(schedule, wd, optim.momentum, optim.trust_coefficient)
     else:
-      transforms[gid] = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, weight_decay=wd)
+      transforms[gid] = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=wd)
   describe = {0: "frozen"} | {gid: f"lr {lr:.3g}, weight decay "
-                              f"{optim_cfg.weight_decay if d else 0.0:g}"
+                              f"{optim.weight_decay if d else 0.0:g}"
                               for (lr, d), gid in table.items()}
   for gid in sorted(describe):
     chosen = jax.tree.map(lambda i, g=gid: i == g, ids)
     _log_matches(f"optimiser group {gid} ({describe[gid]})", params, chosen)
   chain = [optax.partition(transforms, ids)]
-  if optim_cfg.grad_clip_norm:
-    chain.insert(0, optax.clip_by_global_norm(optim_cfg.grad_clip_norm))
+  if optim.grad_clip_norm:
+    chain.insert(0, optax.clip_by_global_norm(optim.grad_clip_norm))
   return optax.chain(*chain), peaks
