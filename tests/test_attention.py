@@ -108,3 +108,10 @@ def test_cudnn_falls_back_to_xla_where_it_cannot_run(caplog):
   assert "takes bfloat16 or float16, not float32" in caplog.text
   assert "cuDNN refused it" in caplog.text
   assert attention.choose("xla", 8, 65, 32, "float32") == "xla"
+
+
+def test_first_query_attention_is_the_first_row_of_attention():
+  heads, n, length = 2, 3, 9
+  qkv = jax.random.normal(jax.random.key(0), (n, length, 3 * heads * 4))
+  np.testing.assert_allclose(attention.first_query_attention(qkv, heads),
+                             _plain_attention(qkv, heads)[:, :1], atol=1e-6)

@@ -90,3 +90,30 @@ def test_initialisation_follows_mae(tiny):
   bound = (6 / (32 + 96)) ** 0.5
   k = np.asarray(enc["block_0"]["attn"]["qkv"]["kernel"])
   assert np.abs(k).max() <= bound and np.abs(k).max() > 0.8 * bound
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_cls_only_last_block_gives_the_full_encoders_cls_token(train):
+  """The classifier's CLS feature skips the last block's other tokens: the same
+  values and gradients as the full encoder's first token, drop path included."""
+  cfg = vit.ViTConfig(image_size=16, patch=4, dim=32, depth=3, heads=4)
+  encoder = vit.Encoder(cfg, drop_path=0.2)
+  images = jax.random.normal(jax.random.key(0), (5, 16, 16, 1))
+  params = encoder.init(jax.random.key(1), images)
+  rngs = {"dropout": jax.random.key(2)}
+  g = jax.random.normal(jax.random.key(3), (5, 32))
+
+  def cls(p, cls_only):
+    tokens, _, _ = encoder.apply(p, images, deterministic=not train, cls_only=cls_only,
+                                 rngs=rngs)
+    assert tokens.shape[1] == (1 if cls_only else 1 + cfg.num_patches)
+    return tokens[:, 0]
+
+  full, fast = cls(params, False), cls(params, True)
+  np.testing.assert_allclose(fast, full, rtol=1e-5, atol=1e-5)
+  grad_full = jax.grad(lambda p: (cls(p, False) * g).sum())(params)
+  grad_fast = jax.grad(lambda p: (cls(p, True) * g).sum())(params)
+  for a, b in zip(jax.tree.leaves(grad_fast), jax.tree.leaves(grad_full)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="cls_only"):
+    encoder.apply(params, images, cls_only=True, return_blocks=True)

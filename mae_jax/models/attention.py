@@ -184,6 +184,22 @@ def _attention_bwd(heads, c, res, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def first_query_attention(qkv: jax.Array, heads: int) -> jax.Array:
+  """The first token's softmax attention over every token, (N, L, 3 * dim) -> (N, 1, dim).
+
+  What the last block of a CLS-pooled classifier needs; one query per example is
+  small, so the plain form (autodiff, any backend) is used.
+  """
+  n, length, three_dim = qkv.shape
+  d = three_dim // (3 * heads)
+  x = qkv.reshape(n, length, 3, heads, d)
+  q = x[:, :1, 0] * jnp.asarray(d ** -0.5, qkv.dtype)
+  s = jnp.einsum("nqhd,nkhd->nhqk", q, x[:, :, 1], preferred_element_type=jnp.float32)
+  weights = jax.nn.softmax(s, axis=-1).astype(qkv.dtype)
+  out = jnp.einsum("nhqk,nkhd->nqhd", weights, x[:, :, 2], preferred_element_type=jnp.float32)
+  return out.reshape(n, 1, heads * d).astype(qkv.dtype)
+
+
 def multi_head_attention(qkv: jax.Array, heads: int, block_bytes: int = BLOCK_BYTES,
                          impl: str | None = None) -> jax.Array:
   """softmax(q k^T / sqrt(d)) v for every head, from a fused projection.

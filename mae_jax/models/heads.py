@@ -109,7 +109,8 @@ class Classifier(nn.Module):
 
   def features(self, images: jax.Array, train: bool = False) -> jax.Array:
     if self.feature_block in (-1, self.vit.depth - 1):
-      tokens, _, _ = self.encoder(images, deterministic=not train)
+      # A CLS feature needs only the CLS token out of the last block.
+      tokens, _, _ = self.encoder(images, deterministic=not train, cls_only=self.pool == "cls")
     else:
       _, _, _, blocks = self.encoder(images, deterministic=not train, return_blocks=True)
       tokens = blocks[self.feature_block]

@@ -57,13 +57,18 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, cls_only: bool = False) -> jax.Array:
+    """(N, L, dim) -> (N, L, dim); with `cls_only`, only the first (CLS) token's
+    output, (N, 1, dim): its query against every token's key and value."""
     if self.dim % self.heads:
       raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
     qkv = dense.Dense(3 * self.dim, kernel_init=xavier, dtype=self.dtype, name="qkv")(x)
-    # Exact softmax attention in cache-sized blocks with a hand-written backward (see
-    # mae_jax/models/attention.py): the plain einsum-softmax-einsum form was half of the CPU step.
-    out = attention.multi_head_attention(qkv, self.heads)
+    if cls_only:
+      out = attention.first_query_attention(qkv, self.heads)
+    else:
+      # Exact softmax attention in cache-sized blocks with a hand-written backward (see
+      # mae_jax/models/attention.py): the plain einsum-softmax-einsum form was half of the CPU step.
+      out = attention.multi_head_attention(qkv, self.heads)
     return dense.Dense(self.dim, kernel_init=xavier, dtype=self.dtype, name="proj")(out)
 
 
@@ -108,10 +113,13 @@ class Block(nn.Module):
     return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool = True,
+               cls_only: bool = False) -> jax.Array:
+    """(N, L, dim) -> (N, L, dim); with `cls_only`, the CLS token's output alone, (N, 1, dim)."""
     y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm1")(x)
-    x = x + self._drop_path(Attention(self.dim, self.heads, self.dtype, name="attn")(y),
-                            deterministic)
+    attended = Attention(self.dim, self.heads, self.dtype, name="attn")(y, cls_only)
+    x = x[:, :1] if cls_only else x
+    x = x + self._drop_path(attended, deterministic)
     y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm2")(x)
     y = Mlp(int(self.dim * self.mlp_ratio), self.dtype, name="mlp")(y)
     return x + self._drop_path(y, deterministic)
@@ -124,6 +132,11 @@ class Encoder(nn.Module):
   without it every patch is encoded (classification). Returns (tokens after the
   final norm, mask, ids_restore), plus with `return_blocks` the list of every
   block's output tokens (the residual stream, before the final norm).
+
+  With `cls_only` the last block computes the CLS token alone (its query still
+  attends to every token), and the tokens returned are (N, 1, dim): the same CLS
+  output, for a tenth less work in the seed model, where a CLS-pooled head reads
+  nothing else.
   """
   config: ViTConfig
   drop_path: float = 0.0
@@ -132,8 +145,10 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, noise: jax.Array | None = None,
                mask_ratio: float = 0.0, deterministic: bool = True,
-               return_blocks: bool = False):
+               return_blocks: bool = False, cls_only: bool = False):
     cfg = self.config
+    if cls_only and return_blocks:
+      raise ValueError("cls_only computes no full last block to return")
     if images.shape[1:] != (cfg.image_size, cfg.image_size, cfg.channels):
       raise ValueError(f"expected images of shape (N, {cfg.image_size}, {cfg.image_size}, "
                        f"{cfg.channels}), got {images.shape}")
@@ -154,7 +169,7 @@ class Encoder(nn.Module):
     blocks = []
     for i in range(cfg.depth):
       x = Block(cfg.dim, cfg.heads, cfg.mlp_ratio, rates[i], self.dtype,
-                name=f"block_{i}")(x, deterministic)
+                name=f"block_{i}")(x, deterministic, cls_only and i == cfg.depth - 1)
       blocks.append(x)
     x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm")(x)
     if return_blocks:
