@@ -79,12 +79,14 @@ PEAK_FLOPS = {  # device-kind substring: {dtype: FLOP/s}
 # --- FLOP count ---------------------------------------------------------------------
 
 
-def _block_flops(tokens: int, dim: int, mlp_ratio: float) -> int:
-  """Matmul FLOPs of one transformer block's forward pass on one example."""
+def _block_flops(tokens: int, dim: int, mlp_ratio: float, queries: int | None = None) -> int:
+  """Matmul FLOPs of one transformer block's forward pass on one example, computing
+  the outputs of `queries` tokens (default: all of them)."""
+  queries = tokens if queries is None else queries
   qkv = 2 * tokens * dim * 3 * dim
-  attention = 2 * 2 * tokens * tokens * dim    # q k^T and weights v
-  proj = 2 * tokens * dim * dim
-  mlp = 2 * 2 * tokens * dim * int(dim * mlp_ratio)
+  attention = 2 * 2 * queries * tokens * dim    # q k^T and weights v
+  proj = 2 * queries * dim * dim
+  mlp = 2 * 2 * queries * dim * int(dim * mlp_ratio)
   return qkv + attention + proj + mlp
 
 
@@ -94,7 +96,8 @@ def train_flops(task: str, model: Any, batch: int) -> int:
 
   `model` is the preset's `config.model`; for 'pretrain' the encoder sees the kept
   patches (plus CLS) and the decoder all of them; for 'finetune' the encoder sees
-  every patch and the MLP head the CLS feature.
+  every patch (its last block only the CLS token, where a CLS feature is read) and
+  the MLP head the CLS feature.
   """
   from mae_jax.models import masking  # pylint: disable=g-import-not-at-top
   patches = (model.image_size // model.patch) ** 2
@@ -107,7 +110,13 @@ def train_flops(task: str, model: Any, batch: int) -> int:
     fwd += model.decoder_depth * _block_flops(1 + patches, model.decoder_dim, model.mlp_ratio)
     fwd += 2 * (1 + patches) * model.decoder_dim * patch_dim
   else:
-    fwd += model.depth * _block_flops(1 + patches, model.dim, model.mlp_ratio)
+    tokens = 1 + patches
+    fwd += (model.depth - 1) * _block_flops(tokens, model.dim, model.mlp_ratio)
+    if model.pool == "cls" and model.feature_block in (-1, model.depth - 1):
+      # The last block runs the CLS token alone (qkv still for every token).
+      fwd += _block_flops(tokens, model.dim, model.mlp_ratio, queries=1)
+    else:
+      fwd += _block_flops(tokens, model.dim, model.mlp_ratio)
     widths = (model.dim, *model.head_hidden, 3)
     fwd += sum(2 * a * b for a, b in zip(widths[:-1], widths[1:]))
   return 3 * fwd * batch
