@@ -393,11 +393,12 @@ def _mae_arm(config, data, stage: str, pre_dir: Path, run_dir: Path,
                                **overrides), run_dir), run_dir
 
 
-def _scratch_arm(config, data, variant: str, labels: int, seed: int, bdir: Path,
+def _scratch_arm(config, data, variant: str, labels: int, bdir: Path,
                  scratch_lr: float | None, **overrides) -> tuple[tuple[dict, Path], float]:
-  """The scratch fine-tune of one seed: with the first seed, every `scratch_lrs` rate and
-  the one validation chooses; later seeds at that rate. Returns (its metrics and run dir,
-  the rate)."""
+  """The scratch fine-tune of one seed (`overrides["seed"]`): with the first seed, every
+  `scratch_lrs` rate and the one validation chooses; later seeds at that rate. Returns
+  (its metrics and run dir, the rate)."""
+  seed = overrides["seed"]
   lrs = config.scratch_lrs if scratch_lr is None else (scratch_lr,)
   tried = {lr: _scratch(config, data, lr, bdir / "scratch_finetune" / f"seed{seed}_lr{lr:g}",
                         **overrides) for lr in lrs}
@@ -425,8 +426,8 @@ def _run_budget(config, data, variant: str, arms: tuple[str, ...], labels: int,
       runs["mae_finetune"] = _mae_arm(config, data, "finetune", pre_dir,
                                       bdir / "mae_finetune" / f"seed{seed}", **common, **schedule)
     if "scratch_finetune" in arms:
-      runs["scratch_finetune"], scratch_lr = _scratch_arm(config, data, variant, labels, seed,
-                                                          bdir, scratch_lr, **common, **schedule)
+      runs["scratch_finetune"], scratch_lr = _scratch_arm(config, data, variant, labels, bdir,
+                                                          scratch_lr, **common, **schedule)
     if "mae_probe" in arms:
       runs["mae_probe"] = _mae_arm(config, data, "probe", pre_dir,
                                    bdir / "mae_probe" / f"seed{seed}", **common, **probe_schedule)
