@@ -222,7 +222,8 @@ def _ours(task: str, config, batch: int, args) -> dict[str, Any]:
     tx, _ = optim.adamw(params, optim.AdamWSettings.from_config(config.optim), total_steps=1000,
                         steps_per_epoch=100)
     state = steps.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-    fn = steps.make_pretrain_step(model, losses.Reconstruction.from_config(config.loss), mesh)
+    fn = steps.make_pretrain_step(model, losses.Reconstruction.from_config(config.loss), mesh,
+                                  steps.backend_micro_batch(**config.micro_batch))
     inputs = (data["image"], key)
   else:
     model = build.build_classifier(config.model, 3, parallel.AXIS)
@@ -263,6 +264,7 @@ def _torch(task: str, config, batch: int, args, compiled: bool) -> dict[str, Any
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   import torch_mae  # pylint: disable=g-import-not-at-top
   from mae_jax.models import build  # pylint: disable=g-import-not-at-top
+  from mae_jax.train import steps  # pylint: disable=g-import-not-at-top
 
   jax.config.update("jax_platforms", "cpu")
   device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -299,15 +301,24 @@ def _torch(task: str, config, batch: int, args, compiled: bool) -> dict[str, Any
   autocast = (torch.autocast(device, dtype=torch.bfloat16) if m.dtype == "bfloat16"
               else contextlib.nullcontext())
 
-  def loss_fn():
+  # Pretraining accumulates over the same micro-batches as ours (config.micro_batch per
+  # device, times ours' device count on a CPU): the same step, not a larger working set.
+  pieces = 1
+  if task == "pretrain":
+    micro = config.micro_batch.cpu * args.host_devices if device == "cpu" else (
+        config.micro_batch.accelerator)
+    pieces = steps.micro_batches(batch, micro)
+  size = batch // pieces
+
+  def loss_fn(i):
     with autocast:
       if task == "pretrain":
-        noise = torch.rand(batch, patches, device=device)
-        return forward(images, noise)[0].float()
+        noise = torch.rand(size, patches, device=device)
+        return forward(images[i * size:(i + 1) * size], noise)[0].float()
       return F.cross_entropy(forward(images).float(), labels)
 
   def step():
-    return torch_mae.train_step(model, opt, sched, loss_fn)
+    return torch_mae.train_step(model, opt, sched, loss_fn, pieces)
 
   def sync(_):
     if device == "cuda":
@@ -380,7 +391,8 @@ def _loop(task: str, config, args) -> list[dict[str, Any]]:
         tx, schedule = optim.adamw(params, optim.AdamWSettings.from_config(cfg.optim), total,
                                    args.loop_steps)
         state = steps.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-        body = steps.pretrain_body(model, losses.Reconstruction.from_config(cfg.loss), batch)
+        body = steps.pretrain_body(model, losses.Reconstruction.from_config(cfg.loss), batch,
+                                   steps.backend_micro_batch(**cfg.micro_batch))
       else:
         model = build.build_classifier(cfg.model, 3, parallel.AXIS)
         params, stats = build.init_classifier(model, jax.random.key(0))
@@ -459,6 +471,7 @@ def _run_worker(system: str, args, needs_gpu: bool = False) -> list[dict[str, An
   cmd += ["--torch_needs_gpu"] if needs_gpu else []
   env = dict(os.environ)
   devices = math.gcd(args.batch, max(args.host_devices, 1))   # the batch must divide
+  cmd += ["--host_devices", str(devices)]
   flags = [f for f in env.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
   if system in ("ours", "loop") and devices > 1:

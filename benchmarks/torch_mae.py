@@ -271,12 +271,18 @@ def adamw(model: nn.Module, groups: Sequence[tuple[str, float]], *, weight_decay
   return opt, torch.optim.lr_scheduler.LambdaLR(opt, scheds)
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, loss_fn) -> dict[str, Any]:
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, loss_fn: Callable[[int], Any],
+               pieces: int = 1) -> dict[str, Any]:
   """One step: loss, backward, global grad norm; the update only when both are finite
-  (as `mae_jax.train.steps.keep_if_finite`)."""
+  (as `mae_jax.train.steps.keep_if_finite`). `loss_fn(i)` is the mean loss of the i-th of
+  `pieces` equal micro-batches; gradients accumulate over them, as in
+  `mae_jax.train.steps.accumulated_value_and_grad`."""
   opt.zero_grad(set_to_none=True)
-  loss = loss_fn()
-  loss.backward()
+  loss = 0.0
+  for i in range(pieces):
+    piece = loss_fn(i) / pieces
+    piece.backward()
+    loss = loss + piece.detach()
   grads = [p.grad for p in model.parameters() if p.grad is not None]
   grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
   finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))

@@ -212,7 +212,8 @@ def _fit(run: _Run) -> tuple[Any, list[dict]]:
                                                      run.mngr, run.writer)
   feeding = steps.Feeding(source=run.kind, local_batch=run.local_batch, seed=config.seed,
                           dtype=build.dtype_of(config.model.dtype))
-  chunks = common.Chunks(steps.pretrain_body(run.mae, run.loss, config.batch_size), run.mesh,
+  micro = steps.backend_micro_batch(**config.micro_batch)
+  chunks = common.Chunks(steps.pretrain_body(run.mae, run.loss, config.batch_size, micro), run.mesh,
                          run.feeds["pool"], feeding)
   evaluate = common.Evaluator(steps.pretrain_eval_fn(run.mae, run.loss, eval_key), run.mesh,
                               run.feeds["validation"],

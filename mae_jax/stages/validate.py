@@ -142,6 +142,12 @@ def _batch_problems(config: ml_collections.ConfigDict) -> list[str]:
   return [p for p in found if p]
 
 
+def _micro_batch_problems(config: ml_collections.ConfigDict) -> list[str]:
+  return [f"micro_batch.{backend}={size} must be a whole number >= 0 (0: the whole batch)"
+          for backend, size in config.get("micro_batch", {}).items()
+          if not isinstance(size, int) or isinstance(size, bool) or size < 0]
+
+
 def _schedule_problems(config: ml_collections.ConfigDict) -> list[str]:
   problems = []
   if "phase_epochs" in config:
@@ -265,7 +271,7 @@ def problems(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str])
   if "model" in config:
     found += _model_problems(config.model) + _cnn_problems(config)
   if config.get("stage") in TRAINING_STAGES:
-    found += _batch_problems(config) + _schedule_problems(config)
+    found += _batch_problems(config) + _schedule_problems(config) + _micro_batch_problems(config)
   if "data" in config:
     found += _data_problems(config.data)
   # Process 0 writes the run's files (other processes only join collective saves).
