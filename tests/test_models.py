@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,3 +118,15 @@ def test_cls_only_last_block_gives_the_full_encoders_cls_token(train):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="cls_only"):
     encoder.apply(params, images, cls_only=True, return_blocks=True)
+
+
+def test_patch_embed_is_the_strided_convolution():
+  """vit.PatchEmbed (patchify + one matmul) has nn.Conv's parameters and outputs."""
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  embed = vit.PatchEmbed(8, 4)
+  conv = nn.Conv(8, (4, 4), strides=(4, 4), padding="VALID")
+  variables = embed.init(jax.random.key(1), images)
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
+      jnp.shape, conv.init(jax.random.key(1), images))
+  np.testing.assert_allclose(embed.apply(variables, images),
+                             conv.apply(variables, images).reshape(2, 16, 8), atol=1e-5)

@@ -125,6 +125,27 @@ class Block(nn.Module):
     return x + self._drop_path(y, deterministic)
 
 
+class PatchEmbed(nn.Module):
+  """The stride-p, p x p convolution of ViT's patch embedding, computed as
+  `masking.patchify` (pixels in (row, column, channel) order, as the kernel's) and one
+  matmul: the same parameters as `nn.Conv` (kernel (p, p, C, dim), bias) and the same
+  tokens, (N, L, dim). XLA's CPU backend ran the convolution's kernel gradient at a
+  fraction of matmul speed (0.3 s of the 8.2 s seed pretraining step at batch 256)."""
+  dim: int
+  patch: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    channels = images.shape[-1]
+    kernel = self.param("kernel", patch_init, (self.patch, self.patch, channels, self.dim),
+                        jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.dim,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(masking.patchify(images, self.patch), kernel, bias,
+                                              dtype=self.dtype)
+    return dense.dense(x, kernel.reshape(-1, self.dim), bias)
+
+
 class Encoder(nn.Module):
   """ViT encoder: patch embedding + fixed sin-cos positions + CLS + blocks + norm.
 
@@ -152,11 +173,8 @@ class Encoder(nn.Module):
     if images.shape[1:] != (cfg.image_size, cfg.image_size, cfg.channels):
       raise ValueError(f"expected images of shape (N, {cfg.image_size}, {cfg.image_size}, "
                        f"{cfg.channels}), got {images.shape}")
-    x = nn.Conv(cfg.dim, (cfg.patch, cfg.patch), strides=(cfg.patch, cfg.patch),
-                padding="VALID", kernel_init=patch_init, dtype=self.dtype,
-                name="patch_embed")(images.astype(self.dtype))
+    x = PatchEmbed(cfg.dim, cfg.patch, self.dtype, name="patch_embed")(images)
     n = x.shape[0]
-    x = x.reshape(n, cfg.num_patches, cfg.dim)
     pos = jnp.asarray(masking.sincos_pos_embed(cfg.dim, cfg.grid), self.dtype)
     x = x + pos[None, 1:]
     mask = ids_restore = None
