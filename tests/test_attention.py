@@ -22,7 +22,7 @@ def _plain_attention(qkv: jax.Array, heads: int) -> jax.Array:
 
 @pytest.mark.parametrize("block_bytes", [1, 3 * 4 * 2 * 17 * 17, 1 << 20])
 def test_blocked_attention_matches_softmax_attention(block_bytes):
-  """Values and gradients, with blocks of 1, 6 and all 12 (example, head) pairs."""
+  """Values and gradients, with blocks of 1, 3 and all 6 examples."""
   heads, n, length = 2, 6, 17
   qkv = 2.0 * jax.random.normal(jax.random.key(0), (n, length, 3 * heads * 8))
   g = jax.random.normal(jax.random.key(1), (n, length, heads * 8))

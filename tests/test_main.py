@@ -132,6 +132,20 @@ def test_pretrain_writes_checkpoints_events_figures_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
+def test_pretrain_micro_batches_train_as_the_whole_batch(tmp_path):
+  """The stage with micro-batches of 2 (4 per step of batch 8) follows the whole-batch run."""
+  losses = {}
+  for micro in (0, 2):
+    run = tmp_path / f"run{micro}"
+    result = _main(*_pretrain_args(tmp_path, f"--config.micro_batch.cpu={micro}"),
+                   f"--workdir={run}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((run / "history.json").read_text())
+    losses[micro] = [(h["train_loss"], h["val_loss"]) for h in history]
+  np.testing.assert_allclose(losses[2], losses[0], rtol=1e-4)
+
+
+@pytest.mark.slow
 def test_pretrain_divergence_stops_with_a_message(tmp_path):
   # Batch 4: 3 steps in the first epoch, so the run diverges before its first checkpoint.
   result = _main(*_pretrain_args(tmp_path, "--config.optim.lr=1e30", "--config.batch_size=4",
