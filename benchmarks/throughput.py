@@ -90,16 +90,18 @@ def _block_flops(tokens: int, dim: int, mlp_ratio: float, queries: int | None = 
   return qkv + attention + proj + mlp
 
 
-def train_flops(task: str, model: Any, batch: int) -> int:
+def train_flops(task: str, config: Any, batch: int) -> int:
   """Model FLOPs of one training step: 3 x the forward matmul FLOPs (the backward
   pass costs twice the forward), summed over the batch.
 
-  `model` is the preset's `config.model`; for 'pretrain' the encoder sees the kept
-  patches (plus CLS) and the decoder all of them; for 'finetune' the encoder sees
-  every patch (its last block only the CLS token, where a CLS feature is read) and
-  the MLP head the CLS feature.
+  `config` is the stage's config; for 'pretrain' the encoder sees the kept patches
+  (plus CLS) and the decoder all of them, its last block, norm and prediction only the
+  patches the loss reads (the removed ones with `loss.masked_only`); for 'finetune'
+  the encoder sees every patch (its last block only the CLS token, where a CLS
+  feature is read) and the MLP head the CLS feature.
   """
   from mae_jax.models import masking  # pylint: disable=g-import-not-at-top
+  model = config.model
   patches = (model.image_size // model.patch) ** 2
   patch_dim = model.patch * model.patch * model.channels
   fwd = 2 * patches * patch_dim * model.dim    # patch embedding (all patches)
@@ -107,8 +109,11 @@ def train_flops(task: str, model: Any, batch: int) -> int:
     enc_tokens = 1 + masking.num_kept(patches, model.mask_ratio)
     fwd += model.depth * _block_flops(enc_tokens, model.dim, model.mlp_ratio)
     fwd += 2 * enc_tokens * model.dim * model.decoder_dim
-    fwd += model.decoder_depth * _block_flops(1 + patches, model.decoder_dim, model.mlp_ratio)
-    fwd += 2 * (1 + patches) * model.decoder_dim * patch_dim
+    read = patches - (enc_tokens - 1 if config.loss.masked_only else 0)
+    fwd += (model.decoder_depth - 1) * _block_flops(1 + patches, model.decoder_dim,
+                                                    model.mlp_ratio)
+    fwd += _block_flops(1 + patches, model.decoder_dim, model.mlp_ratio, queries=read)
+    fwd += 2 * read * model.decoder_dim * patch_dim
   else:
     tokens = 1 + patches
     fwd += (model.depth - 1) * _block_flops(tokens, model.dim, model.mlp_ratio)
@@ -585,13 +590,13 @@ def main(argv: list[str] | None = None) -> None:
       print(f"{r['task']:<9}{'device feed':<15}{statistics.median(r['rates']):9,.0f} images/s "
             f"(batches made in JAX, {'augmented' if r['augment'] else 'no augmentation'})")
   for task in args.task:
-    flops = train_flops(task, configs[task].model, args.batch)
+    flops = train_flops(task, configs[task], args.batch)
     for r in results:
       if r["task"] == task and r["system"] not in ("pipeline", "loop"):
         print(_line(r, flops, peak))
     for r in results:
       if r["task"] == task and r["system"] == "loop":
-        print(_loop_line(r, train_flops(task, configs[task].model, r["batch"]), peak))
+        print(_loop_line(r, train_flops(task, configs[task], r["batch"]), peak))
   for task in args.task:
     for r in results:
       if r["task"] == task and r.get("attention"):

@@ -32,6 +32,25 @@ def test_blocked_attention_matches_softmax_attention(block_bytes):
   np.testing.assert_allclose(vjp(g)[0], ref_vjp(g)[0], atol=5e-5)
 
 
+@pytest.mark.parametrize("impl", ["blocked", "xla"])
+@pytest.mark.parametrize("start", [1, 12])
+def test_attention_from_a_query_start_is_the_tail_of_attention(impl, start):
+  """Queries from `start` on, every token a key and value: the rows of full attention
+  from `start` on, and the same gradient (the earlier tokens' queries get none)."""
+  heads, n, length = 2, 4, 17
+  qkv = 2.0 * jax.random.normal(jax.random.key(0), (n, length, 3 * heads * 8))
+  g = jax.random.normal(jax.random.key(1), (n, length - start, heads * 8))
+  out, vjp = jax.vjp(lambda x: attention.multi_head_attention(x, heads, 1, impl, start), qkv)
+  ref, ref_vjp = jax.vjp(lambda x: _plain_attention(x, heads)[:, start:], qkv)
+  assert out.shape == (n, length - start, heads * 8)
+  np.testing.assert_allclose(out, ref, atol=2e-5)
+  grad = vjp(g)[0]
+  np.testing.assert_allclose(grad, ref_vjp(g)[0], atol=5e-5)
+  np.testing.assert_array_equal(grad[:, :start, :heads * 8], 0.0)
+  with pytest.raises(ValueError, match="query_start"):
+    attention.multi_head_attention(qkv, heads, query_start=length)
+
+
 def test_block_size_is_a_divisor_within_the_budget():
   assert attention.block_size(64, 2 << 20, 1 << 20) == 1     # one example is over budget
   assert attention.block_size(64, 135_200, 1 << 20) == 4     # 7 fit; 4 is the largest divisor

@@ -10,7 +10,10 @@ import pytest
 
 from configs import pretrain as pretrain_config
 from mae_jax.models import build
+from mae_jax.models import dense
+from mae_jax.models import masking
 from mae_jax.models import vit
+from mae_jax.train import losses
 from mae_jax.train import optim
 
 
@@ -44,6 +47,48 @@ def test_mae_outputs(tiny):
   np.testing.assert_array_equal(out["mask"].sum(1), enc.num_patches - kept)
   again = mae.apply({"params": params}, images, noise)
   np.testing.assert_array_equal(out["logits"], again["logits"])
+
+
+@pytest.mark.parametrize("preset", ["tiny", "demo"])
+def test_removed_only_decoder_predicts_the_removed_patches_as_the_full_one(preset):
+  """`removed_only` (the last decoder block, norm and prediction on the removed patches
+  alone) gives the full decoder's logits there, 0 on kept patches, and the same loss
+  gradient; the full decoder's output does not depend on the tokens' order in it."""
+  config = pretrain_config.get_config(preset)
+  mae = build.build_mae(config.model)
+  params = build.init_mae(mae, jax.random.key(0))
+  enc = mae.encoder
+  images = jax.random.uniform(jax.random.key(1), (3, 64, 64, 1))
+  noise = jax.random.uniform(jax.random.key(2), (3, enc.num_patches))
+  full = mae.apply({"params": params}, images, noise)
+  part = mae.apply({"params": params}, images, noise, removed_only=True)
+  removed = np.asarray(full["mask"])[..., None] == 1
+  np.testing.assert_allclose(np.where(removed, part["logits"], 0),
+                             np.where(removed, full["logits"], 0), atol=2e-5)
+  np.testing.assert_array_equal(np.where(removed, 0, part["logits"]), 0.0)
+
+  def loss(p, removed_only):
+    out = mae.apply({"params": p}, images, noise, removed_only=removed_only)
+    return losses.reconstruction_loss(out["logits"], images, out["mask"], patch=enc.patch)
+
+  grads = [jax.grad(loss)(params, r) for r in (False, True)]
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(a, b, atol=2e-6 + 1e-4 * float(np.abs(a).max()))
+
+  # The decoder in image order (its old form): embed, un-shuffle, add positions, blocks.
+  dparams = params["decoder"]
+  x = dense.Dense(mae.decoder.dim).apply({"params": dparams["embed"]}, full["latent"])
+  tokens = jnp.broadcast_to(dparams["mask_token"], (3, enc.num_patches + 1 - x.shape[1],
+                                                    mae.decoder.dim))
+  patches = jnp.concatenate([x[:, 1:], tokens], axis=1)
+  patches = jnp.take_along_axis(patches, full["ids_restore"][:, :, None], axis=1)
+  x = jnp.concatenate([x[:, :1], patches], axis=1) + masking.sincos_pos_embed(
+      mae.decoder.dim, enc.grid)[None]
+  for i in range(mae.decoder.depth):
+    x = vit.Block(mae.decoder.dim, mae.decoder.heads).apply({"params": dparams[f"block_{i}"]}, x)
+  x = nn.LayerNorm(epsilon=vit.LN_EPS).apply({"params": dparams["norm"]}, x)
+  logits = dense.Dense(enc.patch ** 2).apply({"params": dparams["pred"]}, x)[:, 1:]
+  np.testing.assert_allclose(full["logits"], logits, atol=2e-5)
 
 
 def test_encoder_sees_only_kept_patches(tiny):

@@ -126,15 +126,18 @@ def test_flop_count_matches_the_models_matmuls():
   params = jax.eval_shape(lambda k: build.init_mae(mae, k), jax.random.key(0))
   images = jax.ShapeDtypeStruct((2, 64, 64, 1), jnp.float32)
   noise = jax.ShapeDtypeStruct((2, mae.encoder.num_patches), jnp.float32)
-  jaxpr = jax.make_jaxpr(mae.apply)({"params": params}, images, noise)
-  assert _matmul_flops(jaxpr.jaxpr) == throughput.train_flops("pretrain", pre.model, 2) // 3
+  for removed_only in (True, False):
+    pre.loss.masked_only = removed_only
+    jaxpr = jax.make_jaxpr(functools.partial(mae.apply, removed_only=removed_only))(
+        {"params": params}, images, noise)
+    assert _matmul_flops(jaxpr.jaxpr) == throughput.train_flops("pretrain", pre, 2) // 3
 
   fine = finetune_config.get_config("seed")
   model = build.build_classifier(fine.model, 3)
   variables = jax.eval_shape(lambda k: model.init(k, jnp.zeros((2, 64, 64, 1)), False),
                              jax.random.key(0))
   jaxpr = jax.make_jaxpr(functools.partial(model.apply, train=False))(variables, images)
-  assert _matmul_flops(jaxpr.jaxpr) == throughput.train_flops("finetune", fine.model, 2) // 3
+  assert _matmul_flops(jaxpr.jaxpr) == throughput.train_flops("finetune", fine, 2) // 3
 
 
 def test_peak_flops_of_known_accelerators():

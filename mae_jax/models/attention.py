@@ -75,25 +75,27 @@ def padded_length(length: int, multiple: int = PAD_TO) -> int:
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str,
                     pad_to: int = PAD_TO) -> jax.Array:
-  """`jax.nn.dot_product_attention` on (N, L, H, D) inputs, with L padded to a multiple of
-  `pad_to` and the true length given as sequence lengths (keys past it are ignored;
-  the padded query rows are dropped)."""
-  n, length = q.shape[:2]
-  padded = padded_length(length, pad_to)
-  if padded == length:
+  """`jax.nn.dot_product_attention` on (N, Lq, H, D) queries and (N, Lk, H, D) keys and
+  values, each length padded to a multiple of `pad_to` and the true lengths given as
+  sequence lengths (keys past them are ignored; the padded query rows are dropped)."""
+  n, queries, keys = q.shape[0], q.shape[1], k.shape[1]
+  padded_q, padded_k = padded_length(queries, pad_to), padded_length(keys, pad_to)
+  if (padded_q, padded_k) == (queries, keys):
     return jax.nn.dot_product_attention(q, k, v, implementation=impl)
-  pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
-  lengths = jnp.full((n,), length, jnp.int32)
-  out = jax.nn.dot_product_attention(jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad),
-                                     query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-                                     implementation=impl)
-  return out[:, :length]
+  pad = lambda x, to: jnp.pad(x, ((0, 0), (0, to - x.shape[1]), (0, 0), (0, 0)))  # pylint: disable=unnecessary-lambda-assignment
+  out = jax.nn.dot_product_attention(
+      pad(q, padded_q), pad(k, padded_k), pad(v, padded_k),
+      query_seq_lengths=jnp.full((n,), queries, jnp.int32),
+      key_value_seq_lengths=jnp.full((n,), keys, jnp.int32), implementation=impl)
+  return out[:, :queries]
 
 
 @functools.lru_cache(maxsize=None)
-def choose(requested: str, heads: int, length: int, head_dim: int, dtype_name: str) -> str:
-  """The implementation to use for one shape: `requested`, unless it is `cudnn` and cuDNN
-  refuses a one-example forward and backward pass of that shape; then `xla`. Logged."""
+def choose(requested: str, heads: int, length: int, head_dim: int, dtype_name: str,
+           queries: int | None = None) -> str:
+  """The implementation to use for one shape (`queries` of `length` tokens; default all):
+  `requested`, unless it is `cudnn` and cuDNN refuses a one-example forward and backward
+  pass of that shape; then `xla`. Logged."""
   if requested != "cudnn":
     return requested
   dtype = jnp.dtype(dtype_name)
@@ -102,14 +104,15 @@ def choose(requested: str, heads: int, length: int, head_dim: int, dtype_name: s
     why = f"cuDNN's fused attention takes bfloat16 or float16, not {dtype_name}"
   else:
     spec = jax.ShapeDtypeStruct((1, length, heads, head_dim), dtype)
+    q_spec = jax.ShapeDtypeStruct((1, queries or length, heads, head_dim), dtype)
     loss = lambda q, k, v: fused_attention(q, k, v, "cudnn").astype(jnp.float32).sum()  # pylint: disable=unnecessary-lambda-assignment
     try:
-      jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec).compile()
+      jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q_spec, spec, spec).compile()
     except Exception as e:  # pylint: disable=broad-except
       why = f"cuDNN refused it: {str(e).splitlines()[0][:200]}"
   chosen = "xla" if why else "cudnn"
-  logging.info("attention for %d tokens, %d heads of %d, %s: %s%s", length, heads, head_dim,
-               dtype_name, chosen, f" ({why})" if why else
+  logging.info("attention for %d queries of %d tokens, %d heads of %d, %s: %s%s",
+               queries or length, length, heads, head_dim, dtype_name, chosen, f" ({why})" if why else
                f" (padded to {padded_length(length)} tokens)")
   return chosen
 
@@ -140,10 +143,11 @@ def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
   return jnp.einsum("cqd,ckd->cqk", q, k, preferred_element_type=jnp.float32)
 
 
-def _forward_block(qkv: jax.Array, heads: int) -> tuple[jax.Array, jax.Array]:
-  """e examples' (e, L, 3D) projection -> output (e, L, D) and log-sum-exp (e * heads, L)."""
+def _forward_block(qkv: jax.Array, heads: int, start: int) -> tuple[jax.Array, jax.Array]:
+  """e examples' (e, L, 3D) projection -> the output of the queries from `start` on,
+  (e, L - start, D), and their log-sum-exp (e * heads, L - start)."""
   q, k, v = _split_heads(qkv, heads)
-  s = _scores(q, k)
+  s = _scores(q[:, start:], k)
   m = s.max(axis=-1, keepdims=True)
   e = jnp.exp(s - m)
   denom = e.sum(axis=-1)
@@ -152,11 +156,12 @@ def _forward_block(qkv: jax.Array, heads: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _backward_block(qkv: jax.Array, o: jax.Array, lse: jax.Array, dout: jax.Array,
-                    heads: int) -> jax.Array:
-  """The gradient of e examples' (e, L, 3D) projection."""
+                    heads: int, start: int) -> jax.Array:
+  """The gradient of e examples' (e, L, 3D) projection (queries from `start` on)."""
   f32 = jnp.float32
   q, k, v = _split_heads(qkv, heads)
-  e, length, dim = o.shape
+  q = q[:, start:]
+  e, length, dim = o.shape   # length: the queries'
   d = dim // heads
   rows = (dout.astype(f32) * o.astype(f32)).reshape(e, length, heads, d).sum(-1)
   rows = rows.transpose(0, 2, 1).reshape(e * heads, length)             # (c, queries)
@@ -167,9 +172,11 @@ def _backward_block(qkv: jax.Array, o: jax.Array, lse: jax.Array, dout: jax.Arra
   dst = (pt * (dpt - rows[:, None, :])).astype(q.dtype)
   dk = jnp.einsum("ckq,cqd->ckd", dst, q, preferred_element_type=f32)
   dq = jnp.einsum("ckq,ckd->cqd", dst, k, preferred_element_type=f32) * (d ** -0.5)
+  dq = jnp.pad(dq, ((0, 0), (start, 0), (0, 0)))                       # no query, no gradient
+  tokens = k.shape[1]
   grads = jnp.stack([dq, dk, dv]).astype(qkv.dtype)                     # (3, c, L, d)
-  grads = grads.reshape(3, e, heads, length, d).transpose(1, 3, 0, 2, 4)
-  return grads.reshape(e, length, 3 * dim)
+  grads = grads.reshape(3, e, heads, tokens, d).transpose(1, 3, 0, 2, 4)
+  return grads.reshape(e, tokens, 3 * dim)
 
 
 def _blocks(x: jax.Array, c: int) -> jax.Array:
@@ -180,20 +187,20 @@ def _unblock(x: jax.Array) -> jax.Array:
   return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _attention(qkv: jax.Array, heads: int, c: int) -> jax.Array:
-  return _attention_fwd(qkv, heads, c)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _attention(qkv: jax.Array, heads: int, c: int, start: int) -> jax.Array:
+  return _attention_fwd(qkv, heads, c, start)[0]
 
 
-def _attention_fwd(qkv, heads, c):
-  o, lse = lax.map(lambda x: _forward_block(x, heads), _blocks(qkv, c))
+def _attention_fwd(qkv, heads, c, start):
+  o, lse = lax.map(lambda x: _forward_block(x, heads, start), _blocks(qkv, c))
   o, lse = _unblock(o), _unblock(lse)
   return o, (qkv, o, lse)
 
 
-def _attention_bwd(heads, c, res, dout):
+def _attention_bwd(heads, c, start, res, dout):
   qkv, o, lse = res
-  grads = lax.map(lambda a: _backward_block(*a, heads),
+  grads = lax.map(lambda a: _backward_block(*a, heads, start),
                   (_blocks(qkv, c), _blocks(o, c), _blocks(lse, c * heads), _blocks(dout, c)))
   return (_unblock(grads),)
 
@@ -218,7 +225,7 @@ def first_query_attention(qkv: jax.Array, heads: int) -> jax.Array:
 
 
 def multi_head_attention(qkv: jax.Array, heads: int, block_bytes: int = BLOCK_BYTES,
-                         impl: str | None = None) -> jax.Array:
+                         impl: str | None = None, query_start: int = 0) -> jax.Array:
   """softmax(q k^T / sqrt(d)) v for every head, from a fused projection.
 
   Args:
@@ -227,18 +234,25 @@ def multi_head_attention(qkv: jax.Array, heads: int, block_bytes: int = BLOCK_BY
     heads: number of heads.
     block_bytes: float32 score bytes per block; sets how many examples run at once.
     impl: `blocked`, `xla` or `cudnn`; default `implementation()`.
+    query_start: only the tokens from this one on are queries (every token is still
+      a key and a value): what a last block needs when later layers read only those
+      tokens' outputs (the MAE decoder's removed patches).
   Returns:
-    (N, L, dim): the heads' outputs concatenated, ready for the output projection.
+    (N, L - query_start, dim): the heads' outputs concatenated, ready for the output
+    projection.
   """
   n, length, three_dim = qkv.shape
   if three_dim % (3 * heads):
     raise ValueError(f"qkv width {three_dim} is not 3 x a multiple of heads {heads}")
+  if not 0 <= query_start < length:
+    raise ValueError(f"query_start {query_start} is not a token index of {length} tokens")
   impl = impl or implementation()
   if impl != "blocked":
     head_dim = three_dim // (3 * heads)
-    impl = choose(impl, heads, length, head_dim, jnp.dtype(qkv.dtype).name)
+    impl = choose(impl, heads, length, head_dim, jnp.dtype(qkv.dtype).name,
+                  length - query_start)
     x = qkv.reshape(n, length, 3, heads, head_dim)
-    out = fused_attention(x[:, :, 0], x[:, :, 1], x[:, :, 2], impl)
-    return out.reshape(n, length, three_dim // 3)
-  c = block_size(n, 4 * length * length * heads, block_bytes)
-  return _attention(qkv, heads, c)
+    out = fused_attention(x[:, query_start:, 0], x[:, :, 1], x[:, :, 2], impl)
+    return out.reshape(n, length - query_start, three_dim // 3)
+  c = block_size(n, 4 * (length - query_start) * length * heads, block_bytes)
+  return _attention(qkv, heads, c, query_start)

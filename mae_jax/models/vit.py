@@ -57,9 +57,10 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, cls_only: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, cls_only: bool = False, query_start: int = 0) -> jax.Array:
     """(N, L, dim) -> (N, L, dim); with `cls_only`, only the first (CLS) token's
-    output, (N, 1, dim): its query against every token's key and value."""
+    output, (N, 1, dim): its query against every token's key and value; with
+    `query_start`, the outputs of the tokens from that one on, (N, L - query_start, dim)."""
     if self.dim % self.heads:
       raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
     qkv = dense.Dense(3 * self.dim, kernel_init=xavier, dtype=self.dtype, name="qkv")(x)
@@ -68,7 +69,7 @@ class Attention(nn.Module):
     else:
       # Exact softmax attention in cache-sized blocks with a hand-written backward (see
       # mae_jax/models/attention.py): the plain einsum-softmax-einsum form was half of the CPU step.
-      out = attention.multi_head_attention(qkv, self.heads)
+      out = attention.multi_head_attention(qkv, self.heads, query_start=query_start)
     return dense.Dense(self.dim, kernel_init=xavier, dtype=self.dtype, name="proj")(out)
 
 
@@ -114,11 +115,13 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True,
-               cls_only: bool = False) -> jax.Array:
-    """(N, L, dim) -> (N, L, dim); with `cls_only`, the CLS token's output alone, (N, 1, dim)."""
+               cls_only: bool = False, query_start: int = 0) -> jax.Array:
+    """(N, L, dim) -> (N, L, dim); with `cls_only`, the CLS token's output alone, (N, 1, dim);
+    with `query_start`, the outputs of the tokens from that one on (every token still
+    serves as key and value), (N, L - query_start, dim)."""
     y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm1")(x)
-    attended = Attention(self.dim, self.heads, self.dtype, name="attn")(y, cls_only)
-    x = x[:, :1] if cls_only else x
+    attended = Attention(self.dim, self.heads, self.dtype, name="attn")(y, cls_only, query_start)
+    x = x[:, :1] if cls_only else x[:, query_start:]
     x = x + self._drop_path(attended, deterministic)
     y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm2")(x)
     y = Mlp(int(self.dim * self.mlp_ratio), self.dtype, name="mlp")(y)

@@ -148,7 +148,7 @@ def pretrain_body(mae: mae_lib.MAE, loss: losses.Reconstruction, global_batch: i
   patch, num_patches = mae.encoder.patch, mae.encoder.num_patches
 
   def loss_fn(params, images, noise):
-    out = mae.apply({"params": params}, images, noise)
+    out = mae.apply({"params": params}, images, noise, loss.masked_only)
     return losses.reconstruction_loss(out["logits"], images, out["mask"], patch=patch,
                                       **loss.options())
 
@@ -349,7 +349,7 @@ def pretrain_eval_fn(mae: mae_lib.MAE, loss: losses.Reconstruction,
   def fn(params, images, valid, examples):
     noise = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i),
                                                   (num_patches,)))(examples)
-    out = mae.apply({"params": params}, images, noise)
+    out = mae.apply({"params": params}, images, noise, loss.masked_only)
     per_patch, weights = losses.reconstruction_terms_per_row(
         out["logits"], images, out["mask"], patch=patch, **loss.options())
     weights = weights * valid[:, None]
