@@ -171,7 +171,12 @@ def _backward_block(qkv: jax.Array, o: jax.Array, lse: jax.Array, dout: jax.Arra
   dpt = jnp.einsum("ckd,cqd->ckq", v, do, preferred_element_type=f32)
   dst = (pt * (dpt - rows[:, None, :])).astype(q.dtype)
   dk = jnp.einsum("ckq,cqd->ckd", dst, q, preferred_element_type=f32)
-  dq = jnp.einsum("ckq,ckd->cqd", dst, k, preferred_element_type=f32) * (d ** -0.5)
+  # dq = dst^T k contracts dst's leading axis, which XLA's CPU dot runs in a slow form;
+  # dq^T = k^T dst is a plain matmul once k^T (small) is laid out (the barrier keeps XLA
+  # from folding the transpose back into the dot): 6.8 -> 3.1 + 0.5 ms per 16 examples.
+  kt = lax.optimization_barrier(jnp.swapaxes(k, 1, 2))
+  dqt = jnp.einsum("cdk,ckq->cdq", kt, dst, preferred_element_type=f32) * (d ** -0.5)
+  dq = dqt.transpose(0, 2, 1)
   dq = jnp.pad(dq, ((0, 0), (start, 0), (0, 0)))                       # no query, no gradient
   tokens = k.shape[1]
   grads = jnp.stack([dq, dk, dv]).astype(qkv.dtype)                     # (3, c, L, d)
