@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Examples per device in one micro-batch: a step accumulates its gradient over micro-batches
   # of at most this size (the same update from a smaller working set); 0: the whole batch.
   # On a CPU that made the seed step 1.6x faster at batch 256 (docs/performance.md).
-  config.micro_batch = ml_collections.ConfigDict(dict(cpu=16, accelerator=0))
+  config.micro_batch = ml_collections.ConfigDict(dict(cpu=8, accelerator=0))
   config.optim = ml_collections.ConfigDict(dict(
       # demo: 5e-4, the best of 3e-3, 5e-4 and 2e-4 measured (docs/diagnosis.md).
       lr={"seed": 8e-4, "demo": 5e-4, "tiny": 1e-3}[common.size(preset)],
