@@ -90,7 +90,9 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str,
   padded_q, padded_k = padded_length(queries, pad_to), padded_length(keys, pad_to)
   if (padded_q, padded_k) == (queries, keys):
     return jax.nn.dot_product_attention(q, k, v, implementation=impl)
-  pad = lambda x, to: jnp.pad(x, ((0, 0), (0, to - x.shape[1]), (0, 0), (0, 0)))  # pylint: disable=unnecessary-lambda-assignment
+  def pad(x: jax.Array, to: int) -> jax.Array:
+    return jnp.pad(x, ((0, 0), (0, to - x.shape[1]), (0, 0), (0, 0)))
+
   out = jax.nn.dot_product_attention(
       pad(q, padded_q), pad(k, padded_k), pad(v, padded_k),
       query_seq_lengths=jnp.full((n,), queries, jnp.int32),
@@ -119,9 +121,9 @@ def choose(requested: str, heads: int, length: int, head_dim: int, dtype_name: s
     except Exception as e:  # pylint: disable=broad-except
       why = f"cuDNN refused it: {str(e).splitlines()[0][:200]}"
   chosen = "xla" if why else "cudnn"
+  note = f" ({why})" if why else f" (padded to {padded_length(length)} tokens)"
   logging.info("attention for %d queries of %d tokens, %d heads of %d, %s: %s%s",
-               queries or length, length, heads, head_dim, dtype_name, chosen, f" ({why})" if why else
-               f" (padded to {padded_length(length)} tokens)")
+               queries or length, length, heads, head_dim, dtype_name, chosen, note)
   return chosen
 
 

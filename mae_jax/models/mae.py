@@ -48,8 +48,9 @@ class Decoder(nn.Module):
     token = self.param("mask_token", vit.token_init, (1, 1, cfg.dim)).astype(self.dtype)
     tokens = jnp.broadcast_to(token, (n, enc.num_patches - kept, cfg.dim))
     pos = jnp.asarray(masking.sincos_pos_embed(cfg.dim, enc.grid), self.dtype)
-    ids_shuffle = jnp.argsort(ids_restore, axis=1)   # token j of the shuffle is patch ids_shuffle[j]
-    patches = jnp.concatenate([x[:, 1:], tokens], axis=1) + jnp.take(pos[1:], ids_shuffle, axis=0)
+    ids_shuffle = jnp.argsort(ids_restore, axis=1)  # shuffled token j is patch ids_shuffle[j]
+    patches = jnp.concatenate([x[:, 1:], tokens], axis=1)
+    patches = patches + jnp.take(pos[1:], ids_shuffle, axis=0)
     x = jnp.concatenate([x[:, :1] + pos[None, :1], patches], axis=1)
     start = 1 + kept if removed_only else 1          # the first token whose output is read
     for i in range(cfg.depth):
