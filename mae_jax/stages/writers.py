@@ -177,7 +177,7 @@ def create(workdir: str | Path, main_process: bool, tensorboard: str = "auto") -
     writers.append(LoggingWriter())
     if kind == "events":
       writers.append(EventsWriter(workdir))
-    elif not _WARNED:
+    elif tensorboard == "auto" and not _WARNED:   # 'none' asked for is no news
       _WARNED.append(True)
       logging.warning("neither TensorFlow nor the tensorboard package is installed: no "
                       "TensorBoard events are written; every metric is in %s",
