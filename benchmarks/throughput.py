@@ -102,6 +102,7 @@ def train_flops(task: str, config: Any, batch: int) -> int:
   """
   from mae_jax.models import masking  # pylint: disable=g-import-not-at-top
   model = config.model
+  model = config.model
   patches = (model.image_size // model.patch) ** 2
   patch_dim = model.patch * model.patch * model.channels
   fwd = 2 * patches * patch_dim * model.dim    # patch embedding (all patches)
@@ -186,25 +187,33 @@ def _enable_cache(folder: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def attention_used(task: str, model: Any) -> str:
+def attention_used(task: str, config: Any) -> str:
   """The attention implementation asked for and the one each attention shape of the
-  task's model gets (`attention.choose`, cached: the shapes the step compiled)."""
+  task's model gets (`attention.choose`, cached: the shapes the step compiled). The
+  decoder's last block has fewer queries than tokens: the removed patches alone under
+  `loss.masked_only`, else every patch (never the CLS token). Each shape is asked as
+  the model asks it (queries given), so the cache answers and nothing compiles again."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from mae_jax.models import attention  # pylint: disable=g-import-not-at-top
   from mae_jax.models import masking  # pylint: disable=g-import-not-at-top
   requested = attention.implementation()
+  model = config.model
   patches = (model.image_size // model.patch) ** 2
   dtype = jnp.dtype(model.dtype).name
   shapes = []
   if task == "pretrain":
-    shapes.append(("encoder", 1 + masking.num_kept(patches, model.mask_ratio), model.heads,
-                   model.dim // model.heads))
-    shapes.append(("decoder", 1 + patches, model.decoder_heads,
-                   model.decoder_dim // model.decoder_heads))
+    kept = masking.num_kept(patches, model.mask_ratio)
+    decoder = (1 + patches, model.decoder_heads, model.decoder_dim // model.decoder_heads)
+    shapes.append((f"encoder {1 + kept} tokens", 1 + kept, model.heads,
+                   model.dim // model.heads, 1 + kept))
+    shapes.append((f"decoder {1 + patches} tokens", *decoder, 1 + patches))
+    last = patches - kept if config.loss.masked_only else patches
+    shapes.append((f"its last block's {last} queries", *decoder, last))
   else:
-    shapes.append(("encoder", 1 + patches, model.heads, model.dim // model.heads))
-  parts = [f"{name} {length} tokens: {attention.choose(requested, heads, length, hd, dtype)}"
-           for name, length, heads, hd in shapes]
+    shapes.append((f"encoder {1 + patches} tokens", 1 + patches, model.heads,
+                   model.dim // model.heads, 1 + patches))
+  parts = [f"{name}: {attention.choose(requested, heads, length, hd, dtype, q)}"
+           for name, length, heads, hd, q in shapes]
   return f"asked {requested}; " + ", ".join(parts)
 
 
@@ -257,7 +266,7 @@ def _ours(task: str, config, batch: int, args) -> dict[str, Any]:
   out.update(compile_s=compile_s, loss=float(metrics["loss"]),
              device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
              threads=os.environ.get("XLA_FLAGS", ""),
-             attention=attention_used(task, config.model))
+             attention=attention_used(task, config))
   return out
 
 
@@ -431,11 +440,12 @@ def _loop(task: str, config, args) -> list[dict[str, Any]]:
         mngr.close()
       seconds = list(np.diff(marks))
       out.append({"task": task, "system": "loop", "feed": kind, "batch": batch,
-                  "steps_per_call": cfg.steps_per_call, "epoch_seconds": seconds,
+                  "dispatch_steps": [n for _, n in loop.chunk_plan(0, 0, the_loop)],
+                  "epoch_seconds": seconds,
                   "rates": [args.loop_steps * batch / t for t in seconds[1:]],
                   "first_epoch_s": seconds[0], "wall_s": wall,
                   "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-                  "attention": attention_used(task, cfg.model)})
+                  "attention": attention_used(task, cfg)})
   return out
 
 
@@ -523,8 +533,9 @@ def _line(r: dict[str, Any], flops: int, peak: float | None) -> str:
 def _loop_line(r: dict[str, Any], flops: int, peak: float | None) -> str:
   med = statistics.median(r["rates"]) if r["rates"] else float("nan")
   text = (f"{r['task']:<9}real loop, {r['feed']} feed, batch {r['batch']}: {med:,.1f} images/s "
-          f"(median of {len(r['rates'])} epochs after the first; {r['steps_per_call']} steps "
-          f"per dispatch; first epoch with compilation {r['first_epoch_s']:.1f} s)")
+          f"(median of {len(r['rates'])} epochs after the first; dispatches of "
+          f"{' + '.join(map(str, r['dispatch_steps']))} steps per epoch; first epoch with "
+          f"compilation {r['first_epoch_s']:.1f} s)")
   if peak:
     achieved = flops * med / r["batch"]
     text += f"  {achieved / 1e12:.1f} TFLOP/s  MFU {100 * achieved / peak:.1f}%"
