@@ -40,7 +40,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" benchmarks/wheels.py install --dest .whl --target "$SITE" 2>&1 | tee -a "$LOG"
   export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
-export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
+# XLA's and cuDNN's warnings (not their info lines) reach the log.
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-1}
 export MAE_JAX_COMPILATION_CACHE=${MAE_JAX_COMPILATION_CACHE:-/tmp/mae_jax_xla}
 
 case "$PRESET" in
@@ -48,7 +49,7 @@ case "$PRESET" in
             BATCHES="pretrain:1024 finetune:512"; LOOP="--loop_steps 30 --loop_epochs 3"
             STEPS="--steps 10 --repeats 5"; PROFILE="(300, 320)"; SHORT_PROFILE="(12, 13)"
             SHORT="--config.pretrain.phase_epochs=(2,2) --config.probe.epochs=3 --config.finetune.epochs=3";;
-  tiny)     PER_CLASS=24; SHORT_PER_CLASS=24; DTYPE=float32; SIZE=tiny
+  tiny)     PER_CLASS=24; SHORT_PER_CLASS=${SHORT_PER_CLASS:-24}; DTYPE=float32; SIZE=tiny
             BATCHES="pretrain:8 finetune:8"; LOOP="--loop_steps 3 --loop_epochs 2"
             STEPS="--steps 2 --repeats 2"; PROFILE="(1, 2)"; SHORT_PROFILE="(1, 2)"
             SHORT="--config.pretrain.phase_epochs=(1,1) --config.probe.epochs=1 --config.finetune.epochs=1";;
@@ -58,21 +59,26 @@ esac
 if [ "$PRESET" = tiny ]; then DATA=${DATA:-data/model_ii_sim_tiny}; else DATA=${DATA:-data/model_ii_sim}; fi
 [ "$PART" = short ] && [ "$PRESET" != tiny ] && DATA=${DATA_SHORT:-${DATA}_short}
 
-"$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
-import importlib.util, sys, jax
+# The environment; seed_gpu stops here, at once, where JAX sees no accelerator (a CPU
+# fallback would spend the whole device time on a batch-1024 loop).
+PRESET=$PRESET "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
+import importlib.util, os, sys, jax
 from mae_jax.models import attention
 print("python", sys.version.split()[0], "jax", jax.__version__, "devices:", jax.devices())
 print("attention implementation asked:", attention.implementation())
 for name in ("tensorflow", "tensorflow_datasets", "clu", "ml_collections", "lenstronomy", "torch"):
   print(f"  {name}: {'present' if importlib.util.find_spec(name) else 'absent'}")
+if os.environ["PRESET"] == "seed_gpu" and jax.default_backend() == "cpu":
+  sys.exit("error: seed_gpu needs an accelerator, but JAX sees only the CPU (is jax[cuda] installed?)")
 EOF
+
 TORCH=0
-if [ "$PRESET" = tiny ]; then
-  timeout 60 "$PY" -c "import torch" 2>/dev/null && TORCH=1
-else
-  timeout 60 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null && TORCH=1
-fi
-say "torch: $([ $TORCH = 1 ] && echo "usable, PyTorch eager is timed after ours" || echo "not used (absent, or no GPU for it)")"
+torch_check() {   # torch_check SECONDS: TORCH=1 when torch imports (and, but for tiny, sees a GPU)
+  local test="import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
+  [ "$PRESET" = tiny ] && test="import torch"
+  timeout "$1" "$PY" -c "$test" 2>/dev/null && TORCH=1
+  say "torch: $([ $TORCH = 1 ] && echo "usable, PyTorch eager is timed after ours" || echo "not used (absent, no GPU for it, or no time)")"
+}
 
 # The benchmark: per task at its pipeline batch, ours first; torch after, never blocking.
 bench() {   # bench SYSTEMS EXTRA...
@@ -96,7 +102,8 @@ pipeline() {   # pipeline PROFILE EXTRA...
   local profile=$1; shift
   # shellcheck disable=SC2068
   "$PY" main.py --config="configs/pipeline.py:$PRESET" --workdir="$RUN" \
-    --config.data.dir="$DATA" --config.data.feed=device ${DATA_CACHE:+--config.data.cache_dir="$DATA_CACHE"} \
+    --config.data.dir="$DATA" --config.data.sim.per_class="$PER_CLASS" --config.data.feed=device \
+    ${DATA_CACHE:+--config.data.cache_dir="$DATA_CACHE"} \
     --config.pretrain.model.dtype="$DTYPE" --config.probe.model.dtype="$DTYPE" \
     --config.finetune.model.dtype="$DTYPE" --config.finetune.fit_baseline=False \
     --config.pretrain.profile_steps="$profile" "$@" 2>>"$LOG" | tail -n 5 | tee -a "$LOG"
@@ -116,19 +123,30 @@ finish() {   # finish PROFILE: the profile summary, the report's files and summa
   cat "$OUT/summary.md"
 }
 
+bench_summary() {   # (A): summary.md from the benchmark's printout so far
+  "$PY" benchmarks/accelerator_summary.py "$RUN" "$OUT/throughput.txt" \
+    --seconds $(( $(date +%s) - START )) > "$OUT/summary.md"
+  cat "$OUT/summary.md"
+}
+
 [ "$PART" = short ] || : > "$OUT/throughput.txt"
 case "$PART" in
   bench)
     say "(A) real loop: $BATCHES, device feed, $DTYPE"
     # shellcheck disable=SC2086
     bench "" --loop --loop_feeds device $LOOP
+    bench_summary   # before torch: a time-out there loses nothing of ours
+    # PyTorch eager only in the time (A) has left of BENCH_BUDGET: a check, then two workers.
+    left=$(( ${BENCH_BUDGET:-225} - ($(date +%s) - START) ))
+    if [ "$left" -ge 60 ]; then torch_check $(( left / 4 )); else say "torch: not tried, $left s left"; fi
     if [ $TORCH = 1 ]; then
-      say "(A) PyTorch eager at the same batches (optional)"
-      bench torch $STEPS || say "PyTorch eager failed; ours above stand"
+      left=$(( ${BENCH_BUDGET:-225} - ($(date +%s) - START) ))
+      limit=${TORCH_TIMEOUT:-90}; [ $(( left / 2 )) -lt "$limit" ] && limit=$(( left / 2 ))
+      say "(A) PyTorch eager at the same batches (optional, $limit s per task at most)"
+      # shellcheck disable=SC2086
+      TORCH_TIMEOUT=$limit bench torch $STEPS || say "PyTorch eager failed; ours above stand"
+      bench_summary
     fi
-    "$PY" benchmarks/accelerator_summary.py "$RUN" "$OUT/throughput.txt" \
-      --seconds $(( $(date +%s) - START )) > "$OUT/summary.md"
-    cat "$OUT/summary.md"
     ;;
   short)
     say "(B) 1/3 data ($PER_CLASS per class)"; simulate
@@ -140,6 +158,7 @@ case "$PART" in
     say "(B) 3/3 summary"; finish "$SHORT_PROFILE"
     ;;
   all)
+    torch_check 60
     say "1/4 data"; simulate
     say "2/4 benchmark: steps, real loop (device and host feeds) at $BATCHES"
     SYSTEMS=ours; [ $TORCH = 1 ] && SYSTEMS=ours,torch

@@ -105,8 +105,13 @@ def _device_env(python: str, site: Path, tmp_path: Path) -> dict[str, str]:
           "MAE_JAX_HIDE": HIDE, "MAE_JAX_ONLY_FROM": str(site),
           "MAE_JAX_HIDE_OUTSIDE": ONLY_FROM_WHEELS, "WHEEL_SITE": str(site),
           "DATA": str(tmp_path / "sim"), "DATA_CACHE": str(tmp_path / "cache"),
-          "MAE_JAX_COMPILATION_CACHE": str(tmp_path / "xla"), "TF_CPP_MIN_LOG_LEVEL": "3"}
+          "MAE_JAX_COMPILATION_CACHE": str(tmp_path / "xla"), "TF_CPP_MIN_LOG_LEVEL": "3",
+          "SHORT_PER_CLASS": str(SHORT_PER_CLASS)}
 
+
+# (B)'s smaller simulated set, below the tiny preset's 24 per class: the pipeline must read
+# that folder as simulated, not extend it to the preset's size.
+SHORT_PER_CLASS = 18
 
 PARTS = {"bench": ("throughput.txt", "summary.md"),
          "short": ("summary.md", "epochs.md", "profile.txt", "profile.json", "report.md",
@@ -147,6 +152,7 @@ def _run_parts(python: str, site: Path, tmp_path: Path, parts=tuple(PARTS)) -> N
       assert "| pretrain | 1 |" in (out / "epochs.md").read_text()
       assert "| probe |" in summary and "| finetune |" in summary
       assert "top operations" in (out / "profile.txt").read_text()
+      assert len(list((tmp_path / "sim").rglob("*.npy"))) == 3 * SHORT_PER_CLASS
 
 
 def test_device_style_run_under_this_jax(wheel_site, tmp_path):
