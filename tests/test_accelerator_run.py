@@ -36,3 +36,19 @@ def test_accelerator_script_runs_end_to_end_at_tiny_size(tmp_path):
   probe = json.loads((tmp_path / "run" / "probe" / "eval_metrics.json").read_text())
   assert finetune["baseline"] is None and probe["baseline"]["macro_auc"] is not None
   assert "(radial profile)" in summary
+
+
+def test_seed_gpu_stops_at_once_without_an_accelerator(tmp_path):
+  """On a CPU-only JAX, the seed_gpu commands stop in the environment check, saying why,
+  instead of spending a device command's time on a batch-1024 loop."""
+  out = tmp_path / "out"
+  env = {**os.environ, "PYTHON": sys.executable, "RUN_DIR": str(tmp_path / "run"),
+         "DATA": str(tmp_path / "sim"), "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run(["bash", str(ROOT / "benchmarks" / "accelerator_run.sh"), "seed_gpu",
+                           str(out), "bench"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)   # it takes seconds; a run that goes on fails here
+  log = (out / "accelerator_run.log").read_text()
+  assert result.returncode != 0, log
+  assert "seed_gpu needs an accelerator, but JAX sees only the CPU" in log
+  assert [f.name for f in out.iterdir()] == ["accelerator_run.log"]
+  assert not (tmp_path / "sim").exists()
