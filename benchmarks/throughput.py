@@ -102,7 +102,6 @@ def train_flops(task: str, config: Any, batch: int) -> int:
   """
   from mae_jax.models import masking  # pylint: disable=g-import-not-at-top
   model = config.model
-  model = config.model
   patches = (model.image_size // model.patch) ** 2
   patch_dim = model.patch * model.patch * model.channels
   fwd = 2 * patches * patch_dim * model.dim    # patch embedding (all patches)
@@ -206,7 +205,8 @@ def attention_used(task: str, config: Any) -> str:
     decoder = (1 + patches, model.decoder_heads, model.decoder_dim // model.decoder_heads)
     shapes.append((f"encoder {1 + kept} tokens", 1 + kept, model.heads,
                    model.dim // model.heads, 1 + kept))
-    shapes.append((f"decoder {1 + patches} tokens", *decoder, 1 + patches))
+    if model.decoder_depth > 1:   # blocks before the last: every token a query
+      shapes.append((f"decoder {1 + patches} tokens", *decoder, 1 + patches))
     last = patches - kept if config.loss.masked_only else patches
     shapes.append((f"its last block's {last} queries", *decoder, last))
   else:

@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import finetune as finetune_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mae_jax.models import attention  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mae_jax.models import build  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mae_jax.models import load as convert  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mae_jax.train import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -138,6 +139,33 @@ def test_flop_count_matches_the_models_matmuls():
                              jax.random.key(0))
   jaxpr = jax.make_jaxpr(functools.partial(model.apply, train=False))(variables, images)
   assert _matmul_flops(jaxpr.jaxpr) == throughput.train_flops("finetune", fine, 2) // 3
+
+
+@pytest.mark.parametrize("preset", ["tiny", "demo"])   # decoder depth 1 and 2
+def test_attention_line_asks_the_shapes_the_model_asked(preset, monkeypatch):
+  """`attention_used` reports the choices the traced step made: every shape it asks
+  `attention.choose` about is one the model asked, with the same arguments (a cache hit)."""
+  monkeypatch.setenv(attention.ENV_VAR, "xla")   # 'blocked' never asks choose
+  for masked_only in (True, False):
+    pre = pretrain_config.get_config(preset)
+    pre.loss.masked_only = masked_only
+    mae = build.build_mae(pre.model)
+    params = jax.eval_shape(lambda k, m=mae: build.init_mae(m, k), jax.random.key(0))
+    size = pre.model.image_size
+    jax.make_jaxpr(functools.partial(mae.apply, removed_only=masked_only))(
+        {"params": params}, jnp.zeros((2, size, size, 1)), jnp.zeros((2, mae.encoder.num_patches)))
+    misses = attention.choose.cache_info().misses
+    line = throughput.attention_used("pretrain", pre)
+    assert attention.choose.cache_info().misses == misses, line
+    assert line.startswith("asked xla; encoder ") and "last block's" in line
+  fine = finetune_config.get_config(preset)
+  model = build.build_classifier(fine.model, 3)
+  images = jnp.zeros((2, size, size, 1))
+  variables = jax.eval_shape(lambda k: model.init(k, images, False), jax.random.key(0))
+  jax.make_jaxpr(functools.partial(model.apply, train=False))(variables, images)
+  misses = attention.choose.cache_info().misses
+  throughput.attention_used("finetune", fine)
+  assert attention.choose.cache_info().misses == misses
 
 
 def test_peak_flops_of_known_accelerators():
