@@ -76,7 +76,7 @@ TORCH=0
 torch_check() {   # torch_check SECONDS: TORCH=1 when torch imports (and, but for tiny, sees a GPU)
   local test="import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   [ "$PRESET" = tiny ] && test="import torch"
-  timeout "$1" "$PY" -c "$test" 2>/dev/null && TORCH=1
+  timeout -k 5 "$1" "$PY" -c "$test" 2>/dev/null && TORCH=1
   say "torch: $([ $TORCH = 1 ] && echo "usable, PyTorch eager is timed after ours" || echo "not used (absent, no GPU for it, or no time)")"
 }
 
@@ -123,9 +123,10 @@ finish() {   # finish PROFILE: the profile summary, the report's files and summa
   cat "$OUT/summary.md"
 }
 
-bench_summary() {   # (A): summary.md from the benchmark's printout so far
+bench_summary() {   # (A): summary.md from the benchmark's printout so far (replaced whole)
   "$PY" benchmarks/accelerator_summary.py "$RUN" "$OUT/throughput.txt" \
-    --seconds $(( $(date +%s) - START )) > "$OUT/summary.md"
+    --seconds $(( $(date +%s) - START )) > "$OUT/summary.md.tmp"
+  mv "$OUT/summary.md.tmp" "$OUT/summary.md"
   cat "$OUT/summary.md"
 }
 
@@ -140,7 +141,8 @@ case "$PART" in
     left=$(( ${BENCH_BUDGET:-225} - ($(date +%s) - START) ))
     if [ "$left" -ge 60 ]; then torch_check $(( left / 4 )); else say "torch: not tried, $left s left"; fi
     if [ $TORCH = 1 ]; then
-      left=$(( ${BENCH_BUDGET:-225} - ($(date +%s) - START) ))
+      # less 10 s for the two benchmark drivers' start and the summary
+      left=$(( ${BENCH_BUDGET:-225} - ($(date +%s) - START) - 10 ))
       limit=${TORCH_TIMEOUT:-90}; [ $(( left / 2 )) -lt "$limit" ] && limit=$(( left / 2 ))
       say "(A) PyTorch eager at the same batches (optional, $limit s per task at most)"
       # shellcheck disable=SC2086

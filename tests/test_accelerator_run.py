@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,11 +45,17 @@ def test_seed_gpu_stops_at_once_without_an_accelerator(tmp_path):
   out = tmp_path / "out"
   env = {**os.environ, "PYTHON": sys.executable, "RUN_DIR": str(tmp_path / "run"),
          "DATA": str(tmp_path / "sim"), "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run(["bash", str(ROOT / "benchmarks" / "accelerator_run.sh"), "seed_gpu",
-                           str(out), "bench"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)   # it takes seconds; a run that goes on fails here
+  proc = subprocess.Popen(["bash", str(ROOT / "benchmarks" / "accelerator_run.sh"), "seed_gpu",
+                           str(out), "bench"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True)
+  try:
+    returncode = proc.wait(timeout=120)   # it takes seconds
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)   # the script and the benchmark it went on to start
+    proc.wait()
+    raise AssertionError("seed_gpu went on past the environment check on a CPU") from None
   log = (out / "accelerator_run.log").read_text()
-  assert result.returncode != 0, log
+  assert returncode != 0, log
   assert "seed_gpu needs an accelerator, but JAX sees only the CPU" in log
   assert [f.name for f in out.iterdir()] == ["accelerator_run.log"]
   assert not (tmp_path / "sim").exists()
