@@ -125,6 +125,9 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
   p, dim, depth, heads, ddim, ddepth, dheads = sizes
   return ml_collections.ConfigDict(dict(
       image_size=64, channels=1, patch=p, dim=dim, depth=depth, heads=heads, mlp_ratio=4.0,
+      # Patch embedding: 'linear' (ViT's; public MAE weights load) or 'conv' (a small CNN
+      # on each patch alone, `stem_width` and 2x that many channels; docs/substructure.md).
+      stem="linear", stem_width=16,
       decoder_dim=ddim, decoder_depth=ddepth, decoder_heads=dheads,
       mask_ratio=0.75,
       dtype="float32",

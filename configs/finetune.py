@@ -29,4 +29,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  (r".*", {"seed": 8e-4, "demo": 1e-3, "tiny": 8e-4}[common.size(preset)])),
       weight_decay=1e-4, warmup_epochs={"seed": 5.0, "demo": 1.0, "tiny": 0.5}[common.size(preset)],
       min_lr=1e-6)
+  # Partial fine-tuning (MAE, He et al. 2022, Fig. 9): only the encoder's last this many
+  # blocks and its final norm train with the head; the patch embedding and the blocks below
+  # stay as pretrained (no backward pass through them). -1: every param trains.
+  config.trainable_blocks = -1
   return common.for_gpu(config, "finetune")

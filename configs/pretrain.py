@@ -36,6 +36,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       type="bce",          # seed: BCE-with-logits on [0, 1] pixels; 'mse' is the MAE reference
       norm_pix=False,      # MAE norm_pix_loss (with 'mse')
       masked_only=True,    # MAE: loss on removed patches only; the seed used all patches
+      # 'pixels', or 'highpass' (with 'mse'): each patch minus its own Gaussian blur of
+      # `highpass_sigma` pixels, the few-pixel detail substructure adds (docs/substructure.md).
+      target="pixels",
+      highpass_sigma=1.0,
   ))
 
   # Phases run in order; each has its epoch count and whether to augment.

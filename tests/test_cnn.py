@@ -14,6 +14,7 @@ from configs import finetune as finetune_config
 from configs import probe as probe_config
 from mae_jax.models import build
 from mae_jax.models import cnn
+from mae_jax.models import convs
 from mae_jax.runtime import workdir as workdir_lib
 from mae_jax.stages import classify
 from mae_jax.stages import validate
@@ -23,7 +24,7 @@ from tests.conftest import write_folder
 @pytest.mark.parametrize("size", [3, 2])
 def test_shift_conv_is_a_same_padded_convolution(size):
   x = jax.random.normal(jax.random.key(0), (2, 9, 7, 3))
-  layer = cnn.ShiftConv(5, size)
+  layer = convs.ShiftConv(5, size)
   params = layer.init(jax.random.key(1), x)
   kernel = params["params"]["kernel"]
   lo = (size - 1) // 2
@@ -35,7 +36,7 @@ def test_shift_conv_is_a_same_padded_convolution(size):
 
 def test_space_to_depth_keeps_every_pixel_once():
   x = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
-  y = cnn.space_to_depth(x, 2)
+  y = convs.space_to_depth(x, 2)
   assert y.shape == (2, 2, 3, 12)
   assert sorted(np.asarray(y).ravel().tolist()) == sorted(np.asarray(x).ravel().tolist())
   np.testing.assert_array_equal(y[1, 1, 2].reshape(2, 2, 3), x[1, 2:4, 4:6])

@@ -168,10 +168,11 @@ def test_cls_only_last_block_gives_the_full_encoders_cls_token(train):
 def test_patch_embed_is_the_strided_convolution():
   """vit.PatchEmbed (patchify + one matmul) has nn.Conv's parameters and outputs."""
   images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
-  embed = vit.PatchEmbed(8, 4)
+  embed = vit.PatchEmbed(8, 4, channels=3)
   conv = nn.Conv(8, (4, 4), strides=(4, 4), padding="VALID")
-  variables = embed.init(jax.random.key(1), images)
+  patches = masking.patchify(images, 4)
+  variables = embed.init(jax.random.key(1), patches)
   assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
       jnp.shape, conv.init(jax.random.key(1), images))
-  np.testing.assert_allclose(embed.apply(variables, images),
+  np.testing.assert_allclose(embed.apply(variables, patches),
                              conv.apply(variables, images).reshape(2, 16, 8), atol=1e-5)

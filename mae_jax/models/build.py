@@ -41,7 +41,8 @@ def vit_config(model: ml_collections.ConfigDict) -> vit.ViTConfig:
     raise ValueError(f"image size {model.image_size} is not divisible by patch {model.patch}")
   return vit.ViTConfig(image_size=model.image_size, channels=model.channels,
                        patch=model.patch, dim=model.dim, depth=model.depth,
-                       heads=model.heads, mlp_ratio=model.mlp_ratio)
+                       heads=model.heads, mlp_ratio=model.mlp_ratio,
+                       stem=model.get("stem", "linear"), stem_width=model.get("stem_width", 16))
 
 
 def build_mae(model: ml_collections.ConfigDict) -> mae_lib.MAE:
@@ -64,7 +65,7 @@ def init_mae(mae: mae_lib.MAE, key: jax.Array) -> Any:
 
 def build_classifier(model: ml_collections.ConfigDict, num_classes: int,
                      bn_axis_name: str | None = None,
-                     feature: heads.FeatureChoice | None = None
+                     feature: heads.FeatureChoice | None = None, frozen_blocks: int = 0
                      ) -> heads.Classifier | cnn.CNNClassifier:
   """The classifier of a probe / fine-tune `model` config, with `num_classes` logits:
   the ViT classifier, or with `model.arch='cnn'` the small CNN.
@@ -72,7 +73,8 @@ def build_classifier(model: ml_collections.ConfigDict, num_classes: int,
   `bn_axis_name` names the mesh axis over which the BatchNorms average their batch
   statistics in training (the data-parallel axis). `feature`, when given, is the frozen
   feature the ViT classifier reads instead of `model.feature_block` and `model.pool`
-  (a probe's choice on validation).
+  (a probe's choice on validation). `frozen_blocks`: partial fine-tuning, no gradient
+  into the patch embedding and the encoder's first this many blocks.
   """
   arch = model.get("arch", "vit")
   if arch not in ARCHS:
@@ -88,7 +90,7 @@ def build_classifier(model: ml_collections.ConfigDict, num_classes: int,
       vit=vit_config(model), num_classes=num_classes, head=model.head, pool=feature.pool,
       feature_block=feature.block,
       head_hidden=tuple(model.head_hidden), dropout=model.dropout, drop_path=model.drop_path,
-      bn_axis_name=bn_axis_name, dtype=dtype_of(model.dtype))
+      bn_axis_name=bn_axis_name, dtype=dtype_of(model.dtype), frozen_blocks=frozen_blocks)
 
 
 def init_classifier(model: heads.Classifier | cnn.CNNClassifier,

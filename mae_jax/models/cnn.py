@@ -9,8 +9,8 @@ classifier's interface (`features`, `classify`, `__call__`), its params under
 `encoder/` and `classifier/`, so the optimiser groups, steps and stages treat it as
 they treat the ViT classifier.
 
-The convolutions are written as shifted views and one matrix product (`ShiftConv`): XLA's
-CPU convolution runs ~18x slower inside a loop (the training chunk's `lax.scan`) than
+The convolutions are written as shifted views and one matrix product (`convs.ShiftConv`):
+XLA's CPU convolution runs ~18x slower inside a loop (the training chunk's `lax.scan`) than
 outside it, while its matrix products do not (measured: 3.4 s against 0.19 s per step).
 """
 
@@ -22,33 +22,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mae_jax.models import convs
 from mae_jax.models import heads as heads_lib
 from mae_jax.models import vit as vit_lib
-
-
-class ShiftConv(nn.Module):
-  """A `size` x `size` convolution, stride 1, 'SAME' zero padding, no bias: the input's
-  size^2 shifted views side by side, times a (size, size, C, features) kernel."""
-  features: int
-  size: int = 3
-  dtype: vit_lib.Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    k, (h, w, c) = self.size, x.shape[1:]
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, c, self.features))
-    lo = (k - 1) // 2
-    padded = jnp.pad(x, ((0, 0), (lo, k - 1 - lo), (lo, k - 1 - lo), (0, 0)))
-    views = jnp.stack([padded[:, i:i + h, j:j + w] for i in range(k) for j in range(k)], -2)
-    return jnp.einsum("nhwkc,kcf->nhwf", views,
-                      kernel.reshape(k * k, c, self.features).astype(self.dtype))
-
-
-def space_to_depth(x: jax.Array, block: int) -> jax.Array:
-  """(N, H, W, C) -> (N, H/block, W/block, block^2 C): each block x block patch flattened."""
-  n, h, w, c = x.shape
-  x = x.reshape(n, h // block, block, w // block, block, c)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, h // block, w // block, block * block * c)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,12 +53,12 @@ class ConvEncoder(nn.Module):
     stem = self.config.stem
     if stem > 1:   # a stem x stem convolution of stride stem
       x = nn.Dense(self.config.widths[0], dtype=self.dtype, name="stem")(
-          space_to_depth(x, stem))
+          convs.space_to_depth(x, stem))
     for i, width in enumerate(self.config.widths):
       if i:
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
       for j in range(2):
-        x = ShiftConv(width, 3, dtype=self.dtype, name=f"conv{i}_{j}")(x)
+        x = convs.ShiftConv(width, 3, dtype=self.dtype, name=f"conv{i}_{j}")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                          axis_name=self.bn_axis_name if train else None, dtype=jnp.float32,
                          name=f"bn{i}_{j}")(x)

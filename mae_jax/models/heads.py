@@ -92,6 +92,7 @@ class Classifier(nn.Module):
   drop_path: float = 0.0
   bn_axis_name: str | None = None
   dtype: vit_lib.Dtype = jnp.float32
+  frozen_blocks: int = 0     # partial fine-tuning: no gradient below this block (vit.Encoder)
 
   def setup(self):
     if self.head not in ("mlp", "linear") or self.pool not in POOLS:
@@ -100,7 +101,8 @@ class Classifier(nn.Module):
     if not -1 <= self.feature_block < self.vit.depth:
       raise ValueError(f"feature_block={self.feature_block} must be -1 (the last block) or a "
                        f"block index below the depth {self.vit.depth}")
-    self.encoder = vit_lib.Encoder(self.vit, drop_path=self.drop_path, dtype=self.dtype)
+    self.encoder = vit_lib.Encoder(self.vit, drop_path=self.drop_path, dtype=self.dtype,
+                                   frozen_blocks=self.frozen_blocks)
     if self.head == "mlp":
       self.classifier = MlpHead(self.num_classes, self.head_hidden, self.dropout,
                                 self.bn_axis_name)

@@ -234,8 +234,13 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
     workdir.mkdir(parents=True, exist_ok=True)
   data = source.DataSettings.from_config(config.data)
   splits = _labelled_splits(config, data)
-  model = build.build_classifier(config.model, len(layout.CLASS_NAMES), parallel.AXIS)
+  trainable = config.get("trainable_blocks", -1)
+  frozen_blocks = config.model.depth - trainable if trainable >= 0 else 0
+  model = build.build_classifier(config.model, len(layout.CLASS_NAMES), parallel.AXIS,
+                                 frozen_blocks=frozen_blocks)
   opt = optim.ClassifierOptimSettings.from_config(config.optim)
+  opt = dataclasses.replace(opt, frozen=opt.frozen + optim.frozen_below(config.model.depth,
+                                                                        trainable))
   params, batch_stats = _initial_params(config, opt, model, workdir)
   run = _Run(config=config, data=data, opt=opt, workdir=workdir, mesh=mesh, splits=splits,
              model=model, params=params, batch_stats=batch_stats,

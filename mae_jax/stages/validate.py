@@ -26,11 +26,13 @@ from mae_jax.data import simulate
 from mae_jax.data import source
 from mae_jax.data import splits
 from mae_jax.models import build
+from mae_jax.models import convs
 from mae_jax.models import masking
 from mae_jax.runtime import checkpoint
 from mae_jax.runtime import errors
 from mae_jax.runtime import parallel
 from mae_jax.runtime import workdir as workdir_lib
+from mae_jax.train import losses
 
 TRAINING_STAGES = ("pretrain", "probe", "finetune")
 ConfigError = errors.ConfigError
@@ -111,6 +113,12 @@ def _model_problems(model: ml_collections.ConfigDict) -> list[str]:
     problems.append(f"model.mask_ratio={model.mask_ratio} must lie in [0, 1)")
   if "dtype" in model and model.dtype not in build.DTYPES:
     problems.append(f"model.dtype={model.dtype!r} must be one of {', '.join(build.DTYPES)}")
+  if get("stem", "linear") not in convs.STEMS:
+    problems.append(f"model.stem={model.stem!r} must be one of {', '.join(convs.STEMS)}")
+  elif get("stem") == "conv" and get("patch") and model.patch % 2:
+    problems.append(f"model.stem='conv' needs an even model.patch, got {model.patch}")
+  if "stem_width" in model and (not isinstance(model.stem_width, int) or model.stem_width < 1):
+    problems.append(f"model.stem_width={model.stem_width!r} must be a whole number >= 1")
   if get("arch", "vit") not in build.ARCHS:
     problems.append(f"model.arch={model.arch!r} must be one of {', '.join(build.ARCHS)}")
   if get("arch") == "cnn" and (not get("cnn_widths") or any(
@@ -119,6 +127,18 @@ def _model_problems(model: ml_collections.ConfigDict) -> list[str]:
     problems.append(f"model.cnn_widths={get('cnn_widths')} must be positive channel counts, "
                     f"at most {model.image_size.bit_length()} stages (each halves the image)")
   return problems
+
+
+def _partial_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """`trainable_blocks`: -1 (every param) or a count of the encoder's last blocks."""
+  k = config.get("trainable_blocks", -1)
+  depth = config.get("model", {}).get("depth", 0)
+  if isinstance(k, bool) or not isinstance(k, int) or not -1 <= k <= depth:
+    return [f"trainable_blocks={k!r} must be -1 (every param trains) or a whole number of "
+            f"the encoder's last blocks, 0 to model.depth={depth}"]
+  if k >= 0 and config.get("model", {}).get("arch", "vit") == "cnn":
+    return ["trainable_blocks applies to the ViT encoder: set it to -1 with model.arch='cnn'"]
+  return []
 
 
 def _cnn_problems(config: ml_collections.ConfigDict) -> list[str]:
@@ -176,12 +196,33 @@ def _schedule_problems(config: ml_collections.ConfigDict) -> list[str]:
   if "epochs" in config and (not isinstance(config.epochs, int) or config.epochs < 1):
     problems.append(f"epochs={config.epochs} must be a whole number >= 1")
   model, loss = config.get("model", {}), config.get("loss", {})
+  problems += _loss_problems(loss)
   if loss.get("masked_only") and "mask_ratio" in model and 0.0 <= model.mask_ratio < 1.0:
     num_patches = (model.image_size // model.patch) ** 2 if model.get("patch") else 0
     if num_patches and masking.num_kept(num_patches, model.mask_ratio) == num_patches:
       problems.append(f"model.mask_ratio={model.mask_ratio} removes no patch of {num_patches}, "
                       "so loss.masked_only=True has nothing to score; raise the ratio or set "
                       "loss.masked_only=False")
+  return problems
+
+
+def _loss_problems(loss: ml_collections.ConfigDict | dict) -> list[str]:
+  """A pretraining `loss`: known type and target, and targets the loss can score."""
+  if not loss:
+    return []
+  problems = []
+  if loss.get("type") not in losses.LOSSES:
+    problems.append(f"loss.type={loss.get('type')!r} must be one of {', '.join(losses.LOSSES)}")
+  target = loss.get("target", "pixels")
+  if target not in losses.TARGETS:
+    problems.append(f"loss.target={target!r} must be one of {', '.join(losses.TARGETS)}")
+  if loss.get("type") == "bce" and (loss.get("norm_pix") or target == "highpass"):
+    what = "loss.norm_pix=True" if loss.get("norm_pix") else "loss.target='highpass'"
+    problems.append(f"{what} makes targets outside [0, 1], which BCE cannot score: set "
+                    "loss.type='mse'")
+  sigma = loss.get("highpass_sigma", 1.0)
+  if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or sigma <= 0:
+    problems.append(f"loss.highpass_sigma={sigma!r} must be a number of pixels > 0")
   return problems
 
 
@@ -269,7 +310,7 @@ def problems(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str])
   if reference is not None:
     found += key_problems(config, reference)
   if "model" in config:
-    found += _model_problems(config.model) + _cnn_problems(config)
+    found += _model_problems(config.model) + _cnn_problems(config) + _partial_problems(config)
   if config.get("stage") in TRAINING_STAGES:
     found += _batch_problems(config) + _schedule_problems(config) + _micro_batch_problems(config)
   if "data" in config:

@@ -128,6 +128,17 @@ def layer_id(name: str, depth: int) -> int:
   return depth + 1
 
 
+def frozen_below(depth: int, trainable_blocks: int) -> tuple[str, ...]:
+  """Name patterns of the encoder params a partial fine-tune freezes: the patch embedding,
+  the CLS token and every block but the last `trainable_blocks` (the final norm trains);
+  () for -1 (every param trains)."""
+  if trainable_blocks < 0:
+    return ()
+  below = depth - trainable_blocks
+  return (r"encoder/patch_embed/.*", r"encoder/cls_token",
+          *(rf"encoder/block_{i}/.*" for i in range(below)))
+
+
 @dataclasses.dataclass(frozen=True)
 class ClassifierOptimSettings:
   """The probe / fine-tune optimiser: a classifier config's `optim` (defaults in

@@ -411,10 +411,15 @@ def make_reconstruct(mae: mae_lib.MAE, loss: losses.Reconstruction) -> Callable:
     out = mae.apply({"params": params}, images, noise)
     pred = losses.predicted_images(out["logits"], loss.type)
     target = masking.patchify(images, enc.patch)
-    if loss.norm_pix:  # back to pixel units with each patch's own statistics
-      mean = target.mean(-1, keepdims=True)
-      var = target.var(-1, keepdims=True, ddof=1)
+    # The loss's target before norm_pix: the pixels, or each patch's high-pass part.
+    base = losses.patch_targets(images, enc.patch, target=loss.target,
+                                highpass_sigma=loss.highpass_sigma)
+    if loss.norm_pix:  # back to the target's units with each patch's own statistics
+      mean = base.mean(-1, keepdims=True)
+      var = base.var(-1, keepdims=True, ddof=1)
       pred = pred * (var + 1e-6) ** 0.5 + mean
+    if loss.target == "highpass":  # back to pixels with each patch's own blur
+      pred = pred + (target - base)
     removed = out["mask"][:, :, None] > 0
     return {
         "input": images,

@@ -1,0 +1,204 @@
+"""The arms of the `substructure` question (docs/substructure.md): which ViT and which
+MAE recipe see the substructure. Each arm is one or more ordinary `main.py` runs; this
+script runs the ones not yet finished (each resumes where it stopped), times them, and
+prints the table of every arm: the command, wall time, the validation curve and the
+test split's macro AUC with its bootstrap 95% interval.
+
+  python benchmarks/substructure_arms.py --list
+  python benchmarks/substructure_arms.py --run sup_vit_p8 sup_cnn    # in order, resumable
+  python benchmarks/substructure_arms.py --table > /tmp/arms.md      # every finished run
+  python benchmarks/substructure_arms.py --figure docs/substructure_curves.png --runs a b
+
+Runs live in `--root` (default runs/arms/NAME); wall times accumulate over resumed
+invocations in NAME/arm_wall.json. Nothing here chooses on the test split: a run's epoch
+is chosen on validation by the stage itself, and the table reports the test numbers of
+that epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SUB = ("--config.data.sim.variant=substructure",)
+SCRATCH = ("--config.init_from=",)
+FLIPS = ("--config.augment=True", "--config.data.augment.max_shift=0")
+
+
+def _lr(rate: float) -> str:
+  return f"--config.optim.lr_groups=(('.*', {rate}),)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One `main.py` invocation: the stage config and its overrides; `needs` names runs
+  that must finish first (the pretraining a probe starts from)."""
+  config: str
+  overrides: tuple[str, ...]
+  question: str
+  expect: str = ""
+  needs: tuple[str, ...] = ()
+
+  def command(self, name: str, root: Path) -> list[str]:
+    extra = [o.replace("{root}", str(root)) for o in self.overrides]
+    return [f"--config={self.config}", f"--workdir={root / name}", *extra]
+
+
+def _supervised(*extra: str, epochs: int = 40, lr: float = 1e-3, expect: str = "") -> Run:
+  return Run("configs/finetune.py:demo", (*SUB, *SCRATCH, _lr(lr), f"--config.epochs={epochs}",
+                                          *extra), "architecture", expect)
+
+
+RUNS: dict[str, Run] = {
+    # (1) Which network learns substructure from every label (5,400 images), from scratch.
+    "sup_vit_p8": _supervised(
+        expect="at chance for several epochs, then a slow climb (the 6,000-per-class hint)"),
+    "sup_vit_p8_flips": _supervised(
+        *FLIPS, expect="flips and quarter turns are label-preserving here: more data, higher"),
+    "sup_vit_p8_conv": _supervised(
+        "--config.model.stem=conv",
+        expect="local non-linear features per patch: leaves chance sooner than p8"),
+    "sup_vit_p8_conv_flips": _supervised("--config.model.stem=conv", *FLIPS),
+    "sup_vit_p4": _supervised("--config.model.patch=4",
+                              expect="finer tokens: sees few-pixel detail, 4x the tokens"),
+    "sup_cnn": _supervised("--config.model.arch=cnn", expect="the ceiling: 0.81 at 10 epochs"),
+    "sup_cnn_flips": _supervised("--config.model.arch=cnn", *FLIPS),
+}
+
+
+def _wall_file(root: Path, name: str) -> Path:
+  return root / name / "arm_wall.json"
+
+
+def finished(root: Path, name: str) -> bool:
+  run = root / name
+  return (run / "eval_metrics.json").exists() or (
+      RUNS[name].config.startswith("configs/pretrain.py") and (run / "pretrain_done.json").exists())
+
+
+def run_one(name: str, root: Path, log_dir: Path) -> int:
+  """Runs (or resumes) `name`, adding its wall time to NAME/arm_wall.json."""
+  spec = RUNS[name]
+  for need in spec.needs:
+    if not finished(root, need):
+      print(f"{name}: waits for {need}, which has not finished", flush=True)
+      return 1
+  log_dir.mkdir(parents=True, exist_ok=True)
+  cmd = [sys.executable, str(ROOT / "main.py"), *spec.command(name, root)]
+  start = time.time()
+  with open(log_dir / f"{name}.log", "a") as log:
+    rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+  wall = time.time() - start
+  path = _wall_file(root, name)
+  previous = json.loads(path.read_text()) if path.exists() else {"seconds": 0.0, "calls": 0}
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps({"seconds": previous["seconds"] + wall,
+                              "calls": previous["calls"] + 1, "last_rc": rc}))
+  print(f"{name}: rc {rc}, {wall:.0f} s", flush=True)
+  return rc
+
+
+def _curve(history: list[dict]) -> str:
+  return ", ".join(f"{h['val_macro_auc']:.2f}" for h in history if "val_macro_auc" in h)
+
+
+def row(name: str, root: Path) -> dict | None:
+  """The table row of a finished run (None if it has not finished)."""
+  run = root / name
+  if not (run / "eval_metrics.json").exists():
+    return None
+  metrics = json.loads((run / "eval_metrics.json").read_text())
+  history = json.loads((run / "history.json").read_text())
+  wall = json.loads(_wall_file(root, name).read_text())["seconds"] if \
+      _wall_file(root, name).exists() else float("nan")
+  lo, hi = metrics["intervals"]["macro_auc"]
+  return {"name": name, "question": RUNS[name].question, "wall_s": wall,
+          "epoch": metrics["epoch"], "epochs": len(history), "curve": _curve(history),
+          "validation": metrics["validation"]["macro_auc"], "test": metrics["macro_auc"],
+          "interval": (lo, hi), "auc": metrics["auc"],
+          "command": "python main.py " + " ".join(RUNS[name].command(name, Path("runs/arms"))),
+          "expect": RUNS[name].expect}
+
+
+def table(names: list[str], root: Path) -> str:
+  lines = ["| arm | wall | validation macro AUC by epoch | chosen epoch (val) | "
+           "test macro AUC [95%] | test AUC no_sub / cdm / axion |",
+           "|---|---|---|---|---|---|"]
+  commands = []
+  for name in names:
+    r = row(name, root)
+    if r is None:
+      continue
+    auc = r["auc"]
+    lines.append(
+        f"| `{name}` | {r['wall_s'] / 60:.1f} min | {r['curve']} | {r['epoch']} of "
+        f"{r['epochs']} ({r['validation']:.3f}) | **{r['test']:.3f}** "
+        f"[{r['interval'][0]:.3f}, {r['interval'][1]:.3f}] | {auc['no_sub']:.3f} / "
+        f"{auc['cdm']:.3f} / {auc['axion']:.3f} |")
+    commands.append(f"- `{name}`: `{r['command']}`")
+  return "\n".join(lines + [""] + commands) + "\n"
+
+
+def figure(names: list[str], root: Path, out: Path) -> None:
+  """Validation macro AUC by epoch of each run, one line each."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(8, 4.5))
+  for name in names:
+    path = root / name / "history.json"
+    if not path.exists():
+      continue
+    history = [h for h in json.loads(path.read_text()) if "val_macro_auc" in h]
+    ax.plot([h["epoch"] for h in history], [h["val_macro_auc"] for h in history], label=name)
+  ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+  ax.set_xlabel("epoch")
+  ax.set_ylabel("validation macro AUC")
+  ax.set_title("substructure, every label, from scratch")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out, dpi=120)
+  out.with_suffix(".json").write_text(json.dumps(
+      {n: json.loads((root / n / "history.json").read_text()) for n in names
+       if (root / n / "history.json").exists()}, indent=1))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--root", default="runs/arms", type=Path)
+  parser.add_argument("--logs", default="runs/arms/logs", type=Path)
+  parser.add_argument("--list", action="store_true", help="the arms and their questions")
+  parser.add_argument("--run", nargs="*", default=[], help="run these arms in order")
+  parser.add_argument("--table", action="store_true", help="print the finished arms' table")
+  parser.add_argument("--figure", type=Path, help="validation curves of --runs to this PNG")
+  parser.add_argument("--runs", nargs="*", default=[], help="arms for --table / --figure")
+  args = parser.parse_args()
+  unknown = [n for n in args.run + args.runs if n not in RUNS]
+  if unknown:
+    parser.error(f"unknown arm(s) {', '.join(unknown)}; --list shows them")
+  if args.list:
+    for name, spec in RUNS.items():
+      print(f"{name:28s} {spec.question:14s} {spec.expect}")
+  for name in args.run:
+    if finished(args.root, name):
+      print(f"{name}: finished", flush=True)
+      continue
+    run_one(name, args.root, args.logs)
+  names = args.runs or list(RUNS)
+  if args.table:
+    print(table(names, args.root))
+  if args.figure:
+    figure(names, args.root, args.figure)
+
+
+if __name__ == "__main__":
+  main()
