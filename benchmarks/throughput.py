@@ -396,7 +396,7 @@ def _loop(task: str, config, args) -> list[dict[str, Any]]:
     for kind in [k for k in args.loop_feeds.split(",") if k]:
       cfg = config.copy_and_resolve_references()
       cfg.batch_size = batch
-      feed = feeds.make(kind, images, labels, mesh, cfg.seed, dtype)
+      feed = feeds.make(kind, images, labels, mesh, cfg.seed, np.float32)   # as the stages
       feeding = steps.Feeding(source=kind, local_batch=lb, seed=cfg.seed, dtype=dtype)
       total = args.loop_epochs * args.loop_steps
       if task == "pretrain":

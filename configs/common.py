@@ -130,7 +130,9 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
       stem="linear", stem_width=16,
       decoder_dim=ddim, decoder_depth=ddepth, decoder_heads=dheads,
       mask_ratio=0.75,
-      dtype="float32",
+      # Compute dtype: 'auto' is bfloat16 on a GPU or TPU (float32 params, optimiser state,
+      # losses and softmax statistics) and float32 on a CPU; seed_gpu asks bfloat16 outright.
+      dtype="bfloat16" if preset == "seed_gpu" else "auto",
   ))
 
 

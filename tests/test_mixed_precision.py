@@ -9,12 +9,18 @@ import numpy as np
 import pytest
 
 from configs import finetune as finetune_config
+from configs import pipeline as pipeline_config
 from configs import pretrain as pretrain_config
+from configs import probe as probe_config
+from configs import study as study_config
 from mae_jax.models import build
 from mae_jax.runtime import parallel
+from mae_jax.stages import pretrain as pretrain_stage
+from mae_jax.train import batching
 from mae_jax.train import losses
 from mae_jax.train import optim
 from mae_jax.train import steps
+from tests.conftest import write_folder
 
 
 def _float_leaves(tree) -> list[jax.Array]:
@@ -104,5 +110,42 @@ def test_bfloat16_finetune_learns_with_float32_state():
 def test_unknown_dtype_is_refused():
   config = pretrain_config.get_config("tiny")
   config.model.dtype = "float16"
-  with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16"):
+  with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16"):
     build.build_mae(config.model)
+
+
+@pytest.mark.parametrize("backend, want", [("cpu", "float32"), ("gpu", "bfloat16"),
+                                           ("tpu", "bfloat16")])
+def test_auto_dtype_is_bfloat16_on_accelerators_only(backend, want):
+  assert build.dtype_of("auto", backend) == jnp.dtype(want)
+  assert build.dtype_of("float32", "gpu") == jnp.dtype("float32")   # an explicit choice holds
+
+
+def test_seed_gpu_configs_resolve_to_bfloat16_and_the_rest_follow_the_backend():
+  for module in (pretrain_config, finetune_config, probe_config):
+    assert module.get_config("seed_gpu").model.dtype == "bfloat16"
+    for preset in ("seed", "demo", "tiny"):
+      assert module.get_config(preset).model.dtype == "auto"
+  for stage in ("pretrain", "probe", "finetune"):
+    assert study_config.get_config("seed_gpu")[stage].model.dtype == "bfloat16"
+    assert pipeline_config.get_config("seed_gpu")[stage].model.dtype == "bfloat16"
+  assert build.dtype_of(pretrain_config.get_config("demo").model.dtype) == jnp.dtype(
+      "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32")
+
+
+def test_bfloat16_run_keeps_raw_images_float32_in_its_feeds(tmp_path):
+  """Pixels are normalised at full precision and cast to bfloat16 only then: the feed holds
+  float32 raw images, so the BCE targets are not quantised before normalisation."""
+  write_folder(tmp_path / "src", per_class=8, size=64)
+  config = pretrain_config.get_config("tiny")
+  config.model.dtype = "bfloat16"
+  config.data.dir, config.data.source = str(tmp_path / "src"), "deeplense"
+  config.data.cache_dir = str(tmp_path / "cache")
+  run = pretrain_stage._setup(config, tmp_path / "run")
+  for feed in run.feeds.values():
+    assert feed.data["x"].dtype == jnp.float32
+  raw = np.asarray(feed.data["x"][:2])
+  prepared = batching.prepare(jnp.asarray(raw), seed=0, epoch=0, batch=0, shard=0,
+                              augmentation=None, dtype=jnp.bfloat16)
+  np.testing.assert_array_equal(
+      prepared, batching.normalize(jnp.asarray(raw))[..., None].astype(jnp.bfloat16))

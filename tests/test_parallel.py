@@ -74,3 +74,28 @@ mngr.wait_until_finished()
   params, _, step, fresh = load.restore_from_stage(tmp_path, template, {}, dont_load=[])
   assert step == 7 and not fresh
   np.testing.assert_array_equal(params["encoder"]["w"], np.arange(6.0).reshape(2, 3))
+
+
+class _FakeDevice:
+  """What make_mesh reads of a device: its process and id."""
+
+  def __init__(self, process_index: int, id_: int):
+    self.process_index, self.id = process_index, id_
+
+  def __repr__(self):
+    return f"dev({self.process_index}, {self.id})"
+
+
+def test_a_shuffled_device_list_builds_the_same_mesh():
+  """The mesh orders devices by (process index, id): each process's devices contiguous,
+  whatever order the runtime lists them in (large TPU slices list them physically)."""
+  devices = [_FakeDevice(p, 4 * p + i) for p in range(2) for i in range(4)]
+  rng = np.random.default_rng(0)
+  want = [(d.process_index, d.id) for d in devices]
+  for _ in range(5):
+    shuffled = [devices[i] for i in rng.permutation(len(devices))]
+    mesh = parallel.make_mesh(shuffled)
+    assert [(d.process_index, d.id) for d in mesh.devices.ravel()] == want
+  interleaved = [_FakeDevice(i % 2, i) for i in range(8)]   # ids not grouped by process
+  order = [(d.process_index, d.id) for d in parallel.make_mesh(interleaved[::-1]).devices.ravel()]
+  assert order == [(0, 0), (0, 2), (0, 4), (0, 6), (1, 1), (1, 3), (1, 5), (1, 7)]

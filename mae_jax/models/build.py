@@ -19,20 +19,35 @@ from mae_jax.models import mae as mae_lib
 from mae_jax.models import masking
 from mae_jax.models import vit
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
+# 'auto': bfloat16 where the backend's matrix units want it (GPU, TPU), float32 on a CPU.
+ACCELERATED_BACKENDS = ("gpu", "tpu")
 # Classifier architectures: the ViT encoder (pretrained by the MAE, or from scratch) or
 # the small supervised CNN (`models/cnn.py`, always from scratch).
 ARCHS = ("vit", "cnn")
 # The model config keys that fix the encoder's parameters and function: a stage that
 # starts from another stage's checkpoint must agree with it on each.
-ENCODER_KEYS = ("image_size", "channels", "patch", "dim", "depth", "heads", "mlp_ratio")
+ENCODER_KEYS = ("image_size", "channels", "patch", "dim", "depth", "heads", "mlp_ratio", "stem",
+                "stem_width")
 
 
-def dtype_of(name: str) -> jnp.dtype:
-  """The compute dtype named by `model.dtype`."""
+def dtype_of(name: str, backend: str | None = None) -> jnp.dtype:
+  """The compute dtype named by `model.dtype`; 'auto' is bfloat16 on a GPU or TPU
+  `backend` (default: JAX's), float32 elsewhere. Params, optimiser state, losses and
+  softmax statistics stay float32 whatever it is."""
   if name not in DTYPES:
     raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+  if name == "auto":
+    backend = backend or jax.default_backend()
+    return jnp.dtype("bfloat16" if backend in ACCELERATED_BACKENDS else "float32")
   return jnp.dtype(name)
+
+
+def describe_dtype(name: str) -> str:
+  """What `model.dtype` resolves to here, for the log: 'bfloat16 (model.dtype='auto' on gpu)'."""
+  resolved = dtype_of(name).name
+  return resolved if name == resolved else \
+      f"{resolved} (model.dtype={name!r} on the {jax.default_backend()} backend)"
 
 
 def vit_config(model: ml_collections.ConfigDict) -> vit.ViTConfig:

@@ -22,9 +22,13 @@ PyTree = Any
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-  """A 1-D mesh over all devices of all processes, axis `data`."""
+  """A 1-D mesh over all devices of all processes, axis `data`, ordered by (process
+  index, device id): each process's devices are contiguous on the axis, as the feeds'
+  per-process shards need, whatever order `jax.devices()` gives (large TPU slices list
+  theirs in physical order)."""
   devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), (AXIS,))
+  ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+  return Mesh(np.asarray(ordered), (AXIS,))
 
 
 def batch_problem(global_batch, what: str = "batch_size") -> str | None:

@@ -121,7 +121,9 @@ class _Run:
 
   @property
   def feed_dtype(self) -> Any:
-    return np.float32 if self.cached else self.dtype
+    """Raw images (and cached features) stay float32 in the feed; the step casts to the
+    compute dtype after normalising."""
+    return np.float32
 
   def feeding(self, batch_size: int) -> steps.Feeding:
     return steps.Feeding(source=self.kind, local_batch=batch_size // self.mesh.devices.size,
@@ -182,7 +184,7 @@ def _feature_bank(run: _Run) -> dict:
   out = {}
   for name, split in run.splits.items():
     kind = common.choose_feed(run.data, split.images.nbytes, f"{name} features")
-    feed = feeds.make(kind, split.images, split.labels, run.mesh, run.config.seed, run.dtype)
+    feed = feeds.make(kind, split.images, split.labels, run.mesh, run.config.seed, np.float32)
     feeding = steps.Feeding(source=kind, local_batch=run.config.eval_batch_size //
                             run.mesh.devices.size, seed=run.config.seed, dtype=run.dtype)
     out[name] = common.Evaluator(fn, run.mesh, feed, feeding)(tree)
@@ -238,6 +240,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
   frozen_blocks = config.model.depth - trainable if trainable >= 0 else 0
   model = build.build_classifier(config.model, len(layout.CLASS_NAMES), parallel.AXIS,
                                  frozen_blocks=frozen_blocks)
+  logging.info("%s: compute dtype %s", config.stage, build.describe_dtype(config.model.dtype))
   opt = optim.ClassifierOptimSettings.from_config(config.optim)
   opt = dataclasses.replace(opt, frozen=opt.frozen + optim.frozen_below(config.model.depth,
                                                                         trainable))

@@ -181,13 +181,15 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
       jax.local_device_count()
   mae = build.build_mae(config.model)
   loss = losses.Reconstruction.from_config(config.loss)
-  dtype = build.dtype_of(config.model.dtype)
+  logging.info("pretrain: compute dtype %s", build.describe_dtype(config.model.dtype))
   if loop_lib.is_main_process():
     workdir.mkdir(parents=True, exist_ok=True)
   data = source.DataSettings.from_config(config.data)
   classes, pool, val = _pool(config, data)
   kind = common.choose_feed(data, pool.images.nbytes + val.images.nbytes, "pretraining")
-  made = {name: feeds.make(kind, s.images, s.labels, mesh, config.seed, dtype)
+  # Raw images stay float32 in the feed: the step normalises them, then casts to the
+  # compute dtype (bfloat16 raw pixels would quantise the reconstruction targets).
+  made = {name: feeds.make(kind, s.images, s.labels, mesh, config.seed, np.float32)
           for name, s in (("pool", pool), ("validation", val))}
   steps_per_epoch = batching.steps_per_epoch(len(pool), mesh.devices.size, local_batch)
   if steps_per_epoch < 1:

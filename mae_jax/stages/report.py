@@ -89,6 +89,7 @@ def _stage_entry(name: str, folder: Path, configured: bool, record: dict | None)
       "runs": len(runs),
       "seconds": round(sum(r.get("seconds") or 0.0 for r in runs), 1),
       "hardware": runs[-1].get("hardware") if runs else None,
+      "compute_dtype": runs[-1].get("compute_dtype") if runs else None,
       "load_average_1m": ([runs[-1]["hardware"].get("load_average_1m"),
                            runs[-1].get("load_average_1m_end")] if runs else None),
       "step": (record or {}).get("step"),
@@ -241,10 +242,10 @@ def _stage_rows(data: dict) -> list[list[str]]:
     if not s["configured"]:
       status += " (not in this pipeline's stages)"
     rows.append([STAGE_TITLES[name], status, duration(s["seconds"]) if s["runs"] else "",
-                 str(s["runs"]), hw.get("devices", ""),
+                 str(s["runs"]), hw.get("devices", ""), s.get("compute_dtype") or "",
                  " → ".join(str(x) for x in load if x is not None)])
     total += s["seconds"] or 0.0
-  rows.append(["**total**", "", duration(total), "", "", ""])
+  rows.append(["**total**", "", duration(total), "", "", "", ""])
   return rows
 
 
@@ -305,7 +306,7 @@ def blocks(workdir: Path, config: ml_collections.ConfigDict, data: dict) -> list
     out.append(("figure", "The main figures at a glance", FIGURE_GRID))
   out += _metrics_blocks(data)
   out += [("h2", "Stages, wall time and hardware"),
-          ("table", ["stage", "status", "wall time", "runs", "devices",
+          ("table", ["stage", "status", "wall time", "runs", "devices", "compute dtype",
                      "CPU load (1-min average, start → end)"], _stage_rows(data)),
           ("p", "Wall time is the sum over the runs of a stage (a resumed stage has several); "
                 "the load shows how busy the machine was, which slows a shared CPU."),

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
+from mae_jax.models import build
 from mae_jax.runtime import checkpoint
 from mae_jax.runtime import fileio
 from mae_jax.runtime import workdir as workdir_lib
@@ -113,6 +114,8 @@ def run_stage(name: str, fn: Callable, config: ml_collections.ConfigDict, stage_
               "step": checkpoint.latest_step(config.init_from)}
   runs = list((record or {}).get("runs", []))
   this = {"started": _now(), "seconds": None, "finished": False, "hardware": hardware()}
+  if "model" in config and "dtype" in config.model:
+    this["compute_dtype"] = build.dtype_of(config.model.dtype).name
   start = time.time()
   try:
     if main:
