@@ -6,6 +6,8 @@ test split's macro AUC with its bootstrap 95% interval.
 
   python benchmarks/substructure_arms.py --list
   python benchmarks/substructure_arms.py --run sup_vit_p8 sup_cnn    # in order, resumable
+  python benchmarks/substructure_arms.py --queue arms.txt   # arms named in a file, re-read
+                                                             # before each run (edit it live)
   python benchmarks/substructure_arms.py --table > /tmp/arms.md      # every finished run
   python benchmarks/substructure_arms.py --figure docs/substructure_curves.png --runs a b
 
@@ -56,6 +58,35 @@ def _supervised(*extra: str, epochs: int = 40, lr: float = 1e-3, expect: str = "
                                           *extra), "architecture", expect)
 
 
+def _mae_arm(name: str, pretrain: tuple[str, ...], model: tuple[str, ...] = (),
+             expect: str = "", pool: str = "") -> dict[str, Run]:
+  """An MAE recipe arm: one unlabelled pretraining on the `substructure` pool (every class;
+  `pool`: another folder, e.g. a larger one), then the encoder scored three ways on the
+  demo folder's labels: the probe (frozen features, block chosen on validation), a
+  partial fine-tune (the last block and the head, every label) and the full fine-tune
+  at 300 labels per class and on every label. The fine-tunes use the scratch ViT's recipe
+  (lr 1e-3 for every param, 40 epochs), so only the initialisation differs."""
+  pre = f"mae_{name}_pre"
+  source = (f"--config.init_from={{root}}/{pre}",)
+  data = ("--config.data.dir=data/substructure_sim_demo",)
+  pool_dir = (f"--config.data.dir={pool}",) if pool else ()
+  question = f"mae:{name}"
+  return {
+      pre: Run("configs/pretrain.py:demo", (*SUB, *pool_dir, *model, *pretrain), question, expect),
+      f"mae_{name}_probe": Run("configs/probe.py:demo", (*SUB, *data, *model, *source), question,
+                               needs=(pre,)),
+      f"mae_{name}_partial": Run("configs/finetune.py:demo",
+                                 (*SUB, *data, *model, *source, _lr(1e-3), "--config.epochs=40",
+                                  "--config.trainable_blocks=1"), question, needs=(pre,)),
+      f"mae_{name}_ft300": Run("configs/finetune.py:demo",
+                               (*SUB, *data, *model, *source, _lr(1e-3), "--config.epochs=120",
+                                "--config.labels_per_class=300"), question, needs=(pre,)),
+      f"mae_{name}_ftall": Run("configs/finetune.py:demo",
+                               (*SUB, *data, *model, *source, _lr(1e-3), "--config.epochs=40"),
+                               question, needs=(pre,)),
+  }
+
+
 RUNS: dict[str, Run] = {
     # (1) Which network learns substructure from every label (5,400 images), from scratch.
     "sup_vit_p8": _supervised(
@@ -70,6 +101,13 @@ RUNS: dict[str, Run] = {
                               expect="finer tokens: sees few-pixel detail, 4x the tokens"),
     "sup_cnn": _supervised("--config.model.arch=cnn", expect="the ceiling: 0.81 at 10 epochs"),
     "sup_cnn_flips": _supervised("--config.model.arch=cnn", *FLIPS),
+    "sup_vit_p8_mean": _supervised("--config.model.pool=mean",
+                                   expect="the mean of the patch tokens, as the CNN's average pool"),
+    # The scratch reference of the MAE arms' fine-tune at 300 labels per class.
+    "sup_vit_p8_300": _supervised("--config.labels_per_class=300", epochs=120),
+    # (2) MAE recipes: each a pretraining, then probe / partial / 300 labels / every label.
+    **_mae_arm("base", (), expect="the demo recipe (BCE, mask 0.75, decoder 64 x 2, 20 "
+                                  "epochs): the lens and source, little substructure"),
 }
 
 
@@ -79,8 +117,9 @@ def _wall_file(root: Path, name: str) -> Path:
 
 def finished(root: Path, name: str) -> bool:
   run = root / name
-  return (run / "eval_metrics.json").exists() or (
-      RUNS[name].config.startswith("configs/pretrain.py") and (run / "pretrain_done.json").exists())
+  if RUNS[name].config.startswith("configs/pretrain.py"):
+    return (run / "pretrain_summary.json").exists()
+  return (run / "eval_metrics.json").exists()
 
 
 def run_one(name: str, root: Path, log_dir: Path) -> int:
@@ -104,6 +143,32 @@ def run_one(name: str, root: Path, log_dir: Path) -> int:
                               "calls": previous["calls"] + 1, "last_rc": rc}))
   print(f"{name}: rc {rc}, {wall:.0f} s", flush=True)
   return rc
+
+
+def _busy(root: Path) -> bool:
+  """Whether a main.py run under `root` is running (arms run one at a time: a second
+  would halve the first's speed and blur both wall times)."""
+  found = subprocess.run(["pgrep", "-f", f"main.py .*--workdir={root}/"], capture_output=True,
+                         text=True, check=False)
+  return bool(found.stdout.strip())
+
+
+def run_queue(queue: Path, root: Path, log_dir: Path) -> None:
+  """Runs the first unfinished arm named in `queue` (one per line, # comments), re-reading
+  the file before each run, until every arm named there has finished or failed."""
+  failed: set[str] = set()
+  while True:
+    names = [line.split("#")[0].strip() for line in queue.read_text().splitlines()]
+    todo = [n for n in names if n and n in RUNS and n not in failed and not finished(root, n)]
+    unknown = [n for n in names if n and n not in RUNS]
+    if unknown:
+      print(f"queue: unknown arm(s) {', '.join(unknown)} skipped", flush=True)
+    if not todo:
+      return
+    while _busy(root):
+      time.sleep(30)
+    if run_one(todo[0], root, log_dir) != 0:
+      failed.add(todo[0])
 
 
 def _curve(history: list[dict]) -> str:
@@ -178,6 +243,7 @@ def main() -> None:
   parser.add_argument("--logs", default="runs/arms/logs", type=Path)
   parser.add_argument("--list", action="store_true", help="the arms and their questions")
   parser.add_argument("--run", nargs="*", default=[], help="run these arms in order")
+  parser.add_argument("--queue", type=Path, help="run the arms named in this file, in order")
   parser.add_argument("--table", action="store_true", help="print the finished arms' table")
   parser.add_argument("--figure", type=Path, help="validation curves of --runs to this PNG")
   parser.add_argument("--runs", nargs="*", default=[], help="arms for --table / --figure")
@@ -193,6 +259,8 @@ def main() -> None:
       print(f"{name}: finished", flush=True)
       continue
     run_one(name, args.root, args.logs)
+  if args.queue:
+    run_queue(args.queue, args.root, args.logs)
   names = args.runs or list(RUNS)
   if args.table:
     print(table(names, args.root))

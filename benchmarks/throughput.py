@@ -90,23 +90,35 @@ def _block_flops(tokens: int, dim: int, mlp_ratio: float, queries: int | None = 
   return qkv + attention + proj + mlp
 
 
+def _stem_flops(model: Any) -> int:
+  """Forward FLOPs of embedding one patch: the linear patch embedding, or the
+  convolutional stem's layers (`models/convs.PatchConvStem`)."""
+  p, c, d = model.patch, model.channels, model.dim
+  if model.get("stem", "linear") == "linear":
+    return 2 * p * p * c * d
+  w, half = model.stem_width, (p // 2) ** 2
+  return 2 * (p * p * 9 * c * w + half * 4 * w * 2 * w + half * 9 * 2 * w * 2 * w
+              + half * 2 * w * d)
+
+
 def train_flops(task: str, config: Any, batch: int) -> int:
   """Model FLOPs of one training step: 3 x the forward matmul FLOPs (the backward
   pass costs twice the forward), summed over the batch.
 
-  `config` is the stage's config; for 'pretrain' the encoder sees the kept patches
-  (plus CLS) and the decoder all of them, its last block, norm and prediction only the
-  patches the loss reads (the removed ones with `loss.masked_only`); for 'finetune'
-  the encoder sees every patch (its last block only the CLS token, where a CLS
-  feature is read) and the MLP head the CLS feature.
+  `config` is the stage's config; for 'pretrain' the patch embedding and the encoder see
+  the kept patches (plus CLS) and the decoder all of them, its last block, norm and
+  prediction only the patches the loss reads (the removed ones with `loss.masked_only`);
+  for 'finetune' the encoder sees every patch (its last block only the CLS token, where
+  a CLS feature is read) and the MLP head the CLS feature.
   """
   from mae_jax.models import masking  # pylint: disable=g-import-not-at-top
   model = config.model
   patches = (model.image_size // model.patch) ** 2
   patch_dim = model.patch * model.patch * model.channels
-  fwd = 2 * patches * patch_dim * model.dim    # patch embedding (all patches)
+  embed = _stem_flops(model)   # per patch
   if task == "pretrain":
     enc_tokens = 1 + masking.num_kept(patches, model.mask_ratio)
+    fwd = (enc_tokens - 1) * embed
     fwd += model.depth * _block_flops(enc_tokens, model.dim, model.mlp_ratio)
     fwd += 2 * enc_tokens * model.dim * model.decoder_dim
     read = patches - (enc_tokens - 1 if config.loss.masked_only else 0)
@@ -116,6 +128,7 @@ def train_flops(task: str, config: Any, batch: int) -> int:
     fwd += 2 * read * model.decoder_dim * patch_dim
   else:
     tokens = 1 + patches
+    fwd = patches * embed
     fwd += (model.depth - 1) * _block_flops(tokens, model.dim, model.mlp_ratio)
     if model.pool == "cls" and model.feature_block in (-1, model.depth - 1):
       # The last block runs the CLS token alone (qkv still for every token).
@@ -192,13 +205,13 @@ def attention_used(task: str, config: Any) -> str:
   decoder's last block has fewer queries than tokens: the removed patches alone under
   `loss.masked_only`, else every patch (never the CLS token). Each shape is asked as
   the model asks it (queries given), so the cache answers and nothing compiles again."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from mae_jax.models import attention  # pylint: disable=g-import-not-at-top
+  from mae_jax.models import build  # pylint: disable=g-import-not-at-top
   from mae_jax.models import masking  # pylint: disable=g-import-not-at-top
   requested = attention.implementation()
   model = config.model
   patches = (model.image_size // model.patch) ** 2
-  dtype = jnp.dtype(model.dtype).name
+  dtype = build.dtype_of(model.dtype).name
   shapes = []
   if task == "pretrain":
     kept = masking.num_kept(patches, model.mask_ratio)

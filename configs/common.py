@@ -29,10 +29,20 @@ def size(preset: str) -> str:
   return "seed" if preset == "seed_gpu" else preset
 
 
+# seed_gpu pretraining: an epoch is 23 steps of 1,024 images (1-3 s of GPU work), so the
+# host work after an epoch (validation, figures, the finite check and save of a checkpoint)
+# runs every few epochs instead, each a wait on the device (history.json's host_syncs).
+GPU_PRETRAIN_EVERY = {"eval_every_epochs": 5, "checkpoint_every_epochs": 10,
+                      "plot_every_epochs": 50}
+
+
 def for_gpu(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
-  """seed_gpu: the stage's batch from GPU_BATCH, its learning rates scaled linearly."""
+  """seed_gpu: the stage's batch from GPU_BATCH, its learning rates scaled linearly;
+  pretraining's epoch-end work every few epochs (GPU_PRETRAIN_EVERY)."""
   if config.preset != "seed_gpu":
     return config
+  if stage == "pretrain":
+    config.update(GPU_PRETRAIN_EVERY)
   factor = GPU_BATCH[stage] / config.batch_size
   config.batch_size = GPU_BATCH[stage]
   config.eval_batch_size = GPU_BATCH[stage]
@@ -125,8 +135,9 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
   p, dim, depth, heads, ddim, ddepth, dheads = sizes
   return ml_collections.ConfigDict(dict(
       image_size=64, channels=1, patch=p, dim=dim, depth=depth, heads=heads, mlp_ratio=4.0,
-      # Patch embedding: 'linear' (ViT's; public MAE weights load) or 'conv' (a small CNN
-      # on each patch alone, `stem_width` and 2x that many channels; docs/substructure.md).
+      # Patch embedding: 'linear' (ViT's; public MAE weights load) or 'conv' (a small
+      # CNN on each patch alone, `stem_width` and 2x that many channels;
+      # docs/substructure.md).
       stem="linear", stem_width=16,
       decoder_dim=ddim, decoder_depth=ddepth, decoder_heads=dheads,
       mask_ratio=0.75,

@@ -64,6 +64,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
 
   config.update(common.run_config(preset))
+  # Validation loss every this many epochs (and after the last one).
+  config.eval_every_epochs = 1
   config.checkpoint_every_epochs = {"seed": 5, "demo": 5, "tiny": 1}[common.size(preset)]
   config.keep_checkpoints = 3
   config.plot_every_epochs = {"seed": 10, "demo": 5, "tiny": 1}[common.size(preset)]

@@ -7,8 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import finetune as finetune_config
 from mae_jax.models import attention
+from mae_jax.models import build
 from mae_jax.models import vit
+from mae_jax.runtime import parallel
+from mae_jax.train import optim
+from mae_jax.train import steps
 
 
 def _plain_attention(qkv: jax.Array, heads: int) -> jax.Array:
@@ -119,14 +124,55 @@ def test_padding_to_a_multiple_of_8_changes_nothing(length):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_cudnn_falls_back_to_xla_where_it_cannot_run(caplog):
-  """float32, or no GPU (this CPU): the choice is XLA's form, with the reason logged."""
+def test_cudnn_is_chosen_by_dtype_and_padded_only_for_cudnn(caplog):
+  """float32 rules cuDNN out (reason logged); bfloat16 asks for it. Only cuDNN pads: XLA's
+  form gets the true lengths (no pad in its program) and the same values."""
   with caplog.at_level("INFO"):
     assert attention.choose("cudnn", 8, 65, 32, "float32") == "xla"
-    assert attention.choose("cudnn", 8, 65, 32, "bfloat16") == "xla"
+    assert attention.choose("cudnn", 8, 65, 32, "bfloat16") == "cudnn"
   assert "takes bfloat16 or float16, not float32" in caplog.text
-  assert "cuDNN refused it" in caplog.text
+  assert "padded to 72 tokens" in caplog.text
   assert attention.choose("xla", 8, 65, 32, "float32") == "xla"
+  q, k, v = jax.random.normal(jax.random.key(3), (3, 2, 65, 4, 8))
+  plain = jax.make_jaxpr(lambda q, k, v: attention.fused_attention(q, k, v, "xla"))(q, k, v)
+  padded = jax.make_jaxpr(lambda q, k, v: attention.fused_attention(q, k, v, "xla", 8))(q, k, v)
+  assert " pad[" not in str(plain) and " pad[" in str(padded)
+  np.testing.assert_allclose(attention.fused_attention(q, k, v, "xla"),
+                             attention.fused_attention(q, k, v, "xla", 8), atol=1e-5)
+
+
+def test_a_failed_cudnn_compile_falls_back_to_xla_with_one_line_and_the_step_runs(
+    monkeypatch, caplog):
+  """On this CPU cuDNN cannot compile: the bfloat16 classifier step asked for cuDNN is
+  compiled with XLA's attention instead, after one warning, and gives XLA's results."""
+  config = finetune_config.get_config("tiny")
+  config.model.dtype = "bfloat16"
+  model = build.build_classifier(config.model, 3, parallel.AXIS)
+  params, stats = build.init_classifier(model, jax.random.key(0))
+  tx, _ = optim.classifier_optimizer(
+      params, optim.ClassifierOptimSettings.from_config(config.optim), total_steps=4,
+      steps_per_epoch=2, global_batch=4, depth=config.model.depth)
+  mesh = parallel.make_mesh()
+  rng = np.random.default_rng(0)
+  batch = parallel.global_batch({"x": rng.random((4, 64, 64, 1), dtype=np.float32),
+                                 "y": rng.integers(0, 3, 4).astype(np.int32)}, mesh)
+
+  def run(impl):
+    monkeypatch.setenv(attention.ENV_VAR, impl)
+    state = parallel.replicate(steps.ClassifierState.create(
+        apply_fn=model.apply, params=params, tx=tx, batch_stats=stats), mesh)
+    args = (state, batch["x"], batch["y"], jax.random.key(1))
+    step = steps.compile_with_fallback(
+        lambda: steps.make_classifier_step(model, mesh, frozen_encoder=False), args, "test step")
+    return step(*args)[1]
+
+  with caplog.at_level("WARNING"):
+    fell_back = run("cudnn")
+  lines = [r for r in caplog.records if "cuDNN attention did not compile" in r.getMessage()]
+  assert len(lines) == 1 and "test step" in lines[0].getMessage()
+  assert bool(fell_back["finite"])
+  np.testing.assert_allclose(fell_back["loss"], run("xla")["loss"], rtol=1e-6)
+  assert attention.implementation() == "xla"   # the override ended with the compile
 
 
 def test_first_query_attention_is_the_first_row_of_attention():

@@ -1,4 +1,5 @@
-"""The Dense layer with the hand-written backward pass is nn.Dense, values and gradients."""
+"""The Dense layer with the hand-written backward pass is nn.Dense, values and gradients;
+the CPU and accelerator forms of the layers share their params."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import finetune as finetune_config
+from mae_jax.models import build
 from mae_jax.models import dense
 
 
@@ -40,3 +43,38 @@ def test_dense_computes_in_its_dtype_and_keeps_float32_params():
   ref_grads = jax.grad(lambda p: ref.apply(p, x).astype(jnp.float32).sum())(params)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
     np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("arch, stem", [("vit", "linear"), ("vit", "conv"), ("cnn", "linear")])
+def test_params_move_between_the_cpu_and_accelerator_layer_forms(monkeypatch, arch, stem):
+  """The CPU workarounds (Dense's own backward, convolutions as shifted views) and the
+  plain forms used on accelerators share their params: a checkpoint made under one
+  restores under the other and gives the same logits and gradients."""
+  config = finetune_config.get_config("tiny")
+  config.model.arch, config.model.stem = arch, stem
+  model = build.build_classifier(config.model, 3)
+  images = jax.random.uniform(jax.random.key(0), (2, 64, 64, 1))
+
+  def run(cpu: bool):
+    monkeypatch.setattr(dense, "cpu_forms", lambda: cpu)
+    params, stats = build.init_classifier(model, jax.random.key(1))
+    variables = {"params": params, "batch_stats": stats}
+
+    def loss(p):
+      return model.apply({**variables, "params": p}, images)["logits"].sum()
+
+    logits = model.apply(variables, images)["logits"]
+    program = str(jax.make_jaxpr(loss)(params))
+    return params, logits, jax.grad(loss)(params), program
+
+  params_cpu, logits_cpu, grads_cpu, program_cpu = run(True)
+  params_acc, logits_acc, grads_acc, program_acc = run(False)
+  assert jax.tree.map(jnp.shape, params_cpu) == jax.tree.map(jnp.shape, params_acc)
+  assert "name=dense" not in program_acc
+  if arch == "vit":
+    assert "name=dense" in program_cpu
+  if arch == "cnn" or stem == "conv":
+    assert "conv_general_dilated" in program_acc and "conv_general_dilated" not in program_cpu
+  np.testing.assert_allclose(logits_acc, logits_cpu, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads_acc), jax.tree.leaves(grads_cpu)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -96,8 +96,8 @@ def _record(name, seconds, step=None, source=None, complete=True):
   hw = {"backend": "cpu", "devices": "1 x cpu", "cpu": "Test CPU", "cpu_cores": 2,
         "memory_gib": 8.0, "load_average_1m": 1.5, "host": "h", "python": "3.11", "jax": "0"}
   return {"stage": name, "complete": complete, "config": {}, "step": step, "source": source,
-          "runs": [{"seconds": s, "finished": True, "hardware": hw, "load_average_1m_end": 2.0}
-                   for s in seconds]}
+          "runs": [{"seconds": s, "finished": True, "hardware": hw, "load_average_1m_end": 2.0,
+                    "compute_dtype": "float32"} for s in seconds]}
 
 
 def test_report_shows_the_stages_numbers_figures_and_baseline(tmp_path):
@@ -141,7 +141,7 @@ def test_report_shows_the_stages_numbers_figures_and_baseline(tmp_path):
   assert "fine-tune: test micro AUC 0.9346 against the seed's 0.97 (-0.0354); margin over the " \
          "baseline: macro AUC +0.0323, micro AUC +0.0346." in md
   assert "The baseline: radial profile + LR." in md
-  assert "| MAE pretraining | complete | 4 min 22 s | 2 | 1 x cpu | 1.5 → 2.0 |" in md
+  assert "| MAE pretraining | complete | 4 min 22 s | 2 | 1 x cpu | float32 | 1.5 → 2.0 |" in md
   assert "| **total** |  | 5 min 54 s |" in md
   assert "probe was started from pretrain step 840, but pretrain now ends at step 900" in md
   assert "finetune is not complete" in md

@@ -120,9 +120,11 @@ def _matmul_flops(jaxpr) -> int:
   return total
 
 
-def test_flop_count_matches_the_models_matmuls():
+@pytest.mark.parametrize("stem", ["linear", "conv"])
+def test_flop_count_matches_the_models_matmuls(stem):
   """train_flops / 3 is the forward pass's matmul FLOPs, counted here from the jaxpr."""
   pre = pretrain_config.get_config("seed")
+  pre.model.stem = stem
   mae = build.build_mae(pre.model)
   params = jax.eval_shape(lambda k: build.init_mae(mae, k), jax.random.key(0))
   images = jax.ShapeDtypeStruct((2, 64, 64, 1), jnp.float32)
@@ -134,6 +136,7 @@ def test_flop_count_matches_the_models_matmuls():
     assert _matmul_flops(jaxpr.jaxpr) == throughput.train_flops("pretrain", pre, 2) // 3
 
   fine = finetune_config.get_config("seed")
+  fine.model.stem = stem
   model = build.build_classifier(fine.model, 3)
   variables = jax.eval_shape(lambda k: model.init(k, jnp.zeros((2, 64, 64, 1)), False),
                              jax.random.key(0))

@@ -36,21 +36,25 @@ outputs are read only for the removed patches.
 
 That blocking is for CPUs. On GPUs and TPUs, where a `lax.map` of small blocks
 would serialise the batch, the same function calls `jax.nn.dot_product_attention`:
-on GPUs cuDNN's fused flash attention where it accepts the shapes (bfloat16 or
-float16 only), else XLA's form. cuDNN refuses the model's odd token counts (65,
-257) in training even without a bias, so the sequence is padded to a multiple of
-8 and the true length passed as `query_seq_lengths` / `key_value_seq_lengths`
-(not a boolean mask, which would become a dense bias); the padded rows are cut
-off again. Whether cuDNN takes a shape is found by compiling a one-example
-forward and backward pass of it once; the choice and any fallback are logged.
+on GPUs cuDNN's fused flash attention for bfloat16 and float16 inputs, else XLA's
+form. cuDNN refuses the model's odd token counts (65, 257) in training even
+without a bias, so for cuDNN alone the sequence is padded to a multiple of 8 and
+the true length passed as `query_seq_lengths` / `key_value_seq_lengths` (not a
+boolean mask, which would become a dense bias); the padded rows are cut off again.
+XLA's form (TPUs, and GPUs where cuDNN cannot run) takes the true lengths as they
+are. Whether cuDNN compiles is found on the call the step makes: the step's first
+compile (`train.steps.compile_with_fallback`) traces it with cuDNN, and where that
+fails, logs one line and compiles the same step with XLA's form (`forced`).
 `MAE_JAX_ATTENTION` = `blocked` | `xla` | `cudnn` overrides the choice (read when
 a step is traced).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -66,9 +70,28 @@ ENV_VAR = "MAE_JAX_ATTENTION"
 PAD_TO = 8   # cuDNN's fused attention wants even (here: multiple-of-8) sequence lengths
 
 
+_FORCED: list[str] = []   # `forced` implementations, innermost last
+
+
+@contextlib.contextmanager
+def forced(impl: str) -> Iterator[None]:
+  """Within this context every attention traced uses `impl` (a step recompiled with XLA's
+  form after cuDNN failed to compile it)."""
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation must be one of {', '.join(IMPLEMENTATIONS)}")
+  _FORCED.append(impl)
+  try:
+    yield
+  finally:
+    _FORCED.pop()
+
+
 def implementation() -> str:
-  """`MAE_JAX_ATTENTION` if set, else `blocked` on a CPU backend, `cudnn` on GPUs
-  (where `choose` falls back to `xla` for shapes cuDNN refuses) and `xla` elsewhere."""
+  """A `forced` implementation, else `MAE_JAX_ATTENTION` if set, else `blocked` on a CPU
+  backend, `cudnn` on GPUs (`choose` takes `xla` where the dtype rules cuDNN out) and
+  `xla` elsewhere."""
+  if _FORCED:
+    return _FORCED[-1]
   chosen = os.environ.get(ENV_VAR, "")
   if chosen:
     if chosen not in IMPLEMENTATIONS:
@@ -82,10 +105,13 @@ def padded_length(length: int, multiple: int = PAD_TO) -> int:
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str,
-                    pad_to: int = PAD_TO) -> jax.Array:
+                    pad_to: int | None = None) -> jax.Array:
   """`jax.nn.dot_product_attention` on (N, Lq, H, D) queries and (N, Lk, H, D) keys and
-  values, each length padded to a multiple of `pad_to` and the true lengths given as
-  sequence lengths (keys past them are ignored; the padded query rows are dropped)."""
+  values. Each length is padded to a multiple of `pad_to` (default: `PAD_TO` for cuDNN,
+  which needs it, none for XLA) and the true lengths given as sequence lengths (keys past
+  them are ignored; the padded query rows are dropped)."""
+  if pad_to is None:
+    pad_to = PAD_TO if impl == "cudnn" else 1
   n, queries, keys = q.shape[0], q.shape[1], k.shape[1]
   padded_q, padded_k = padded_length(queries, pad_to), padded_length(keys, pad_to)
   if (padded_q, padded_k) == (queries, keys):
@@ -104,22 +130,15 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str,
 def choose(requested: str, heads: int, length: int, head_dim: int, dtype_name: str,
            queries: int | None = None) -> str:
   """The implementation to use for one shape (`queries` of `length` tokens; default all):
-  `requested`, unless it is `cudnn` and cuDNN refuses a one-example forward and backward
-  pass of that shape; then `xla`. Logged."""
+  `requested`, unless it is `cudnn` and the dtype rules cuDNN out (it takes bfloat16 and
+  float16); then `xla`. Logged once per shape. Whether cuDNN compiles the shape is found
+  on the step itself (`train.steps.compile_with_fallback`), not here."""
   if requested != "cudnn":
     return requested
   dtype = jnp.dtype(dtype_name)
   why = None
   if dtype not in (jnp.bfloat16, jnp.float16):
     why = f"cuDNN's fused attention takes bfloat16 or float16, not {dtype_name}"
-  else:
-    spec = jax.ShapeDtypeStruct((1, length, heads, head_dim), dtype)
-    q_spec = jax.ShapeDtypeStruct((1, queries or length, heads, head_dim), dtype)
-    loss = lambda q, k, v: fused_attention(q, k, v, "cudnn").astype(jnp.float32).sum()  # pylint: disable=unnecessary-lambda-assignment
-    try:
-      jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q_spec, spec, spec).compile()
-    except Exception as e:  # pylint: disable=broad-except
-      why = f"cuDNN refused it: {str(e).splitlines()[0][:200]}"
   chosen = "xla" if why else "cudnn"
   note = f" ({why})" if why else f" (padded to {padded_length(length)} tokens)"
   logging.info("attention for %d queries of %d tokens, %d heads of %d, %s: %s%s",

@@ -20,6 +20,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from mae_jax.models import dense
 
@@ -28,8 +29,9 @@ xavier = nn.initializers.xavier_uniform()
 
 
 class ShiftConv(nn.Module):
-  """A `size` x `size` convolution, stride 1, 'SAME' zero padding, no bias: the input's
-  size^2 shifted views side by side, times a (size, size, C, features) kernel."""
+  """A `size` x `size` convolution, stride 1, 'SAME' zero padding, no bias: on a CPU the
+  input's size^2 shifted views side by side, times a (size, size, C, features) kernel;
+  elsewhere XLA's convolution with the same kernel (`dense.cpu_forms`)."""
   features: int
   size: int = 3
   dtype: Dtype = jnp.float32
@@ -38,6 +40,9 @@ class ShiftConv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     k, (h, w, c) = self.size, x.shape[1:]
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, c, self.features))
+    if not dense.cpu_forms():
+      return lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), (1, 1),
+                                      "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     lo = (k - 1) // 2
     padded = jnp.pad(x, ((0, 0), (lo, k - 1 - lo), (lo, k - 1 - lo), (0, 0)))
     views = jnp.stack([padded[:, i:i + h, j:j + w] for i in range(k) for j in range(k)], -2)

@@ -14,6 +14,10 @@ dot out by transposing its first operand, so the narrower of x and dy goes first
 (for the MLP's second layer (dy^T x)^T: transposing x there, the GELU output, cost
 80-170 ms per layer in the step). The same layer took 115 ms. Parameters (`kernel`, `bias`), initialisers, dtype handling and results
 are those of `nn.Dense`, so checkpoints are interchangeable.
+
+That backward pass (and its `optimization_barrier`) is a CPU workaround: on GPUs and
+TPUs `linear` is the plain `dot_general` + bias, whose transpose XLA lays out well
+there. `cpu_forms()` decides, at trace time, from JAX's backend.
 """
 
 from __future__ import annotations
@@ -60,8 +64,21 @@ def _dense_bwd(residuals, dy):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
+def cpu_forms() -> bool:
+  """Whether layers trace their CPU workarounds (this Dense backward, the convolutions as
+  shifted views): on a CPU backend. The parameters are the same either way, so a
+  checkpoint moves between backends."""
+  return jax.default_backend() == "cpu"
+
+
+def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """x @ kernel + bias: with the hand-written backward on a CPU, plain elsewhere."""
+  return dense(x, kernel, bias) if cpu_forms() else _forward(x, kernel, bias)
+
+
 class Dense(nn.Module):
-  """`nn.Dense` (kernel and bias, computed in `dtype`) with the backward pass above."""
+  """`nn.Dense` (kernel and bias, computed in `dtype`) with the backward pass above on a
+  CPU."""
   features: int
   kernel_init: Initializer = nn.initializers.lecun_normal()
   bias_init: Initializer = nn.initializers.zeros_init()
@@ -72,4 +89,4 @@ class Dense(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return dense(x, kernel, bias)
+    return linear(x, kernel, bias)

@@ -150,7 +150,7 @@ class PatchEmbed(nn.Module):
                         jnp.float32)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.dim,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(patches, kernel, bias, dtype=self.dtype)
-    return dense.dense(x, kernel.reshape(-1, self.dim), bias)
+    return dense.linear(x, kernel.reshape(-1, self.dim), bias)
 
 
 def patch_embedding(cfg: ViTConfig, dtype: Dtype) -> nn.Module:

@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 
 from mae_jax.runtime import errors
 from mae_jax.runtime import faults
+from mae_jax.runtime import syncs
 from mae_jax.runtime import workdir as workdir_lib
 
 PyTree = Any
@@ -58,7 +59,7 @@ def all_finite(tree: PyTree) -> bool:
   """Whether every floating-point leaf of `tree` is finite."""
   leaves = [x for x in jax.tree.leaves(tree)
             if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
-  return bool(_all_finite(leaves))
+  return bool(syncs.fetch(_all_finite(leaves), "finite check"))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: PyTree,
@@ -75,6 +76,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: PyTree,
   if not all_finite(state):
     raise errors.NonFiniteError(f"refusing to save the state of step {step}: it holds NaN or inf "
                          f"values; the latest checkpoint stays step {mngr.latest_step()}")
+  syncs.note("checkpoint save")   # orbax copies the state to the host before it returns
   items = {STATE: ocp.args.StandardSave(state)}
   if progress is not None:
     items[PROGRESS] = ocp.args.JsonSave(progress)

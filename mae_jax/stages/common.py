@@ -4,6 +4,7 @@ and metric writer."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -18,6 +19,7 @@ from mae_jax.data import feeds
 from mae_jax.data import layout
 from mae_jax.data import source
 from mae_jax.runtime import errors
+from mae_jax.runtime import syncs
 from mae_jax.stages import writers
 from mae_jax.train import loop
 from mae_jax.train import steps
@@ -94,7 +96,9 @@ class Chunks:
     feeding = dataclasses.replace(self.feeding, augmentation=augmentation)
     cache_key = (augmentation, num_steps)
     if cache_key not in self._compiled:
-      self._compiled[cache_key] = steps.make_chunk(self.body, self.mesh, feeding, num_steps)
+      self._compiled[cache_key] = steps.FallbackJit(
+          functools.partial(steps.make_chunk, self.body, self.mesh, feeding, num_steps),
+          f"training chunk of {num_steps} steps")
     data = self.feed.chunk_data(epoch, first, num_steps, feeding.local_batch)
     return self._compiled[cache_key](state, data, np.int32(epoch), np.int32(first), key)
 
@@ -112,18 +116,22 @@ class Evaluator:
     self.feed, self.feeding = feed, feeding
     size = feed.layout.size
     self.num_batches = -(-size // feeding.local_batch)
-    self._pass = steps.make_eval_pass(fn, mesh, feeding,
-                                      self.num_batches if feed.source == "device" else 1)
+    self._pass = steps.FallbackJit(
+        functools.partial(steps.make_eval_pass, fn, mesh, feeding,
+                          self.num_batches if feed.source == "device" else 1), "evaluation pass")
 
   def __call__(self, tree: Any) -> Any:
     layout_ = self.feed.layout
     if self.feed.source == "device":
+      syncs.note("evaluation")
       out = jax.tree.map(_host, self._pass(tree, self.feed.eval_data()))
       return jax.tree.map(lambda a: steps.canonical_rows(a, layout_.shards, layout_.num_examples),
                           out)
-    parts = [jax.tree.map(_host, self._pass(tree, self.feed.eval_batch(b, self.feeding.local_batch),
-                                            np.int32(b)))
-             for b in range(self.num_batches)]
+    parts = []
+    for b in range(self.num_batches):
+      syncs.note("evaluation")
+      parts.append(jax.tree.map(_host, self._pass(
+          tree, self.feed.eval_batch(b, self.feeding.local_batch), np.int32(b))))
 
     def join(*batches):
       stacked = np.stack(batches)                      # (batches, D * lb, ...)

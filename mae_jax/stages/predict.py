@@ -153,7 +153,7 @@ def classify_files(files: list[InputFile], model, params, batch_stats, image_siz
   """(file, class probabilities) of every readable file, and (name, defect) of the rest."""
   local_batch = parallel.check_batch(batch_size)
   mesh = parallel.make_mesh()
-  forward = steps.make_predict(model, mesh)
+  forward = steps.FallbackJit(lambda: steps.make_predict(model, mesh), "prediction")
   params, batch_stats = parallel.replicate((params, batch_stats), mesh)
   done, bad = [], []
   for chunk in tqdm(list(_chunks(files, local_batch)), desc="classifying", unit="batch",

@@ -33,6 +33,7 @@ from mae_jax.runtime import checkpoint
 from mae_jax.runtime import errors
 from mae_jax.runtime import fileio
 from mae_jax.runtime import parallel
+from mae_jax.runtime import syncs
 from mae_jax.runtime import workdir as workdir_lib
 from mae_jax.stages import common
 from mae_jax.stages import registry
@@ -88,7 +89,8 @@ def _plotter(config: ml_collections.ConfigDict, workdir: Path, mae, loss, val, h
   images, on the main process (`record`: the epoch just ended, not yet in the history)."""
   phase_starts = list(np.cumsum((0,) + tuple(int(e) for e in config.phase_epochs)[:-1]))
   plot_images = np.asarray(batching.normalize(val.images[:config.num_reconstructions]))[..., None]
-  reconstruct = steps.make_reconstruct(mae, loss)
+  reconstruct = steps.FallbackJit(lambda: steps.make_reconstruct(mae, loss),
+                                  "reconstruction figure")
 
   def save_plots(state, record=None):
     if not loop_lib.is_main_process():
@@ -96,7 +98,8 @@ def _plotter(config: ml_collections.ConfigDict, workdir: Path, mae, loss, val, h
     plots.loss_curves(history + ([record] if record else []),
                       workdir / workdir_lib.PLOTS / "loss_curve.png", phase_starts,
                       title=f"MAE pretraining ({config.loss.type} loss)")
-    rows = jax.device_get(reconstruct(jax.device_get(state.params), plot_images, plot_key))
+    rows = syncs.fetch(reconstruct(syncs.fetch(state.params, "figure"), plot_images, plot_key),
+                       "figure")
     rows = {k: rows[k] for k in steps.RECONSTRUCTION_ROWS}   # device_get sorts dict keys
     png = plots.reconstructions(
         rows, workdir / workdir_lib.PLOTS / "reconstructions.png",
@@ -121,14 +124,17 @@ def _chunk_runner(config: ml_collections.ConfigDict, augmentation: batching.Augm
 
 def _epoch_end(config: ml_collections.ConfigDict, evaluate: common.Evaluator,
                save_plots: Callable) -> Callable:
-  """The end of an epoch: its phase and validation loss join its record; the figures
-  every `plot_every_epochs` epochs and after the last."""
+  """The end of an epoch: its phase joins its record, and the validation loss every
+  `eval_every_epochs` epochs and after the last (short accelerator epochs would otherwise
+  wait on it each time); the figures every `plot_every_epochs` epochs and after the last."""
   phase_epochs = tuple(int(e) for e in config.phase_epochs)
   total_epochs = sum(phase_epochs)
 
   def end_epoch(state, epoch, record):
-    out = evaluate(state.params)
     record["phase"] = _phase_of(epoch, phase_epochs) + 1
+    if (epoch + 1) % config.eval_every_epochs and epoch + 1 != total_epochs:
+      return
+    out = evaluate(state.params)
     record["val_loss"] = float(out["loss"].sum() / max(out["count"].sum(), 1.0))
     if (config.plot_every_epochs > 0 and (epoch + 1) % config.plot_every_epochs == 0) or \
         epoch + 1 == total_epochs:
@@ -245,7 +251,7 @@ def _close(run: _Run, state, history: list[dict]) -> dict:
                       "validation_images": len(run.val)},
              "feed": run.kind,
              "final_train_loss": history[-1]["train_loss"] if history else None,
-             "final_val_loss": history[-1]["val_loss"] if history else None,
+             "final_val_loss": history[-1].get("val_loss") if history else None,
              "wall_seconds_this_run": round(time.time() - run.started, 1)}
   if loop_lib.is_main_process():
     fileio.write_json_atomic(run.workdir / workdir_lib.PRETRAIN_SUMMARY, summary)

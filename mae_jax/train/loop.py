@@ -27,6 +27,7 @@ from mae_jax.runtime import checkpoint
 from mae_jax.runtime import errors
 from mae_jax.runtime import faults
 from mae_jax.runtime import fileio
+from mae_jax.runtime import syncs
 from mae_jax.runtime import workdir as workdir_lib
 
 # How often (seconds) the loop logs steps/s and the time left.
@@ -68,6 +69,13 @@ def check_finite(metrics: dict, step: int) -> dict[str, float]:
         f"non-finite {', '.join(bad) or 'values'} at step {step}; the update was not applied "
         "and no checkpoint of it was written. Lower the learning rate or enable grad_clip_norm.")
   return host
+
+
+def host_lr(schedule: optax.Schedule, step: int) -> float:
+  """The learning rate after `step`, computed on the host's CPU: evaluating the schedule
+  on the default device would queue an op behind the chunk just dispatched and wait."""
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    return float(schedule(max(step, 0)))
 
 
 def load_history(workdir: Path, completed_epochs: int) -> list[dict]:
@@ -261,7 +269,7 @@ def _catch_up(loop: Loop, step: int, history: list[dict], carried: list[float],
   if step and step % loop.steps_per_epoch == 0 and (not history or history[-1]["epoch"] < done):
     record = {"epoch": done, "step": step,
               "train_loss": float(np.mean(carried)) if carried else None,
-              "lr": float(loop.schedule(step - 1)), "seconds": 0.0}
+              "lr": host_lr(loop.schedule, step - 1), "seconds": 0.0}
     end_epoch(loop.state, done - 1, record)
     history.append(record)
     if is_main_process():
@@ -270,13 +278,16 @@ def _catch_up(loop: Loop, step: int, history: list[dict], carried: list[float],
 
 def _record_epoch(loop: Loop, state: Any, epoch: int, step: int, losses: list[float],
                   seconds: float, history: list[dict], writer: MetricWriter,
-                  end_epoch: Callable[[Any, int, dict], None]) -> None:
-  """An epoch's record: its loss and rate, what `end_epoch` adds; logged, written as
-  scalars and appended to history.json."""
+                  end_epoch: Callable[[Any, int, dict], None], synced: dict[str, int]) -> None:
+  """An epoch's record: its loss and rate, what `end_epoch` adds, and `host_syncs`, the
+  host's waits on the device since `synced` (the previous record: its checkpoint, this
+  epoch's metric fetches and what `end_epoch` fetched); logged, written as scalars and
+  appended to history.json."""
   record = {"epoch": epoch + 1, "step": step,
             "train_loss": float(np.mean(losses)) if losses else None,
-            "lr": float(loop.schedule(step - 1)), "seconds": round(seconds, 2)}
+            "lr": host_lr(loop.schedule, step - 1), "seconds": round(seconds, 2)}
   end_epoch(state, epoch, record)
+  record["host_syncs"] = sum(syncs.since(synced).values())
   history.append(record)
   writer.write_scalars(step, {k: v for k, v in record.items()
                               if isinstance(v, (int, float)) and k not in ("epoch", "step")})
@@ -303,8 +314,8 @@ class _Metrics:
   def flush(self, keep_last: bool = False) -> None:
     """Fetches and checks pending metrics (raising on NaN/inf); keeps their losses."""
     ready = self.pending[:-1] if keep_last else self.pending[:]
-    for end, metrics in ready:
-      host = jax.device_get(metrics)
+    fetched = syncs.fetch([m for _, m in ready], "metrics") if ready else []
+    for (end, _), host in zip(ready, fetched):
       n = len(host["loss"])
       for j in range(n):
         self.last = check_finite({k: v[j] for k, v in host.items()}, end - n + j + 1)
@@ -352,7 +363,7 @@ def _train_epoch(run: _Session, epoch: int, step: int, state: Any,
     state, chunk_metrics = loop.run_chunk(state, epoch, start, num, run.key)
     if log_due:   # the previous chunk's metrics, fetched while this one runs
       metrics.flush(keep_last=True)
-      run.writer.write_scalars(step, metrics.scalars(float(loop.schedule(step - 1))))
+      run.writer.write_scalars(step, metrics.scalars(host_lr(loop.schedule, step - 1)))
     _crash_points(run.mngr, step, num)
     log_due = any(_due(s, settings.log_every_steps) for s in range(step + 1, step + num + 1))
     step += num
@@ -390,13 +401,15 @@ def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer: MetricW
   run = _Session(loop, mngr, writer, key, _Pace(loop.total_epochs * loop.steps_per_epoch, writer),
                  _Profile(settings.profile_steps, loop.workdir))
   state = loop.state
+  synced = syncs.snapshot()
   for epoch in range(step // loop.steps_per_epoch, loop.total_epochs):
     metrics, t0 = _Metrics(carried if step - epoch * loop.steps_per_epoch else []), time.time()
     state, step = _train_epoch(run, epoch, step, state, metrics)
     metrics.flush()
-    writer.write_scalars(step, metrics.scalars(float(loop.schedule(step - 1))))
+    writer.write_scalars(step, metrics.scalars(host_lr(loop.schedule, step - 1)))
     _record_epoch(loop, state, epoch, step, metrics.losses, time.time() - t0, history, writer,
-                  end_epoch)
+                  end_epoch, synced)
+    synced = syncs.snapshot()
     if _due(epoch + 1, settings.checkpoint_every_epochs) or epoch + 1 == loop.total_epochs or \
         _due(step, settings.checkpoint_every_steps):
       checkpoint.save(mngr, step, state, _progress(loop, step, key, []))

@@ -28,9 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax.training import train_state
 from jax import lax
 
+from mae_jax.models import attention
 from mae_jax.models import heads
 from mae_jax.models import mae as mae_lib
 from mae_jax.models import masking
@@ -74,6 +76,37 @@ class Feeding:
       return raw.astype(jnp.float32)
     return batching.prepare(raw, seed=self.seed, epoch=epoch, batch=batch, shard=shard,
                             augmentation=self.augmentation, dtype=self.dtype)
+
+
+def compile_with_fallback(make: Callable[[], Callable], args: tuple, what: str) -> Callable:
+  """`make()` (a jitted function) for the attention in use. With cuDNN attention it is
+  compiled here, on `args` (the call the step makes: its shapes, dtype and sharding);
+  where that compile fails, one warning names `what` and the reason, and the function is
+  traced again with XLA's attention (`attention.forced`) and compiled. Other
+  implementations return the jitted function as it is."""
+  if attention.implementation() != "cudnn":
+    return make()
+  try:
+    return make().lower(*args).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    logging.warning("%s: cuDNN attention did not compile (%s); using XLA's attention", what,
+                    reason)
+    with attention.forced("xla"):
+      return make().lower(*args).compile()
+
+
+class FallbackJit:
+  """A jitted function compiled on its first call by `compile_with_fallback` (cuDNN
+  attention, or XLA's where cuDNN fails to compile); later calls take the same shapes."""
+
+  def __init__(self, make: Callable[[], Callable], what: str):
+    self._make, self._what, self._fn = make, what, None
+
+  def __call__(self, *args):
+    if self._fn is None:
+      self._fn = compile_with_fallback(self._make, args, self._what)
+    return self._fn(*args)
 
 
 def keep_if_finite(ok: jax.Array, new: Any, old: Any) -> Any:
