@@ -6,9 +6,9 @@
 Reads the pipeline's `report.json` in RUN_DIR and the benchmark's printout (either may
 be missing: a part of the run that did not happen is left out), and prints a markdown
 summary: the real-loop images/s against the targets, the wall time of each stage and of
-the whole run, every training epoch's images/s per stage (from each stage's
-`history.json` and `config.json`; an epoch's time is its steps, without evaluation, and
-the first of a stage or phase includes compilation), and the probe's and fine-tune's test
+the whole run, every training epoch's images/s per stage and its host syncs (from each
+stage's `history.json` and `config.json`; an epoch's time is its steps, without
+evaluation, and the first of a stage or phase includes compilation), and the probe's and fine-tune's test
 AUCs (with their bootstrap intervals) beside the seed study's published micro AUCs and
 the radial-profile baseline.
 """
@@ -38,8 +38,10 @@ def _ci(m: dict) -> str:
 STAGES = ("pretrain", "probe", "finetune")
 
 
-def epoch_rates(run: Path) -> list[tuple[str, int, int, float, float]]:
-  """(stage, epoch, steps, seconds, images/s) of every epoch the pipeline trained."""
+def epoch_rates(run: Path) -> list[tuple[str, int, int, float, float, int | None]]:
+  """(stage, epoch, steps, seconds, images/s, host syncs) of every epoch the pipeline
+  trained; the syncs are the host's waits on the device since the previous epoch's
+  record (`history.json`'s `host_syncs`; None in runs that did not count them)."""
   rows = []
   for stage in STAGES:
     history, config = run / stage / "history.json", run / stage / "config.json"
@@ -51,7 +53,8 @@ def epoch_rates(run: Path) -> list[tuple[str, int, int, float, float]]:
       steps, seconds = record["step"] - previous, float(record.get("seconds") or 0.0)
       previous = record["step"]
       rows.append((stage, int(record["epoch"]), steps, seconds,
-                   steps * batch / seconds if seconds > 0 else float("nan")))
+                   steps * batch / seconds if seconds > 0 else float("nan"),
+                   record.get("host_syncs")))
   return rows
 
 
@@ -59,9 +62,11 @@ def epoch_table(run: Path) -> list[str]:
   rows = epoch_rates(run)
   if not rows:
     return []
-  lines = ["| stage | epoch | steps | seconds | images/s |", "|---|---|---|---|---|"]
-  lines += [f"| {stage} | {epoch} | {steps} | {seconds:.2f} | {rate:,.0f} |"
-            for stage, epoch, steps, seconds, rate in rows]
+  lines = ["| stage | epoch | steps | seconds | images/s | host syncs |",
+           "|---|---|---|---|---|---|"]
+  lines += [f"| {stage} | {epoch} | {steps} | {seconds:.2f} | {rate:,.0f} | "
+            f"{'' if syncs is None else syncs} |"
+            for stage, epoch, steps, seconds, rate, syncs in rows]
   return lines + [""]
 
 

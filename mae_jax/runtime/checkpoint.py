@@ -7,17 +7,27 @@ asynchronous and finished before exit; orbax writes each step to a temporary
 folder and renames it when complete, so a half-written checkpoint is never
 taken as the latest (and leftover temporary folders are removed on start).
 A state holding NaN or inf is never saved.
+
+Damage after the fact (a truncated file, a bad copy) is survived: resuming takes the
+newest checkpoint that restores, says in one line which step it skipped and why, and
+sets the damaged step aside in `<workdir>/damaged_checkpoints/` (never deleted; it
+would otherwise stay the latest step and block the save of that step again). A save
+that fails (a full disk) stops the run with one line; the older checkpoints stand.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
 
 from mae_jax.runtime import errors
 from mae_jax.runtime import faults
@@ -27,6 +37,7 @@ from mae_jax.runtime import workdir as workdir_lib
 PyTree = Any
 STATE, PROGRESS = "state", "progress"
 LEGACY_STATE = "default"   # single-item checkpoints (mae_jax before progress records)
+DAMAGED = "damaged_checkpoints"   # where resume sets aside steps that do not restore
 
 
 def manager(workdir: str | Path, max_to_keep: int = 3,
@@ -47,7 +58,10 @@ def finishing(*managers: ocp.CheckpointManager) -> Iterator[None]:
     yield
   finally:
     for mngr in managers:
-      mngr.wait_until_finished()
+      try:
+        mngr.wait_until_finished()
+      except (OSError, ValueError, RuntimeError) as e:   # an asynchronous save failed
+        raise _save_failed(mngr, None, e) from None
 
 
 @jax.jit
@@ -62,6 +76,19 @@ def all_finite(tree: PyTree) -> bool:
   return bool(syncs.fetch(_all_finite(leaves), "finite check"))
 
 
+def _save_failed(mngr: ocp.CheckpointManager, step: int | None,
+                 e: BaseException) -> errors.CheckpointSaveError:
+  """The one-line error of a failed save: what failed, and that the older checkpoints
+  stand and a rerun resumes from them."""
+  older = [s for s in mngr.all_steps() if step is None or s < step]
+  what = f"step {step}" if step is not None else "a checkpoint"
+  stand = (f"the older checkpoints ({', '.join(map(str, sorted(older)[-3:]))}) are intact"
+           if older else "no older checkpoint exists")
+  return errors.CheckpointSaveError(
+      f"saving {what} to {mngr.directory} failed ({damage(e)}); {stand}: free space (or fix "
+      "the folder) and rerun the same command to resume")
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: PyTree,
          progress: dict[str, Any] | None = None) -> None:
   """Starts an asynchronous save of `state` (and its `progress` record) at `step`.
@@ -70,6 +97,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: PyTree,
 
   Raises:
     errors.NonFiniteError: `state` holds NaN or inf (the last good checkpoint stays the latest).
+    errors.CheckpointSaveError: the save (or the previous one, still in flight) failed.
   """
   if step in mngr.all_steps():
     return
@@ -80,32 +108,108 @@ def save(mngr: ocp.CheckpointManager, step: int, state: PyTree,
   items = {STATE: ocp.args.StandardSave(state)}
   if progress is not None:
     items[PROGRESS] = ocp.args.JsonSave(progress)
-  mngr.save(step, args=ocp.args.Composite(**items))
+  try:
+    faults.maybe_fail("save", step)
+    mngr.save(step, args=ocp.args.Composite(**items))
+  except (OSError, ValueError, RuntimeError) as e:
+    raise _save_failed(mngr, step, e) from None
   faults.maybe_kill("save", step)
+
+
+def damage(e: BaseException) -> str:
+  """What an orbax / TensorStore restore error says is wrong, in one line: the innermost
+  cause's first line (which names the array and the byte range), without the spec dump."""
+  causes, seen = [], set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    causes.append(e)
+    e = e.__cause__ or e.__context__
+  for cause in reversed(causes):
+    line = (str(cause).strip().splitlines() or [""])[0]
+    line = line.split(" See full TensorStore details")[0].strip()
+    if line:
+      return f"{type(cause).__name__}: {line}"[:300]
+  return type(causes[0]).__name__
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads() -> Iterator[None]:
+  """When one array of a damaged checkpoint fails to read, orbax leaves the reads of the
+  others as coroutines that raise the same error when collected; Python would print each
+  with a traceback and the whole TensorStore spec. Within this context (and a collection
+  at its end) those are dropped: the caller reports the damage in one line."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if "_read_array_index" not in repr(unraisable.object):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    gc.collect()
+    sys.unraisablehook = previous
+
+
+def _set_aside(mngr: ocp.CheckpointManager, step: int) -> Path:
+  """Moves a damaged step out of the manager's folder into
+  `<workdir>/damaged_checkpoints/<folder>_<step>` (process 0; the others wait)."""
+  folder = Path(mngr.directory)
+  target = folder.parent / DAMAGED / f"{folder.name}_{step}"
+  if jax.process_index() == 0:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while target.exists():
+      n += 1
+      target = target.with_name(f"{folder.name}_{step}.{n}")
+    (folder / str(step)).rename(target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"mae_jax set aside checkpoint {step}")
+  mngr.reload()
+  return target
 
 
 def restore_latest(mngr: ocp.CheckpointManager, template: PyTree
                    ) -> tuple[PyTree, int, dict[str, Any] | None] | None:
-  """The latest complete checkpoint, shaped and sharded like `template`.
+  """The newest checkpoint that restores, shaped and sharded like `template`. A newer
+  one that does not (a truncated or missing file) is logged in one line and set aside
+  in `<workdir>/damaged_checkpoints/`, never deleted.
 
   Returns:
     (state, step, progress record or None if the checkpoint has none), or None
     if there is no checkpoint.
+
+  Raises:
+    errors.DamagedCheckpointError: there are checkpoints, but none restores.
   """
-  step = mngr.latest_step()
-  if step is None:
-    return None
-  folder = Path(mngr.directory) / str(step)
-  if not (folder / STATE).is_dir():
-    raise errors.IncompatibleCheckpointError(
-        f"checkpoint {folder} was written by an older mae_jax (no '{STATE}' item); "
-        "start this stage in a new workdir")
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-  items = {STATE: ocp.args.StandardRestore(abstract)}
-  if (folder / PROGRESS).is_dir():
-    items[PROGRESS] = ocp.args.JsonRestore()
-  restored = mngr.restore(step, args=ocp.args.Composite(**items))
-  return restored[STATE], step, (restored[PROGRESS] if PROGRESS in items else None)
+  skipped = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    folder = Path(mngr.directory) / str(step)
+    if not (folder / STATE).is_dir() and (folder / LEGACY_STATE).is_dir():
+      raise errors.IncompatibleCheckpointError(
+          f"checkpoint {folder} was written by an older mae_jax (no '{STATE}' item); "
+          "start this stage in a new workdir")
+    items = {STATE: ocp.args.StandardRestore(abstract)}
+    if (folder / PROGRESS).is_dir():
+      items[PROGRESS] = ocp.args.JsonRestore()
+    try:
+      with _quiet_failed_reads():
+        restored = mngr.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except
+      why = damage(e)
+      moved = _set_aside(mngr, step)
+      logging.warning("checkpoint step %d skipped: %s is damaged (%s); moved to %s, not "
+                      "deleted; trying the one before", step, folder, why, moved)
+      skipped.append(f"step {step} ({why}; now in {moved})")
+      continue
+    return restored[STATE], step, (restored[PROGRESS] if PROGRESS in items else None)
+  if skipped:
+    raise errors.DamagedCheckpointError(
+        f"no checkpoint in {mngr.directory} restores: {'; '.join(skipped)}. Start this stage "
+        "in a new workdir, or copy an intact checkpoint back")
+  return None
 
 
 def latest_step(workdir: str | Path) -> int | None:
@@ -129,18 +233,34 @@ def restore_on_one_device(item: Path) -> dict:
 
 
 def restore_latest_on_one_device(folder: str | Path) -> tuple[dict, int]:
-  """(the latest complete checkpoint's state, its step) of a checkpoint manager's
-  directory (`<workdir>/checkpoints`, `<workdir>/best_checkpoint`), on one device.
+  """(the newest checkpoint's state that restores, its step) of a checkpoint manager's
+  directory (`<workdir>/checkpoints`, `<workdir>/best_checkpoint`), on one device. A
+  newer damaged one is skipped with one warning (and left where it is: this reads
+  another stage's workdir).
 
   Raises:
     errors.MissingCheckpointError: there is no complete checkpoint there.
+    errors.DamagedCheckpointError: there are checkpoints, but none restores.
   """
   folder = Path(folder).absolute()
-  step = None
+  steps = []
   if folder.is_dir():
     with ocp.CheckpointManager(folder) as mngr:
-      step = mngr.latest_step()
-  if step is None:
+      steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
     raise errors.MissingCheckpointError(f"no complete checkpoint in {folder}")
-  item = folder / str(step) / STATE
-  return restore_on_one_device(item if item.is_dir() else item.with_name(LEGACY_STATE)), step
+  skipped = []
+  for step in steps:
+    item = folder / str(step) / STATE
+    try:
+      with _quiet_failed_reads():
+        tree = restore_on_one_device(item if item.is_dir() else item.with_name(LEGACY_STATE))
+      return tree, step
+    except Exception as e:  # pylint: disable=broad-except
+      why = damage(e)
+      logging.warning("checkpoint %s skipped: it is damaged (%s); trying the one before",
+                      item.parent, why)
+      skipped.append(f"step {step}: {item.parent} ({why})")
+  raise errors.DamagedCheckpointError(
+      f"no checkpoint in {folder} restores: {'; '.join(skipped)}. Rerun the stage that "
+      "wrote it (its resume sets the damaged steps aside) or point at another workdir")

@@ -55,3 +55,12 @@ class ConversionError(UserError, ValueError):
 
 class InsufficientDataError(UserError, ValueError):
   """A split holds fewer examples than the config asks for."""
+
+
+class DamagedCheckpointError(UserError, OSError):
+  """No checkpoint of a folder restores (truncated or missing files); names each step and
+  what is wrong with it."""
+
+
+class CheckpointSaveError(UserError, OSError):
+  """A checkpoint could not be written (a full disk, a lost mount); the older ones stand."""

@@ -3,16 +3,28 @@
 `MAE_JAX_KILL_AT="step:5,save:8"` makes the process SIGKILL itself right after
 training step 5 (once checkpoints already being written have finished, so the
 point is the same every run), or right after the save of step 8 has started (its
-files half written). Unset, every call is a no-op. Only the resume tests set it.
+files half written). `MAE_JAX_FAIL_SAVE_AT` makes a save fail as a full disk would.
+Unset, every call is a no-op. Only the tests set them.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
 ENV = "MAE_JAX_KILL_AT"
 POINTS = ("step", "save")
+# `MAE_JAX_FAIL_SAVE_AT="8"`: the save of step 8 fails as a full disk would (ENOSPC).
+FAIL_ENV = "MAE_JAX_FAIL_SAVE_AT"
+
+
+def maybe_fail(point: str, step: int) -> None:
+  """Raises OSError(ENOSPC) at the save of a step listed in $MAE_JAX_FAIL_SAVE_AT (tests of
+  a failed save; a real full disk fails the same way inside orbax)."""
+  spec = os.environ.get(FAIL_ENV)
+  if point == "save" and spec and str(step) in (s.strip() for s in spec.split(",")):
+    raise OSError(errno.ENOSPC, f"No space left on device (injected at step {step})")
 
 
 def armed(point: str, step: int) -> bool:

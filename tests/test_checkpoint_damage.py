@@ -1,0 +1,136 @@
+"""Checkpoints that survive damage: a truncated file in the latest checkpoint makes resume
+and `init_from` take the newest one that restores (one line each, nothing deleted); a
+failed save stops the run with one line and leaves the older checkpoints intact."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mae_jax.runtime import checkpoint
+from mae_jax.runtime import errors
+from mae_jax.runtime import faults
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def truncate_largest_file(step_dir: Path) -> Path:
+  """Cuts the largest file of a checkpoint step in half (a damaged disk, a bad copy)."""
+  files = [p for p in (step_dir / checkpoint.STATE).rglob("*") if p.is_file()]
+  biggest = max(files, key=lambda p: p.stat().st_size)
+  with open(biggest, "r+b") as f:
+    f.truncate(biggest.stat().st_size // 2)
+  return biggest
+
+
+def _saved(workdir: Path, steps=(1, 2)) -> dict:
+  mngr = checkpoint.manager(workdir, 5)
+  state = {"w": jnp.arange(4000.0), "b": jnp.ones(3)}
+  for s in steps:
+    checkpoint.save(mngr, s, {k: v * s for k, v in state.items()}, {"step": s})
+  mngr.wait_until_finished()
+  mngr.close()
+  return state
+
+
+def test_resume_takes_the_newest_checkpoint_that_restores(tmp_path, caplog):
+  state = _saved(tmp_path)
+  truncate_largest_file(tmp_path / "checkpoints" / "2")
+  mngr = checkpoint.manager(tmp_path, 5)
+  with caplog.at_level("WARNING"):
+    restored, step, progress = checkpoint.restore_latest(mngr, state)
+  assert step == 1 and progress == {"step": 1}
+  np.testing.assert_array_equal(restored["w"], state["w"])
+  lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+  assert len(lines) == 1 and "checkpoint step 2 skipped" in lines[0]
+  assert "byte range" in lines[0] or "OUT_OF_RANGE" in lines[0], lines[0]
+  kept = tmp_path / checkpoint.DAMAGED / "checkpoints_2"
+  assert kept.is_dir() and any(kept.rglob("*")), "the damaged step is kept, not deleted"
+  assert mngr.latest_step() == 1
+  checkpoint.save(mngr, 2, state)   # the step can be saved again
+  mngr.wait_until_finished()
+  assert mngr.latest_step() == 2
+
+
+def test_init_from_skips_a_damaged_checkpoint_and_refuses_when_none_restores(tmp_path, caplog):
+  _saved(tmp_path)
+  truncate_largest_file(tmp_path / "checkpoints" / "2")
+  with caplog.at_level("WARNING"):
+    tree, step = checkpoint.restore_latest_on_one_device(tmp_path / "checkpoints")
+  assert step == 1 and float(tree["b"][0]) == 1.0
+  assert any("checkpoints/2 skipped" in r.getMessage() for r in caplog.records)
+  assert (tmp_path / "checkpoints" / "2").is_dir()   # another stage's workdir: left alone
+  truncate_largest_file(tmp_path / "checkpoints" / "1")
+  with pytest.raises(errors.DamagedCheckpointError, match=r"no checkpoint in .* restores: "
+                                                          r"step 2: .*; step 1: "):
+    checkpoint.restore_latest_on_one_device(tmp_path / "checkpoints")
+
+
+def test_a_failed_save_is_one_clear_error_and_the_older_checkpoints_stand(tmp_path, monkeypatch):
+  state = _saved(tmp_path)
+  monkeypatch.setenv(faults.FAIL_ENV, "3")
+  mngr = checkpoint.manager(tmp_path, 5)
+  with pytest.raises(errors.CheckpointSaveError) as failed:
+    checkpoint.save(mngr, 3, state)
+  message = str(failed.value)
+  assert "\n" not in message and "saving step 3" in message
+  assert "No space left on device" in message and "older checkpoints (1, 2) are intact" in message
+  assert "rerun the same command to resume" in message
+  assert mngr.latest_step() == 2
+  assert checkpoint.restore_latest(mngr, state)[1] == 2
+
+
+def _main(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT,
+                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})},
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_truncated_latest_checkpoint_end_to_end(tmp_path):
+  """What a user sees: resume and a probe from the damaged workdir both go on from the
+  checkpoint before, each saying so in one line; a failed save stops with one line."""
+  data = [f"--config.data.dir={tmp_path / 'sim'}", f"--config.data.cache_dir={tmp_path / 'c'}",
+          "--config.data.sim.workers=1"]
+  pre = tmp_path / "pre"
+  args = ["--config=configs/pretrain.py:tiny", f"--workdir={pre}", *data]
+  first = _main(*args)
+  assert first.returncode == 0, first.stderr[-3000:]
+  steps = sorted(int(p.name) for p in (pre / "checkpoints").iterdir() if p.name.isdigit())
+  truncate_largest_file(pre / "checkpoints" / str(steps[-1]))
+
+  probe = _main("--config=configs/probe.py:tiny", f"--workdir={tmp_path / 'probe'}",
+                f"--config.init_from={pre}", *data)
+  assert probe.returncode == 0, probe.stderr[-3000:]
+  assert f"checkpoints/{steps[-1]} skipped: it is damaged" in probe.stderr
+  assert f"initialised from {pre} step {steps[-2]}" in probe.stderr
+
+  resumed = _main(*args)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert resumed.stderr.count("skipped") == 1
+  assert f"checkpoint step {steps[-1]} skipped" in resumed.stderr
+  assert f"resuming from checkpoint step {steps[-2]}" in resumed.stderr
+  assert (pre / "damaged_checkpoints" / f"checkpoints_{steps[-1]}").is_dir()
+  assert max(int(p.name) for p in (pre / "checkpoints").iterdir() if p.name.isdigit()) == \
+      steps[-1]   # retrained and saved again
+  assert "Traceback" not in resumed.stderr + probe.stderr
+
+  fresh = tmp_path / "fresh"
+  failed = _main("--config=configs/pretrain.py:tiny", f"--workdir={fresh}", *data,
+                 env={faults.FAIL_ENV: str(steps[-1])})
+  assert failed.returncode != 0 and "Traceback" not in failed.stderr
+  error = [l for l in failed.stderr.splitlines() if l.startswith("error:")]
+  assert len(error) == 1 and f"saving step {steps[-1]}" in error[0], failed.stderr[-2000:]
+  assert "No space left on device" in error[0] and "are intact" in error[0]
+  again = _main("--config=configs/pretrain.py:tiny", f"--workdir={fresh}", *data)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"resuming from checkpoint step {steps[-2]}" in again.stderr
+  history = json.loads((fresh / "history.json").read_text())
+  assert history[-1]["step"] == steps[-1]
