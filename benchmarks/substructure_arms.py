@@ -69,7 +69,7 @@ def _mae_arm(name: str, pretrain: tuple[str, ...], model: tuple[str, ...] = (),
   pre = f"mae_{name}_pre"
   source = (f"--config.init_from={{root}}/{pre}",)
   data = ("--config.data.dir=data/substructure_sim_demo",)
-  pool_dir = (f"--config.data.dir={pool}",) if pool else ()
+  pool_dir = (f"--config.data.dir={pool}", "--config.data.sim.per_class=30000") if pool else ()
   question = f"mae:{name}"
   return {
       pre: Run("configs/pretrain.py:demo", (*SUB, *pool_dir, *model, *pretrain), question, expect),
@@ -103,11 +103,28 @@ RUNS: dict[str, Run] = {
     "sup_cnn_flips": _supervised("--config.model.arch=cnn", *FLIPS),
     "sup_vit_p8_mean": _supervised("--config.model.pool=mean",
                                    expect="the mean of the patch tokens, as the CNN's average pool"),
+    "sup_vit_p8_e100": _supervised(epochs=100, expect="still rising at 40 epochs: to its plateau"),
+    "sup_cnn_e100": _supervised("--config.model.arch=cnn", epochs=100,
+                                expect="the CNN ceiling to its plateau (0.85 at 40 epochs)"),
     # The scratch reference of the MAE arms' fine-tune at 300 labels per class.
     "sup_vit_p8_300": _supervised("--config.labels_per_class=300", epochs=120),
     # (2) MAE recipes: each a pretraining, then probe / partial / 300 labels / every label.
     **_mae_arm("base", (), expect="the demo recipe (BCE, mask 0.75, decoder 64 x 2, 20 "
                                   "epochs): the lens and source, little substructure"),
+    **_mae_arm("normpix", ("--config.loss.type=mse", "--config.loss.norm_pix=True"),
+               expect="MSE on per-patch normalised pixels (MAE's best target): more detail"),
+    **_mae_arm("highpass", ("--config.loss.type=mse", "--config.loss.norm_pix=True",
+                            "--config.loss.target=highpass"),
+               expect="each patch minus its blur: the few-pixel residual substructure adds"),
+    **_mae_arm("mask50", ("--config.model.mask_ratio=0.5",),
+               expect="more context per removed patch: sharper predictions, finer features"),
+    **_mae_arm("dec4", ("--config.model.decoder_depth=4",),
+               expect="a deeper decoder leaves the encoder's last blocks more abstract"),
+    **_mae_arm("long", ("--config.phase_epochs=(20, 40)",), expect="60 epochs, 3x the base"),
+    **_mae_arm("pool3", ("--config.pool_size=16200",), pool="data/substructure_sim_pool10",
+               expect="3x the unlabelled images (16,200 of the 10x folder's train split)"),
+    **_mae_arm("pool10", (), pool="data/substructure_sim_pool10",
+               expect="10x the unlabelled images (the 10x folder's train split, ~54,000)"),
 }
 
 
@@ -154,25 +171,37 @@ def _busy(root: Path) -> bool:
 
 
 def run_queue(queue: Path, root: Path, log_dir: Path) -> None:
-  """Runs the first unfinished arm named in `queue` (one per line, # comments), re-reading
-  the file before each run, until every arm named there has finished or failed."""
-  failed: set[str] = set()
-  while True:
-    names = [line.split("#")[0].strip() for line in queue.read_text().splitlines()]
-    todo = [n for n in names if n and n in RUNS and n not in failed and not finished(root, n)]
-    unknown = [n for n in names if n and n not in RUNS]
-    if unknown:
-      print(f"queue: unknown arm(s) {', '.join(unknown)} skipped", flush=True)
-    if not todo:
-      return
-    while _busy(root):
-      time.sleep(30)
-    if run_one(todo[0], root, log_dir) != 0:
-      failed.add(todo[0])
+  """Runs the first unfinished arm named in `queue` (one per line, # comments) that has
+  not failed (NAME/arm_wall.json's last_rc), then starts this script afresh, so an edit
+  of the queue file or of the arms here takes effect at the next arm. Each arm runs in
+  its own process (`--one`), which records its wall time even if the queue is stopped."""
+  names = [line.split("#")[0].strip() for line in queue.read_text().splitlines()]
+  unknown = [n for n in names if n and n not in RUNS]
+  if unknown:
+    print(f"queue: unknown arm(s) {', '.join(unknown)} skipped", flush=True)
+
+  def failed(n: str) -> bool:
+    path = _wall_file(root, n)
+    return path.exists() and json.loads(path.read_text()).get("last_rc", 0) != 0
+
+  todo = [n for n in names if n in RUNS and not finished(root, n) and not failed(n)]
+  if not todo:
+    return
+  while _busy(root):
+    time.sleep(30)
+  subprocess.call([sys.executable, __file__, "--root", str(root), "--logs", str(log_dir),
+                   "--one", todo[0]], cwd=ROOT)
+  os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
-def _curve(history: list[dict]) -> str:
-  return ", ".join(f"{h['val_macro_auc']:.2f}" for h in history if "val_macro_auc" in h)
+def _curve(history: list[dict], points: int = 8) -> str:
+  """The validation macro AUC at about `points` evenly spaced epochs: `epoch: AUC`."""
+  scored = [h for h in history if h.get("val_macro_auc") is not None]
+  every = max(1, -(-len(scored) // points))
+  picked = scored[every - 1::every]
+  if scored and picked[-1] is not scored[-1]:
+    picked.append(scored[-1])
+  return ", ".join(f"{h['epoch']}: {h['val_macro_auc']:.2f}" for h in picked)
 
 
 def row(name: str, root: Path) -> dict | None:
@@ -194,7 +223,7 @@ def row(name: str, root: Path) -> dict | None:
 
 
 def table(names: list[str], root: Path) -> str:
-  lines = ["| arm | wall | validation macro AUC by epoch | chosen epoch (val) | "
+  lines = ["| arm | wall | validation macro AUC (epoch: AUC) | chosen epoch (val) | "
            "test macro AUC [95%] | test AUC no_sub / cdm / axion |",
            "|---|---|---|---|---|---|"]
   commands = []
@@ -244,11 +273,12 @@ def main() -> None:
   parser.add_argument("--list", action="store_true", help="the arms and their questions")
   parser.add_argument("--run", nargs="*", default=[], help="run these arms in order")
   parser.add_argument("--queue", type=Path, help="run the arms named in this file, in order")
+  parser.add_argument("--one", help="run this one arm (what --queue starts)")
   parser.add_argument("--table", action="store_true", help="print the finished arms' table")
   parser.add_argument("--figure", type=Path, help="validation curves of --runs to this PNG")
   parser.add_argument("--runs", nargs="*", default=[], help="arms for --table / --figure")
   args = parser.parse_args()
-  unknown = [n for n in args.run + args.runs if n not in RUNS]
+  unknown = [n for n in args.run + args.runs + ([args.one] if args.one else []) if n not in RUNS]
   if unknown:
     parser.error(f"unknown arm(s) {', '.join(unknown)}; --list shows them")
   if args.list:
@@ -259,6 +289,8 @@ def main() -> None:
       print(f"{name}: finished", flush=True)
       continue
     run_one(name, args.root, args.logs)
+  if args.one:
+    sys.exit(run_one(args.one, args.root, args.logs))
   if args.queue:
     run_queue(args.queue, args.root, args.logs)
   names = args.runs or list(RUNS)

@@ -75,6 +75,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     for arm in config.supervised_lrs:
       config.supervised_lrs[arm] *= factor
   # Substructure SNR measured on this many images per class of each simulated variant.
+  # Workers: any number of processes may run this study on one workdir (each run is
+  # claimed by one); a worker whose remaining runs others hold looks again this often.
+  config.poll_seconds = {"seed": 60.0, "demo": 30.0, "tiny": 1.0}[common.size(preset)]
   config.snr_images = {"seed": 300, "demo": 200, "tiny": 2}[common.size(preset)]
   # Validation passes per run (they choose the epoch that test reports).
   config.evaluations = {"seed": 10, "demo": 5, "tiny": 2}[common.size(preset)]

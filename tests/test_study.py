@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -190,3 +191,45 @@ def test_unknown_arms_and_variants_are_refused_before_anything_runs(tmp_path):
     study.run(config, str(tmp_path / "study"))
   assert "unknown arm 'cnn'" in str(e.value) and "unknown variant 'easy'" in str(e.value)
   assert not (tmp_path / "study").exists()
+
+
+def _study_args(tmp_path: Path, workdir: Path) -> list[str]:
+  return [sys.executable, str(ROOT / "main.py"), "--config=configs/study.py:tiny",
+          f"--workdir={workdir}", f"--config.data.cache_dir={tmp_path / 'cache'}",
+          f"--config.data_dirs.model_ii={tmp_path / 'sim'}", "--config.variants=('model_ii',)",
+          "--config.data.sim.workers=1", "--config.poll_seconds=1.0"]
+
+
+def _comparable(rows: list[dict]) -> list[dict]:
+  return [{k: v for k, v in r.items() if k != "run"} for r in rows]
+
+
+@pytest.mark.slow
+def test_two_workers_one_killed_give_the_one_process_study(tmp_path):
+  """Two processes run the same study on one workdir; one is killed while it runs a stage.
+  The other takes its run over (resuming it) and the rest, and writes the same study.json
+  rows as one process alone."""
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+  alone = subprocess.run(_study_args(tmp_path, tmp_path / "one"), cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
+  assert alone.returncode == 0, alone.stderr[-3000:]
+  want = json.loads((tmp_path / "one" / study.RESULTS_FILE).read_text())["rows"]
+
+  shared = tmp_path / "two"
+  logs = [open(tmp_path / f"worker{i}.log", "w+", encoding="utf-8") for i in range(2)]
+  workers = [subprocess.Popen(_study_args(tmp_path, shared), cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=log) for log in logs]
+  deadline = time.time() + 300
+  while "running it" not in (tmp_path / "worker0.log").read_text():
+    assert time.time() < deadline and workers[0].poll() is None, "worker 0 never ran a stage"
+    time.sleep(0.2)
+  time.sleep(2.0)
+  workers[0].kill()   # SIGKILL mid-run: its claim ends with it
+  assert workers[1].wait(timeout=900) == 0, (tmp_path / "worker1.log").read_text()[-3000:]
+  workers[0].wait()
+  second = (tmp_path / "worker1.log").read_text()
+  assert "is being run by another worker" in second
+  assert "wait for other workers" in second
+  got = json.loads((shared / study.RESULTS_FILE).read_text())["rows"]
+  assert _comparable(got) == _comparable(want)
+  assert (shared / study.TABLE_FILE).exists() and (shared / study.FIGURE_FILE).exists()

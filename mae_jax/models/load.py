@@ -314,7 +314,7 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
   """Reads a `.pth`/`.pt`/`.bin` (torch), `.safetensors` file, or a Hugging Face folder."""
   path = Path(path)
   if path.is_dir():
-    for name in ("model.safetensors", "pytorch_model.bin"):
+    for name in (workdir_lib.HF_WEIGHTS, "pytorch_model.bin"):
       if (path / name).exists():
         return load_state_dict(path / name)
     if (path / workdir_lib.CHECKPOINTS).is_dir():

@@ -37,7 +37,7 @@ from mae_jax.runtime import workdir as workdir_lib
 PyTree = Any
 STATE, PROGRESS = "state", "progress"
 LEGACY_STATE = "default"   # single-item checkpoints (mae_jax before progress records)
-DAMAGED = "damaged_checkpoints"   # where resume sets aside steps that do not restore
+DAMAGED = workdir_lib.DAMAGED_CHECKPOINTS   # where resume sets aside steps that do not restore
 
 
 def manager(workdir: str | Path, max_to_keep: int = 3,

@@ -31,6 +31,10 @@ PRETRAIN_SUMMARY = "pretrain_summary.json"  # the pretrain stage's summary
 EVAL_FILE = "eval_metrics.json"          # a classifier stage's test evaluation
 FEATURES_FILE = "feature_choice.json"    # a probe's frozen feature, chosen on validation
 STAGE_RECORD = "pipeline_stage.json"     # a pipeline stage's config, step and runs
+DAMAGED_CHECKPOINTS = "damaged_checkpoints"  # checkpoints resume found damaged, set aside
+# A Hugging Face model folder written by `stages/export.py`.
+HF_CONFIG = "config.json"
+HF_WEIGHTS = "model.safetensors"
 
 
 def writable_problem(workdir: str | os.PathLike[str]) -> str | None:

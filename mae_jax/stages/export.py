@@ -179,6 +179,22 @@ def _refuse_unmappable(model: dict, classifier: bool, encoder_only: bool) -> Non
     raise ConversionError("cannot export this model to Hugging Face: " + "; ".join(problems))
 
 
+def _tensors_and_config(state: dict, config: dict, classifier: bool, encoder_only: bool
+                        ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """The Hugging Face tensors and config.json of a restored state (see `export`)."""
+  params, model = state["params"], config["model"]
+  if encoder_only:
+    return encoder_tensors(params["encoder"], model, prefix=""), classifier_config(model, True)
+  if classifier:
+    tensors = encoder_tensors(params["encoder"], model)
+    _put(tensors, "classifier", folded_linear_head(params["classifier"],
+                                                   state["batch_stats"]["classifier"]))
+    return tensors, classifier_config(model, False)
+  return ({**encoder_tensors(params["encoder"], model),
+           **decoder_tensors(params["decoder"], model)},
+          mae_config(model, config.get("loss", {})))
+
+
 def export(workdir: str | Path, out: str | Path, encoder_only: bool = False) -> dict[str, Any]:
   """Writes the Hugging Face folder of `workdir`'s latest checkpoint to `out`.
 
@@ -200,23 +216,11 @@ def export(workdir: str | Path, out: str | Path, encoder_only: bool = False) -> 
   classifier = stage in ("probe", "finetune")
   _refuse_unmappable(model, classifier, encoder_only)
   state, step = checkpoint.restore_latest_on_one_device(workdir / workdir_lib.CHECKPOINTS)
-  params = state["params"]
-  if encoder_only:
-    tensors, hf = encoder_tensors(params["encoder"], model, prefix=""), \
-        classifier_config(model, True)
-  elif classifier:
-    tensors = encoder_tensors(params["encoder"], model)
-    _put(tensors, "classifier", folded_linear_head(params["classifier"],
-                                                   state["batch_stats"]["classifier"]))
-    hf = classifier_config(model, False)
-  else:
-    tensors = {**encoder_tensors(params["encoder"], model),
-               **decoder_tensors(params["decoder"], model)}
-    hf = mae_config(model, config.get("loss", {}))
+  tensors, hf = _tensors_and_config(state, config, classifier, encoder_only)
   hf["mae_jax_source"] = {"workdir": str(workdir), "stage": stage, "step": int(step)}
   out.mkdir(parents=True, exist_ok=True)
-  save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-  fileio.write_json_atomic(out / "config.json", hf)
+  save_file(tensors, str(out / workdir_lib.HF_WEIGHTS), metadata={"format": "pt"})
+  fileio.write_json_atomic(out / workdir_lib.HF_CONFIG, hf)
   return {"class": hf["architectures"][0], "step": int(step), "tensors": len(tensors),
           "out": str(out)}
 

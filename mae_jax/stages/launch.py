@@ -30,8 +30,14 @@ from mae_jax.stages import study  # pylint: disable=unused-import (registers stu
 from mae_jax.stages import validate
 
 
+# Stages whose workdir many processes share: the study's workers each claim its runs
+# (every run's own workdir lock), so the study's folder itself is not locked.
+SHARED_WORKDIR = ("study",)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
-  """Checks `config`, then runs its stage in `workdir` under the workdir's lock.
+  """Checks `config`, then runs its stage in `workdir` under the workdir's lock (but for
+  the stages in SHARED_WORKDIR).
 
   Raises:
     errors.UserError: a problem with the config, data or workdir, or a diverging run.
@@ -39,7 +45,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
   # Before any data is read or anything compiled.
   validate.check(config, workdir, stages=registry.names())
   # Process 0 holds the lock for the run (a shared filesystem may not share flocks).
-  hold = workdir_lib.lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  exclusive = jax.process_index() == 0 and config.stage not in SHARED_WORKDIR
+  hold = workdir_lib.lock(workdir) if exclusive else contextlib.nullcontext()
   with hold:
     return registry.get(config.stage)(config, workdir)
 

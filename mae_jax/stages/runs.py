@@ -10,6 +10,7 @@ owns the record; the file names are `runtime.workdir`'s.
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import json
 import os
@@ -112,17 +113,26 @@ def run_stage(name: str, fn: Callable, config: ml_collections.ConfigDict, stage_
   if "init_from" in config and config.init_from:
     source = {"stage": config.init_from_stage,
               "step": checkpoint.latest_step(config.init_from)}
-  runs = list((record or {}).get("runs", []))
   this = {"started": _now(), "seconds": None, "finished": False, "hardware": hardware()}
   if "model" in config and "dtype" in config.model:
     this["compute_dtype"] = build.dtype_of(config.model.dtype).name
+  # The lock is taken before anything is recorded: a workdir another process holds
+  # raises WorkdirBusyError and leaves its record alone (the study's workers rely on it).
+  with workdir_lib.lock(stage_dir) if main else contextlib.nullcontext():
+    if main and stage_dir.exists():   # another process may have finished it meanwhile
+      record = read_record(stage_dir)
+      if incomplete_reason(name, stage_dir, config, record) is None:
+        return
+    _run_and_record(name, fn, config, stage_dir, source,
+                    list((record or {}).get("runs", [])), this)
+
+
+def _run_and_record(name: str, fn: Callable, config: ml_collections.ConfigDict, stage_dir: Path,
+                    source: dict | None, runs: list[dict], this: dict) -> None:
+  main = loop.is_main_process()
   start = time.time()
   try:
-    if main:
-      with workdir_lib.lock(stage_dir):
-        fn(config, str(stage_dir))
-    else:
-      fn(config, str(stage_dir))
+    fn(config, str(stage_dir))
     this["finished"] = True
   finally:
     this["seconds"] = round(time.time() - start, 1)

@@ -25,7 +25,13 @@ every AUC is read against what is reachable, and checks its goals (`goals`).
 
 Every run is an ordinary stage in its own sub-workdir
 (`WORKDIR/<variant>/<budget>/<arm>/...`), skipped when complete and resumed when
-not, so the command can be stopped and run again. Every number comes from a run's
+not, so the command can be stopped and run again. Any number of processes (one per
+GPU, a Slurm job array) may run the same command on one shared workdir: each run is
+claimed by one of them (its workdir lock), a worker skips the runs others hold and
+those that wait for them (the MAE, the scratch rate chosen with the first seed), and
+comes back to them every `poll_seconds`; a dead worker's claim ends with it and the
+run is taken over, resuming from its checkpoint. Each worker writes the tables once
+every run is complete, as a plain rerun does. Every number comes from a run's
 `eval_metrics.json` (test split, epoch chosen on validation, bootstrap interval);
 the study writes `study.json` (rows, summary, ceilings, goals), `study.md`,
 `report.md` / `report.html` (the same tables, rendered from the same rows) and
@@ -37,7 +43,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -47,6 +53,7 @@ from absl import logging
 from mae_jax.data import layout
 from mae_jax.data import simulate
 from mae_jax.eval import plots
+from mae_jax.runtime import errors
 from mae_jax.runtime import fileio
 from mae_jax.runtime import workdir as workdir_lib
 from mae_jax.stages import classify  # pylint: disable=unused-import (registers probe, finetune)
@@ -110,15 +117,47 @@ def _budget_schedule(sub: ml_collections.ConfigDict, labels: int, train_size: in
           "optim.warmup_epochs": min(sub.optim.warmup_epochs, epochs / 10)}
 
 
+class Deferred(Exception):
+  """A run another worker holds (its workdir lock), or one waiting for such a run."""
+
+
+class _Pass:
+  """One pass over the study's runs in their fixed order: the runs it could not do now
+  because another worker holds them, or they wait for one that does."""
+
+  def __init__(self):
+    self.deferred: list[str] = []
+
+  def attempt(self, fn: Callable, *args, **kwargs) -> tuple[bool, Any]:
+    """(True, fn(...)), or (False, None) where the run (or one it needs) is deferred."""
+    try:
+      return True, fn(*args, **kwargs)
+    except Deferred as e:
+      self.deferred.append(str(e))
+      return False, None
+
+  def wait_for(self, what: str) -> tuple[bool, None]:
+    self.deferred.append(what)
+    return False, None
+
+
 def _ensure(name: str, config: ml_collections.ConfigDict, stage_dir: Path) -> dict | None:
-  """Runs stage `name` in `stage_dir` unless complete; returns its eval_metrics.json."""
+  """Runs stage `name` in `stage_dir` unless complete; returns its eval_metrics.json.
+
+  Raises:
+    Deferred: another worker holds the run (it is running it now).
+  """
   record = runs_lib.read_record(stage_dir)
   why = runs_lib.incomplete_reason(name, stage_dir, config, record)
   if why is None:
     logging.info("study: %s complete, skipped", stage_dir)
   else:
     logging.info("study: %s: %s; running it", stage_dir, why)
-    runs_lib.run_stage(name, registry.get(name), config, stage_dir, record)
+    try:
+      runs_lib.run_stage(name, registry.get(name), config, stage_dir, record)
+    except errors.WorkdirBusyError:
+      logging.info("study: %s is being run by another worker; on to the next run", stage_dir)
+      raise Deferred(str(stage_dir)) from None
   path = stage_dir / workdir_lib.EVAL_FILE
   return fileio.read_json(path) if path.exists() else None
 
@@ -333,10 +372,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validate.check_chain({name: _stage(sub, name, config, first) for name, sub in (
       ("data", config.data_stage), ("pretrain", config.pretrain), ("probe", config.probe),
       ("finetune", config.finetune))}, workdir / config.variants[0])
-  rows, ceilings = [], {}
-  for variant in config.variants:
-    variant_rows, ceilings[variant] = _run_variant(config, variant, workdir / variant)
-    rows += variant_rows
+  rows, ceilings = _all_runs(config, workdir)
   summary = summarise(rows)
   goal_rows = goals(summary, config.goal_labels, config.goal_over_scratch,
                     over_radial=config.goal_over_radial.to_dict(),
@@ -350,26 +386,49 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return {"rows": len(rows), "table": str(workdir / TABLE_FILE)}
 
 
-def _run_variant(config: ml_collections.ConfigDict, variant: str, vdir: Path
+def _all_runs(config: ml_collections.ConfigDict, workdir: Path
+              ) -> tuple[list[dict], dict[str, Any]]:
+  """Every run of every variant, pass after pass until none is left to another worker:
+  any number of processes may run the same study on one workdir, each run claimed by
+  one (its workdir lock; a dead worker's lock ends with it and the run is taken over,
+  resuming from its checkpoint). Returns the rows and ceilings of the complete pass."""
+  while True:
+    pass_, rows, ceilings = _Pass(), [], {}
+    for variant in config.variants:
+      variant_rows, ceilings[variant] = _run_variant(config, variant, workdir / variant, pass_)
+      rows += variant_rows
+    if not pass_.deferred:
+      return rows, ceilings
+    logging.info("study: %d run(s) wait for other workers (%s); looking again in %g s",
+                 len(pass_.deferred), ", ".join(pass_.deferred[:3]), config.poll_seconds)
+    time.sleep(config.poll_seconds)
+
+
+def _run_variant(config: ml_collections.ConfigDict, variant: str, vdir: Path, pass_: _Pass
                  ) -> tuple[list[dict], dict[str, Any]]:
   """Every run of one variant: data, MAE, each budget's arms, the supervised ceiling.
-  Returns its rows and its ceilings (substructure SNR)."""
+  Returns its rows and its ceilings (substructure SNR); runs held by another worker
+  (and those that need them) are left to a later pass (`pass_`)."""
   data = config.data.copy_and_resolve_references()
   data.sim.variant = variant
   data.dir = config.data_dirs[variant]
-  summary = _ensure_data(config, data, vdir / "data")
+  ready, summary = pass_.attempt(_ensure_data, config, data, vdir / "data")
+  if not ready:
+    return [], {}
   train_size = sum(summary["counts"]["train"].values())
   pre_dir = vdir / "pretrain"
   arms = tuple(config.variant_arms.get(variant) or config.arms)
   ladder = tuple(config.variant_labels_per_class.get(variant) or config.labels_per_class)
+  mae_ready = True
   if any(a in arms for a in ("mae_finetune", "mae_probe")):
-    _ensure("pretrain", _stage(config.pretrain, "pretrain", config, data), pre_dir)
+    mae_ready, _ = pass_.attempt(_ensure, "pretrain",
+                                 _stage(config.pretrain, "pretrain", config, data), pre_dir)
   rows = []
   for labels in ladder:
     rows += _run_budget(config, data, variant, arms, labels, train_size, pre_dir,
-                        vdir / budget_name(labels))
+                        vdir / budget_name(labels), pass_, mae_ready)
   rows += _run_supervised(config, data, variant, train_size, vdir / "supervised",
-                          arms=arms, radial=0 not in ladder)
+                          arms=arms, radial=0 not in ladder, pass_=pass_)
   return rows, {"snr": _snr(data, config.snr_images, vdir / SNR_FILE)}
 
 
@@ -410,27 +469,45 @@ def _scratch_arm(config, data, variant: str, labels: int, bdir: Path,
   return tried[scratch_lr], scratch_lr
 
 
+def _seed_runs(config, data, variant: str, arms: tuple[str, ...], bdir: Path, pre_dir: Path,
+               pass_: _Pass, mae_ready: bool, scratch: list, common: dict, schedules: dict
+               ) -> dict[str, tuple[dict, Path]]:
+  """One seed's arms of a budget: arm -> (metrics, run dir), the deferred ones left out.
+  `scratch` holds the scratch rate chosen with the first seed ([None] until then; a
+  deferred choice makes the later seeds wait)."""
+  seed, runs = common["seed"], {}
+  for arm, stage in (("mae_finetune", "finetune"), ("mae_probe", "probe")):
+    if arm not in arms:
+      continue
+    ok, out = (pass_.attempt(_mae_arm, config, data, stage, pre_dir, bdir / arm / f"seed{seed}",
+                             **common, **schedules[stage]) if mae_ready
+               else pass_.wait_for(f"{bdir / arm / f'seed{seed}'} (needs the MAE)"))
+    if ok:
+      runs[arm] = out
+  if "scratch_finetune" in arms:
+    first = seed == config.seeds[0]
+    ok, out = (pass_.attempt(_scratch_arm, config, data, variant, common["labels_per_class"],
+                             bdir, scratch[0], **common, **schedules["finetune"])
+               if first or scratch[0] is not None
+               else pass_.wait_for(f"{bdir} scratch seed {seed} (needs the chosen rate)"))
+    if ok:
+      runs["scratch_finetune"], scratch[0] = out
+  return {arm: runs[arm] for arm in ARMS if arm in runs}   # the study's fixed row order
+
+
 def _run_budget(config, data, variant: str, arms: tuple[str, ...], labels: int,
-                train_size: int, pre_dir: Path, bdir: Path) -> list[dict]:
-  """The arms of one label budget, every seed."""
+                train_size: int, pre_dir: Path, bdir: Path, pass_: _Pass,
+                mae_ready: bool) -> list[dict]:
+  """The arms of one label budget, every seed (deferred runs left to a later pass)."""
   devices = jax.device_count()
-  schedule = _budget_schedule(config.finetune, labels, train_size, devices,
-                              config.finetune_steps, config.evaluations)
-  probe_schedule = _budget_schedule(config.probe, labels, train_size, devices,
-                                    config.probe_steps, config.evaluations)
-  rows, scratch_lr = [], None
+  schedules = {stage: _budget_schedule(config[stage], labels, train_size, devices,
+                                       config[f"{stage}_steps"], config.evaluations)
+               for stage in ("finetune", "probe")}
+  rows, scratch = [], [None]
   for seed in config.seeds:
-    common = dict(labels_per_class=labels, seed=seed)
-    runs = {}   # arm -> (metrics, run dir)
-    if "mae_finetune" in arms:
-      runs["mae_finetune"] = _mae_arm(config, data, "finetune", pre_dir,
-                                      bdir / "mae_finetune" / f"seed{seed}", **common, **schedule)
-    if "scratch_finetune" in arms:
-      runs["scratch_finetune"], scratch_lr = _scratch_arm(config, data, variant, labels, bdir,
-                                                          scratch_lr, **common, **schedule)
-    if "mae_probe" in arms:
-      runs["mae_probe"] = _mae_arm(config, data, "probe", pre_dir,
-                                   bdir / "mae_probe" / f"seed{seed}", **common, **probe_schedule)
+    runs = _seed_runs(config, data, variant, arms, bdir, pre_dir, pass_, mae_ready, scratch,
+                      dict(labels_per_class=labels, seed=seed), schedules)
+    scratch_lr = scratch[0]
     for arm, (metrics, run_dir) in runs.items():
       extra = {"lr": scratch_lr} if arm == "scratch_finetune" else (
           {"features": metrics.get("features")} if arm == "mae_probe" else {})
@@ -450,7 +527,7 @@ def _scratch(config, data, lr: float, run_dir: Path, **overrides) -> tuple[dict,
 
 
 def _run_supervised(config, data, variant: str, train_size: int, sdir: Path, *,
-                    arms: tuple[str, ...], radial: bool) -> list[dict]:
+                    arms: tuple[str, ...], radial: bool, pass_: _Pass) -> list[dict]:
   """The ceiling arms: each network from scratch on every label, once per seed (and,
   with `radial`, the radial baseline on every label beside them)."""
   schedule = _budget_schedule(config.finetune, 0, train_size, jax.device_count(),
@@ -460,9 +537,11 @@ def _run_supervised(config, data, variant: str, train_size: int, sdir: Path, *,
     runs = {}
     for arm in (a for a in SUPERVISED if a in arms):
       lr = config.supervised_lrs[arm]
-      runs[arm] = _scratch(config, data, lr, sdir / arm / f"seed{seed}", labels_per_class=0,
-                           seed=seed, **SUPERVISED[arm], **schedule)
-      rows.append(_row(variant, 0, seed, arm, *runs[arm], lr=lr))
+      ok, out = pass_.attempt(_scratch, config, data, lr, sdir / arm / f"seed{seed}",
+                              labels_per_class=0, seed=seed, **SUPERVISED[arm], **schedule)
+      if ok:
+        runs[arm] = out
+        rows.append(_row(variant, 0, seed, arm, *out, lr=lr))
     if radial and "radial" in arms and runs:
       metrics, run_dir = next(iter(runs.values()))
       rows.append(_row(variant, 0, seed, "radial", metrics["baseline"], run_dir))
@@ -492,5 +571,9 @@ def _ensure_data(config, data, stage_dir: Path) -> dict:
   stage = _stage(config.data_stage, "data", config, data)
   record = runs_lib.read_record(stage_dir)
   if runs_lib.incomplete_reason("data", stage_dir, stage, record) is not None:
-    runs_lib.run_stage("data", registry.get("data"), stage, stage_dir, record)
+    try:
+      runs_lib.run_stage("data", registry.get("data"), stage, stage_dir, record)
+    except errors.WorkdirBusyError:
+      logging.info("study: %s is being run by another worker; on to the next run", stage_dir)
+      raise Deferred(str(stage_dir)) from None
   return json.loads((stage_dir / workdir_lib.DATA_SUMMARY).read_text())
