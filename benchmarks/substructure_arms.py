@@ -103,6 +103,9 @@ RUNS: dict[str, Run] = {
     "sup_cnn_flips": _supervised("--config.model.arch=cnn", *FLIPS),
     "sup_vit_p8_mean": _supervised("--config.model.pool=mean",
                                    expect="the mean of the patch tokens, as the CNN's average pool"),
+    "sup_vit_p8_b32": _supervised("--config.batch_size=32",
+                                  expect="twice the steps per epoch: leaves chance sooner"),
+    "sup_vit_p8_lr2e3": _supervised(lr=2e-3, expect="larger steps: sooner, or unstable"),
     "sup_vit_p8_e100": _supervised(epochs=100, expect="still rising at 40 epochs: to its plateau"),
     "sup_cnn_e100": _supervised("--config.model.arch=cnn", epochs=100,
                                 expect="the CNN ceiling to its plateau (0.85 at 40 epochs)"),
@@ -116,6 +119,13 @@ RUNS: dict[str, Run] = {
     **_mae_arm("highpass", ("--config.loss.type=mse", "--config.loss.norm_pix=True",
                             "--config.loss.target=highpass"),
                expect="each patch minus its blur: the few-pixel residual substructure adds"),
+    **_mae_arm("visible", ("--config.loss.masked_only=False",),
+               expect="the loss on every patch (the seed's choice): the encoder must carry the "
+                      "visible patches' own detail, substructure included"),
+    **_mae_arm("visiblehp", ("--config.loss.masked_only=False", "--config.loss.type=mse",
+                             "--config.loss.norm_pix=True", "--config.loss.target=highpass"),
+               expect="every patch's high-pass part: the visible detail, without the smooth "
+                      "light that dominates the pixel loss"),
     **_mae_arm("mask50", ("--config.model.mask_ratio=0.5",),
                expect="more context per removed patch: sharper predictions, finer features"),
     **_mae_arm("dec4", ("--config.model.decoder_depth=4",),
@@ -187,8 +197,10 @@ def run_queue(queue: Path, root: Path, log_dir: Path) -> None:
   todo = [n for n in names if n in RUNS and not finished(root, n) and not failed(n)]
   if not todo:
     return
-  while _busy(root):
-    time.sleep(30)
+  if _busy(root):   # another arm runs: wait, then look at the queue afresh
+    while _busy(root):
+      time.sleep(30)
+    os.execv(sys.executable, [sys.executable, *sys.argv])
   subprocess.call([sys.executable, __file__, "--root", str(root), "--logs", str(log_dir),
                    "--one", todo[0]], cwd=ROOT)
   os.execv(sys.executable, [sys.executable, *sys.argv])
