@@ -40,20 +40,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.labels_per_class = {"seed": (10, 30, 100, 300, 1000, 0), "demo": (100,),
                              "tiny": (2, 0)}[common.size(preset)]
   config.seeds = {"seed": (0, 1, 2), "demo": (0, 1, 2), "tiny": (0,)}[common.size(preset)]
-  config.arms = {"seed": ("mae_finetune", "scratch_finetune", "mae_probe", "radial", "supervised",
-                          "supervised_cnn"),
+  config.arms = {"seed": ("mae_finetune", "mae_partial", "scratch_finetune", "mae_probe", "radial",
+                          "supervised", "supervised_cnn"),
                  # demo: the ViT from scratch stays at chance on every label of `substructure`
                  # (docs/substructure.md); the CNN is the ceiling there.
                  "demo": ("mae_finetune", "scratch_finetune", "mae_probe", "radial",
                           "supervised_cnn"),
-                 "tiny": ("mae_finetune", "scratch_finetune", "mae_probe", "radial", "supervised",
-                          "supervised_cnn")}[common.size(preset)]
+                 "tiny": ("mae_finetune", "mae_partial", "scratch_finetune", "mae_probe", "radial",
+                          "supervised", "supervised_cnn")}[common.size(preset)]
   # Per variant, a ladder and arms other than the above; () keeps the above (the demo cuts
   # what does not inform on a 2-core CPU: model_ii's ceiling is its radial baseline's).
   config.variant_labels_per_class = ml_collections.ConfigDict({v: () for v in common.VARIANTS})
   config.variant_arms = ml_collections.ConfigDict({v: () for v in common.VARIANTS})
   if common.size(preset) == "demo":
     config.variant_arms.model_ii = ("mae_finetune", "scratch_finetune", "mae_probe", "radial")
+  # mae_partial: the MAE fine-tune with only the encoder's last this many blocks training.
+  config.partial_blocks = 1
   # The scratch fine-tune's learning rates (every param), chosen on validation.
   config.scratch_lrs = {"seed": (1e-4, 3e-4, 1e-3), "demo": (1e-3, 3e-3),
                         "tiny": (1e-3,)}[common.size(preset)]

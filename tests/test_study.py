@@ -166,6 +166,11 @@ def test_study_table_is_the_stages_own_numbers(tmp_path):
       assert metrics["labels_per_class"] == row["labels_per_class"]
       assert metrics["train_examples"] == (3 * row["labels_per_class"]
                                           if row["labels_per_class"] else metrics["train_examples"])
+  partial = [r for r in out["rows"] if r["arm"] == "mae_partial"]   # the partial fine-tune's rows
+  assert {r["labels_per_class"] for r in partial} == {2, 0}
+  for r in partial:
+    ran = json.loads((Path(r["run"]) / workdir_lib.CONFIG_FILE).read_text())
+    assert ran["trainable_blocks"] == 1 and ran["init_from"].endswith("pretrain")
   for s in out["summary"]:
     members = [r["test_macro_auc"] for r in out["rows"]
                if (r["arm"], r["labels_per_class"]) == (s["arm"], s["labels_per_class"])]
@@ -176,6 +181,7 @@ def test_study_table_is_the_stages_own_numbers(tmp_path):
     text = (tmp_path / "study" / name).read_text()
     assert "| model_ii | supervised CNN (all labels) | all | 1 |" in text
     assert "| model_ii | supervised ViT (all labels) | all | 1 |" in text
+    assert "| model_ii | MAE partial fine-tune | 2 | 1 |" in text
     assert "axion substructure SNR" in text
   # Run again: everything is complete and skipped; the table is the same.
   again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -10,6 +10,8 @@ seed, run the arms:
 - `scratch_finetune`: the same fine-tune from a random encoder, at its own learning
   rate, chosen on validation from `scratch_lrs` (with the first seed of each budget;
   the other seeds reuse it);
+- `mae_partial`: the fine-tune stage from the MAE training only the encoder's last
+  `partial_blocks` blocks (and its final norm) with the head (`trainable_blocks`);
 - `mae_probe`: the probe stage on the MAE's frozen features, block and pooling
   chosen on validation;
 - `radial`: the radial-profile logistic regression, fitted on the same labelled
@@ -64,9 +66,10 @@ from mae_jax.stages import runs as runs_lib
 from mae_jax.stages import validate
 from mae_jax.train import loop
 
-ARMS = ("mae_finetune", "scratch_finetune", "mae_probe", "radial", "supervised",
+ARMS = ("mae_finetune", "mae_partial", "scratch_finetune", "mae_probe", "radial", "supervised",
         "supervised_cnn")
-ARM_TITLES = {"mae_finetune": "MAE fine-tune", "scratch_finetune": "scratch fine-tune",
+ARM_TITLES = {"mae_finetune": "MAE fine-tune", "mae_partial": "MAE partial fine-tune",
+              "scratch_finetune": "scratch fine-tune",
               "mae_probe": "MAE probe", "radial": "radial-profile baseline",
               "supervised": "supervised ViT (all labels)",
               "supervised_cnn": "supervised CNN (all labels)"}
@@ -420,7 +423,7 @@ def _run_variant(config: ml_collections.ConfigDict, variant: str, vdir: Path, pa
   arms = tuple(config.variant_arms.get(variant) or config.arms)
   ladder = tuple(config.variant_labels_per_class.get(variant) or config.labels_per_class)
   mae_ready = True
-  if any(a in arms for a in ("mae_finetune", "mae_probe")):
+  if any(a in arms for a in ("mae_finetune", "mae_partial", "mae_probe")):
     mae_ready, _ = pass_.attempt(_ensure, "pretrain",
                                  _stage(config.pretrain, "pretrain", config, data), pre_dir)
   rows = []
@@ -476,11 +479,13 @@ def _seed_runs(config, data, variant: str, arms: tuple[str, ...], bdir: Path, pr
   `scratch` holds the scratch rate chosen with the first seed ([None] until then; a
   deferred choice makes the later seeds wait)."""
   seed, runs = common["seed"], {}
-  for arm, stage in (("mae_finetune", "finetune"), ("mae_probe", "probe")):
+  for arm, stage, extra in (("mae_finetune", "finetune", {}),
+                            ("mae_partial", "finetune", {"trainable_blocks": config.partial_blocks}),
+                            ("mae_probe", "probe", {})):
     if arm not in arms:
       continue
     ok, out = (pass_.attempt(_mae_arm, config, data, stage, pre_dir, bdir / arm / f"seed{seed}",
-                             **common, **schedules[stage]) if mae_ready
+                             **common, **schedules[stage], **extra) if mae_ready
                else pass_.wait_for(f"{bdir / arm / f'seed{seed}'} (needs the MAE)"))
     if ok:
       runs[arm] = out
