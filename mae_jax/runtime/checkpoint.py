@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging as std_logging
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -221,10 +222,29 @@ def latest_step(workdir: str | Path) -> int | None:
     return mngr.latest_step()
 
 
+class _NoItemMetadataNote(std_logging.Filter):
+  """Drops orbax's "Metadata file does not exist" warning: a checkpoint item read on its
+  own (`restore_on_one_device`) never has the step-level metadata file it looks for, so
+  the warning came with every healthy restore and read like damage."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Metadata file does not exist")
+
+
 def restore_on_one_device(item: Path) -> dict:
   """Restores a saved pytree onto this process's first device, whatever mesh wrote it
   (a stage may start from one that ran on another number of devices)."""
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  quiet = _NoItemMetadataNote()
+  absl_logger = logging.get_absl_logger()
+  absl_logger.addFilter(quiet)
+  try:
+    return _restore_item(item, device)
+  finally:
+    absl_logger.removeFilter(quiet)
+
+
+def _restore_item(item: Path, device: jax.sharding.Sharding) -> dict:
   with ocp.StandardCheckpointer() as ckptr:
     tree = ckptr.metadata(item).item_metadata.tree
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
