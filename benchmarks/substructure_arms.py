@@ -7,7 +7,8 @@ test split's macro AUC with its bootstrap 95% interval.
   python benchmarks/substructure_arms.py --list
   python benchmarks/substructure_arms.py --run sup_vit_p8 sup_cnn    # in order, resumable
   python benchmarks/substructure_arms.py --queue arms.txt   # arms named in a file, re-read
-                                                             # before each run (edit it live)
+                                                             # before each run (edit it live;
+                                                             # arms.txt.pause holds it)
   python benchmarks/substructure_arms.py --table > /tmp/arms.md      # every finished run
   python benchmarks/substructure_arms.py --figure docs/substructure_curves.png --runs a b
 
@@ -32,6 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SUB = ("--config.data.sim.variant=substructure",)
 SCRATCH = ("--config.init_from=",)
 FLIPS = ("--config.augment=True", "--config.data.augment.max_shift=0")
+
+
+# The loss on every patch's high-pass part (normalised per patch): the recipe whose frozen
+# features first saw substructure.
+VISIBLE_HP = ("--config.loss.masked_only=False", "--config.loss.type=mse",
+              "--config.loss.norm_pix=True", "--config.loss.target=highpass")
 
 
 def _lr(rate: float) -> str:
@@ -65,7 +72,8 @@ def _mae_arm(name: str, pretrain: tuple[str, ...], model: tuple[str, ...] = (),
   demo folder's labels: the probe (frozen features, block chosen on validation), a
   partial fine-tune (the last block and the head, every label) and the full fine-tune
   at 300 labels per class and on every label. The fine-tunes use the scratch ViT's recipe
-  (lr 1e-3 for every param, 40 epochs), so only the initialisation differs."""
+  (lr 1e-3 for every param, 40 epochs), so only the initialisation differs; `ftdef` is
+  the every-label fine-tune at the demo fine-tune's own rates."""
   pre = f"mae_{name}_pre"
   source = (f"--config.init_from={{root}}/{pre}",)
   data = ("--config.data.dir=data/substructure_sim_demo",)
@@ -75,6 +83,11 @@ def _mae_arm(name: str, pretrain: tuple[str, ...], model: tuple[str, ...] = (),
       pre: Run("configs/pretrain.py:demo", (*SUB, *pool_dir, *model, *pretrain), question, expect),
       f"mae_{name}_probe": Run("configs/probe.py:demo", (*SUB, *data, *model, *source), question,
                                needs=(pre,)),
+      # The probe's head trained 10x longer (the frozen features are computed once, so
+      # its epochs are cheap): the 20-epoch probe was still rising.
+      f"mae_{name}_probe200": Run("configs/probe.py:demo",
+                                  (*SUB, *data, *model, *source, "--config.epochs=200"),
+                                  question, needs=(pre,)),
       f"mae_{name}_partial": Run("configs/finetune.py:demo",
                                  (*SUB, *data, *model, *source, _lr(1e-3), "--config.epochs=40",
                                   "--config.trainable_blocks=1"), question, needs=(pre,)),
@@ -83,6 +96,11 @@ def _mae_arm(name: str, pretrain: tuple[str, ...], model: tuple[str, ...] = (),
                                 "--config.labels_per_class=300"), question, needs=(pre,)),
       f"mae_{name}_ftall": Run("configs/finetune.py:demo",
                                (*SUB, *data, *model, *source, _lr(1e-3), "--config.epochs=40"),
+                               question, needs=(pre,)),
+      # The demo fine-tune's own rates (encoder 1e-4, head 1e-3): the MAE's features kept
+      # closer to where pretraining left them.
+      f"mae_{name}_ftdef": Run("configs/finetune.py:demo",
+                               (*SUB, *data, *model, *source, "--config.epochs=40"),
                                question, needs=(pre,)),
   }
 
@@ -122,10 +140,14 @@ RUNS: dict[str, Run] = {
     **_mae_arm("visible", ("--config.loss.masked_only=False",),
                expect="the loss on every patch (the seed's choice): the encoder must carry the "
                       "visible patches' own detail, substructure included"),
-    **_mae_arm("visiblehp", ("--config.loss.masked_only=False", "--config.loss.type=mse",
-                             "--config.loss.norm_pix=True", "--config.loss.target=highpass"),
+    **_mae_arm("visiblehp", VISIBLE_HP,
                expect="every patch's high-pass part: the visible detail, without the smooth "
                       "light that dominates the pixel loss"),
+    **_mae_arm("visiblehp_long", (*VISIBLE_HP, "--config.phase_epochs=(20, 40)"),
+               expect="the best recipe, 60 epochs (3x): MAE's probe keeps rising with length"),
+    **_mae_arm("visiblehp_pool3", (*VISIBLE_HP, "--config.pool_size=16200"),
+               pool="data/substructure_sim_pool10",
+               expect="the best recipe on 3x the unlabelled images (16,200), 20 epochs"),
     **_mae_arm("mask50", ("--config.model.mask_ratio=0.5",),
                expect="more context per removed patch: sharper predictions, finer features"),
     **_mae_arm("dec4", ("--config.model.decoder_depth=4",),
@@ -197,6 +219,11 @@ def run_queue(queue: Path, root: Path, log_dir: Path) -> None:
   todo = [n for n in names if n in RUNS and not finished(root, n) and not failed(n)]
   if not todo:
     return
+  pause = queue.with_name(queue.name + ".pause")
+  if pause.exists():   # hold the queue between arms (a quiet machine for a benchmark)
+    print(f"queue: paused while {pause} exists", flush=True)
+    while pause.exists():
+      time.sleep(15)
   if _busy(root):   # another arm runs: wait, then look at the queue afresh
     while _busy(root):
       time.sleep(30)
