@@ -226,11 +226,16 @@ def test_two_workers_one_killed_give_the_one_process_study(tmp_path):
   workers = [subprocess.Popen(_study_args(tmp_path, shared), cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=log) for log in logs]
   deadline = time.time() + 300
-  while "running it" not in (tmp_path / "worker0.log").read_text():
-    assert time.time() < deadline and workers[0].poll() is None, "worker 0 never ran a stage"
+
+  def both_met() -> bool:   # worker 0 runs a stage, and worker 1 has met one of its claims
+    return ("running it" in (tmp_path / "worker0.log").read_text()
+            and "is being run by another worker" in (tmp_path / "worker1.log").read_text())
+
+  while not both_met():
+    assert time.time() < deadline and workers[0].poll() is None, \
+        "worker 0 never ran a stage while worker 1 met its claim"
     time.sleep(0.2)
-  time.sleep(2.0)
-  workers[0].kill()   # SIGKILL mid-run: its claim ends with it
+  workers[0].kill()   # SIGKILL mid-run: its claims end with it
   assert workers[1].wait(timeout=900) == 0, (tmp_path / "worker1.log").read_text()[-3000:]
   workers[0].wait()
   second = (tmp_path / "worker1.log").read_text()
