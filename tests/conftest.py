@@ -7,11 +7,16 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 
+from configs import finetune as finetune_config  # pylint: disable=g-import-not-at-top
 from mae_jax.data import layout  # pylint: disable=g-import-not-at-top
 from mae_jax.data import npy_io  # pylint: disable=g-import-not-at-top
+from mae_jax.models import build  # pylint: disable=g-import-not-at-top
+from mae_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
+from mae_jax.train import optim  # pylint: disable=g-import-not-at-top
 
 ID_SCALE = 100_000.0
 
@@ -46,3 +51,15 @@ def write_folder(root: Path, per_class: int, size: int = 16, start: int = 0) -> 
 def small_folder(tmp_path: Path) -> tuple[Path, dict[int, str]]:
   root = tmp_path / "src"
   return root, write_folder(root, per_class=40)
+
+
+def bfloat16_classifier(total_steps: int, steps_per_epoch: int, global_batch: int):
+  """The `tiny` fine-tune's classifier in bfloat16: (model, params, batch_stats, optimiser)."""
+  config = finetune_config.get_config("tiny")
+  config.model.dtype = "bfloat16"
+  model = build.build_classifier(config.model, 3, parallel.AXIS)
+  params, stats = build.init_classifier(model, jax.random.key(0))
+  tx, _ = optim.classifier_optimizer(
+      params, optim.ClassifierOptimSettings.from_config(config.optim), total_steps=total_steps,
+      steps_per_epoch=steps_per_epoch, global_batch=global_batch, depth=config.model.depth)
+  return model, params, stats, tx

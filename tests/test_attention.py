@@ -7,13 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import finetune as finetune_config
 from mae_jax.models import attention
-from mae_jax.models import build
 from mae_jax.models import vit
 from mae_jax.runtime import parallel
-from mae_jax.train import optim
 from mae_jax.train import steps
+from tests import conftest
 
 
 def _plain_attention(qkv: jax.Array, heads: int) -> jax.Array:
@@ -145,13 +143,7 @@ def test_a_failed_cudnn_compile_falls_back_to_xla_with_one_line_and_the_step_run
     monkeypatch, caplog):
   """On this CPU cuDNN cannot compile: the bfloat16 classifier step asked for cuDNN is
   compiled with XLA's attention instead, after one warning, and gives XLA's results."""
-  config = finetune_config.get_config("tiny")
-  config.model.dtype = "bfloat16"
-  model = build.build_classifier(config.model, 3, parallel.AXIS)
-  params, stats = build.init_classifier(model, jax.random.key(0))
-  tx, _ = optim.classifier_optimizer(
-      params, optim.ClassifierOptimSettings.from_config(config.optim), total_steps=4,
-      steps_per_epoch=2, global_batch=4, depth=config.model.depth)
+  model, params, stats, tx = conftest.bfloat16_classifier(4, 2, 4)
   mesh = parallel.make_mesh()
   rng = np.random.default_rng(0)
   batch = parallel.global_batch({"x": rng.random((4, 64, 64, 1), dtype=np.float32),

@@ -20,6 +20,7 @@ from mae_jax.train import batching
 from mae_jax.train import losses
 from mae_jax.train import optim
 from mae_jax.train import steps
+from tests import conftest
 from tests.conftest import write_folder
 
 
@@ -79,13 +80,7 @@ def test_bfloat16_pretrain_computes_in_bfloat16_and_learns():
 
 
 def test_bfloat16_finetune_learns_with_float32_state():
-  config = finetune_config.get_config("tiny")
-  config.model.dtype = "bfloat16"
-  model = build.build_classifier(config.model, 3, parallel.AXIS)
-  params, stats = build.init_classifier(model, jax.random.key(0))
-  tx, _ = optim.classifier_optimizer(
-      params, optim.ClassifierOptimSettings.from_config(config.optim), total_steps=40,
-      steps_per_epoch=20, global_batch=12, depth=config.model.depth)
+  model, params, stats, tx = conftest.bfloat16_classifier(40, 20, 12)
   mesh = parallel.make_mesh()
   state = parallel.replicate(steps.ClassifierState.create(
       apply_fn=model.apply, params=params, tx=tx, batch_stats=stats), mesh)
