@@ -231,21 +231,22 @@ class _NoItemMetadataNote(std_logging.Filter):
     return not str(record.msg).startswith("Metadata file does not exist")
 
 
-def restore_on_one_device(item: Path) -> dict:
-  """Restores a saved pytree onto this process's first device, whatever mesh wrote it
-  (a stage may start from one that ran on another number of devices)."""
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  quiet = _NoItemMetadataNote()
-  absl_logger = logging.get_absl_logger()
+@contextlib.contextmanager
+def _quiet_item_metadata() -> Iterator[None]:
+  """Within this context orbax's absl logger drops `_NoItemMetadataNote`'s warning."""
+  quiet, absl_logger = _NoItemMetadataNote(), logging.get_absl_logger()
   absl_logger.addFilter(quiet)
   try:
-    return _restore_item(item, device)
+    yield
   finally:
     absl_logger.removeFilter(quiet)
 
 
-def _restore_item(item: Path, device: jax.sharding.Sharding) -> dict:
-  with ocp.StandardCheckpointer() as ckptr:
+def restore_on_one_device(item: Path) -> dict:
+  """Restores a saved pytree onto this process's first device, whatever mesh wrote it
+  (a stage may start from one that ran on another number of devices)."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with _quiet_item_metadata(), ocp.StandardCheckpointer() as ckptr:
     tree = ckptr.metadata(item).item_metadata.tree
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                             tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
