@@ -18,6 +18,7 @@ that fails (a full disk) stops the run with one line; the older checkpoints stan
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging as std_logging
 import sys
@@ -133,24 +134,54 @@ def damage(e: BaseException) -> str:
   return type(causes[0]).__name__
 
 
-@contextlib.contextmanager
-def _quiet_failed_reads() -> Iterator[None]:
-  """When one array of a damaged checkpoint fails to read, orbax leaves the reads of the
-  others as coroutines that raise the same error when collected; Python would print each
-  with a traceback and the whole TensorStore spec. Within this context (and a collection
-  at its end) those are dropped: the caller reports the damage in one line."""
+def _late_read_completion(unraisable) -> bool:
+  """A read TensorStore finished after orbax's event loop closed: it reports `RuntimeError:
+  Event loop is closed` (raised in `loop.call_soon_threadsafe`, with no object)."""
+  return (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+          and str(unraisable.exc_value) == "Event loop is closed")
+
+
+@functools.cache
+def _drop_late_read_completions() -> None:
+  """After a damaged read, TensorStore goes on with the abandoned reads of the other
+  arrays on its own threads, and each one that finishes after orbax's event loop has
+  closed prints a traceback, at any later time. From the first damaged read on, this
+  process drops those reports, and only those."""
   previous = sys.unraisablehook
 
   def hook(unraisable):
-    if "_read_array_index" not in repr(unraisable.object):
+    if not _late_read_completion(unraisable):
       previous(unraisable)
 
   sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads() -> Iterator[None]:
+  """When one array of a damaged checkpoint fails to read, orbax leaves the reads of the
+  others as coroutines that raise the same error when collected, or as reads that finish
+  later; Python would print each with a traceback and the whole TensorStore spec. Within
+  this context (and a collection at its end) those are dropped, and after a failed read
+  the late ones for good: the caller reports the damage in one line."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if "_read_array_index" not in repr(unraisable.object) and not _late_read_completion(
+        unraisable):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  failed = False
   try:
     yield
+  except BaseException:
+    failed = True
+    raise
   finally:
     gc.collect()
     sys.unraisablehook = previous
+    if failed:
+      _drop_late_read_completions()
 
 
 def _set_aside(mngr: ocp.CheckpointManager, step: int) -> Path:
