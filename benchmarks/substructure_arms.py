@@ -36,9 +36,13 @@ FLIPS = ("--config.augment=True", "--config.data.augment.max_shift=0")
 
 
 # The loss on every patch's high-pass part (normalised per patch): the recipe whose frozen
-# features first saw substructure.
+# features first saw substructure, the demo default since.
 VISIBLE_HP = ("--config.loss.masked_only=False", "--config.loss.type=mse",
               "--config.loss.norm_pix=True", "--config.loss.target=highpass")
+# The demo recipe before it (BCE on the removed patches' pixels): the `base` arm, and the
+# arms that change one thing of it.
+BASE = ("--config.loss.masked_only=True", "--config.loss.type=bce",
+        "--config.loss.norm_pix=False", "--config.loss.target=pixels")
 
 
 def _lr(rate: float) -> str:
@@ -136,14 +140,14 @@ RUNS: dict[str, Run] = {
         "--config.labels_per_class=300", epochs=120,
         expect="a sixth of the labels, 1,700 steps: near chance, or leaving the plateau late"),
     # (2) MAE recipes: each a pretraining, then probe / partial / 300 labels / every label.
-    **_mae_arm("base", (), expect="the demo recipe (BCE, mask 0.75, decoder 64 x 2, 20 "
-                                  "epochs): the lens and source, little substructure"),
-    **_mae_arm("normpix", ("--config.loss.type=mse", "--config.loss.norm_pix=True"),
+    **_mae_arm("base", BASE, expect="the demo recipe before (BCE, mask 0.75, decoder 64 x 2, "
+                                    "20 epochs): the lens and source, little substructure"),
+    **_mae_arm("normpix", (*BASE, "--config.loss.type=mse", "--config.loss.norm_pix=True"),
                expect="MSE on per-patch normalised pixels (MAE's best target): more detail"),
-    **_mae_arm("highpass", ("--config.loss.type=mse", "--config.loss.norm_pix=True",
+    **_mae_arm("highpass", (*BASE, "--config.loss.type=mse", "--config.loss.norm_pix=True",
                             "--config.loss.target=highpass"),
                expect="each patch minus its blur: the few-pixel residual substructure adds"),
-    **_mae_arm("visible", ("--config.loss.masked_only=False",),
+    **_mae_arm("visible", (*BASE, "--config.loss.masked_only=False"),
                expect="the loss on every patch (the seed's choice): the encoder must carry the "
                       "visible patches' own detail, substructure included"),
     **_mae_arm("visiblehp", VISIBLE_HP,
@@ -154,14 +158,14 @@ RUNS: dict[str, Run] = {
     **_mae_arm("visiblehp_pool3", (*VISIBLE_HP, "--config.pool_size=16200"),
                pool="data/substructure_sim_pool10",
                expect="the best recipe on 3x the unlabelled images (16,200), 20 epochs"),
-    **_mae_arm("mask50", ("--config.model.mask_ratio=0.5",),
+    **_mae_arm("mask50", (*BASE, "--config.model.mask_ratio=0.5"),
                expect="more context per removed patch: sharper predictions, finer features"),
-    **_mae_arm("dec4", ("--config.model.decoder_depth=4",),
+    **_mae_arm("dec4", (*BASE, "--config.model.decoder_depth=4"),
                expect="a deeper decoder leaves the encoder's last blocks more abstract"),
-    **_mae_arm("long", ("--config.phase_epochs=(20, 40)",), expect="60 epochs, 3x the base"),
-    **_mae_arm("pool3", ("--config.pool_size=16200",), pool="data/substructure_sim_pool10",
+    **_mae_arm("long", (*BASE, "--config.phase_epochs=(20, 40)"), expect="60 epochs, 3x the base"),
+    **_mae_arm("pool3", (*BASE, "--config.pool_size=16200"), pool="data/substructure_sim_pool10",
                expect="3x the unlabelled images (16,200 of the 10x folder's train split)"),
-    **_mae_arm("pool10", (), pool="data/substructure_sim_pool10",
+    **_mae_arm("pool10", BASE, pool="data/substructure_sim_pool10",
                expect="10x the unlabelled images (the 10x folder's train split, ~54,000)"),
 }
 

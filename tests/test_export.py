@@ -131,3 +131,16 @@ def test_what_does_not_map_is_refused_with_the_reason(tmp_path):
                        timeout=300)
   assert cli.returncode != 0 and "Traceback" not in cli.stderr
   assert cli.stderr.strip().splitlines()[-1].startswith("error: cannot export this model")
+
+
+def test_the_exported_config_says_what_each_preset_s_decoder_predicts():
+  """transformers' own loss is MSE on pixels: the note in config.json says what the
+  decoder was trained to give, from the preset's loss."""
+  notes = {}
+  for preset in ("seed", "demo"):
+    config = pretrain_config.get_config(preset)
+    hf = export.mae_config(config.model.to_dict(), config.loss.to_dict())
+    notes[preset] = hf["mae_jax"]["note"]
+    assert hf["norm_pix_loss"] == (config.loss.type == "mse" and config.loss.norm_pix)
+  assert "logits of [0, 1] pixels" in notes["seed"]
+  assert "Gaussian blur (sigma 1.0 px), normalised per patch" in notes["demo"]

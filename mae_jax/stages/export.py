@@ -137,9 +137,21 @@ def mae_config(model: dict, loss: dict) -> dict[str, Any]:
       "decoder_intermediate_size": int(model["decoder_dim"] * model["mlp_ratio"]),
       "mask_ratio": model["mask_ratio"],
       "norm_pix_loss": bool(loss.get("norm_pix")) and loss.get("type") == "mse",
-      "mae_jax": {"loss": loss, "note": "decoder outputs are logits of [0, 1] pixels with "
-                                        "loss.type='bce' (apply a sigmoid)"},
+      "mae_jax": {"loss": loss, "note": _decoder_note(loss)},
   }
+
+
+def _decoder_note(loss: dict) -> str:
+  """What the exported decoder predicts, which transformers' own (MSE on pixels) loss
+  does not always score."""
+  if loss.get("type") == "bce":
+    return "decoder outputs are logits of [0, 1] pixels (apply a sigmoid)"
+  if loss.get("target") == "highpass":
+    return (f"decoder outputs are each patch minus its own Gaussian blur (sigma "
+            f"{loss.get('highpass_sigma', 1.0)} px)"
+            + (", normalised per patch" if loss.get("norm_pix") else "")
+            + "; transformers' loss (MSE on pixels) does not score them")
+  return "decoder outputs are pixels" + (", normalised per patch" if loss.get("norm_pix") else "")
 
 
 def classifier_config(model: dict, encoder_only: bool) -> dict[str, Any]:
