@@ -106,6 +106,10 @@ def _mae_arm(name: str, pretrain: tuple[str, ...], model: tuple[str, ...] = (),
       f"mae_{name}_ftdef": Run("configs/finetune.py:demo",
                                (*SUB, *data, *model, *source, "--config.epochs=40"),
                                question, needs=(pre,)),
+      # Twice as long: every fine-tune was still rising at epoch 40.
+      f"mae_{name}_ftdef80": Run("configs/finetune.py:demo",
+                                 (*SUB, *data, *model, *source, "--config.epochs=80"),
+                                 question, needs=(pre,)),
       # The same at 300 labels per class (120 epochs of 14 steps: half the steps of the above).
       f"mae_{name}_ft300def": Run("configs/finetune.py:demo",
                                   (*SUB, *data, *model, *source, "--config.epochs=120",
