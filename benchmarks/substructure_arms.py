@@ -295,16 +295,21 @@ def table(names: list[str], root: Path) -> str:
 
 
 def figure(names: list[str], root: Path, out: Path) -> None:
-  """Validation macro AUC by epoch of each run, one line each."""
+  """Validation macro AUC by epoch of each run, one line each. The curves go to OUT.json
+  beside the figure; a run whose workdir is gone keeps the curve recorded there before."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(8, 4.5))
+  recorded = out.with_suffix(".json")
+  curves = json.loads(recorded.read_text()) if recorded.exists() else {}
   for name in names:
     path = root / name / "history.json"
-    if not path.exists():
-      continue
-    history = [h for h in json.loads(path.read_text()) if "val_macro_auc" in h]
+    if path.exists():
+      curves[name] = json.loads(path.read_text())
+  curves = {n: curves[n] for n in names if n in curves}
+  fig, ax = plt.subplots(figsize=(8, 4.5))
+  for name, history in curves.items():
+    history = [h for h in history if "val_macro_auc" in h]
     ax.plot([h["epoch"] for h in history], [h["val_macro_auc"] for h in history], label=name)
   ax.axhline(0.5, color="grey", lw=0.8, ls=":")
   ax.set_xlabel("epoch")
@@ -313,9 +318,7 @@ def figure(names: list[str], root: Path, out: Path) -> None:
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(out, dpi=120)
-  out.with_suffix(".json").write_text(json.dumps(
-      {n: json.loads((root / n / "history.json").read_text()) for n in names
-       if (root / n / "history.json").exists()}, indent=1))
+  recorded.write_text(json.dumps(curves, indent=1))
 
 
 def main() -> None:
