@@ -309,7 +309,8 @@ def _torch(task: str, config, batch: int, args, compiled: bool) -> dict[str, Any
     model = torch_mae.MaskedAutoencoder(
         **sizes, decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth,
         decoder_heads=m.decoder_heads, mask_ratio=m.mask_ratio, loss=config.loss.type,
-        norm_pix=config.loss.norm_pix, masked_only=config.loss.masked_only)
+        norm_pix=config.loss.norm_pix, masked_only=config.loss.masked_only,
+        target=config.loss.target, highpass_sigma=config.loss.highpass_sigma)
     params = build.init_mae(build.build_mae(m), jax.random.key(0))
     model.load_state_dict(torch_mae.state_dict_from_jax(model, params))
     groups, wd, betas, min_lr = [(".*", o.lr)], o.weight_decay, (o.b1, o.b2), o.min_lr

@@ -152,10 +152,12 @@ class MaskedAutoencoder(nn.Module):
 
   def __init__(self, image_size=64, channels=1, patch=4, dim=256, depth=8, heads=8,
                decoder_dim=128, decoder_depth=4, decoder_heads=8, mlp_ratio=4.0,
-               mask_ratio=0.75, loss="bce", norm_pix=False, masked_only=True):
+               mask_ratio=0.75, loss="bce", norm_pix=False, masked_only=True, target="pixels",
+               highpass_sigma=1.0):
     super().__init__()
     self.patch, self.mask_ratio = patch, mask_ratio
     self.loss_type, self.norm_pix, self.masked_only = loss, norm_pix, masked_only
+    self.target, self.highpass_sigma = target, highpass_sigma
     self.encoder = Encoder(image_size, channels, patch, dim, depth, heads, mlp_ratio)
     side = image_size // patch
     self.decoder_embed = nn.Linear(dim, decoder_dim)
@@ -192,8 +194,26 @@ class MaskedAutoencoder(nn.Module):
       x = block(x)
     return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
+  def patch_blur(self, patches: torch.Tensor, channels: int) -> torch.Tensor:
+    """Each patch blurred on its own (separable Gaussian of `highpass_sigma` pixels, radius
+    ceil(2 sigma), border pixels repeated outward), as mae_jax's `losses.patch_blur`."""
+    radius = max(1, math.ceil(2 * self.highpass_sigma))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (x / self.highpass_sigma) ** 2)
+    kernel = (kernel / kernel.sum()).float().to(patches.device)
+    n, length, _ = patches.shape
+    p = self.patch
+    x = patches.reshape(n * length, p, p, channels).permute(0, 3, 1, 2)   # (B, C, p, p)
+    x = x.reshape(-1, 1, p, p)
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+    x = x.reshape(n * length, channels, p, p).permute(0, 2, 3, 1)
+    return x.reshape(n, length, -1)
+
   def loss(self, images: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     target = self.patchify(images)
+    if self.target == "highpass":
+      target = target - self.patch_blur(target, images.shape[1])
     if self.norm_pix:
       mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
       target = (target - mean) / (var + 1e-6) ** 0.5

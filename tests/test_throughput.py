@@ -63,6 +63,16 @@ def test_torch_mae_matches_ours_with_the_same_weights():
   np.testing.assert_array_equal(t_mask.numpy(), out["mask"])
   np.testing.assert_allclose(t_logits.detach().numpy(), out["logits"], atol=2e-5)
   np.testing.assert_allclose(float(t_loss.detach()), float(loss), rtol=1e-5)
+  # The demo preset's loss (MSE on every patch's normalised high-pass part), the same.
+  demo = pretrain_config.get_config("demo").loss
+  model.loss_type, model.norm_pix, model.masked_only = demo.type, demo.norm_pix, demo.masked_only
+  model.target, model.highpass_sigma = demo.target, demo.highpass_sigma
+  hp_loss = losses.reconstruction_loss(
+      out["logits"], images, out["mask"], patch=m.patch, loss=demo.type, norm_pix=demo.norm_pix,
+      masked_only=demo.masked_only, target=demo.target, highpass_sigma=demo.highpass_sigma)
+  t_hp_loss, _, _ = model(torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(noise))
+  np.testing.assert_allclose(float(t_hp_loss.detach()), float(hp_loss), rtol=1e-5)
+  assert abs(float(hp_loss) - float(loss)) > 0.01   # a different loss, not the pixels' again
   # Names are facebookresearch/mae's: mae_jax.models.load reads the torch model back.
   back = convert.convert(model.state_dict_mae(), params)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
