@@ -253,3 +253,24 @@ def test_pipeline_end_to_end_then_only_the_report(tmp_path):
   assert json.loads((run / "report.json").read_text())["metrics"] == data["metrics"]
   assert np.isclose(json.loads((run / "report.json").read_text())["stages"]["pretrain"]["seconds"],
                     data["stages"]["pretrain"]["seconds"])
+
+
+def test_figure_grid_wraps_long_captions_instead_of_clipping_them(tmp_path, monkeypatch):
+  """The pipeline's figures.png: a caption wider than its tile ("Linear probe: ROC curves on
+  the test split (epoch chosen on validation)") is wrapped onto lines that fit."""
+  png = tmp_path / "one.png"
+  plots.plt.imsave(png, np.zeros((8, 8)))
+  seen = {}
+  save = plots._save  # pylint: disable=protected-access
+
+  def keep(fig, path):
+    seen["titles"] = [ax.get_title() for ax in fig.axes]
+    return save(fig, path)
+
+  monkeypatch.setattr(plots, "_save", keep)
+  caption = "Linear probe: ROC curves on the test split (epoch chosen on validation)"
+  plots.figure_grid([(caption, png), ("Short", png)], tmp_path / "grid.png")
+  assert (tmp_path / "grid.png").exists()
+  wrapped, short = seen["titles"][:2]
+  assert wrapped.replace("\n", " ") == caption and max(len(l) for l in wrapped.split("\n")) <= 45
+  assert short == "Short"

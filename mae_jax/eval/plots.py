@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import textwrap
 from pathlib import Path
 from typing import Mapping
 
@@ -257,7 +258,8 @@ def figure_grid(figures: list[tuple[str, str | os.PathLike[str]]],
     ax.axis("off")
   for ax, (caption, png) in zip(axes.ravel(), figures):
     ax.imshow(image_array(png), interpolation="lanczos")
-    ax.set_title(caption, fontsize=12)
+    # A tile is about 45 characters of 12-point text wide: longer captions wrap, not clip.
+    ax.set_title(textwrap.fill(caption, 45), fontsize=12)
   if title:
     fig.suptitle(title, fontsize=14)
   return _save(fig, path)
