@@ -110,7 +110,7 @@ def _mae_arm(name: str, pretrain: tuple[str, ...], model: tuple[str, ...] = (),
       f"mae_{name}_ftdef80": Run("configs/finetune.py:demo",
                                  (*SUB, *data, *model, *source, "--config.epochs=80"),
                                  question, needs=(pre,)),
-      # The same at 300 labels per class (120 epochs of 14 steps: half the steps of the above).
+      # At 300 labels per class (120 epochs of 14 steps: half the steps of `ftdef`).
       f"mae_{name}_ft300def": Run("configs/finetune.py:demo",
                                   (*SUB, *data, *model, *source, "--config.epochs=120",
                                    "--config.labels_per_class=300"), question, needs=(pre,)),
@@ -296,7 +296,8 @@ def table(names: list[str], root: Path) -> str:
 
 def figure(names: list[str], root: Path, out: Path) -> None:
   """Validation macro AUC by epoch of each run, one line each. The curves go to OUT.json
-  beside the figure; a run whose workdir is gone keeps the curve recorded there before."""
+  beside the figure, added to those recorded there before (kept, drawn or not): a run
+  whose workdir is gone is drawn from its recorded curve."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -306,10 +307,9 @@ def figure(names: list[str], root: Path, out: Path) -> None:
     path = root / name / "history.json"
     if path.exists():
       curves[name] = json.loads(path.read_text())
-  curves = {n: curves[n] for n in names if n in curves}
   fig, ax = plt.subplots(figsize=(8, 4.5))
-  for name, history in curves.items():
-    history = [h for h in history if "val_macro_auc" in h]
+  for name in (n for n in names if n in curves):
+    history = [h for h in curves[name] if "val_macro_auc" in h]
     ax.plot([h["epoch"] for h in history], [h["val_macro_auc"] for h in history], label=name)
   ax.axhline(0.5, color="grey", lw=0.8, ls=":")
   ax.set_xlabel("epoch")

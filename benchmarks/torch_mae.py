@@ -200,7 +200,7 @@ class MaskedAutoencoder(nn.Module):
     radius = max(1, math.ceil(2 * self.highpass_sigma))
     x = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (x / self.highpass_sigma) ** 2)
-    kernel = (kernel / kernel.sum()).float().to(patches.device)
+    kernel = (kernel / kernel.sum()).to(device=patches.device, dtype=patches.dtype)
     n, length, _ = patches.shape
     p = self.patch
     x = patches.reshape(n * length, p, p, channels).permute(0, 3, 1, 2)   # (B, C, p, p)

@@ -144,3 +144,7 @@ def test_the_exported_config_says_what_each_preset_s_decoder_predicts():
     assert hf["norm_pix_loss"] == (config.loss.type == "mse" and config.loss.norm_pix)
   assert "logits of [0, 1] pixels" in notes["seed"]
   assert "Gaussian blur (sigma 1.0 px), normalised per patch" in notes["demo"]
+  assert export.mae_config(config.model.to_dict(), {"type": "mse"})["mae_jax"]["note"] == \
+      "decoder outputs are pixels"
+  assert "logits of [0, 1] pixels" in export.mae_config(config.model.to_dict(), {})["mae_jax"][
+      "note"]   # a config without loss keys: the loss's defaults (BCE)

@@ -72,7 +72,14 @@ def test_torch_mae_matches_ours_with_the_same_weights():
       masked_only=demo.masked_only, target=demo.target, highpass_sigma=demo.highpass_sigma)
   t_hp_loss, _, _ = model(torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(noise))
   np.testing.assert_allclose(float(t_hp_loss.detach()), float(hp_loss), rtol=1e-5)
-  assert abs(float(hp_loss) - float(loss)) > 0.01   # a different loss, not the pixels' again
+  # The blur itself, patch by patch, with several channels, patch sizes and widths.
+  rng = np.random.default_rng(1)
+  for patch, sigma in ((4, 1.0), (8, 1.5)):
+    patches = rng.random((2, 5, patch * patch * 3), dtype=np.float32)
+    model.patch, model.highpass_sigma = patch, sigma
+    np.testing.assert_allclose(model.patch_blur(torch.from_numpy(patches), 3).numpy(),
+                               losses.patch_blur(jnp.asarray(patches), patch, 3, sigma),
+                               atol=1e-6)
   # Names are facebookresearch/mae's: mae_jax.models.load reads the torch model back.
   back = convert.convert(model.state_dict_mae(), params)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):

@@ -130,6 +130,30 @@ def test_resuming_workdir_does_not_need_its_source(tmp_path):
   assert _problems(config, tmp_path / "run") == []
 
 
+def test_a_pretraining_does_not_resume_under_another_loss(tmp_path):
+  """An older demo workdir (BCE on the removed patches) rerun with today's demo default
+  (the high-pass loss) is refused with the overrides that continue it as it began; the
+  same loss, or no checkpoint yet, passes."""
+  config = pretrain_config.get_config("demo")
+  old = {**config.loss.to_dict(), "type": "bce", "norm_pix": False, "masked_only": True,
+         "target": "pixels"}
+  _fake_stage(tmp_path / "run", config.model.to_dict())
+  record = json.loads((tmp_path / "run" / "config.json").read_text())
+  (tmp_path / "run" / "config.json").write_text(json.dumps({**record, "loss": old}))
+  found = _problems(config, tmp_path / "run")
+  assert len(found) == 1 and found[0].startswith(f"{tmp_path / 'run'} was pretrained with "
+                                                 "loss.masked_only=True, loss.norm_pix=False")
+  assert ("Continue it as it began with --config.loss.masked_only=True "
+          "--config.loss.norm_pix=False --config.loss.target=pixels --config.loss.type=bce") \
+      in found[0]
+  config.loss.update(old)
+  assert _problems(config, tmp_path / "run") == []
+  fresh = pretrain_config.get_config("demo")
+  (tmp_path / "new").mkdir()
+  (tmp_path / "new" / "config.json").write_text(json.dumps({"loss": old}))
+  assert _problems(fresh, tmp_path / "new") == []   # no checkpoint: nothing to resume
+
+
 def test_missing_public_weights_file(tmp_path):
   config = pretrain_config.get_config("tiny")
   config.init_weights = str(tmp_path / "mae_pretrain.pth")

@@ -18,10 +18,10 @@ that fails (a full disk) stops the run with one line; the older checkpoints stan
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import logging as std_logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -136,23 +136,29 @@ def damage(e: BaseException) -> str:
 
 def _late_read_completion(unraisable) -> bool:
   """A read TensorStore finished after orbax's event loop closed: it reports `RuntimeError:
-  Event loop is closed` (raised in `loop.call_soon_threadsafe`, with no object)."""
-  return (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
-          and str(unraisable.exc_value) == "Event loop is closed")
+  Event loop is closed`, raised in `loop.call_soon_threadsafe`, with no object."""
+  if not (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+          and str(unraisable.exc_value) == "Event loop is closed"):
+    return False
+  frames = traceback.extract_tb(unraisable.exc_traceback)
+  return any(frame.name == "call_soon_threadsafe" for frame in frames)
 
 
-@functools.cache
 def _drop_late_read_completions() -> None:
   """After a damaged read, TensorStore goes on with the abandoned reads of the other
   arrays on its own threads, and each one that finishes after orbax's event loop has
   closed prints a traceback, at any later time. From the first damaged read on, this
-  process drops those reports, and only those."""
+  process drops those reports, and only those (installed again if another hook has
+  replaced it since)."""
   previous = sys.unraisablehook
+  if getattr(previous, "drops_late_read_completions", False):
+    return
 
   def hook(unraisable):
     if not _late_read_completion(unraisable):
       previous(unraisable)
 
+  hook.drops_late_read_completions = True
   sys.unraisablehook = hook
 
 
@@ -174,7 +180,7 @@ def _quiet_failed_reads() -> Iterator[None]:
   failed = False
   try:
     yield
-  except BaseException:
+  except Exception:
     failed = True
     raise
   finally:

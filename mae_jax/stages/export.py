@@ -13,9 +13,10 @@ What is written, from the workdir's latest checkpoint that restores and its conf
 
 - a **pretraining** workdir: a `ViTMAEForPreTraining` folder (config.json +
   model.safetensors), encoder and decoder. Given the same images and masking noise it
-  returns mae_jax's reconstruction logits. With mae_jax's default BCE loss those are
-  logits of [0, 1] pixels (apply a sigmoid; Hugging Face's own loss is the MSE one);
-  `loss.target='highpass'` predictions are each patch's high-pass part.
+  returns mae_jax's decoder outputs: logits of [0, 1] pixels with `loss.type='bce'` (the
+  `seed` preset; apply a sigmoid), each patch's high-pass part with
+  `loss.target='highpass'` (the `demo` preset); config.json's `mae_jax.note` says which
+  (Hugging Face's own loss is MSE on pixels).
 - a **probe or fine-tune** workdir whose head maps onto Hugging Face's (the MAE linear
   head, `model.head='linear'`, on the CLS token after the final norm): a
   `ViTForImageClassification` folder, the head's BatchNorm (inference statistics) folded
@@ -35,6 +36,7 @@ reads such a folder back into the same params.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,7 @@ from mae_jax.runtime import checkpoint
 from mae_jax.runtime import errors
 from mae_jax.runtime import fileio
 from mae_jax.runtime import workdir as workdir_lib
+from mae_jax.train import losses
 
 PyTree = Any
 ConversionError = errors.ConversionError
@@ -143,15 +146,16 @@ def mae_config(model: dict, loss: dict) -> dict[str, Any]:
 
 def _decoder_note(loss: dict) -> str:
   """What the exported decoder predicts, which transformers' own (MSE on pixels) loss
-  does not always score."""
-  if loss.get("type") == "bce":
+  does not always score. Keys a config lacks take `losses.Reconstruction`'s defaults."""
+  loss = {**dataclasses.asdict(losses.Reconstruction()), **loss}
+  if loss["type"] == "bce":
     return "decoder outputs are logits of [0, 1] pixels (apply a sigmoid)"
-  if loss.get("target") == "highpass":
+  if loss["target"] == "highpass":
     return (f"decoder outputs are each patch minus its own Gaussian blur (sigma "
-            f"{loss.get('highpass_sigma', 1.0)} px)"
-            + (", normalised per patch" if loss.get("norm_pix") else "")
+            f"{loss['highpass_sigma']} px)"
+            + (", normalised per patch" if loss["norm_pix"] else "")
             + "; transformers' loss (MSE on pixels) does not score them")
-  return "decoder outputs are pixels" + (", normalised per patch" if loss.get("norm_pix") else "")
+  return "decoder outputs are pixels" + (", normalised per patch" if loss["norm_pix"] else "")
 
 
 def classifier_config(model: dict, encoder_only: bool) -> dict[str, Any]:

@@ -303,6 +303,26 @@ def _source_checkpoint_problems(config: ml_collections.ConfigDict, workdir: Path
   return encoder_problems(config.model, source)
 
 
+def _resume_loss_problems(config: ml_collections.ConfigDict, workdir: Path) -> list[str]:
+  """A pretraining that resumes its own checkpoint under another loss would train on with
+  the new loss (and a finished one would be recorded under it): refused, with the
+  overrides that continue it as it began. The `demo` default changed from BCE on the
+  removed patches to the high-pass loss, so an older demo workdir meets this."""
+  saved = workdir / workdir_lib.CONFIG_FILE
+  if "loss" not in config or not saved.exists() or checkpoint.latest_step(workdir) is None:
+    return []
+  theirs = json.loads(saved.read_text()).get("loss") or {}
+  ours = config.loss.to_dict()
+  changed = sorted(k for k in ours if k in theirs and theirs[k] != ours[k])
+  if not changed:
+    return []
+  keep = " ".join(f"--config.loss.{k}={theirs[k]}" for k in changed)
+  return [f"{workdir} was pretrained with " + ", ".join(f"loss.{k}={theirs[k]!r}" for k in changed)
+          + "; this run asks " + ", ".join(f"loss.{k}={ours[k]!r}" for k in changed)
+          + f" (the demo preset's loss changed: docs/training.md#loss). Continue it as it began "
+          f"with {keep}, or pretrain in a new workdir"]
+
+
 def problems(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> list[str]:
   """Every problem of `config` for a run in `workdir`, cheapest checks first."""
   found = []
@@ -325,6 +345,8 @@ def problems(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str])
     found.append(unwritable)
   elif config.get("stage") in ("probe", "finetune"):
     found += _source_checkpoint_problems(config, Path(workdir))
+  elif config.get("stage") == "pretrain":
+    found += _resume_loss_problems(config, Path(workdir))
   return found
 
 
