@@ -159,6 +159,16 @@ RUNS: dict[str, Run] = {
                       "light that dominates the pixel loss"),
     **_mae_arm("visiblehp_long", (*VISIBLE_HP, "--config.phase_epochs=(20, 40)"),
                expect="the best recipe, 60 epochs (3x): MAE's probe keeps rising with length"),
+    # One thing of the high-pass recipe (the demo default) changed at a time.
+    **_mae_arm("visiblenp", (*VISIBLE_HP, "--config.loss.target=pixels"),
+               expect="every patch, MSE on norm-pix pixels, no high-pass: how much of the "
+                      "recipe is the loss on every patch, how much the high-pass target"),
+    **_mae_arm("visiblehp_mask50", (*VISIBLE_HP, "--config.model.mask_ratio=0.5"),
+               expect="half the patches visible: more of the loss on the visible detail, "
+                      "the removed patches easier to predict"),
+    **_mae_arm("visiblehp_dec4", (*VISIBLE_HP, "--config.model.decoder_depth=4"),
+               expect="a deeper decoder takes over the reconstruction: the encoder's last "
+                      "block more abstract, its probe higher (MAE Table 1)"),
     **_mae_arm("visiblehp_pool3", (*VISIBLE_HP, "--config.pool_size=16200"),
                pool="data/substructure_sim_pool10",
                expect="the best recipe on 3x the unlabelled images (16,200), 20 epochs"),

@@ -23,6 +23,7 @@ from mae_jax.runtime import workdir as workdir_lib
 from mae_jax.stages import classify
 from mae_jax.stages import common
 from mae_jax.stages import study
+from mae_jax.stages import validate
 from tests.conftest import write_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +73,43 @@ def test_budget_schedule_sizes_batch_epochs_and_warmup_from_the_budget():
   whole = study._budget_schedule(sub, 0, 90_000, 2, 5000, 10)
   assert whole["batch_size"] == 64 and whole["epochs"] == 4   # 1,406 steps per epoch
   assert whole["optim.warmup_epochs"] == 0.4   # a tenth of the run, not all of it
+
+
+def test_demo_substructure_study_runs_the_ladder_with_both_ceilings_at_measured_schedules():
+  """The demo study on `substructure`: 100, 300 and every label per class, the ViT and
+  the CNN from scratch as ceilings, each budget at the schedule its arm was measured with
+  (docs/substructure.md): 40 epochs on every label, 120 at 300 per class."""
+  config = study_config.get_config("demo")
+  assert tuple(config.variant_labels_per_class.substructure) == (100, 300, 0)
+  arms = tuple(config.variant_arms.substructure)
+  assert {"supervised", "supervised_cnn", "mae_finetune", "scratch_finetune",
+          "mae_probe", "radial"} <= set(arms)
+  sub = config.finetune
+  train = 5351   # the demo folder's train split
+  epochs = {n: study._budget_schedule(sub, n, train, 1, study.budget_steps(config, "finetune", n),
+                                      config.evaluations)["epochs"] for n in (100, 300, 0)}
+  assert epochs == {100: 50, 300: 120, 0: 40}
+  whole = study._budget_schedule(sub, 0, train, 1, config.supervised_steps, config.evaluations)
+  assert whole["epochs"] == 40 and config.supervised_lrs.supervised == 1e-3
+  probe = study._budget_schedule(config.probe, 0, train, 1, study.budget_steps(config, "probe", 0),
+                                 config.evaluations)
+  assert probe["epochs"] == 20
+  # On every label the scratch ViT is the `supervised` run: not trained twice.
+  assert "scratch_finetune" in study.budget_arms(arms, 300)
+  assert "scratch_finetune" not in study.budget_arms(arms, 0)
+  assert "scratch_finetune" in study.budget_arms(("scratch_finetune", "radial"), 0)
+  # model_ii keeps its one budget at the short schedule.
+  assert study.budget_steps(config, "finetune", 100) == config.finetune_steps == 200
+
+
+def test_budget_steps_naming_no_budget_are_refused():
+  config = study_config.get_config("demo")
+  config.budget_steps.finetune["30_per_class"] = 500
+  config.budget_steps.probe["all"] = 0
+  with pytest.raises(errors.ConfigError) as e:
+    validate.check_study(config, study.ARMS)
+  assert "budget_steps.finetune.30_per_class: no label budget is called" in str(e.value)
+  assert "budget_steps.probe.all = 0" in str(e.value)
 
 
 def test_goals_give_each_gap_to_its_target(tmp_path):
@@ -154,7 +192,7 @@ def test_study_table_is_the_stages_own_numbers(tmp_path):
   out = json.loads((tmp_path / "study" / study.RESULTS_FILE).read_text())
   assert {(r["arm"], r["labels_per_class"]) for r in out["rows"]} == {
       (a, n) for a in study.ARMS if a not in study.SUPERVISED for n in (2, 0)} | {
-      (a, 0) for a in study.SUPERVISED}
+      (a, 0) for a in study.SUPERVISED} - {("scratch_finetune", 0)}   # that is `supervised`
   assert set(out["ceilings"]["model_ii"]["snr"]) == {"cdm", "axion"}   # simulated: measured
   assert out["ceilings"]["model_ii"]["snr"]["cdm"]["median"] > 0
   for row in out["rows"]:

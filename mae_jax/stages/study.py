@@ -19,7 +19,11 @@ seed, run the arms:
 - `supervised` / `supervised_cnn`: the ceiling, once per seed: the same ViT, and the
   small CNN (`models/cnn.py`), trained from scratch on every label of the train split
   for `supervised_steps` steps at their `supervised_lrs` (with the radial baseline on
-  all labels beside them).
+  all labels beside them). Where `supervised` is an arm, it is also the scratch ViT on
+  every label: the ladder's `all` budget does not train `scratch_finetune` again.
+
+Each run takes about `finetune_steps` (`probe_steps`) optimiser steps, or the budget's
+own count in `budget_steps` (a few labels need few steps; every label needs thousands).
 
 For simulated variants the study also measures how far above the noise the
 substructure lies (`simulate.substructure_snr` on `snr_images` images per class), so
@@ -81,6 +85,21 @@ SNR_FILE = "substructure_snr.json"   # per variant folder: the measured SNR, kep
 
 def budget_name(labels_per_class: int) -> str:
   return "all" if labels_per_class <= 0 else f"{labels_per_class}_per_class"
+
+
+def budget_steps(config: ml_collections.ConfigDict, stage: str, labels: int) -> int:
+  """About how many optimiser steps a `stage` ('finetune' or 'probe') run takes on
+  `labels` per class: the budget's own count in `budget_steps.<stage>`, else the
+  stage's `<stage>_steps`."""
+  return int(config.budget_steps[stage].get(budget_name(labels), config[f"{stage}_steps"]))
+
+
+def budget_arms(arms: tuple[str, ...], labels: int) -> tuple[str, ...]:
+  """The arms a budget runs: on every label the scratch fine-tune is the `supervised`
+  ViT's run where that is an arm, so it is not trained twice."""
+  if labels <= 0 and "supervised" in arms:
+    return tuple(a for a in arms if a != "scratch_finetune")
+  return arms
 
 
 def _stage(sub: ml_collections.ConfigDict, name: str, config: ml_collections.ConfigDict,
@@ -506,8 +525,9 @@ def _run_budget(config, data, variant: str, arms: tuple[str, ...], labels: int,
   """The arms of one label budget, every seed (deferred runs left to a later pass)."""
   devices = jax.device_count()
   schedules = {stage: _budget_schedule(config[stage], labels, train_size, devices,
-                                       config[f"{stage}_steps"], config.evaluations)
+                                       budget_steps(config, stage, labels), config.evaluations)
                for stage in ("finetune", "probe")}
+  arms = budget_arms(arms, labels)
   rows, scratch = [], [None]
   for seed in config.seeds:
     runs = _seed_runs(config, data, variant, arms, bdir, pre_dir, pass_, mae_ready, scratch,
