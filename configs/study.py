@@ -72,12 +72,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # batch shrinks to at most half the labelled images.
   config.finetune_steps = {"seed": 5000, "demo": 200, "tiny": 4}[common.size(preset)]
   config.probe_steps = {"seed": 2000, "demo": 300, "tiny": 4}[common.size(preset)]
-  # Per budget (its name: "300_per_class", "all"), steps other than the above. demo: the
-  # schedules the substructure arms measured (docs/substructure.md): fine-tunes of 120
-  # epochs at 300 per class and 40 epochs on every label (batch 64), the probe's 20 epochs.
-  config.budget_steps = ml_collections.ConfigDict({
-      "finetune": {"demo": {"300_per_class": 1680, "all": 3320}}.get(common.size(preset), {}),
-      "probe": {"demo": {"all": 820}}.get(common.size(preset), {})})
+  # Per label budget ((labels per class, steps), ...; 0: every label), steps other than the
+  # above. demo: the schedules the substructure arms measured (docs/substructure.md):
+  # fine-tunes of 120 epochs at 300 per class and 40 on every label (batch 64); the
+  # probe's 20 epochs on every label (batch 128).
+  config.finetune_budget_steps = {"demo": ((300, 1680), (0, 3320))}.get(common.size(preset), ())
+  config.probe_budget_steps = {"demo": ((0, 820),)}.get(common.size(preset), ())
   # The supervised ceiling (the ViT and the small CNN from scratch on every label):
   # optimiser steps and each arm's learning rate.
   # demo: 40 epochs at 1e-3, the best from-scratch ViT of the substructure arms.

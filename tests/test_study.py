@@ -94,22 +94,35 @@ def test_demo_substructure_study_runs_the_ladder_with_both_ceilings_at_measured_
   probe = study._budget_schedule(config.probe, 0, train, 1, study.budget_steps(config, "probe", 0),
                                  config.evaluations)
   assert probe["epochs"] == 20
-  # On every label the scratch ViT is the `supervised` run: not trained twice.
-  assert "scratch_finetune" in study.budget_arms(arms, 300)
-  assert "scratch_finetune" not in study.budget_arms(arms, 0)
-  assert "scratch_finetune" in study.budget_arms(("scratch_finetune", "radial"), 0)
+  # On every label the scratch ViT is the `supervised` run (the same schedule): not trained
+  # twice; where the schedules differ (the seed preset), both run.
+  assert "scratch_finetune" in study.budget_arms(config, arms, 300)
+  assert "scratch_finetune" not in study.budget_arms(config, arms, 0)
+  assert "scratch_finetune" in study.budget_arms(config, ("scratch_finetune", "radial"), 0)
+  seed = study_config.get_config("seed")
+  assert "scratch_finetune" in study.budget_arms(seed, tuple(seed.arms), 0)
+  # The radial baseline on every label comes once per seed: from the `all` budget's runs,
+  # or, where that budget runs nothing that carries it, from the supervised arms'.
+  assert not study.radial_beside_supervised(config, arms, (100, 300, 0))
+  assert study.radial_beside_supervised(config, arms, (100, 300))
+  assert study.radial_beside_supervised(config, ("scratch_finetune", "radial", "supervised"),
+                                        (100, 0))
   # model_ii keeps its one budget at the short schedule.
   assert study.budget_steps(config, "finetune", 100) == config.finetune_steps == 200
 
 
-def test_budget_steps_naming_no_budget_are_refused():
+def test_budget_steps_that_are_not_label_step_pairs_are_refused():
   config = study_config.get_config("demo")
-  config.budget_steps.finetune["30_per_class"] = 500
-  config.budget_steps.probe["all"] = 0
+  config.finetune_budget_steps = ((300, 1680), (0, 0))
+  config.probe_budget_steps = ((-1, 500),)
   with pytest.raises(errors.ConfigError) as e:
     validate.check_study(config, study.ARMS)
-  assert "budget_steps.finetune.30_per_class: no label budget is called" in str(e.value)
-  assert "budget_steps.probe.all = 0" in str(e.value)
+  assert "finetune_budget_steps: (0, 0) is not a (labels per class, steps) pair" in str(e.value)
+  assert "probe_budget_steps: (-1, 500) is not" in str(e.value)
+  # A budget no ladder runs is no error: the ladder may be overridden on its own.
+  config = study_config.get_config("demo")
+  config.variant_labels_per_class.substructure = (10, 100)
+  validate.check_study(config, study.ARMS)
 
 
 def test_goals_give_each_gap_to_its_target(tmp_path):

@@ -19,11 +19,13 @@ seed, run the arms:
 - `supervised` / `supervised_cnn`: the ceiling, once per seed: the same ViT, and the
   small CNN (`models/cnn.py`), trained from scratch on every label of the train split
   for `supervised_steps` steps at their `supervised_lrs` (with the radial baseline on
-  all labels beside them). Where `supervised` is an arm, it is also the scratch ViT on
-  every label: the ladder's `all` budget does not train `scratch_finetune` again.
+  all labels beside them). Where `supervised` runs on the scratch fine-tune's schedule,
+  it is also the scratch ViT on every label: the `all` budget does not train
+  `scratch_finetune` again (`budget_arms`).
 
-Each run takes about `finetune_steps` (`probe_steps`) optimiser steps, or the budget's
-own count in `budget_steps` (a few labels need few steps; every label needs thousands).
+Each run takes about `finetune_steps` (`probe_steps`) optimiser steps, or its budget's
+own count in `finetune_budget_steps` (`probe_budget_steps`): a few labels need few
+steps, every label thousands.
 
 For simulated variants the study also measures how far above the noise the
 substructure lies (`simulate.substructure_snr` on `snr_images` images per class), so
@@ -89,15 +91,19 @@ def budget_name(labels_per_class: int) -> str:
 
 def budget_steps(config: ml_collections.ConfigDict, stage: str, labels: int) -> int:
   """About how many optimiser steps a `stage` ('finetune' or 'probe') run takes on
-  `labels` per class: the budget's own count in `budget_steps.<stage>`, else the
-  stage's `<stage>_steps`."""
-  return int(config.budget_steps[stage].get(budget_name(labels), config[f"{stage}_steps"]))
+  `labels` per class (0 or less: every label): the budget's own count in
+  `<stage>_budget_steps`, else `<stage>_steps`."""
+  return int(dict(config[f"{stage}_budget_steps"]).get(max(labels, 0), config[f"{stage}_steps"]))
 
 
-def budget_arms(arms: tuple[str, ...], labels: int) -> tuple[str, ...]:
-  """The arms a budget runs: on every label the scratch fine-tune is the `supervised`
-  ViT's run where that is an arm, so it is not trained twice."""
-  if labels <= 0 and "supervised" in arms:
+def budget_arms(config: ml_collections.ConfigDict, arms: tuple[str, ...],
+                labels: int) -> tuple[str, ...]:
+  """The arms a budget runs. On every label the scratch fine-tune is not run where the
+  `supervised` ViT is an arm on the same schedule (its steps equal the budget's, its
+  rate one of `scratch_lrs`): that run is the scratch ViT on every label."""
+  same = (budget_steps(config, "finetune", 0) == config.supervised_steps
+          and config.supervised_lrs.supervised in tuple(config.scratch_lrs))
+  if labels <= 0 and "supervised" in arms and same:
     return tuple(a for a in arms if a != "scratch_finetune")
   return arms
 
@@ -389,6 +395,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = Path(workdir)
   start = time.time()
   validate.check_study(config, ARMS)
+  _warn_unused_budget_steps(config)
   first = config.data.copy_and_resolve_references()
   first.dir = config.data_dirs[config.variants[0]]
   validate.check_chain({name: _stage(sub, name, config, first) for name, sub in (
@@ -406,6 +413,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _write(workdir, config, rows, summary, ceilings, goal_rows, seconds)
   logging.info("study done in %s: %s", report.duration(seconds), workdir / TABLE_FILE)
   return {"rows": len(rows), "table": str(workdir / TABLE_FILE)}
+
+
+def radial_beside_supervised(config: ml_collections.ConfigDict, arms: tuple[str, ...],
+                             ladder: tuple[int, ...]) -> bool:
+  """Whether the radial baseline on every label is read from the supervised arms' runs:
+  where the ladder's `all` budget runs no arm that carries it (every fine-tune and
+  probe does)."""
+  carriers = {"mae_finetune", "mae_partial", "mae_probe", "scratch_finetune"}
+  return 0 not in ladder or not carriers & set(budget_arms(config, arms, 0))
+
+
+def _warn_unused_budget_steps(config: ml_collections.ConfigDict) -> None:
+  """A `<stage>_budget_steps` entry for a budget no variant's ladder has (a ladder
+  overridden on the command line) does nothing: say so, rather than refuse the run."""
+  ladders = {max(n, 0) for v in config.variants
+             for n in (config.variant_labels_per_class.get(v) or config.labels_per_class)}
+  for stage in ("finetune", "probe"):
+    unused = [labels for labels, _ in config[f"{stage}_budget_steps"] if labels not in ladders]
+    if unused:
+      logging.warning("study: %s_budget_steps names budgets no ladder runs (%s); they are "
+                      "not used", stage, ", ".join(budget_name(n) for n in unused))
 
 
 def _all_runs(config: ml_collections.ConfigDict, workdir: Path
@@ -449,8 +477,8 @@ def _run_variant(config: ml_collections.ConfigDict, variant: str, vdir: Path, pa
   for labels in ladder:
     rows += _run_budget(config, data, variant, arms, labels, train_size, pre_dir,
                         vdir / budget_name(labels), pass_, mae_ready)
-  rows += _run_supervised(config, data, variant, train_size, vdir / "supervised",
-                          arms=arms, radial=0 not in ladder, pass_=pass_)
+  rows += _run_supervised(config, data, variant, train_size, vdir / "supervised", arms=arms,
+                          radial=radial_beside_supervised(config, arms, ladder), pass_=pass_)
   return rows, {"snr": _snr(data, config.snr_images, vdir / SNR_FILE)}
 
 
@@ -527,7 +555,7 @@ def _run_budget(config, data, variant: str, arms: tuple[str, ...], labels: int,
   schedules = {stage: _budget_schedule(config[stage], labels, train_size, devices,
                                        budget_steps(config, stage, labels), config.evaluations)
                for stage in ("finetune", "probe")}
-  arms = budget_arms(arms, labels)
+  arms = budget_arms(config, arms, labels)
   rows, scratch = [], [None]
   for seed in config.seeds:
     runs = _seed_runs(config, data, variant, arms, bdir, pre_dir, pass_, mae_ready, scratch,

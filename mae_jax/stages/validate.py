@@ -370,25 +370,20 @@ def check(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str],
 
 def check_study(config: ml_collections.ConfigDict, arms: Sequence[str]) -> None:
   """The study's own keys, before anything runs (each stage's are `check_chain`'s):
-  every arm one of `arms`, every variant one with a data folder, every `budget_steps`
-  entry a budget of some ladder with a positive step count."""
+  every arm one of `arms`, every variant one with a data folder, every
+  `<stage>_budget_steps` entry a (labels per class, steps) pair."""
   found = [f"unknown arm {a!r}; choose among {', '.join(arms)}"
            for a in dict.fromkeys((*config.arms, *(a for v in config.variant_arms.values()
                                                    for a in v))) if a not in arms]
   found += [f"unknown variant {v!r}; choose among {', '.join(config.data_dirs)} (or add "
             f"data_dirs.{v})" for v in config.variants if v not in config.data_dirs]
-  budgets = {"all" if n <= 0 else f"{n}_per_class"
-             for n in (*config.labels_per_class,
-                       *(n for v in config.variant_labels_per_class.values() for n in v))}
-  found += [f"budget_steps.{stage}: not a stage with steps; choose finetune or probe"
-            for stage in config.budget_steps if stage not in ("finetune", "probe")]
-  found += [f"budget_steps.{stage}.{name}: no label budget is called {name!r}; budgets: "
-            f"{', '.join(sorted(budgets))}"
-            for stage in config.budget_steps for name in config.budget_steps[stage]
-            if name not in budgets]
-  found += [f"budget_steps.{stage}.{name} = {steps!r}: a positive whole number of steps"
-            for stage in config.budget_steps for name, steps in config.budget_steps[stage].items()
-            if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1]
+  for stage in ("finetune", "probe"):
+    for entry in config[f"{stage}_budget_steps"]:
+      if not (isinstance(entry, (tuple, list)) and len(entry) == 2
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in entry)
+              and entry[0] >= 0 and entry[1] >= 1):
+        found.append(f"{stage}_budget_steps: {entry!r} is not a (labels per class, steps) pair "
+                     "of whole numbers, labels ≥ 0 (0: every label), steps ≥ 1")
   if found:
     raise ConfigError(f"{len(found)} config problem(s), nothing was run:\n"
                       + "\n".join(f"  - {p}" for p in found))
