@@ -610,8 +610,8 @@ def _write(workdir: Path, config, rows, summary, ceilings, goal_rows, seconds: f
       "rows": rows, "summary": summary, "ceilings": ceilings, "goals": goal_rows,
       "seconds_this_run": round(seconds, 1), "seconds_all_runs": round(total, 1)})
   blocks = tables(summary, ceilings, goal_rows) + [
-      ("p", f"Wall time: {report.duration(total)} (every invocation in this workdir; this "
-            "one skips finished runs).")]
+      ("p", f"Wall time: {report.duration(total)}, summed over every invocation in this "
+            "workdir (workers that ran at once each count theirs; a rerun skips finished runs).")]
   table = report.to_markdown([("h1", f"Label-efficiency study ({config.preset})")] + blocks)
   fileio.write_atomic(workdir / TABLE_FILE, lambda f: f.write(table.encode()))
   plots.label_efficiency(summary, workdir / FIGURE_FILE,
