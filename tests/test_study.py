@@ -203,9 +203,9 @@ def test_study_table_is_the_stages_own_numbers(tmp_path):
   result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads((tmp_path / "study" / study.RESULTS_FILE).read_text())
-  assert {(r["arm"], r["labels_per_class"]) for r in out["rows"]} == {
+  assert {(r["arm"], r["labels_per_class"]) for r in out["rows"]} == ({
       (a, n) for a in study.ARMS if a not in study.SUPERVISED for n in (2, 0)} | {
-      (a, 0) for a in study.SUPERVISED} - {("scratch_finetune", 0)}   # that is `supervised`
+      (a, 0) for a in study.SUPERVISED}) - {("scratch_finetune", 0)}   # that is `supervised`
   assert set(out["ceilings"]["model_ii"]["snr"]) == {"cdm", "axion"}   # simulated: measured
   assert out["ceilings"]["model_ii"]["snr"]["cdm"]["median"] > 0
   for row in out["rows"]:
