@@ -1,7 +1,9 @@
 """Shared defaults for every stage's config: data source, simulation, augmentation.
 
-Presets: `demo` (a CPU-minutes simulated set), `seed` (the full DeepLense Model II
-size, 30k images per class) and `tiny` (a few images, for tests).
+Presets: `demo` (a CPU-minutes simulated set), `demo_long` (demo with the MAE pretrained
+9x longer, the best recipe measured on `substructure`), `seed` (the full DeepLense Model II
+size, 30k images per class), `seed_gpu` (seed with one GPU's batches) and `tiny` (a few
+images, for tests).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import difflib
 
 import ml_collections
 
-PRESETS = ("demo", "seed", "seed_gpu", "tiny")
+PRESETS = ("demo", "demo_long", "seed", "seed_gpu", "tiny")
 
 # Simulated images per class for each preset (the real Model II set has ~30k).
 _SIM_PER_CLASS = {"demo": 3000, "seed": 30000, "tiny": 24}
@@ -24,9 +26,15 @@ _HELD_OUT = {"demo": 0.2, "seed": 0.1, "tiny": 0.2}
 GPU_BATCH = {"pretrain": 1024, "probe": 1024, "finetune": 512}
 
 
+# Presets that are another's sizes with one change: seed_gpu (one GPU's batches, below) and
+# demo_long (pretraining 180 epochs instead of 20, configs/pretrain.py).
+_SIZE_OF = {"seed_gpu": "seed", "demo_long": "demo"}
+
+
 def size(preset: str) -> str:
-  """The sizes a preset takes its model, data and schedule from (seed_gpu: seed's)."""
-  return "seed" if preset == "seed_gpu" else preset
+  """The sizes a preset takes its model, data and schedule from (seed_gpu: seed's;
+  demo_long: demo's)."""
+  return _SIZE_OF.get(preset, preset)
 
 
 # seed_gpu pretraining: an epoch is 23 steps of 1,024 images (1-3 s of GPU work), so the
@@ -67,8 +75,9 @@ VARIANTS = ("model_ii", "hard", "substructure")
 
 
 def data_dir(variant: str, preset: str) -> str:
-  """The simulated folder of a variant and preset: data/<variant>_sim[_<preset>]."""
-  return f"data/{variant}_sim" + ("" if size(preset) == "seed" else f"_{preset}")
+  """The simulated folder of a variant and preset: data/<variant>_sim[_<size>] (a
+  preset shares the folder of the preset whose sizes it takes)."""
+  return f"data/{variant}_sim" + ("" if size(preset) == "seed" else f"_{size(preset)}")
 
 
 def data_config(preset: str) -> ml_collections.ConfigDict:
@@ -89,9 +98,9 @@ def data_config(preset: str) -> ml_collections.ConfigDict:
       source_spread=0,
   ))
   # Follows the variant until set: `--config.data.sim.variant=hard` alone simulates and
-  # reads data/hard_sim_<preset> (data/hard_sim for seed), never the model_ii folder.
+  # reads data/hard_sim_<size> (data/hard_sim for seed), never the model_ii folder.
   data.dir = ("data/" + data.sim.get_ref("variant")
-              + ("_sim" if size(preset) == "seed" else f"_sim_{preset}"))
+              + ("_sim" if size(preset) == "seed" else f"_sim_{size(preset)}"))
   # Prepared splits (arrays, and the tfds dataset with reader=tfds), one sub-folder per
   # fingerprint of the folder's listing and the split settings.
   data.cache_dir = "~/.cache/mae_jax/datasets"

@@ -14,9 +14,12 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from configs import common
 from configs import finetune as finetune_config
+from configs import pipeline as pipeline_config
 from configs import pretrain as pretrain_config
 from configs import probe as probe_config
+from configs import study as study_config
 from mae_jax.runtime import checkpoint
 from mae_jax.stages import launch
 from mae_jax.stages import validate
@@ -33,6 +36,38 @@ def test_stock_configs_have_no_problem(tmp_path):
   config = finetune_config.get_config("tiny")
   config.init_from = ""   # from scratch
   assert _problems(config, tmp_path / "run") == []
+
+
+def test_demo_long_is_demo_pretrained_nine_times_longer():
+  """`demo_long` changes one thing of `demo`: the pretraining's 180 epochs (20 + 160), in
+  every config that carries a pretraining; it reads demo's folders and no other key moves."""
+  def flat(config, skip=()):
+    out = {}
+    for key, value in config.items():
+      if key in skip:
+        continue
+      if hasattr(value, "items"):
+        out.update({f"{key}.{k}": v for k, v in flat(value).items()})
+      else:
+        out[key] = value
+    return out
+
+  assert common.size("demo_long") == "demo"
+  assert common.data_dir("substructure", "demo_long") == "data/substructure_sim_demo"
+  paths = ("preset", "init_from", "phase_epochs")
+  for module in (pretrain_config, probe_config, finetune_config):
+    demo, long = module.get_config("demo"), module.get_config("demo_long")
+    assert long.preset == "demo_long"
+    assert flat(long, paths) == flat(demo, paths)
+  assert pretrain_config.get_config("demo").phase_epochs == (7, 13)
+  assert pretrain_config.get_config("demo_long").phase_epochs == (20, 160)
+  for module in (pipeline_config, study_config):
+    long = module.get_config("demo_long")
+    assert long.pretrain.phase_epochs == (20, 160)
+    assert (flat(long, ("preset", "pretrain")) ==
+            flat(module.get_config("demo"), ("preset", "pretrain")))
+  assert study_config.get_config("demo_long").data_dirs.substructure == \
+      "data/substructure_sim_demo"
 
 
 def test_misspelled_keys_get_the_closest_valid_key(tmp_path):
@@ -224,7 +259,7 @@ def _last_line(result: subprocess.CompletedProcess) -> str:
      "error: unknown config key optim.lr_warmup; did you mean optim.warmup_epochs?"),
     (["--config=configs/pretrain.py:demmo"],
      "error: configs/pretrain.py: unknown preset 'demmo'; did you mean demo? Presets: demo, "
-     "seed, seed_gpu, tiny"),
+     "demo_long, seed, seed_gpu, tiny"),
     (["--config=configs/pretrian.py"], "error: config file configs/pretrian.py not found"),
     (["--config=configs/probe.py:tiny", "--config.stage=prob"],
      "error: unknown stage 'prob'; did you mean probe? Known: "),
@@ -269,7 +304,7 @@ def test_a_successful_parse_loads_the_config_file_once(tmp_path):
      "error: unknown config key optim.lr_warmup; did you mean optim.warmup_epochs?"),
     (["--config=configs/pretrain.py:demmo"],
      "error: configs/pretrain.py: unknown preset 'demmo'; did you mean demo? Presets: demo, "
-     "seed, seed_gpu, tiny"),
+     "demo_long, seed, seed_gpu, tiny"),
     (["--config=configs/pretrian.py"], "error: config file configs/pretrian.py not found"),
     (["--config=configs/pretrian.py", "--config.seed=1"],
      "error: config file configs/pretrian.py not found"),
