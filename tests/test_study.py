@@ -27,6 +27,9 @@ from mae_jax.stages import validate
 from tests.conftest import write_folder
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import study_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _split(per_class: dict[int, int]) -> arrays.Split:
@@ -158,6 +161,33 @@ def test_goals_give_each_gap_to_its_target(tmp_path):
   png = plots.label_efficiency(summary, tmp_path / "le.png", goals=got)
   drawn = json.loads(png.with_suffix(".json").read_text())
   assert [g["gap"] for g in drawn["data"]["goals"]] == [g["gap"] for g in got]
+  # The stock config's goal keys give the same goals.
+  assert study.config_goals(summary, study_config.get_config("demo")) == got
+
+
+def test_a_figure_of_one_studys_mae_arms_beside_a_reference_study(tmp_path):
+  """benchmarks/study_figure.py: the MAE arms of the study (a `demo_long` run of those
+  alone), every other arm of the reference, the reference's MAE arms renamed; goals
+  recomputed on the study's MAE arms."""
+  cell = lambda arm, n, auc, v="substructure": {  # pylint: disable=unnecessary-lambda-assignment
+      "variant": v, "arm": arm, "labels_per_class": n, "mean_test_macro_auc": auc,
+      "min": auc, "max": auc, "mean_interval": None, "seeds": 3}
+  mine = [cell("mae_finetune", 100, 0.61), cell("mae_probe", 100, 0.58),
+          cell("mae_finetune", 100, 0.9, "model_ii")]
+  reference = [cell("mae_finetune", 100, 0.53), cell("scratch_finetune", 100, 0.51),
+               cell("radial", 100, 0.55), cell("supervised_cnn", 0, 0.86)]
+  (tmp_path / "study.json").write_text(json.dumps({"summary": mine}))
+  png = plots.label_efficiency(reference, tmp_path / "ref.png")
+  merged = study_figure.merge(study_figure.read_summary(tmp_path / "study.json"),
+                              study_figure.read_summary(png.with_suffix(".json")),
+                              "substructure", "20 epochs")
+  assert [(s["arm"], s["mean_test_macro_auc"]) for s in merged] == [
+      ("mae_finetune", 0.61), ("mae_probe", 0.58), ("scratch_finetune", 0.51),
+      ("radial", 0.55), ("supervised_cnn", 0.86), ("mae_finetune (20 epochs)", 0.53)]
+  goal = study.config_goals(merged, study_config.get_config("demo"))[0]
+  assert (goal["goal"], goal["value"], round(goal["gap"], 6)) == ("mae_over_scratch", 0.61, 0.05)
+  with pytest.raises(SystemExit, match="no MAE arm on 'hard'"):
+    study_figure.merge(mine, reference, "hard", "x")
 
 
 @pytest.mark.slow

@@ -264,6 +264,15 @@ def goals(summary: list[dict], labels: int, over_scratch: float,
   return out
 
 
+def config_goals(summary: list[dict], config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  """`goals` at the study config's `goal_*` keys."""
+  return goals(summary, config.goal_labels, config.goal_over_scratch,
+               over_radial=config.goal_over_radial.to_dict(),
+               probe_near_radial=config.goal_probe_near_radial.to_dict(),
+               ceiling_at_least=config.goal_ceiling_at_least.to_dict(),
+               radial_at_most=config.goal_radial_at_most.to_dict())
+
+
 def _goal(mean: dict, goal: str, variant: str, n: int, arm: str, target: float | None,
           margin: float, at_most: bool = False) -> dict[str, Any] | None:
   """One goal's row (`goals`), or None where the arm or the target is missing."""
@@ -403,11 +412,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       ("finetune", config.finetune))}, workdir / config.variants[0])
   rows, ceilings = _all_runs(config, workdir)
   summary = summarise(rows)
-  goal_rows = goals(summary, config.goal_labels, config.goal_over_scratch,
-                    over_radial=config.goal_over_radial.to_dict(),
-                    probe_near_radial=config.goal_probe_near_radial.to_dict(),
-                    ceiling_at_least=config.goal_ceiling_at_least.to_dict(),
-                    radial_at_most=config.goal_radial_at_most.to_dict())
+  goal_rows = config_goals(summary, config)
   seconds = time.time() - start
   if loop.is_main_process():
     _write(workdir, config, rows, summary, ceilings, goal_rows, seconds)
