@@ -26,8 +26,6 @@ from configs import study as study_config  # pylint: disable=g-import-not-at-top
 from mae_jax.eval import plots  # pylint: disable=g-import-not-at-top
 from mae_jax.stages import study  # pylint: disable=g-import-not-at-top
 
-MAE_ARMS = ("mae_finetune", "mae_partial", "mae_probe")
-
 
 def read_summary(path: Path) -> list[dict]:
   """The per-(variant, arm, budget) summary of a study.json or of a figure's .json."""
@@ -41,12 +39,12 @@ def read_summary(path: Path) -> list[dict]:
 def merge(mine: list[dict], reference: list[dict], variant: str, tag: str) -> list[dict]:
   """`mine`'s MAE arms; the reference's other arms; the reference's MAE arms renamed
   '<arm> (<tag>)'. Only `variant`."""
-  own = [s for s in mine if s["variant"] == variant and s["arm"] in MAE_ARMS]
+  own = [s for s in mine if s["variant"] == variant and s["arm"] in study.MAE_ARMS]
   if not own:
     raise SystemExit(f"the study has no MAE arm on {variant!r}")
   ref = [s for s in reference if s["variant"] == variant]
-  renamed = [{**s, "arm": f"{s['arm']} ({tag})"} for s in ref if s["arm"] in MAE_ARMS]
-  return own + [s for s in ref if s["arm"] not in MAE_ARMS] + renamed
+  renamed = [{**s, "arm": f"{s['arm']} ({tag})"} for s in ref if s["arm"] in study.MAE_ARMS]
+  return own + [s for s in ref if s["arm"] not in study.MAE_ARMS] + renamed
 
 
 def main() -> None:

@@ -81,6 +81,8 @@ ARM_TITLES = {"mae_finetune": "MAE fine-tune", "mae_partial": "MAE partial fine-
               "supervised_cnn": "supervised CNN (all labels)"}
 # The ceiling arms: a network from scratch on every label, with its model overrides.
 SUPERVISED = {"supervised": {}, "supervised_cnn": {"model.arch": "cnn"}}
+# The arms that read the variant's MAE (its pretraining).
+MAE_ARMS = ("mae_finetune", "mae_partial", "mae_probe")
 RESULTS_FILE, TABLE_FILE, FIGURE_FILE = "study.json", "study.md", "label_efficiency.png"
 SNR_FILE = "substructure_snr.json"   # per variant folder: the measured SNR, kept
 
@@ -475,7 +477,7 @@ def _run_variant(config: ml_collections.ConfigDict, variant: str, vdir: Path, pa
   arms = tuple(config.variant_arms.get(variant) or config.arms)
   ladder = tuple(config.variant_labels_per_class.get(variant) or config.labels_per_class)
   mae_ready = True
-  if any(a in arms for a in ("mae_finetune", "mae_partial", "mae_probe")):
+  if any(a in arms for a in MAE_ARMS):
     mae_ready, _ = pass_.attempt(_ensure, "pretrain",
                                  _stage(config.pretrain, "pretrain", config, data), pre_dir)
   rows = []
