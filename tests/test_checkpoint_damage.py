@@ -77,7 +77,7 @@ def test_init_from_skips_a_damaged_checkpoint_and_refuses_when_none_restores(tmp
 # A read that TensorStore finishes after the event loop awaiting it has closed: what the
 # abandoned reads of a damaged checkpoint's other arrays do, at any time after the restore.
 _LATE_COMPLETION = """
-import asyncio, sys, time
+import asyncio, gc, sys, time
 from pathlib import Path
 import tensorstore as ts
 from mae_jax.runtime import checkpoint
@@ -97,14 +97,24 @@ class Unrelated:
   def __del__(self):
     raise ValueError("an unrelated report")
 Unrelated()
+async def async_deserialize():   # an abandoned orbax read task of the damaged checkpoint
+  raise ValueError("a read of the damaged file")
+async def unrelated_task():
+  raise ValueError("an unrelated task's error")
+loop = asyncio.new_event_loop()
+tasks = [loop.create_task(async_deserialize()), loop.create_task(unrelated_task())]
+loop.run_until_complete(asyncio.sleep(0.01))
+loop.close()
+del tasks
+gc.collect()
 """
 
 
 def test_reads_finishing_after_a_damaged_restore_print_nothing(tmp_path):
   """CI once printed a dozen 'Event loop is closed' tracebacks after a damaged restore had
-  been reported in one line: reads that finished later. They are dropped from the first
-  damaged read on, and nothing else is; without one (the control), such a report still
-  prints."""
+  been reported in one line: reads that finished later; and once asyncio's 'Task exception
+  was never retrieved' of an abandoned read task. Both are dropped from the first damaged
+  read on, and nothing else is; without one (the control), such reports still print."""
   _saved(tmp_path)
   truncate_largest_file(tmp_path / "checkpoints" / "2")
   env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
@@ -117,11 +127,16 @@ def test_reads_finishing_after_a_damaged_restore_print_nothing(tmp_path):
   control = late("alone")
   assert "Event loop is closed" in control.stderr
   assert "an unrelated report" in control.stderr
+  assert "coro=<async_deserialize()" in control.stderr
+  assert "an unrelated task's error" in control.stderr
   after = late("after_damage")
   assert "restored step 1" in after.stdout
   assert "checkpoints/2 skipped: it is damaged" in after.stderr
   assert "Event loop is closed" not in after.stderr
+  assert "async_deserialize" not in after.stderr   # CI: 'Task exception was never retrieved'
+  assert "Traceback" in after.stderr               # the unrelated ones still print:
   assert "an unrelated report" in after.stderr   # only the late reads are dropped
+  assert "an unrelated task's error" in after.stderr
 
 
 def test_a_failed_save_is_one_clear_error_and_the_older_checkpoints_stand(tmp_path, monkeypatch):

@@ -144,12 +144,29 @@ def _late_read_completion(unraisable) -> bool:
   return any(frame.name == "call_soon_threadsafe" for frame in frames)
 
 
+class _AbandonedReadTasks(std_logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" report of an orbax read task
+  (`async_deserialize`) that failed after another array's failed read had already ended
+  the restore: the report comes when the task is collected, at any later time, with a
+  traceback and the whole TensorStore spec."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not (message.startswith("Task exception was never retrieved")
+                and ("async_deserialize" in message or "_read_array_index" in message))
+
+
+_ASYNCIO_LOGGER = std_logging.getLogger("asyncio")
+
+
 def _drop_late_read_completions() -> None:
   """After a damaged read, TensorStore goes on with the abandoned reads of the other
   arrays on its own threads, and each one that finishes after orbax's event loop has
-  closed prints a traceback, at any later time. From the first damaged read on, this
-  process drops those reports, and only those (installed again if another hook has
-  replaced it since)."""
+  closed prints a traceback, at any later time; a read task that fails is reported by
+  asyncio when collected. From the first damaged read on, this process drops those
+  reports, and only those (the hook installed again if another one has replaced it)."""
+  if not any(isinstance(f, _AbandonedReadTasks) for f in _ASYNCIO_LOGGER.filters):
+    _ASYNCIO_LOGGER.addFilter(_AbandonedReadTasks())
   previous = sys.unraisablehook
   if getattr(previous, "drops_late_read_completions", False):
     return
@@ -165,8 +182,8 @@ def _drop_late_read_completions() -> None:
 @contextlib.contextmanager
 def _quiet_failed_reads() -> Iterator[None]:
   """When one array of a damaged checkpoint fails to read, orbax leaves the reads of the
-  others as coroutines that raise the same error when collected, or as reads that finish
-  later; Python would print each with a traceback and the whole TensorStore spec. Within
+  others as coroutines or tasks that raise the same error when collected, or as reads that
+  finish later; Python would print each with a traceback and the whole TensorStore spec. Within
   this context (and a collection at its end) those are dropped, and after a failed read
   the late ones for good: the caller reports the damage in one line."""
   previous = sys.unraisablehook
@@ -177,6 +194,8 @@ def _quiet_failed_reads() -> Iterator[None]:
       previous(unraisable)
 
   sys.unraisablehook = hook
+  abandoned = _AbandonedReadTasks()
+  _ASYNCIO_LOGGER.addFilter(abandoned)
   failed = False
   try:
     yield
@@ -186,6 +205,7 @@ def _quiet_failed_reads() -> Iterator[None]:
   finally:
     gc.collect()
     sys.unraisablehook = previous
+    _ASYNCIO_LOGGER.removeFilter(abandoned)
     if failed:
       _drop_late_read_completions()
 
