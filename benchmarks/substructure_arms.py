@@ -175,6 +175,9 @@ RUNS: dict[str, Run] = {
     **_mae_arm("visiblehp_pool3", (*VISIBLE_HP, "--config.pool_size=16200"),
                pool="data/substructure_sim_pool10",
                expect="the best recipe on 3x the unlabelled images (16,200), 20 epochs"),
+    **_mae_arm("visiblehp_pool10", VISIBLE_HP, pool="data/substructure_sim_pool10",
+               expect="the best recipe on 10x the unlabelled images (~54,000), 20 epochs: the "
+                      "steps of the 180-epoch arm, each image seen 20 times instead of 180"),
     **_mae_arm("mask50", (*BASE, "--config.model.mask_ratio=0.5"),
                expect="more context per removed patch: sharper predictions, finer features"),
     **_mae_arm("dec4", (*BASE, "--config.model.decoder_depth=4"),
