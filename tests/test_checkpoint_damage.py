@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,12 +98,15 @@ class Unrelated:
   def __del__(self):
     raise ValueError("an unrelated report")
 Unrelated()
-async def async_deserialize():   # an abandoned orbax read task of the damaged checkpoint
-  raise ValueError("a read of the damaged file")
+async def async_deserialize(fails):   # abandoned orbax read tasks of the damaged checkpoint
+  if fails:
+    raise ValueError("a read of the damaged file")
+  await asyncio.sleep(3600)
 async def unrelated_task():
   raise ValueError("an unrelated task's error")
 loop = asyncio.new_event_loop()
-tasks = [loop.create_task(async_deserialize()), loop.create_task(unrelated_task())]
+tasks = [loop.create_task(async_deserialize(True)), loop.create_task(async_deserialize(False)),
+         loop.create_task(unrelated_task())]
 loop.run_until_complete(asyncio.sleep(0.01))
 loop.close()
 del tasks
@@ -127,7 +131,10 @@ def test_reads_finishing_after_a_damaged_restore_print_nothing(tmp_path):
   control = late("alone")
   assert "Event loop is closed" in control.stderr
   assert "an unrelated report" in control.stderr
-  assert "coro=<async_deserialize()" in control.stderr
+  assert re.search(r"Task exception was never retrieved\nfuture: <Task finished name='Task-\d+' "
+                   r"coro=<async_deserialize\(\)", control.stderr)
+  assert re.search(r"Task was destroyed but it is pending!\ntask: <Task pending name='Task-\d+' "
+                   r"coro=<async_deserialize\(\)", control.stderr)
   assert "an unrelated task's error" in control.stderr
   after = late("after_damage")
   assert "restored step 1" in after.stdout
@@ -137,6 +144,7 @@ def test_reads_finishing_after_a_damaged_restore_print_nothing(tmp_path):
   assert "Traceback" in after.stderr               # the unrelated ones still print:
   assert "an unrelated report" in after.stderr   # only the late reads are dropped
   assert "an unrelated task's error" in after.stderr
+  assert "coro=<waiter()" in after.stderr       # an unrelated pending task: still reported
 
 
 def test_a_failed_save_is_one_clear_error_and_the_older_checkpoints_stand(tmp_path, monkeypatch):

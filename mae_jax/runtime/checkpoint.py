@@ -145,14 +145,16 @@ def _late_read_completion(unraisable) -> bool:
 
 
 class _AbandonedReadTasks(std_logging.Filter):
-  """Drops asyncio's "Task exception was never retrieved" report of an orbax read task
-  (`async_deserialize`) that failed after another array's failed read had already ended
-  the restore: the report comes when the task is collected, at any later time, with a
-  traceback and the whole TensorStore spec."""
+  """Drops asyncio's reports of an orbax read task (`async_deserialize`) abandoned when
+  another array's failed read ended the restore: "Task exception was never retrieved"
+  (it failed too; with a traceback and the whole TensorStore spec) or "Task was destroyed
+  but it is pending!". They come when the task is collected, at any later time."""
+
+  REPORTS = ("Task exception was never retrieved", "Task was destroyed but it is pending")
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     message = record.getMessage()
-    return not (message.startswith("Task exception was never retrieved")
+    return not (message.startswith(self.REPORTS)
                 and ("async_deserialize" in message or "_read_array_index" in message))
 
 
