@@ -28,7 +28,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import pretrain as pretrain_config  # pylint: disable=wrong-import-position
 from mae_jax.models import build  # pylint: disable=wrong-import-position
 from mae_jax.runtime import parallel  # pylint: disable=wrong-import-position
-from mae_jax.train import losses  # pylint: disable=wrong-import-position
+from mae_jax import objectives  # pylint: disable=wrong-import-position
+from mae_jax.objectives import reconstruction  # pylint: disable=wrong-import-position
 from mae_jax.train import optim  # pylint: disable=wrong-import-position
 from mae_jax.train import steps  # pylint: disable=wrong-import-position
 
@@ -36,7 +37,7 @@ from mae_jax.train import steps  # pylint: disable=wrong-import-position
 # seed's BCE on the removed patches, the demo's before).
 RECIPES = {
     "demo default (highpass)": pretrain_config.get_config("demo").loss.to_dict(),
-    "bce, removed patches": dataclasses.asdict(losses.Reconstruction()),
+    "bce, removed patches": dataclasses.asdict(reconstruction.Reconstruction()),
 }
 
 
@@ -56,7 +57,7 @@ def compiled_step(preset: str, loss: dict, batch: int):
                       steps_per_epoch=100)
   state = parallel.replicate(steps.TrainState.create(apply_fn=model.apply, params=params, tx=tx),
                              mesh)
-  fn = steps.make_pretrain_step(model, losses.Reconstruction.from_config(config.loss), mesh,
+  fn = steps.make_pretrain_step(model, objectives.from_config(config.loss), mesh,
                                 steps.backend_micro_batch(**config.micro_batch))
   key = jax.random.key(1)
   return fn.lower(state, images, key).compile(), state, images, key

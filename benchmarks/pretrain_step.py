@@ -24,7 +24,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top
 from mae_jax.models import build  # pylint: disable=g-import-not-at-top
 from mae_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
-from mae_jax.train import losses  # pylint: disable=g-import-not-at-top
+from mae_jax import objectives  # pylint: disable=g-import-not-at-top
 from mae_jax.train import optim  # pylint: disable=g-import-not-at-top
 from mae_jax.train import steps  # pylint: disable=g-import-not-at-top
 
@@ -46,7 +46,7 @@ def main() -> None:
   parallel.check_batch(args.batch)
   state = parallel.replicate(steps.TrainState.create(apply_fn=mae.apply, params=params, tx=tx),
                              mesh)
-  step = steps.make_pretrain_step(mae, losses.Reconstruction.from_config(config.loss), mesh)
+  step = steps.make_pretrain_step(mae, objectives.from_config(config.loss), mesh)
   size = config.model.image_size
   images = parallel.global_batch(
       {"image": np.random.default_rng(0).random((args.batch, size, size, 1), np.float32)},

@@ -235,7 +235,7 @@ def _ours(task: str, config, batch: int, args) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   from mae_jax.models import build  # pylint: disable=g-import-not-at-top
   from mae_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
-  from mae_jax.train import losses  # pylint: disable=g-import-not-at-top
+  from mae_jax import objectives  # pylint: disable=g-import-not-at-top
   from mae_jax.train import optim  # pylint: disable=g-import-not-at-top
   from mae_jax.train import steps  # pylint: disable=g-import-not-at-top
 
@@ -249,7 +249,7 @@ def _ours(task: str, config, batch: int, args) -> dict[str, Any]:
     tx, _ = optim.adamw(params, optim.AdamWSettings.from_config(config.optim), total_steps=1000,
                         steps_per_epoch=100)
     state = steps.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-    fn = steps.make_pretrain_step(model, losses.Reconstruction.from_config(config.loss), mesh,
+    fn = steps.make_pretrain_step(model, objectives.from_config(config.loss), mesh,
                                   steps.backend_micro_batch(**config.micro_batch))
     inputs = (data["image"], key)
   else:
@@ -390,7 +390,7 @@ def _loop(task: str, config, args) -> list[dict[str, Any]]:
   from mae_jax.stages import common  # pylint: disable=g-import-not-at-top
   from mae_jax.stages import writers  # pylint: disable=g-import-not-at-top
   from mae_jax.train import loop  # pylint: disable=g-import-not-at-top
-  from mae_jax.train import losses  # pylint: disable=g-import-not-at-top
+  from mae_jax import objectives  # pylint: disable=g-import-not-at-top
   from mae_jax.train import optim  # pylint: disable=g-import-not-at-top
   from mae_jax.train import steps  # pylint: disable=g-import-not-at-top
 
@@ -419,7 +419,7 @@ def _loop(task: str, config, args) -> list[dict[str, Any]]:
         tx, schedule = optim.adamw(params, optim.AdamWSettings.from_config(cfg.optim), total,
                                    args.loop_steps)
         state = steps.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-        body = steps.pretrain_body(model, losses.Reconstruction.from_config(cfg.loss), batch,
+        body = steps.pretrain_body(model, objectives.from_config(cfg.loss), batch,
                                    steps.backend_micro_batch(**cfg.micro_batch))
       else:
         model = build.build_classifier(cfg.model, 3, parallel.AXIS)

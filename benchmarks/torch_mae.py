@@ -1,7 +1,7 @@
 """The seed MAE and its fine-tune classifier in PyTorch, for the throughput benchmark.
 
 The same architecture, masking, loss and optimiser as `mae_jax` (models/,
-train/losses.py, train/optim.py), written the way a PyTorch user would
+objectives/reconstruction.py, train/optim.py), written the way a PyTorch user would
 (facebookresearch/mae `models_mae.py`, timm blocks), so that
 `benchmarks/throughput.py` compares like with like:
 
@@ -196,7 +196,7 @@ class MaskedAutoencoder(nn.Module):
 
   def patch_blur(self, patches: torch.Tensor, channels: int) -> torch.Tensor:
     """Each patch blurred on its own (separable Gaussian of `highpass_sigma` pixels, radius
-    ceil(2 sigma), border pixels repeated outward), as mae_jax's `losses.patch_blur`."""
+    ceil(2 sigma), border pixels repeated outward), as mae_jax's `objectives.reconstruction.patch_blur`."""
     radius = max(1, math.ceil(2 * self.highpass_sigma))
     x = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (x / self.highpass_sigma) ** 2)

@@ -16,7 +16,7 @@ import optax  # pylint: disable=g-import-not-at-top
 from mae_jax.data import feeds  # pylint: disable=g-import-not-at-top
 from mae_jax.models import build  # pylint: disable=g-import-not-at-top
 from mae_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
-from mae_jax.train import losses  # pylint: disable=g-import-not-at-top
+from mae_jax import objectives  # pylint: disable=g-import-not-at-top
 from mae_jax.stages import common  # pylint: disable=g-import-not-at-top
 from mae_jax.train import steps  # pylint: disable=g-import-not-at-top
 
@@ -31,7 +31,7 @@ def run(devices, num_steps=3):
   mesh = parallel.make_mesh(devices)
   state = parallel.replicate(steps.TrainState.create(apply_fn=mae.apply, params=params, tx=tx),
                              mesh)
-  loss = losses.Reconstruction.from_config(config.loss)
+  loss = objectives.from_config(config.loss)
   step = steps.make_pretrain_step(mae, loss, mesh)
   rng = np.random.default_rng(0)
   history = []

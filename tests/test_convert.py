@@ -15,7 +15,7 @@ from mae_jax.models import masking
 from mae_jax.models import vit
 from mae_jax.runtime import checkpoint
 from mae_jax.runtime import errors
-from mae_jax.train import losses
+from mae_jax.objectives import reconstruction
 
 
 def _torch():
@@ -82,8 +82,8 @@ def test_parity_with_hugging_face(shape, norm_pix):
   ours_out = ours.apply({"params": params}, jnp.asarray(images), jnp.asarray(noise))
   np.testing.assert_array_equal(np.asarray(ours_out["mask"]), ref_mask)
   np.testing.assert_allclose(np.asarray(ours_out["logits"]), ref_logits, atol=1e-5, rtol=0)
-  loss = losses.reconstruction_loss(ours_out["logits"], jnp.asarray(images), ours_out["mask"],
-                                    patch=enc.patch, loss="mse", norm_pix=norm_pix)
+  loss = reconstruction.Reconstruction(type="mse", norm_pix=norm_pix).loss(
+      ours_out["logits"], jnp.asarray(images), ours_out["mask"], enc.patch)
   assert abs(float(loss) - ref_loss) <= 1e-5
 
 

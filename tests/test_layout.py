@@ -1,10 +1,10 @@
 """The package's layering rules, read from its source.
 
-- `models/`, `train/` and `runtime/` import no TensorFlow, tfds, clu, matplotlib or
+- `models/`, `objectives/`, `train/` and `runtime/` import no TensorFlow, tfds, clu, matplotlib or
   scikit-learn: a subprocess that refuses those imports still imports every module
   there and runs one tiny pretraining step and one classifier step.
 - No import circles between the modules of `mae_jax` (function-level imports count).
-- `models/`, `train/` and `runtime/` import nothing from `data/` or `eval/` (the
+- `models/`, `objectives/`, `train/` and `runtime/` import nothing from `data/` or `eval/` (the
   batches' pure-JAX order, normalisation and augmentation live in `train/batching.py`,
   which `data/` reuses).
 - `train/` and `data/` import no ml_collections: the stages turn the config into frozen
@@ -31,7 +31,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "mae_jax"
-JAX_ONLY = ("models", "train", "runtime")
+JAX_ONLY = ("models", "objectives", "train", "runtime")
 REFUSED = ("tensorflow", "tensorflow_datasets", "clu", "matplotlib", "sklearn")
 STAGE_NAMES = {"data", "pretrain", "probe", "finetune", "pipeline", "predict", "study"}
 
@@ -185,7 +185,8 @@ def test_jax_only_layers_run_a_step_where_heavy_libraries_cannot_be_imported():
       from configs import finetune as finetune_config, pretrain as pretrain_config
       from mae_jax.models import build
       from mae_jax.runtime import parallel
-      from mae_jax.train import losses, optim, steps
+      from mae_jax import objectives
+      from mae_jax.train import optim, steps
 
       mesh = parallel.make_mesh()
       config = pretrain_config.get_config("tiny")
@@ -195,7 +196,7 @@ def test_jax_only_layers_run_a_step_where_heavy_libraries_cannot_be_imported():
                           steps_per_epoch=2)
       state = parallel.replicate(steps.TrainState.create(apply_fn=mae.apply, params=params,
                                                          tx=tx), mesh)
-      step = steps.make_pretrain_step(mae, losses.Reconstruction.from_config(config.loss), mesh)
+      step = steps.make_pretrain_step(mae, objectives.from_config(config.loss), mesh)
       images = np.random.default_rng(0).random((4, 64, 64, 1), np.float32)
       state, metrics = step(state, parallel.global_batch({{"x": images}}, mesh)["x"],
                             jax.random.key(1))

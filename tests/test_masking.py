@@ -26,7 +26,7 @@ def test_patchify_roundtrip_and_order():
                                                  (10, 0.75, 2), (16, 0.0, 16)])
 def test_masking_keeps_exact_count_and_restores(length, ratio, kept):
   x = jnp.arange(3 * length, dtype=jnp.float32).reshape(3, length, 1) + 1.0
-  noise = masking.masking_noise(jax.random.key(0), 3, length)
+  noise = jax.random.uniform(jax.random.key(0), (3, length))
   x_kept, mask, ids_restore = masking.random_masking(x, noise, ratio)
   assert x_kept.shape == (3, kept, 1)
   np.testing.assert_array_equal(mask.sum(axis=1), length - kept)
@@ -43,7 +43,7 @@ def test_masking_keeps_exact_count_and_restores(length, ratio, kept):
 
 def test_different_keys_give_different_masks_same_key_same_mask():
   x = jnp.ones((4, 64, 2))
-  masks = [masking.random_masking(x, masking.masking_noise(jax.random.key(k), 4, 64), 0.75)[1]
+  masks = [masking.random_masking(x, jax.random.uniform(jax.random.key(k), (4, 64)), 0.75)[1]
            for k in (0, 0, 1)]
   np.testing.assert_array_equal(masks[0], masks[1])
   assert not np.array_equal(masks[0], masks[2])

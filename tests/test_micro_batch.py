@@ -11,7 +11,7 @@ import pytest
 from configs import pretrain as pretrain_config
 from mae_jax.models import build
 from mae_jax.runtime import parallel
-from mae_jax.train import losses
+from mae_jax import objectives
 from mae_jax.train import steps
 
 
@@ -29,7 +29,7 @@ def _steps(micro_batch: int, num_steps: int = 2):
   # SGD: Adam's g / sqrt(v) would magnify float-rounding differences of tiny gradients.
   state = parallel.replicate(
       steps.TrainState.create(apply_fn=mae.apply, params=params, tx=optax.sgd(0.5)), mesh)
-  step = steps.make_pretrain_step(mae, losses.Reconstruction.from_config(config.loss), mesh,
+  step = steps.make_pretrain_step(mae, objectives.from_config(config.loss), mesh,
                                   micro_batch)
   rng = np.random.default_rng(0)
   out = []

@@ -17,7 +17,7 @@ from mae_jax.models import build
 from mae_jax.runtime import parallel
 from mae_jax.stages import pretrain as pretrain_stage
 from mae_jax.train import batching
-from mae_jax.train import losses
+from mae_jax import objectives
 from mae_jax.train import optim
 from mae_jax.train import steps
 from tests import conftest
@@ -52,7 +52,7 @@ def _pretrain(dtype: str, num_steps: int = 40):
   mesh = parallel.make_mesh()
   state = parallel.replicate(steps.TrainState.create(apply_fn=mae.apply, params=params, tx=tx),
                              mesh)
-  step = steps.make_pretrain_step(mae, losses.Reconstruction.from_config(config.loss), mesh)
+  step = steps.make_pretrain_step(mae, objectives.from_config(config.loss), mesh)
   images = parallel.global_batch({"image": _images(8)}, mesh)["image"]
   key = jax.random.key(1)
   hlo = step.lower(state, images, key).as_text()

@@ -13,7 +13,7 @@ from mae_jax.models import build
 from mae_jax.models import dense
 from mae_jax.models import masking
 from mae_jax.models import vit
-from mae_jax.train import losses
+from mae_jax.objectives import reconstruction
 from mae_jax.train import optim
 
 
@@ -69,7 +69,7 @@ def test_removed_only_decoder_predicts_the_removed_patches_as_the_full_one(prese
 
   def loss(p, removed_only):
     out = mae.apply({"params": p}, images, noise, removed_only=removed_only)
-    return losses.reconstruction_loss(out["logits"], images, out["mask"], patch=enc.patch)
+    return reconstruction.Reconstruction().loss(out["logits"], images, out["mask"], enc.patch)
 
   grads = [jax.grad(loss)(params, r) for r in (False, True)]
   for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):

@@ -13,14 +13,18 @@ import pytest
 
 from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
+from mae_jax import objectives
 from mae_jax.models import build
 from mae_jax.models import convs
 from mae_jax.models import masking
+from mae_jax.objectives import reconstruction
 from mae_jax.runtime import parallel
 from mae_jax.stages import validate
-from mae_jax.train import losses
 from mae_jax.train import optim
 from mae_jax.train import steps
+
+_HP = reconstruction.Reconstruction(type="mse", target="highpass")
+_HP_NORM = reconstruction.Reconstruction(type="mse", target="highpass", norm_pix=True)
 
 
 def _mae(stem: str, patch: int = 8):
@@ -88,9 +92,9 @@ def test_conv_stem_mae_masks_before_it_embeds():
 
 def test_highpass_target_is_each_patch_minus_its_own_blur():
   images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 1))
-  target = losses.patch_targets(images, 8, target="highpass", highpass_sigma=1.0)
+  target = _HP.targets(images, 8)
   patches = np.asarray(masking.patchify(images, 8)).reshape(2, 4, 8, 8)
-  kernel = losses.gaussian_kernel(1.0)
+  kernel = reconstruction.gaussian_kernel(1.0)
   r = len(kernel) // 2
   padded = np.pad(patches, ((0, 0), (0, 0), (r, r), (r, r)), mode="edge")
   blur = np.zeros_like(patches)
@@ -99,7 +103,7 @@ def test_highpass_target_is_each_patch_minus_its_own_blur():
       blur += wa * wb * padded[:, :, a:a + 8, b:b + 8]
   np.testing.assert_allclose(target, (patches - blur).reshape(2, 4, 64), atol=1e-6)
   flat = jnp.full((1, 16, 16, 1), 0.7)
-  np.testing.assert_allclose(losses.patch_targets(flat, 8, target="highpass"), 0.0, atol=1e-6)
+  np.testing.assert_allclose(_HP.targets(flat, 8), 0.0, atol=1e-6)
 
 
 def test_highpass_target_and_loss_read_no_removed_pixel_for_a_visible_patch():
@@ -108,25 +112,21 @@ def test_highpass_target_and_loss_read_no_removed_pixel_for_a_visible_patch():
   images = jax.random.uniform(jax.random.key(5), (1, 16, 16, 1))
   patches = masking.patchify(images, 8)
   poked = masking.unpatchify(patches.at[0, 2].add(0.3), 8, (2, 2), 1)
-  a = losses.patch_targets(images, 8, target="highpass", norm_pix=True)
-  b = losses.patch_targets(poked, 8, target="highpass", norm_pix=True)
+  a = _HP_NORM.targets(images, 8)
+  b = _HP_NORM.targets(poked, 8)
   moved = np.abs(np.asarray(a - b)).max(-1)[0]
   assert moved[2] > 0 and (np.delete(moved, 2) == 0).all()
   mask = jnp.array([[1.0, 1.0, 0.0, 1.0]])   # patch 2 visible
   logits = jax.random.normal(jax.random.key(6), (1, 4, 64))
-  options = dict(patch=8, loss="mse", target="highpass", norm_pix=True)
-  np.testing.assert_array_equal(
-      losses.reconstruction_loss(logits, images, mask, **options),
-      losses.reconstruction_loss(logits, poked, mask, **options))
+  np.testing.assert_array_equal(_HP_NORM.loss(logits, images, mask, 8),
+                                _HP_NORM.loss(logits, poked, mask, 8))
 
 
 def test_highpass_with_bce_and_unknown_options_are_refused():
-  images = jnp.zeros((1, 16, 16, 1))
-  logits, mask = jnp.zeros((1, 4, 64)), jnp.ones((1, 4))
   with pytest.raises(ValueError, match="highpass"):
-    losses.reconstruction_loss(logits, images, mask, patch=8, loss="bce", target="highpass")
-  with pytest.raises(ValueError, match="target must be"):
-    losses.reconstruction_loss(logits, images, mask, patch=8, loss="mse", target="hog")
+    reconstruction.Reconstruction(type="bce", target="highpass")
+  with pytest.raises(ValueError, match="target='hog' must be one of"):
+    reconstruction.Reconstruction(type="mse", target="hog")
   config = pretrain_config.get_config("tiny")
   config.loss.target, config.model.stem, config.loss.highpass_sigma = "highpass", "convo", 0.0
   found = "\n".join(validate.problems(config, "/tmp/unused_workdir"))
@@ -146,7 +146,7 @@ def test_highpass_reconstruction_figure_is_in_pixels():
   config.loss.update(type="mse", norm_pix=True, target="highpass")
   mae = build.build_mae(config.model)
   images = jax.random.uniform(jax.random.key(7), (2, 64, 64, 1))
-  target = losses.patch_targets(images, mae.encoder.patch, norm_pix=True, target="highpass")
+  target = _HP_NORM.targets(images, mae.encoder.patch)
 
   class Exact:   # stands in for the MAE: predicts the loss's target perfectly
     encoder = mae.encoder
@@ -156,7 +156,7 @@ def test_highpass_reconstruction_figure_is_in_pixels():
       del variables
       return {"logits": target, "mask": jnp.ones(noise.shape)}
 
-  rows = steps.make_reconstruct(Exact, losses.Reconstruction.from_config(config.loss))(
+  rows = steps.make_reconstruct(Exact, objectives.from_config(config.loss))(
       None, images, jax.random.key(0))
   np.testing.assert_allclose(rows["reconstruction"], images, atol=1e-5)
 

@@ -24,7 +24,7 @@ from configs import pretrain as pretrain_config  # pylint: disable=g-import-not-
 from mae_jax.models import attention  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mae_jax.models import build  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mae_jax.models import load as convert  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mae_jax.train import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mae_jax.objectives import reconstruction  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _torch_mae():
@@ -57,7 +57,7 @@ def test_torch_mae_matches_ours_with_the_same_weights():
   model.load_state_dict(torch_mae.state_dict_from_jax(model, params))
   images, noise = _inputs(3, mae.encoder.num_patches)
   out = mae.apply({"params": params}, images, noise)
-  loss = losses.reconstruction_loss(out["logits"], images, out["mask"], patch=m.patch)
+  loss = reconstruction.Reconstruction().loss(out["logits"], images, out["mask"], m.patch)
   t_loss, t_logits, t_mask = model(torch.from_numpy(images).permute(0, 3, 1, 2),
                                    torch.from_numpy(noise))
   np.testing.assert_array_equal(t_mask.numpy(), out["mask"])
@@ -67,9 +67,8 @@ def test_torch_mae_matches_ours_with_the_same_weights():
   demo = pretrain_config.get_config("demo").loss
   model.loss_type, model.norm_pix, model.masked_only = demo.type, demo.norm_pix, demo.masked_only
   model.target, model.highpass_sigma = demo.target, demo.highpass_sigma
-  hp_loss = losses.reconstruction_loss(
-      out["logits"], images, out["mask"], patch=m.patch, loss=demo.type, norm_pix=demo.norm_pix,
-      masked_only=demo.masked_only, target=demo.target, highpass_sigma=demo.highpass_sigma)
+  hp_loss = reconstruction.Reconstruction.from_config(demo).loss(
+      out["logits"], images, out["mask"], m.patch)
   t_hp_loss, _, _ = model(torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(noise))
   np.testing.assert_allclose(float(t_hp_loss.detach()), float(hp_loss), rtol=1e-5)
   # The blur itself, patch by patch, with several channels, patch sizes and widths.
@@ -78,7 +77,7 @@ def test_torch_mae_matches_ours_with_the_same_weights():
     patches = rng.random((2, 5, patch * patch * 3), dtype=np.float32)
     model.patch, model.highpass_sigma = patch, sigma
     np.testing.assert_allclose(model.patch_blur(torch.from_numpy(patches), 3).numpy(),
-                               losses.patch_blur(jnp.asarray(patches), patch, 3, sigma),
+                               reconstruction.patch_blur(jnp.asarray(patches), patch, 3, sigma),
                                atol=1e-6)
   # Names are facebookresearch/mae's: mae_jax.models.load reads the torch model back.
   back = convert.convert(model.state_dict_mae(), params)

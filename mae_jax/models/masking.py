@@ -1,4 +1,5 @@
-"""Patches, fixed 2-D sin-cos position embeddings and MAE random masking.
+"""Patches, fixed 2-D sin-cos position embeddings and MAE random masking (the
+mechanics; how the noise is drawn is the pretraining objective's, `mae_jax.objectives`).
 
 Conventions follow the MAE reference (facebookresearch/mae): patches are
 flattened as (patch row, patch col, channel), position embeddings are the
@@ -82,7 +83,3 @@ def random_masking(x: jax.Array, noise: jax.Array,
   mask = jnp.take_along_axis(mask, ids_restore, axis=1)
   return x_kept, mask, ids_restore
 
-
-def masking_noise(key: jax.Array, batch: int, num_patches: int) -> jax.Array:
-  """Uniform noise that drives `random_masking` (one row per example)."""
-  return jax.random.uniform(key, (batch, num_patches))

@@ -36,7 +36,6 @@ reads such a folder back into the same params.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -44,13 +43,13 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
+from mae_jax import objectives
 from mae_jax.data import layout
 from mae_jax.models import masking
 from mae_jax.runtime import checkpoint
 from mae_jax.runtime import errors
 from mae_jax.runtime import fileio
 from mae_jax.runtime import workdir as workdir_lib
-from mae_jax.train import losses
 
 PyTree = Any
 ConversionError = errors.ConversionError
@@ -131,7 +130,9 @@ def _vit_config(model: dict) -> dict[str, Any]:
 
 
 def mae_config(model: dict, loss: dict) -> dict[str, Any]:
-  """config.json of a `ViTMAEForPreTraining` with the MAE's sizes."""
+  """config.json of a `ViTMAEForPreTraining` with the MAE's sizes; what its decoder
+  outputs is the objective's to say (a saved `loss` lacking keys takes their defaults)."""
+  objective = objectives.from_config(loss)
   return {
       "architectures": ["ViTMAEForPreTraining"], "model_type": "vit_mae", **_vit_config(model),
       "decoder_hidden_size": model["decoder_dim"],
@@ -139,23 +140,9 @@ def mae_config(model: dict, loss: dict) -> dict[str, Any]:
       "decoder_num_attention_heads": model["decoder_heads"],
       "decoder_intermediate_size": int(model["decoder_dim"] * model["mlp_ratio"]),
       "mask_ratio": model["mask_ratio"],
-      "norm_pix_loss": bool(loss.get("norm_pix")) and loss.get("type") == "mse",
-      "mae_jax": {"loss": loss, "note": _decoder_note(loss)},
+      **objective.export_fields(),
+      "mae_jax": {"loss": loss, "note": objective.export_note()},
   }
-
-
-def _decoder_note(loss: dict) -> str:
-  """What the exported decoder predicts, which transformers' own (MSE on pixels) loss
-  does not always score. Keys a config lacks take `losses.Reconstruction`'s defaults."""
-  loss = {**dataclasses.asdict(losses.Reconstruction()), **loss}
-  if loss["type"] == "bce":
-    return "decoder outputs are logits of [0, 1] pixels (apply a sigmoid)"
-  if loss["target"] == "highpass":
-    return (f"decoder outputs are each patch minus its own Gaussian blur (sigma "
-            f"{loss['highpass_sigma']} px)"
-            + (", normalised per patch" if loss["norm_pix"] else "")
-            + "; transformers' loss (MSE on pixels) does not score them")
-  return "decoder outputs are pixels" + (", normalised per patch" if loss["norm_pix"] else "")
 
 
 def classifier_config(model: dict, encoder_only: bool) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from mae_jax import objectives
 from mae_jax.data import feeds
 from mae_jax.data import source
 from mae_jax.eval import plots
@@ -39,7 +40,6 @@ from mae_jax.stages import common
 from mae_jax.stages import registry
 from mae_jax.train import batching
 from mae_jax.train import loop as loop_lib
-from mae_jax.train import losses
 from mae_jax.train import optim
 from mae_jax.train import steps
 
@@ -83,13 +83,13 @@ def _initial_state(config: ml_collections.ConfigDict, mae, workdir: Path, mesh,
   return state, schedule
 
 
-def _plotter(config: ml_collections.ConfigDict, workdir: Path, mae, loss, val, history: list,
+def _plotter(config: ml_collections.ConfigDict, workdir: Path, mae, objective, val, history: list,
              writer, plot_key: jax.Array) -> Callable:
   """save_plots(state, record=None): the loss curves and reconstructions of validation
   images, on the main process (`record`: the epoch just ended, not yet in the history)."""
   phase_starts = list(np.cumsum((0,) + tuple(int(e) for e in config.phase_epochs)[:-1]))
   plot_images = np.asarray(batching.normalize(val.images[:config.num_reconstructions]))[..., None]
-  reconstruct = steps.FallbackJit(lambda: steps.make_reconstruct(mae, loss),
+  reconstruct = steps.FallbackJit(lambda: steps.make_reconstruct(mae, objective),
                                   "reconstruction figure")
 
   def save_plots(state, record=None):
@@ -97,7 +97,7 @@ def _plotter(config: ml_collections.ConfigDict, workdir: Path, mae, loss, val, h
       return
     plots.loss_curves(history + ([record] if record else []),
                       workdir / workdir_lib.PLOTS / "loss_curve.png", phase_starts,
-                      title=f"MAE pretraining ({config.loss.type} loss)")
+                      title=f"MAE pretraining: {objective.describe()}")
     rows = syncs.fetch(reconstruct(syncs.fetch(state.params, "figure"), plot_images, plot_key),
                        "figure")
     rows = {k: rows[k] for k in steps.RECONSTRUCTION_ROWS}   # device_get sorts dict keys
@@ -152,7 +152,7 @@ class _Run:
   workdir: Path
   mesh: jax.sharding.Mesh
   mae: Any
-  loss: losses.Reconstruction
+  objective: objectives.Objective
   classes: tuple[str, ...]
   pool: Any                        # the unlabelled training images (an arrays.Split)
   val: Any                         # validation images of the same classes
@@ -186,8 +186,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
   local_eval = parallel.check_batch(config.eval_batch_size, "eval_batch_size") // \
       jax.local_device_count()
   mae = build.build_mae(config.model)
-  loss = losses.Reconstruction.from_config(config.loss)
-  logging.info("pretrain: compute dtype %s", build.describe_dtype(config.model.dtype))
+  objective = objectives.from_config(config.loss)
+  logging.info("pretrain: %s; compute dtype %s", objective.describe(),
+               build.describe_dtype(config.model.dtype))
   if loop_lib.is_main_process():
     workdir.mkdir(parents=True, exist_ok=True)
   data = source.DataSettings.from_config(config.data)
@@ -202,7 +203,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
     raise errors.InsufficientDataError(
         f"batch_size={config.batch_size} exceeds the {len(pool)} pretraining images of "
         f"{list(classes)} ({len(pool) // mesh.devices.size} per device)")
-  return _Run(config=config, data=data, workdir=workdir, mesh=mesh, mae=mae, loss=loss,
+  return _Run(config=config, data=data, workdir=workdir, mesh=mesh, mae=mae, objective=objective,
               classes=tuple(classes), pool=pool, val=val, kind=kind, feeds=made,
               local_batch=local_batch, local_eval=local_eval, steps_per_epoch=steps_per_epoch)
 
@@ -221,12 +222,12 @@ def _fit(run: _Run) -> tuple[Any, list[dict]]:
   feeding = steps.Feeding(source=run.kind, local_batch=run.local_batch, seed=config.seed,
                           dtype=build.dtype_of(config.model.dtype))
   micro = steps.backend_micro_batch(**config.micro_batch)
-  chunks = common.Chunks(steps.pretrain_body(run.mae, run.loss, config.batch_size, micro), run.mesh,
+  chunks = common.Chunks(steps.pretrain_body(run.mae, run.objective, config.batch_size, micro), run.mesh,
                          run.feeds["pool"], feeding)
-  evaluate = common.Evaluator(steps.pretrain_eval_fn(run.mae, run.loss, eval_key), run.mesh,
+  evaluate = common.Evaluator(steps.pretrain_eval_fn(run.mae, run.objective, eval_key), run.mesh,
                               run.feeds["validation"],
                               dataclasses.replace(feeding, local_batch=run.local_eval))
-  run.save_plots = _plotter(config, run.workdir, run.mae, run.loss, run.val, history, run.writer,
+  run.save_plots = _plotter(config, run.workdir, run.mae, run.objective, run.val, history, run.writer,
                             plot_key)
   loop = loop_lib.Loop(
       settings=loop_lib.LoopSettings.from_config(config), workdir=run.workdir, state=state,

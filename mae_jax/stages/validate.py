@@ -20,6 +20,7 @@ import jax
 import ml_collections
 from flax import traverse_util
 
+from mae_jax import objectives
 from mae_jax.data import feeds
 from mae_jax.data import layout
 from mae_jax.data import simulate
@@ -27,12 +28,10 @@ from mae_jax.data import source
 from mae_jax.data import splits
 from mae_jax.models import build
 from mae_jax.models import convs
-from mae_jax.models import masking
 from mae_jax.runtime import checkpoint
 from mae_jax.runtime import errors
 from mae_jax.runtime import parallel
 from mae_jax.runtime import workdir as workdir_lib
-from mae_jax.train import losses
 
 TRAINING_STAGES = ("pretrain", "probe", "finetune")
 ConfigError = errors.ConfigError
@@ -195,34 +194,6 @@ def _schedule_problems(config: ml_collections.ConfigDict) -> list[str]:
                     "and augment=False: the features are computed once and chosen on validation")
   if "epochs" in config and (not isinstance(config.epochs, int) or config.epochs < 1):
     problems.append(f"epochs={config.epochs} must be a whole number >= 1")
-  model, loss = config.get("model", {}), config.get("loss", {})
-  problems += _loss_problems(loss)
-  if loss.get("masked_only") and "mask_ratio" in model and 0.0 <= model.mask_ratio < 1.0:
-    num_patches = (model.image_size // model.patch) ** 2 if model.get("patch") else 0
-    if num_patches and masking.num_kept(num_patches, model.mask_ratio) == num_patches:
-      problems.append(f"model.mask_ratio={model.mask_ratio} removes no patch of {num_patches}, "
-                      "so loss.masked_only=True has nothing to score; raise the ratio or set "
-                      "loss.masked_only=False")
-  return problems
-
-
-def _loss_problems(loss: ml_collections.ConfigDict | dict) -> list[str]:
-  """A pretraining `loss`: known type and target, and targets the loss can score."""
-  if not loss:
-    return []
-  problems = []
-  if loss.get("type") not in losses.LOSSES:
-    problems.append(f"loss.type={loss.get('type')!r} must be one of {', '.join(losses.LOSSES)}")
-  target = loss.get("target", "pixels")
-  if target not in losses.TARGETS:
-    problems.append(f"loss.target={target!r} must be one of {', '.join(losses.TARGETS)}")
-  if loss.get("type") == "bce" and (loss.get("norm_pix") or target == "highpass"):
-    what = "loss.norm_pix=True" if loss.get("norm_pix") else "loss.target='highpass'"
-    problems.append(f"{what} makes targets outside [0, 1], which BCE cannot score: set "
-                    "loss.type='mse'")
-  sigma = loss.get("highpass_sigma", 1.0)
-  if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or sigma <= 0:
-    problems.append(f"loss.highpass_sigma={sigma!r} must be a number of pixels > 0")
   return problems
 
 
@@ -333,6 +304,7 @@ def problems(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str])
     found += _model_problems(config.model) + _cnn_problems(config) + _partial_problems(config)
   if config.get("stage") in TRAINING_STAGES:
     found += _batch_problems(config) + _schedule_problems(config) + _micro_batch_problems(config)
+    found += objectives.problems(config)
   if "data" in config:
     found += _data_problems(config.data)
   # Process 0 writes the run's files (other processes only join collective saves).

@@ -1,2 +1,2 @@
-"""Pure step functions, the epoch loop, optax chains and losses. Imports only JAX-side
-libraries."""
+"""Pure step functions, the epoch loop and optax chains. Imports only JAX-side libraries;
+what pretraining optimises is `mae_jax.objectives`."""

@@ -36,9 +36,9 @@ from mae_jax.models import attention
 from mae_jax.models import heads
 from mae_jax.models import mae as mae_lib
 from mae_jax.models import masking
+from mae_jax.objectives import base as objectives
 from mae_jax.runtime import parallel
 from mae_jax.train import batching
-from mae_jax.train import losses
 
 TrainState = train_state.TrainState
 SOURCES = ("device", "host")
@@ -170,9 +170,9 @@ def accumulated_value_and_grad(loss_fn: Callable, params: Any, batch: tuple,
   return jax.tree.map(lambda t: t / pieces, total)
 
 
-def pretrain_body(mae: mae_lib.MAE, loss: losses.Reconstruction, global_batch: int,
+def pretrain_body(mae: mae_lib.MAE, objective: objectives.Objective, global_batch: int,
                   micro_batch: int = 0) -> Body:
-  """One MAE step. Masking noise is drawn for the whole global batch from
+  """One MAE step on `objective`. Masking noise is drawn for the whole global batch from
   `fold_in(key, step)`, then each device takes its rows: masks do not depend on the
   device count. With `micro_batch`, the gradient is accumulated over micro-batches of
   at most that many examples per device (`accumulated_value_and_grad`): every image
@@ -181,14 +181,12 @@ def pretrain_body(mae: mae_lib.MAE, loss: losses.Reconstruction, global_batch: i
   patch, num_patches = mae.encoder.patch, mae.encoder.num_patches
 
   def loss_fn(params, images, noise):
-    out = mae.apply({"params": params}, images, noise, loss.masked_only)
-    return losses.reconstruction_loss(out["logits"], images, out["mask"], patch=patch,
-                                      **loss.options())
+    out = mae.apply({"params": params}, images, noise, objective.removed_only)
+    return objective.loss(out["logits"], images, out["mask"], patch)
 
   def body(state, images, labels, key, shard, batch):
     del labels, batch
-    noise = masking.masking_noise(jax.random.fold_in(key, state.step), global_batch,
-                                  num_patches)
+    noise = objective.noise(jax.random.fold_in(key, state.step), global_batch, num_patches)
     noise = global_rows(noise, shard, images.shape[0])
     pieces = micro_batches(images.shape[0], micro_batch)
     value, grads = accumulated_value_and_grad(loss_fn, state.params, (images, noise), pieces)
@@ -280,14 +278,14 @@ def make_chunk(body: Body, mesh: jax.sharding.Mesh, feeding: Feeding,
   return jax.jit(mapped, donate_argnums=0)
 
 
-def make_pretrain_step(mae: mae_lib.MAE, loss: losses.Reconstruction,
+def make_pretrain_step(mae: mae_lib.MAE, objective: objectives.Objective,
                        mesh: jax.sharding.Mesh, micro_batch: int = 0) -> Callable:
   """A jitted data-parallel MAE step on a prepared global batch (benchmarks, tests):
   (state, images, key) -> (state, metrics); the same body as a chunk's."""
 
   @functools.partial(jax.jit, donate_argnums=0)
   def step(state, images, key):
-    body = pretrain_body(mae, loss, images.shape[0], micro_batch)
+    body = pretrain_body(mae, objective, images.shape[0], micro_batch)
 
     def per_device(state, images, key):
       return body(state, images, None, key, lax.axis_index(parallel.AXIS), 0)
@@ -373,18 +371,16 @@ def make_eval_pass(fn: Callable, mesh: jax.sharding.Mesh, feeding: Feeding,
   return jax.jit(mapped)
 
 
-def pretrain_eval_fn(mae: mae_lib.MAE, loss: losses.Reconstruction,
+def pretrain_eval_fn(mae: mae_lib.MAE, objective: objectives.Objective,
                      key: jax.Array) -> Callable:
   """Per-row (loss sum, patches counted) of the MAE on an evaluation batch; each
   example's mask is fixed by (key, its index in the split)."""
   patch, num_patches = mae.encoder.patch, mae.encoder.num_patches
 
   def fn(params, images, valid, examples):
-    noise = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i),
-                                                  (num_patches,)))(examples)
-    out = mae.apply({"params": params}, images, noise, loss.masked_only)
-    per_patch, weights = losses.reconstruction_terms_per_row(
-        out["logits"], images, out["mask"], patch=patch, **loss.options())
+    noise = objective.example_noise(key, examples, num_patches)
+    out = mae.apply({"params": params}, images, noise, objective.removed_only)
+    per_patch, weights = objective.terms_per_row(out["logits"], images, out["mask"], patch)
     weights = weights * valid[:, None]
     return {"loss": (per_patch * weights).sum(-1), "count": weights.sum(-1)}
 
@@ -430,7 +426,7 @@ def make_predict(model: heads.Classifier, mesh: jax.sharding.Mesh) -> Callable:
 RECONSTRUCTION_ROWS = ("input", "masked input", "reconstruction", "+ visible")
 
 
-def make_reconstruct(mae: mae_lib.MAE, loss: losses.Reconstruction) -> Callable:
+def make_reconstruct(mae: mae_lib.MAE, objective: objectives.Objective) -> Callable:
   """A jitted (params, images, key) -> dict of image rows for a reconstruction figure:
   the input, the masked input (NaN where removed), the reconstruction, and the
   reconstruction with the visible patches pasted back, each (N, H, W, C)."""
@@ -440,19 +436,10 @@ def make_reconstruct(mae: mae_lib.MAE, loss: losses.Reconstruction) -> Callable:
 
   @jax.jit
   def reconstruct(params, images, key):
-    noise = masking.masking_noise(key, images.shape[0], enc.num_patches)
+    noise = objective.noise(key, images.shape[0], enc.num_patches)
     out = mae.apply({"params": params}, images, noise)
-    pred = losses.predicted_images(out["logits"], loss.type)
+    pred = objective.to_pixels(out["logits"], images, enc.patch)
     target = masking.patchify(images, enc.patch)
-    # The loss's target before norm_pix: the pixels, or each patch's high-pass part.
-    base = losses.patch_targets(images, enc.patch, target=loss.target,
-                                highpass_sigma=loss.highpass_sigma)
-    if loss.norm_pix:  # back to the target's units with each patch's own statistics
-      mean = base.mean(-1, keepdims=True)
-      var = base.var(-1, keepdims=True, ddof=1)
-      pred = pred * (var + 1e-6) ** 0.5 + mean
-    if loss.target == "highpass":  # back to pixels with each patch's own blur
-      pred = pred + (target - base)
     removed = out["mask"][:, :, None] > 0
     return {
         "input": images,
