@@ -30,6 +30,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from mae_jax.eval import results  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 SUB = ("--config.data.sim.variant=substructure",)
 SCRATCH = ("--config.init_from=",)
 FLIPS = ("--config.augment=True", "--config.data.augment.max_shift=0")
@@ -198,7 +201,7 @@ def finished(root: Path, name: str) -> bool:
   run = root / name
   if RUNS[name].config.startswith("configs/pretrain.py"):
     return (run / "pretrain_summary.json").exists()
-  return (run / "eval_metrics.json").exists()
+  return results.exists(run)
 
 
 def run_one(name: str, root: Path, log_dir: Path) -> int:
@@ -276,17 +279,16 @@ def _curve(history: list[dict], points: int = 8) -> str:
 def row(name: str, root: Path) -> dict | None:
   """The table row of a finished run (None if it has not finished)."""
   run = root / name
-  if not (run / "eval_metrics.json").exists():
+  if not results.exists(run):
     return None
-  metrics = json.loads((run / "eval_metrics.json").read_text())
+  record = results.read(run)
   history = json.loads((run / "history.json").read_text())
   wall = json.loads(_wall_file(root, name).read_text())["seconds"] if \
       _wall_file(root, name).exists() else float("nan")
-  lo, hi = metrics["intervals"]["macro_auc"]
   return {"name": name, "question": RUNS[name].question, "wall_s": wall,
-          "epoch": metrics["epoch"], "epochs": len(history), "curve": _curve(history),
-          "validation": metrics["validation"]["macro_auc"], "test": metrics["macro_auc"],
-          "interval": (lo, hi), "auc": metrics["auc"],
+          "epoch": record.chosen.epoch, "epochs": len(history), "curve": _curve(history),
+          "validation": record.validation["macro_auc"], "test": record.test["macro_auc"],
+          "interval": tuple(record.test.interval("macro_auc")), "auc": record.test["auc"],
           "command": "python main.py " + " ".join(RUNS[name].command(name, Path("runs/arms"))),
           "expect": RUNS[name].expect}
 

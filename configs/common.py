@@ -201,8 +201,11 @@ def classifier_config(preset: str, stage: str) -> ml_collections.ConfigDict:
   # stage. A chain whose stages share the labels needs it once (the accelerator run turns
   # it off in the fine-tune: the probe's is the same).
   config.fit_baseline = True
-  # Validation (which chooses the epoch that test reports) every this many epochs, and
-  # after the last one.
+  # What validation and test are scored with (mae_jax/eval/evaluators.py), and the
+  # validation number that chooses the epoch test reports.
+  config.evals = ("auc", "accuracy", "confusion_matrix")
+  config.select_by = "macro_auc"
+  # Validation every this many epochs, and after the last one.
   config.eval_every_epochs = 1
   config.update(run_config(preset))
   config.checkpoint_every_epochs = 1

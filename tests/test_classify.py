@@ -9,13 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from sklearn import metrics as skm
 
 from configs import finetune as finetune_config
 from configs import probe as probe_config
 from mae_jax.data import arrays
 from mae_jax.data import feeds
-from mae_jax.eval import metrics as metrics_lib
 from mae_jax.models import build
 from mae_jax.models import heads
 from mae_jax.models import load
@@ -156,21 +154,6 @@ def test_prediction_of_an_image_does_not_depend_on_its_batch():
       {"x": np.concatenate([first, o])}, mesh)["x"]))[:4] for o in others]
   np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-6)
   assert np.abs(logits[0]).max() > 0
-
-
-def test_metrics_equal_scikit_learn():
-  rng = np.random.default_rng(0)
-  labels = rng.integers(0, 3, 200)
-  probs = metrics_lib.softmax(rng.normal(size=(200, 3)) + 2 * np.eye(3)[labels])
-  m = metrics_lib.classification_metrics(probs, labels)
-  onehot = np.eye(3)[labels]
-  for i, name in enumerate(("no_sub", "cdm", "axion")):
-    assert m["auc"][name] == pytest.approx(skm.roc_auc_score(onehot[:, i], probs[:, i]))
-  assert m["micro_auc"] == pytest.approx(skm.roc_auc_score(onehot, probs, average="micro"))
-  assert m["macro_auc"] == pytest.approx(skm.roc_auc_score(onehot, probs, average="macro"))
-  assert m["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == labels))
-  assert m["confusion_matrix"] == skm.confusion_matrix(labels, probs.argmax(1)).tolist()
-  assert m["num_examples"] == 200
 
 
 def test_evaluation_pass_gives_each_examples_logits_in_canonical_order(small_folder, tmp_path):

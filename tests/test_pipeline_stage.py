@@ -14,6 +14,7 @@ import pytest
 
 from configs import pipeline as pipeline_config
 from mae_jax.eval import plots
+from mae_jax.eval import results
 from mae_jax.runtime import fileio
 from mae_jax.runtime import workdir as workdir_lib
 from mae_jax.stages import pipeline
@@ -130,9 +131,9 @@ def test_report_shows_the_stages_numbers_figures_and_baseline(tmp_path):
   paths = report.write(run, config, pipeline.stage_configs(config, run))
 
   md = paths["markdown"].read_text()
-  assert "| **linear probe** (epoch 4, chosen on validation) | 321 | 0.6123 | 0.5500 [0.5300, " \
+  assert "| **linear probe** (epoch 4, chosen on validation macro AUC) | 321 | 0.6123 | 0.5500 [0.5300, " \
          "0.5650] | 0.6100 | 0.5200 | 0.5200 | 0.4100 |" in md
-  assert "| **fine-tune** (epoch 4, chosen on validation) | 321 | 0.9346 | 0.9123 [0.8923, " \
+  assert "| **fine-tune** (epoch 4, chosen on validation macro AUC) | 321 | 0.9346 | 0.9123 [0.8923, " \
          "0.9273] | 0.9700 | 0.8500 | 0.9200 | 0.7800 |" in md
   assert "| fine-tune, last epoch (7) | 321 | 0.9200 | 0.9000 [0.8800, 0.9150] |" in md
   assert "| fine-tune, seed study (published, real data) |  | 0.97 |  | 1.00 | 0.94 | 0.96 | " \
@@ -157,7 +158,9 @@ def test_report_shows_the_stages_numbers_figures_and_baseline(tmp_path):
   assert all(src.startswith("data:image/png;base64,") for src in images)
   assert not re.search(r'(src|href)="(?!data:)', page)  # nothing to fetch: opens offline
   data = json.loads(paths["json"].read_text())
-  assert data["metrics"]["finetune"] == {k: v for k, v in fine.items() if k != "baseline"}
+  assert results.EvalRecord.from_json(data["records"]["finetune"]) == results.read(
+      run / "finetune", "finetune")
+  assert data["records"]["finetune"]["macro_auc"] == fine["macro_auc"]
   assert data["stages"]["pretrain"]["seconds"] == 262.5
 
 
@@ -221,7 +224,7 @@ def test_pipeline_end_to_end_then_only_the_report(tmp_path):
   data = json.loads((run / "report.json").read_text())
   for stage, title in (("probe", "linear probe"), ("finetune", "fine-tune")):
     m = json.loads((run / stage / "eval_metrics.json").read_text())
-    assert data["metrics"][stage] == {k: v for k, v in m.items() if k != "baseline"}
+    assert data["records"][stage] == m
     row = next(line for line in md.splitlines() if line.startswith(f"| **{title}** (epoch"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     lo, hi = m["intervals"]["macro_auc"]
@@ -250,7 +253,7 @@ def test_pipeline_end_to_end_then_only_the_report(tmp_path):
   assert "running it" not in second.stderr and "resuming" not in second.stderr
   assert _files(run) == before
   assert (run / "report.md").stat().st_mtime_ns > report_time
-  assert json.loads((run / "report.json").read_text())["metrics"] == data["metrics"]
+  assert json.loads((run / "report.json").read_text())["records"] == data["records"]
   assert np.isclose(json.loads((run / "report.json").read_text())["stages"]["pretrain"]["seconds"],
                     data["stages"]["pretrain"]["seconds"])
 

@@ -20,6 +20,7 @@ from configs import finetune as finetune_config
 from configs import predict as predict_config
 from mae_jax.data import layout
 from mae_jax.data import npy_io
+from mae_jax.eval import evaluators
 from mae_jax.eval import metrics as metrics_lib
 from mae_jax.models import build
 from mae_jax.models import heads
@@ -118,10 +119,12 @@ def test_layout_folder_with_a_bad_file(finetuned, tmp_path):
 
   labels = np.array([layout.CLASS_NAMES.index(p.parent.name) for p in good])
   metrics = json.loads((out / "metrics.json").read_text())
-  reference = metrics_lib.classification_metrics(expected, labels)
+  reference = evaluators.evaluate(expected, labels, evaluators.DEFAULT_EVALS)
   for key in ("micro_auc", "macro_auc", "accuracy"):
     assert metrics[key] == pytest.approx(reference[key], abs=1e-9)
   assert metrics["confusion_matrix"] == reference["confusion_matrix"]
+  lo, hi = metrics["intervals"]["macro_auc"]
+  assert lo <= metrics["macro_auc"] <= hi
   for fig in ("roc.png", "confusion.png"):
     assert (out / "plots" / fig).read_bytes()[:4] == b"\x89PNG"
 

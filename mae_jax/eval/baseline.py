@@ -7,9 +7,8 @@ This baseline makes that visible: each image is reduced to its azimuthally
 averaged radial profile about the image centre (one value per 1-pixel ring),
 and a scikit-learn logistic regression on the standardised profile is fitted
 on the model's labelled training images and scored on the same validation and
-test splits with the model's own metrics (`metrics.classification_metrics` /
-`roc_curves`). A model's margin over it is what it learned beyond the radial
-profile.
+test splits with the model's own evaluators (`evaluators.evaluate`). A model's margin
+over it is what it learned beyond the radial profile.
 
 It reads the same min-max normalised images as the model (`batching.normalize`,
 no augmentation), is deterministic (lbfgs on fixed data) and takes seconds: a
@@ -18,8 +17,9 @@ profile is one matrix product per batch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 from sklearn import linear_model
@@ -27,7 +27,9 @@ from sklearn import pipeline as sk_pipeline
 from sklearn import preprocessing
 
 from mae_jax.data import layout
+from mae_jax.eval import evaluators
 from mae_jax.eval import metrics
+from mae_jax.eval import results
 from mae_jax.train import batching
 
 DESCRIPTION = ("scikit-learn logistic regression (lbfgs, C=1, standardised features) on the "
@@ -96,17 +98,29 @@ def profiles_of(images: np.ndarray, batch: int = 4096) -> np.ndarray:
   return np.concatenate(out) if out else np.zeros((0, 1))
 
 
+@dataclasses.dataclass(frozen=True)
+class Fitted:
+  """The baseline fitted on labelled images and scored on named splits."""
+  scores: dict[str, results.Scores]       # split -> the evaluators' numbers
+  curves: dict[str, dict[str, tuple]]     # split -> metrics.roc_curves (plots.roc's baseline=)
+  probs: dict[str, np.ndarray]            # split -> (N, K) probabilities
+  features: int                           # profile length
+  train_examples: int
+
+  def record(self, split: str = "test", chosen_on: str = "validation") -> results.Baseline:
+    """The results record of `split`, with the validation macro AUC beside it."""
+    return results.Baseline(self.scores[split], DESCRIPTION, self.features, self.train_examples,
+                            self.scores[chosen_on].get("macro_auc") if chosen_on in self.scores
+                            else None)
+
+
 def evaluate_baseline(train: tuple[np.ndarray, np.ndarray],
                       scored: dict[str, tuple[np.ndarray, np.ndarray]],
+                      evals: Sequence[str] = evaluators.DEFAULT_EVALS,
                       class_names: Sequence[str] = layout.CLASS_NAMES,
-                      intervals_seed: int | None = None) -> dict[str, Any]:
-  """Fits on `train` (profiles, labels) and scores each of `scored` like the model.
-
-  Returns:
-    {split: {"metrics": metrics.classification_metrics of its predictions (with
-     bootstrap "intervals" when `intervals_seed` is given), plus "description",
-     "features" and "num_train"; "curves": metrics.roc_curves, as
-     `plots.roc(..., baseline=)` takes them; "probs": the probabilities}}.
+                      intervals_seed: int | None = None) -> Fitted:
+  """Fits on `train` (profiles, labels) and scores each of `scored` like the model: the
+  evaluators `evals`, with bootstrap intervals when `intervals_seed` is given.
 
   Raises:
     ValueError: fewer than two classes in `train`.
@@ -116,23 +130,11 @@ def evaluate_baseline(train: tuple[np.ndarray, np.ndarray],
     raise ValueError(f"the baseline needs at least two classes in training, got "
                      f"{sorted(set(np.asarray(train_y).tolist()))}")
   model = fit(train_x, train_y)
-  out = {}
-  for name, (x, y) in scored.items():
-    probs = predict_proba(model, x, len(class_names))
-    scores = (metrics.with_intervals(probs, y, seed=intervals_seed)
-              if intervals_seed is not None else metrics.classification_metrics(probs, y,
-                                                                                 class_names))
-    scores.update({"description": DESCRIPTION, "features": int(train_x.shape[1]),
-                   "num_train": int(len(train_y))})
-    out[name] = {"metrics": scores, "curves": metrics.roc_curves(probs, y, class_names),
-                 "probs": probs}
-  return out
-
-
-def margin(model_metrics: dict[str, Any], baseline_metrics: dict[str, Any]) -> dict[str, Any]:
-  """The model's lead over the baseline in macro / micro AUC and accuracy (None if undefined)."""
-  out = {}
-  for key in ("macro_auc", "micro_auc", "accuracy"):
-    a, b = model_metrics.get(key), baseline_metrics.get(key)
-    out[key] = None if a is None or b is None else float(a - b)
-  return out
+  probs = {name: predict_proba(model, x, len(class_names)) for name, (x, _) in scored.items()}
+  return Fitted(
+      scores={name: evaluators.evaluate(probs[name], y, evals, seed=intervals_seed,
+                                        class_names=class_names)
+              for name, (_, y) in scored.items()},
+      curves={name: metrics.roc_curves(probs[name], y, class_names)
+              for name, (_, y) in scored.items()},
+      probs=probs, features=int(train_x.shape[1]), train_examples=int(len(train_y)))

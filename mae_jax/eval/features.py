@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from mae_jax.eval import baseline
-from mae_jax.eval import metrics
+from mae_jax.eval import evaluators
 
 
 def score_candidates(train: dict[str, np.ndarray], train_labels: np.ndarray,
@@ -22,7 +22,7 @@ def score_candidates(train: dict[str, np.ndarray], train_labels: np.ndarray,
   for name in sorted(train):
     model = baseline.fit(train[name], train_labels)
     probs = baseline.predict_proba(model, validation[name])
-    scores[name] = metrics.classification_metrics(probs, validation_labels)["macro_auc"]
+    scores[name] = evaluators.evaluate(probs, validation_labels, ("auc",))["macro_auc"]
   return scores
 
 

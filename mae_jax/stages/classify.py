@@ -35,9 +35,11 @@ from mae_jax.data import feeds
 from mae_jax.data import layout
 from mae_jax.data import source
 from mae_jax.eval import baseline
+from mae_jax.eval import evaluators
 from mae_jax.eval import features as features_lib
 from mae_jax.eval import metrics as metrics_lib
 from mae_jax.eval import plots
+from mae_jax.eval import results
 from mae_jax.models import build
 from mae_jax.models import heads
 from mae_jax.models import load
@@ -97,7 +99,7 @@ class _Run:
   params: Any
   batch_stats: Any
   frozen: Any                     # per param: does the optimiser freeze it
-  base: dict | None               # the radial-profile baseline on validation and test
+  base: baseline.Fitted | None    # the radial-profile baseline on validation and test
   inputs: dict[str, np.ndarray]   # per split: its images, or its cached features
   feature: heads.FeatureChoice | None = None
   kind: str = ""                  # the feed: "device" or "host"
@@ -165,15 +167,15 @@ def _labelled_splits(config: ml_collections.ConfigDict,
   return splits
 
 
-def _baseline(config: ml_collections.ConfigDict, splits: dict[str, Any]) -> dict:
+def _baseline(config: ml_collections.ConfigDict, splits: dict[str, Any]) -> baseline.Fitted:
   """The non-deep baseline, fitted on the same labelled images; scored on val and test."""
   profiles = {name: baseline.profiles_of(s.images) for name, s in splits.items()}
   base = baseline.evaluate_baseline(
       (profiles["train"], splits["train"].labels),
       {name: (profiles[name], splits[name].labels) for name in ("validation", "test")},
-      intervals_seed=config.seed)
-  logging.info("baseline, %s: validation macro AUC %.4f", baseline.DESCRIPTION,
-               base["validation"]["metrics"]["macro_auc"])
+      tuple(config.evals), intervals_seed=config.seed)
+  logging.info("baseline, %s: validation %s %s", baseline.DESCRIPTION, config.select_by,
+               base.scores["validation"].get(config.select_by))
   return base
 
 
@@ -247,7 +249,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
   params, batch_stats = _initial_params(config, opt, model, workdir)
   run = _Run(config=config, data=data, opt=opt, workdir=workdir, mesh=mesh, splits=splits,
              model=model, params=params, batch_stats=batch_stats,
-             frozen=optim.match(params, opt.frozen), base={}, inputs={})
+             frozen=optim.match(params, opt.frozen), base=None, inputs={})
   run.base = _baseline(config, splits) if config.get("fit_baseline", True) else None
   run.inputs = {name: s.images for name, s in splits.items()}
   if run.cached:
@@ -281,24 +283,38 @@ def _tree(state) -> dict:
   return {"params": state.params, "batch_stats": state.batch_stats}
 
 
+def _validation_numbers(scores: results.Scores) -> dict[str, Any]:
+  """A history record's validation numbers: `val_<name>` for each scalar the evaluators
+  yield, `val_<name>_<class>` for each per-class one."""
+  out = {}
+  for name, value in scores.values.items():
+    if isinstance(value, dict):
+      out.update({f"val_{name}_{c}": v for c, v in value.items()})
+    elif not isinstance(value, list):
+      out[f"val_{name}"] = value
+  return out
+
+
 def _validation(run: _Run, evaluate: common.Evaluator, history: list[dict]) -> Callable:
   """The end of an epoch: every `eval_every_epochs` epochs (and after the last) the
-  validation metrics join its record, and a new best macro AUC saves best_checkpoint/."""
+  validation numbers of the `evals` join its record, and a new best `select_by` saves
+  best_checkpoint/."""
   config = run.config
-  best = max((h["val_macro_auc"] for h in history if h.get("val_macro_auc") is not None),
-             default=-1.0)
+  key = f"val_{config.select_by}"
+  best = None
+  for h in history:
+    if evaluators.is_better(config.select_by, h.get(key), best):
+      best = h[key]
 
   def end_epoch(state, epoch, record):
     nonlocal best
     if (epoch + 1) % config.eval_every_epochs and epoch + 1 != config.epochs:
       return
     probs = metrics_lib.softmax(evaluate(_tree(state)))
-    m = metrics_lib.classification_metrics(probs, run.splits["validation"].labels)
-    record.update({"val_accuracy": m["accuracy"], "val_macro_auc": m["macro_auc"],
-                   "val_micro_auc": m["micro_auc"]})
-    record.update({f"val_auc_{k}": v for k, v in m["auc"].items()})
-    if m["macro_auc"] is not None and m["macro_auc"] > best:
-      best = m["macro_auc"]
+    record.update(_validation_numbers(evaluators.evaluate(
+        probs, run.splits["validation"].labels, tuple(config.evals))))
+    if evaluators.is_better(config.select_by, record.get(key), best):
+      best = record[key]
       # Never two managers' saves in flight at once: across processes, the orbax barriers
       # of two concurrent asynchronous saves can meet in different orders and deadlock.
       run.mngr.wait_until_finished()
@@ -343,83 +359,81 @@ def _fit(run: _Run) -> tuple[Any, list[dict]]:
   return state, history
 
 
-def _test(run: _Run, state, history: list[dict]) -> dict[str, dict]:
+def _test(run: _Run, state, history: list[dict]) -> dict[str, tuple[np.ndarray, results.Epoch]]:
   """The test split, read now and only now: scored for the epoch validation chose
-  ("chosen") and for the last one ("final")."""
+  ("chosen") and for the last one ("final"); (probabilities, scores) of each."""
+  config = run.config
   evaluate = common.Evaluator(steps.logits_fn(run.model, inputs_are_features=run.cached),
-                              run.mesh, run.feed("test"), run.feeding(run.config.eval_batch_size))
+                              run.mesh, run.feed("test"), run.feeding(config.eval_batch_size))
   chosen_state, chosen_step, _ = checkpoint.restore_latest(run.best_mngr, state)
-  results = {}
+  out = {}
   for name, s, at in (("chosen", chosen_state, chosen_step), ("final", state, int(state.step))):
     probs = metrics_lib.softmax(evaluate(_tree(s)))
     epoch = next((h["epoch"] for h in history if h["step"] == at), None)
-    results[name] = {"probs": probs, "epoch": epoch, "step": at,
-                     "metrics": metrics_lib.with_intervals(probs, run.splits["test"].labels,
-                                                           seed=run.config.seed)}
-  return results
+    scores = evaluators.evaluate(probs, run.splits["test"].labels, tuple(config.evals),
+                                 seed=config.seed)
+    out[name] = (probs, results.Epoch(scores, epoch, at))
+  return out
 
 
-def _summary(run: _Run, results: dict[str, dict], history: list[dict]) -> dict:
-  """eval_metrics.json: the chosen epoch's test metrics, its validation record, the final
-  epoch, the baseline and the margin over it."""
-  chosen, final, base = results["chosen"], results["final"], run.base
-  val_best = next(h for h in history if h["step"] == chosen["step"])  # an evaluated epoch
-  return {
-      "split": "test", **chosen["metrics"], "epoch": chosen["epoch"], "step": chosen["step"],
-      "chosen_by": "validation macro AUC",
-      "validation": {k.removeprefix("val_"): v for k, v in val_best.items()
-                     if k.startswith("val_")},
-      "final_epoch": {**final["metrics"], "epoch": final["epoch"], "step": final["step"]},
-      "baseline": {**base["test"]["metrics"],
-                   "validation_macro_auc": base["validation"]["metrics"]["macro_auc"]}
-                  if base else None,
-      "margin_over_baseline": (baseline.margin(chosen["metrics"], base["test"]["metrics"])
-                               if base else None),
-      "labels_per_class": run.config.labels_per_class, "train_examples": len(run.splits["train"]),
-      "validation_examples": len(run.splits["validation"]),
-      "test_examples": len(run.splits["test"]),
-      "features": run.feature.name if run.feature else None, "feed": run.kind,
-  }
+def _record(run: _Run, tested: dict[str, tuple], history: list[dict]) -> results.EvalRecord:
+  """eval_metrics.json: the chosen epoch's test numbers, its validation record, the final
+  epoch, the baseline."""
+  chosen = tested["chosen"][1]
+  val_best = next(h for h in history if h["step"] == chosen.step)  # an evaluated epoch
+  return results.EvalRecord(
+      stage=run.config.stage, split="test", chosen=chosen, final=tested["final"][1],
+      select_by=run.config.select_by,
+      validation={k.removeprefix("val_"): v for k, v in val_best.items() if k.startswith("val_")},
+      baseline=run.base.record() if run.base else None,
+      labels_per_class=run.config.labels_per_class, train_examples=len(run.splits["train"]),
+      validation_examples=len(run.splits["validation"]), test_examples=len(run.splits["test"]),
+      features=run.feature.name if run.feature else None, feed=run.kind)
 
 
 def _close(run: _Run, state, history: list[dict], seconds: float) -> dict:
   """Scores the test split, writes the figures and eval_metrics.json, closes the run."""
   config = run.config
-  results = _test(run, state, history)
-  summary = _summary(run, results, history)
+  tested = _test(run, state, history)
+  record = _record(run, tested, history)
   if loop_lib.is_main_process():
     title = f"{config.stage} ({config.preset})"
-    images = _write_figures(run.workdir, title, results["chosen"], run.splits["test"].labels,
-                            run.base, history)
+    images = _write_figures(run, title, tested["chosen"][0], record, history)
     run.writer.write_images(int(state.step), images)
-    fileio.write_json_atomic(run.workdir / workdir_lib.EVAL_FILE, summary)
+    record.write(run.workdir)
   run.writer.flush()
   run.mngr.close()
   run.best_mngr.close()
-  logging.info("%s done in %.1f s; test (epoch %s, chosen on validation): macro AUC %.4f %s, "
-               "accuracy %.4f; final epoch: macro AUC %.4f", config.stage, seconds,
-               results["chosen"]["epoch"], summary["macro_auc"], summary["intervals"]["macro_auc"],
-               summary["accuracy"], results["final"]["metrics"]["macro_auc"])
-  if run.base:
-    logging.info("%s margin over the radial-profile baseline (test macro AUC %.4f): %s",
-                 config.stage, run.base["test"]["metrics"]["macro_auc"],
-                 summary["margin_over_baseline"])
-  return summary
+  test, select = record.test, config.select_by
+  logging.info("%s done in %.1f s; test (epoch %s, chosen on validation %s): %s %s %s, "
+               "accuracy %s; final epoch: %s %s", config.stage, seconds, record.chosen.epoch,
+               select, select, test.get(select), test.interval(select), test.get("accuracy"),
+               select, record.final.scores.get(select))
+  if record.baseline:
+    logging.info("%s margin over the radial-profile baseline (test %s %s): %s", config.stage,
+                 select, record.baseline.scores.get(select), record.margin_over_baseline())
+  return record.to_json()
 
 
-def _write_figures(workdir: Path, title: str, chosen: dict, test_labels, base: dict | None,
+def _write_figures(run: _Run, title: str, probs: np.ndarray, record: results.EvalRecord,
                    history: list) -> dict:
-  roc_png = plots.roc(metrics_lib.roc_curves(chosen["probs"], test_labels),
-                      workdir / workdir_lib.PLOTS / "roc.png",
-                      title=f"{title}, test split, epoch {chosen['epoch']}",
-                      baseline=base["test"]["curves"] if base else None)
-  confusion_png = plots.confusion(
-      chosen["metrics"]["confusion_matrix"], layout.CLASS_NAMES,
-      workdir / workdir_lib.PLOTS / "confusion.png",
-      title=f"{title}, test accuracy {chosen['metrics']['accuracy']:.3f}")
-  plots.loss_curves(history, workdir / workdir_lib.PLOTS / "loss_curve.png", title=title,
-                    ylabel="cross-entropy")
-  return {"roc": plots.image_array(roc_png), "confusion": plots.image_array(confusion_png)}
+  """The test split's ROC curves (with the baseline's), confusion matrix and each
+  evaluator's own figure, and the loss curves."""
+  folder, labels, test = run.workdir / workdir_lib.PLOTS, run.splits["test"].labels, record.test
+  roc_png = plots.roc(metrics_lib.roc_curves(probs, labels), folder / "roc.png",
+                      title=f"{title}, test split, epoch {record.chosen.epoch}",
+                      baseline=run.base.curves["test"] if run.base else None)
+  images = {"roc": plots.image_array(roc_png)}
+  if "confusion_matrix" in test.values:
+    accuracy = test.get("accuracy")
+    images["confusion"] = plots.image_array(plots.confusion(
+        test["confusion_matrix"], layout.CLASS_NAMES, folder / "confusion.png",
+        title=title + (f", test accuracy {accuracy:.3f}" if accuracy is not None else "")))
+  for name, png in evaluators.figures(probs, labels, tuple(run.config.evals), folder,
+                                      f"{title}, test split").items():
+    images[name] = plots.image_array(png)
+  plots.loss_curves(history, folder / "loss_curve.png", title=title, ylabel="cross-entropy")
+  return images
 
 
 @registry.register("probe", "finetune")

@@ -11,8 +11,9 @@ min-max normalised exactly as in training; a file that fails is listed in
 - `predictions.csv`: file, predicted class, the three class probabilities (and
   the true class when the folder's layout tells it);
 - `bad_files.tsv`: each unreadable file and why;
-- with true labels: `metrics.json` (per-class, micro and macro AUC, accuracy,
-  confusion matrix), `plots/roc.png` and `plots/confusion.png`;
+- with true labels: `metrics.json` (the fine-tune's own `evals`: per-class, micro and
+  macro AUC, accuracy, confusion matrix, ..., with bootstrap intervals), `plots/roc.png`,
+  `plots/confusion.png` and each evaluator's figure;
 - `prediction_summary.json`.
 """
 
@@ -34,6 +35,7 @@ from tqdm import tqdm
 
 from mae_jax.data import layout
 from mae_jax.data import npy_io
+from mae_jax.eval import evaluators
 from mae_jax.eval import metrics as metrics_lib
 from mae_jax.eval import plots
 from mae_jax.models import build
@@ -200,22 +202,26 @@ def _prediction_rows(done: list[tuple[InputFile, np.ndarray]],
 
 
 def _write_metrics(workdir: Path, input_path: str, done: list[tuple[InputFile, np.ndarray]],
-                   step: int) -> Path:
-  """metrics.json, plots/roc.png and plots/confusion.png of the files with a true class."""
+                   step: int, run_config: ml_collections.ConfigDict) -> Path:
+  """metrics.json (the model's own evaluators, with bootstrap intervals), plots/roc.png,
+  plots/confusion.png and each evaluator's figure, of the files with a true class."""
   known = [(f.label, p) for f, p in done if f.label is not None]
   labels = np.array([k for k, _ in known])
   probs = np.stack([p for _, p in known])
-  metrics = {**metrics_lib.classification_metrics(probs, labels), "checkpoint_step": step,
-             "input": str(Path(input_path).absolute())}
-  fileio.write_json_atomic(workdir / METRICS_FILE, metrics)
+  evals = tuple(run_config.get("evals", evaluators.DEFAULT_EVALS))
+  scores = evaluators.evaluate(probs, labels, evals, seed=int(run_config.get("seed", 0)))
+  fileio.write_json_atomic(workdir / METRICS_FILE, {
+      **scores.to_json(), "checkpoint_step": step, "input": str(Path(input_path).absolute())})
   title = f"predictions on {Path(input_path).name} ({len(labels)} labelled files)"
-  plots.roc(metrics_lib.roc_curves(probs, labels), workdir / workdir_lib.PLOTS / "roc.png",
-            title=title)
-  plots.confusion(metrics["confusion_matrix"], layout.CLASS_NAMES,
-                  workdir / workdir_lib.PLOTS / "confusion.png",
-                  title=f"{title}, accuracy {metrics['accuracy']:.3f}")
-  logging.info("labelled files: micro AUC %s, macro AUC %s, accuracy %.4f",
-               metrics["micro_auc"], metrics["macro_auc"], metrics["accuracy"])
+  folder = workdir / workdir_lib.PLOTS
+  plots.roc(metrics_lib.roc_curves(probs, labels), folder / "roc.png", title=title)
+  if "confusion_matrix" in scores.values:
+    accuracy = scores.get("accuracy")
+    plots.confusion(scores["confusion_matrix"], layout.CLASS_NAMES, folder / "confusion.png",
+                    title=title + (f", accuracy {accuracy:.3f}" if accuracy is not None else ""))
+  evaluators.figures(probs, labels, evals, folder, title)
+  logging.info("labelled files: %s", ", ".join(
+      f"{name} {scores.get(name)}" for name in evaluators.scalars(evals)))
   return workdir / METRICS_FILE
 
 
@@ -246,7 +252,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
              "bad_files": len(bad), "predicted": counts,
              "predictions": str(workdir / PREDICTIONS_FILE), "metrics": None}
   if labelled:
-    summary["metrics"] = str(_write_metrics(workdir, config.input, done, step))
+    summary["metrics"] = str(_write_metrics(workdir, config.input, done, step, run_config))
   fileio.write_json_atomic(workdir / SUMMARY_FILE, summary)
   logging.info("wrote %s: %d classified (%s), %d bad file(s)%s", workdir / PREDICTIONS_FILE,
                len(done), ", ".join(f"{c} {n}" for c, n in counts.items()), len(bad),

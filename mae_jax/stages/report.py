@@ -23,7 +23,9 @@ import ml_collections
 from flax import traverse_util
 
 from mae_jax.data import layout
+from mae_jax.eval import evaluators
 from mae_jax.eval import plots
+from mae_jax.eval import results
 from mae_jax.runtime import fileio
 from mae_jax.runtime import workdir as workdir_lib
 from mae_jax.stages import runs as runs_lib
@@ -37,6 +39,8 @@ SEED_PUBLISHED = {
     "finetune": {"micro_auc": 0.97, "auc": {"no_sub": 1.00, "cdm": 0.94, "axion": 0.96},
                  "accuracy": 0.87},
 }
+# The stages whose output is a results record (eval_metrics.json).
+RECORD_STAGES = ("probe", "finetune")
 STAGE_TITLES = {"data": "data", "pretrain": "MAE pretraining", "probe": "linear probe",
                 "finetune": "fine-tune"}
 # Known figures in report order: (stage, file under the stage's workdir, caption).
@@ -64,22 +68,6 @@ def _read(path: Path) -> Any:
   return fileio.read_json(path) if path.exists() else None
 
 
-def baselines(metrics: dict | None) -> dict[str, dict]:
-  """Named baseline metrics found under `eval_metrics.json`'s "baseline" key.
-
-  The key may hold one baseline's metrics (named by its `name`/`method` key, if
-  any) or several, keyed by name.
-  """
-  found = (metrics or {}).get("baseline")
-  if not isinstance(found, dict):
-    return {}
-  if any(k in found for k in ("micro_auc", "macro_auc", "auc")):
-    name = found.get("name") or found.get("method") or "baseline"
-    return {str(name): found}
-  return {str(k): v for k, v in found.items()
-          if isinstance(v, dict) and any(m in v for m in ("micro_auc", "macro_auc"))}
-
-
 def _stage_entry(name: str, folder: Path, configured: bool, record: dict | None) -> dict:
   """What the report shows of one stage: its status, runs, time, hardware and summary."""
   runs = (record or {}).get("runs", [])
@@ -93,7 +81,7 @@ def _stage_entry(name: str, folder: Path, configured: bool, record: dict | None)
       "load_average_1m": ([runs[-1]["hardware"].get("load_average_1m"),
                            runs[-1].get("load_average_1m_end")] if runs else None),
       "step": (record or {}).get("step"),
-      "summary": _read(folder / runs_lib.OUTPUT[name]),
+      "summary": (None if name in RECORD_STAGES else _read(folder / runs_lib.OUTPUT[name])),
   }
 
 
@@ -112,22 +100,21 @@ def _stale_source_note(workdir: Path, name: str, record: dict | None) -> str | N
 
 def collect(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict,
             stages: dict[str, ml_collections.ConfigDict]) -> dict[str, Any]:
-  """Everything the report shows, read from the stages' files (JSON-ready)."""
+  """Everything the report shows, read from the stages' files: the probe's and
+  fine-tune's results records under "records" (`json_ready` makes it JSON)."""
   workdir = Path(workdir)
   out: dict[str, Any] = {"workdir": str(workdir), "preset": config.preset,
                          "generated": datetime.datetime.now().isoformat(timespec="seconds"),
-                         "command": " ".join(sys.argv), "stages": {}, "metrics": {},
-                         "baselines": {}, "notes": [], "seed_published": SEED_PUBLISHED}
+                         "command": " ".join(sys.argv), "stages": {}, "records": {},
+                         "notes": [], "seed_published": SEED_PUBLISHED}
   for name in runs_lib.STAGES:
     record = runs_lib.read_record(workdir / name)
     if name not in stages and record is None:
       continue
     entry = _stage_entry(name, workdir / name, name in stages, record)
     out["stages"][name] = entry
-    if name in ("probe", "finetune") and entry["summary"]:
-      out["metrics"][name] = {k: v for k, v in entry["summary"].items() if k != "baseline"}
-      for bname, b in baselines(entry["summary"]).items():
-        out["baselines"].setdefault(bname, b)
+    if name in RECORD_STAGES and results.exists(workdir / name):
+      out["records"][name] = results.read(workdir / name, name)
     note = _stale_source_note(workdir, name, record)
     if note:
       out["notes"].append(note)
@@ -163,73 +150,98 @@ def _with_interval(value: float | None, interval: list | None, digits: int) -> s
   return f"{value:.{digits}f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
 
 
-def _metric_row(label: str, m: dict, examples: str = "", digits: int = 4) -> list[str]:
+# Numbers with their own columns in the results table; any other scalar an evaluator
+# yields gets a column after them.
+_FIXED = ("micro_auc", "macro_auc", "auc", "accuracy", "confusion_matrix")
+
+
+def _extra_columns(data: dict) -> list[str]:
+  """Scalars the records hold beyond the fixed columns (balanced accuracy, ECE, ...)."""
+  found = [k for r in data["records"].values() for k, v in r.test.values.items()
+           if k not in _FIXED and not isinstance(v, (dict, list))]
+  return list(dict.fromkeys(found))
+
+
+def _metric_row(label: str, m: dict, ci: dict, extra: list[str], examples: str = "",
+                digits: int = 4) -> list[str]:
   auc = m.get("auc") or {}
-  ci = m.get("intervals") or {}
   f = lambda v: _f(v, digits)  # pylint: disable=unnecessary-lambda-assignment
   return [label, examples, f(m.get("micro_auc")),
           _with_interval(m.get("macro_auc"), ci.get("macro_auc"), digits),
-          *(f(auc.get(c)) for c in layout.CLASS_NAMES), f(m.get("accuracy"))]
+          *(f(auc.get(c)) for c in layout.CLASS_NAMES), f(m.get("accuracy")),
+          *(_with_interval(m.get(k), ci.get(k), digits) for k in extra)]
 
 
-def _metric_table_rows(data: dict) -> list[list[str]]:
-  """Per model (chosen and last epoch), the seed's published numbers, and each baseline."""
+def _scores_row(label: str, scores: results.Scores, extra: list[str]) -> list[str]:
+  return _metric_row(label, scores.values, scores.intervals or {}, extra,
+                     str(scores.num_examples))
+
+
+def _baseline(data: dict) -> results.Baseline | None:
+  """The radial baseline of the first record that has one (the probe's and fine-tune's
+  are fitted on the same labelled images)."""
+  return next((r.baseline for r in data["records"].values() if r.baseline), None)
+
+
+def _metric_table_rows(data: dict, extra: list[str]) -> list[list[str]]:
+  """Per model (chosen and last epoch), the seed's published numbers, and the baseline."""
   rows = []
   for stage in ("probe", "finetune"):
-    m = data["metrics"].get(stage)
+    r = data["records"].get(stage)
     title = STAGE_TITLES[stage]
-    if m:
-      rows.append(_metric_row(f"**{title}** (epoch {m.get('epoch')}, chosen on validation)", m,
-                              str(m.get("num_examples", ""))))
-      final = m.get("final_epoch")
-      if final:
-        rows.append(_metric_row(f"{title}, last epoch ({final.get('epoch')})", final,
-                                str(final.get("num_examples", ""))))
-    rows.append(_metric_row(f"{title}, seed study (published, real data)",
-                            SEED_PUBLISHED[stage], digits=2))
-  for name, b in data["baselines"].items():
-    label = "baseline" if name == "baseline" else f"baseline: {name}"
-    rows.append(_metric_row(f"{label} (same labelled images, same test split)", b,
-                            str(b.get("num_examples", ""))))
+    if r:
+      chosen_by = evaluators.scalars(list(evaluators.EVALUATORS)).get(r.select_by, r.select_by)
+      rows.append(_scores_row(f"**{title}** (epoch {r.chosen.epoch}, chosen on validation "
+                              f"{chosen_by})", r.test, extra))
+      if r.final:
+        rows.append(_scores_row(f"{title}, last epoch ({r.final.epoch})", r.final.scores, extra))
+    rows.append(_metric_row(f"{title}, seed study (published, real data)", SEED_PUBLISHED[stage],
+                            {}, extra, digits=2))
+  base = _baseline(data)
+  if base:
+    rows.append(_scores_row("baseline (same labelled images, same test split)", base.scores,
+                            extra))
   return rows
 
 
-def _comparison_line(data: dict, stage: str, m: dict) -> str:
-  """A model against the seed's micro AUC and each baseline, and its frozen features."""
+def _comparison_line(data: dict, stage: str, r: results.EvalRecord) -> str:
+  """A model against the seed's micro AUC and the baseline, and its frozen features."""
   seed = SEED_PUBLISHED[stage]["micro_auc"]
-  line = (f"{STAGE_TITLES[stage]}: test micro AUC {_f(m['micro_auc'])} against the seed's "
-          f"{seed:.2f} ({m['micro_auc'] - seed:+.4f})" if m.get("micro_auc") is not None
+  micro = r.test.get("micro_auc")
+  line = (f"{STAGE_TITLES[stage]}: test micro AUC {_f(micro)} against the seed's "
+          f"{seed:.2f} ({micro - seed:+.4f})" if micro is not None
           else f"{STAGE_TITLES[stage]}: no micro AUC (a class is missing from the split)")
-  for name, b in data["baselines"].items():
-    margins = [f"{key.replace('_auc', ' AUC')} {m[key] - b[key]:+.4f}"
-               for key in ("macro_auc", "micro_auc")
-               if m.get(key) is not None and b.get(key) is not None]
-    if margins:
-      line += (f"; margin over the {'baseline' if name == 'baseline' else name}: "
-               + ", ".join(margins))
-  if m.get("features"):
-    line += f"; frozen features: {m['features']}"
+  margins = [f"{key.replace('_auc', ' AUC')} {v:+.4f}"
+             for key, v in (r.margin_over_baseline() or {}).items()
+             if v is not None and key.endswith("_auc")]
+  if margins:
+    line += "; margin over the baseline: " + ", ".join(margins)
+  if r.features:
+    line += f"; frozen features: {r.features}"
   return line + "."
 
 
 def _metrics_blocks(data: dict) -> list[tuple]:
+  extra = _extra_columns(data)
+  titles = evaluators.scalars(list(evaluators.EVALUATORS))
   header = ["model", "test images", "micro AUC", "macro AUC [95% interval]",
-            *(f"AUC {c}" for c in layout.CLASS_NAMES), "accuracy"]
-  blocks = [("h2", "Results"), ("table", header, _metric_table_rows(data))]
-  lines = [_comparison_line(data, stage, data["metrics"][stage])
-           for stage in ("probe", "finetune") if data["metrics"].get(stage)]
-  for name, b in data["baselines"].items():
-    if b.get("description"):
-      lines.append(f"{'The baseline' if name == 'baseline' else name}: {b['description']}.")
+            *(f"AUC {c}" for c in layout.CLASS_NAMES), "accuracy",
+            *(f"{titles.get(k, k)} [95% interval]" for k in extra)]
+  blocks = [("h2", "Results"), ("table", header, _metric_table_rows(data, extra))]
+  lines = [_comparison_line(data, stage, data["records"][stage])
+           for stage in ("probe", "finetune") if data["records"].get(stage)]
+  base = _baseline(data)
+  if base and base.description:
+    lines.append(f"The baseline: {base.description}.")
   if lines:
     blocks.append(("list", lines))
   blocks.append(("p", "Every model number is on the held-out test split, which chose nothing: "
-                      "the epoch is the one with the best validation macro AUC (the last "
-                      "epoch's test numbers are beside it). Intervals are bootstrap 95% "
-                      "intervals (1,000 resamples within each class). Numbers are read from "
-                      "each stage's eval_metrics.json. The seed study's are those its authors "
-                      "published for the real DeepLense Model II data; with simulated data "
-                      "they show the target, not a like-for-like score."))
+                      "the epoch is the one with the best validation number named beside it "
+                      "(the last epoch's test numbers are below it). Intervals are bootstrap "
+                      "95% intervals (1,000 resamples within each class). Numbers are read "
+                      "from each stage's eval_metrics.json. The seed study's are those its "
+                      "authors published for the real DeepLense Model II data; with simulated "
+                      "data they show the target, not a like-for-like score."))
   return blocks
 
 
@@ -409,8 +421,14 @@ def write(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict,
   write_figure_data(workdir, paths["figures"])
   fileio.write_atomic(paths["markdown"], lambda f: f.write(to_markdown(report).encode()))
   fileio.write_atomic(paths["html"], lambda f: f.write(to_html(report, workdir).encode()))
-  fileio.write_json_atomic(paths["json"], json.loads(json.dumps(data, default=str)))
+  fileio.write_json_atomic(paths["json"], json_ready(data))
   return paths
+
+
+def json_ready(data: dict) -> dict:
+  """`collect`'s data as JSON: each results record as its eval_metrics.json."""
+  out = {**data, "records": {k: r.to_json() for k, r in data["records"].items()}}
+  return json.loads(json.dumps(out, default=str))
 
 
 def write_figure_data(workdir: Path, path: Path, pattern: str = "**/*.json") -> None:

@@ -61,6 +61,7 @@ from absl import logging
 from mae_jax.data import layout
 from mae_jax.data import simulate
 from mae_jax.eval import plots
+from mae_jax.eval import results
 from mae_jax.runtime import errors
 from mae_jax.runtime import fileio
 from mae_jax.runtime import workdir as workdir_lib
@@ -171,8 +172,10 @@ class _Pass:
     return False, None
 
 
-def _ensure(name: str, config: ml_collections.ConfigDict, stage_dir: Path) -> dict | None:
-  """Runs stage `name` in `stage_dir` unless complete; returns its eval_metrics.json.
+def _ensure(name: str, config: ml_collections.ConfigDict,
+            stage_dir: Path) -> results.EvalRecord | None:
+  """Runs stage `name` in `stage_dir` unless complete; returns its results record (None
+  for a stage that writes none).
 
   Raises:
     Deferred: another worker holds the run (it is running it now).
@@ -188,26 +191,37 @@ def _ensure(name: str, config: ml_collections.ConfigDict, stage_dir: Path) -> di
     except errors.WorkdirBusyError:
       logging.info("study: %s is being run by another worker; on to the next run", stage_dir)
       raise Deferred(str(stage_dir)) from None
-  path = stage_dir / workdir_lib.EVAL_FILE
-  return fileio.read_json(path) if path.exists() else None
+  return results.read(stage_dir, name) if results.exists(stage_dir) else None
 
 
-def _val_auc(metrics: dict | None) -> float:
-  value = ((metrics or {}).get("validation") or {}).get("macro_auc")
+def _val_auc(record: results.EvalRecord | None) -> float:
+  value = (record.validation if record else {}).get("macro_auc")
   return -1.0 if value is None else value
 
 
-def _row(variant: str, labels: int, seed: int, arm: str, metrics: dict, run: Path,
+def _row(variant: str, labels: int, seed: int, arm: str, record: results.EvalRecord, run: Path,
          **extra) -> dict[str, Any]:
-  ci = (metrics.get("intervals") or {}).get("macro_auc")
+  """A study row of a probe's or fine-tune's record (test numbers of the chosen epoch)."""
+  return _scores_row(variant, labels, seed, arm, record.test, run,
+                     validation_macro_auc=record.validation.get("macro_auc"),
+                     epoch=record.chosen.epoch, train_examples=record.train_examples, **extra)
+
+
+def _radial_row(variant: str, labels: int, seed: int, record: results.EvalRecord,
+                run: Path) -> dict[str, Any]:
+  """A study row of the radial baseline a run fitted on its labelled images."""
+  base = record.baseline
+  return _scores_row(variant, labels, seed, "radial", base.scores, run,
+                     validation_macro_auc=base.validation_macro_auc, epoch=None,
+                     train_examples=base.train_examples)
+
+
+def _scores_row(variant: str, labels: int, seed: int, arm: str, scores: results.Scores,
+                run: Path, **extra) -> dict[str, Any]:
   return {"variant": variant, "labels_per_class": labels, "seed": seed, "arm": arm,
-          "test_macro_auc": metrics.get("macro_auc"), "test_macro_auc_interval": ci,
-          "test_accuracy": metrics.get("accuracy"),
-          "validation_macro_auc": (metrics.get("validation") or {}).get(
-              "macro_auc", metrics.get("validation_macro_auc")),   # the baseline keeps it flat
-          "epoch": metrics.get("epoch"), "train_examples": metrics.get("num_train",
-                                                                       metrics.get("train_examples")),
-          "run": str(run), **extra}
+          "test_macro_auc": scores.get("macro_auc"),
+          "test_macro_auc_interval": scores.interval("macro_auc"),
+          "test_accuracy": scores.get("accuracy"), **extra, "run": str(run)}
 
 
 def summarise(rows: list[dict]) -> list[dict[str, Any]]:
@@ -570,11 +584,11 @@ def _run_budget(config, data, variant: str, arms: tuple[str, ...], labels: int,
     scratch_lr = scratch[0]
     for arm, (metrics, run_dir) in runs.items():
       extra = {"lr": scratch_lr} if arm == "scratch_finetune" else (
-          {"features": metrics.get("features")} if arm == "mae_probe" else {})
+          {"features": metrics.features} if arm == "mae_probe" else {})
       rows.append(_row(variant, labels, seed, arm, metrics, run_dir, **extra))
     if "radial" in arms and runs:   # fitted on the same labelled images
       metrics, run_dir = next(iter(runs.values()))
-      rows.append(_row(variant, labels, seed, "radial", metrics["baseline"], run_dir))
+      rows.append(_radial_row(variant, labels, seed, metrics, run_dir))
   return rows
 
 
@@ -604,7 +618,7 @@ def _run_supervised(config, data, variant: str, train_size: int, sdir: Path, *,
         rows.append(_row(variant, 0, seed, arm, *out, lr=lr))
     if radial and "radial" in arms and runs:
       metrics, run_dir = next(iter(runs.values()))
-      rows.append(_row(variant, 0, seed, "radial", metrics["baseline"], run_dir))
+      rows.append(_radial_row(variant, 0, seed, metrics, run_dir))
   return rows
 
 

@@ -26,6 +26,7 @@ from mae_jax.data import layout
 from mae_jax.data import simulate
 from mae_jax.data import source
 from mae_jax.data import splits
+from mae_jax.eval import evaluators
 from mae_jax.models import build
 from mae_jax.models import convs
 from mae_jax.runtime import checkpoint
@@ -305,6 +306,8 @@ def problems(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str])
   if config.get("stage") in TRAINING_STAGES:
     found += _batch_problems(config) + _schedule_problems(config) + _micro_batch_problems(config)
     found += objectives.problems(config)
+  if "evals" in config:
+    found += evaluators.problems(config.evals, config.get("select_by"))
   if "data" in config:
     found += _data_problems(config.data)
   # Process 0 writes the run's files (other processes only join collective saves).
