@@ -86,3 +86,25 @@ def test_config_problems_and_the_direction_of_select_by():
       "macro_auc", 0.7, 0.8)
   assert evaluators.is_better("macro_auc", 0.1, None) and not evaluators.is_better(
       "macro_auc", None, 0.1)
+
+
+def test_balanced_accuracy_equals_scikit_learn_and_weighs_each_class_alike():
+  probs, labels = _probs(240, seed=5)
+  m = evaluators.evaluate(probs, labels, ("balanced_accuracy",), seed=0, resamples=200)
+  assert m["balanced_accuracy"] == pytest.approx(
+      skm.balanced_accuracy_score(labels, probs.argmax(1)))
+  lo, hi = m.interval("balanced_accuracy")
+  assert lo <= m["balanced_accuracy"] <= hi
+  # Resampled by hand: the weighted recalls of one resample.
+  weights = metrics_lib.bootstrap_weights(labels, 3, 3, seed=4)
+  got = evaluators.EVALUATORS["balanced_accuracy"].resampled(
+      probs, labels, weights, ("a", "b", "c"))["balanced_accuracy"]
+  pred = probs.argmax(1)
+  for w, value in zip(weights, got):
+    rows = np.repeat(np.arange(len(labels)), w.astype(int))
+    assert value == pytest.approx(skm.balanced_accuracy_score(labels[rows], pred[rows]))
+  # A predictor that always says the majority class: accuracy high, balanced accuracy 1/3.
+  skewed = np.array([0] * 80 + [1] * 10 + [2] * 10)
+  always = np.tile([1.0, 0.0, 0.0], (100, 1))
+  m = evaluators.evaluate(always, skewed, ("accuracy", "balanced_accuracy"))
+  assert m["accuracy"] == 0.8 and m["balanced_accuracy"] == pytest.approx(1 / 3)

@@ -86,6 +86,20 @@ def _accuracy_resampled(probs: Array, labels: Array, weights: Array,
   return {"accuracy": weights @ (probs.argmax(1) == labels) / len(labels)}
 
 
+def _balanced_point(probs: Array, labels: Array, class_names: Sequence[str]) -> dict[str, Any]:
+  """The mean over the classes present of each class's recall (scikit-learn's)."""
+  del class_names
+  return {"balanced_accuracy": float(skm.balanced_accuracy_score(labels, probs.argmax(axis=1)))}
+
+
+def _balanced_resampled(probs: Array, labels: Array, weights: Array,
+                        class_names: Sequence[str]) -> dict[str, Any]:
+  correct = probs.argmax(1) == labels
+  recalls = [weights @ (correct & (labels == c)) / (weights @ (labels == c))
+             for c in range(len(class_names)) if np.any(labels == c)]
+  return {"balanced_accuracy": np.mean(recalls, axis=0)}
+
+
 def _confusion_point(probs: Array, labels: Array, class_names: Sequence[str]) -> dict[str, Any]:
   return {"confusion_matrix": skm.confusion_matrix(
       labels, probs.argmax(axis=1), labels=list(range(len(class_names)))).tolist()}
@@ -95,6 +109,8 @@ EVALUATORS: dict[str, Evaluator] = {
     "auc": Evaluator(_auc_point, {"micro_auc": "micro AUC", "macro_auc": "macro AUC"},
                      _auc_resampled),
     "accuracy": Evaluator(_accuracy_point, {"accuracy": "accuracy"}, _accuracy_resampled),
+    "balanced_accuracy": Evaluator(_balanced_point, {"balanced_accuracy": "balanced accuracy"},
+                                   _balanced_resampled),
     "confusion_matrix": Evaluator(_confusion_point, {}),
 }
 
