@@ -264,13 +264,13 @@ def test_figure_grid_wraps_long_captions_instead_of_clipping_them(tmp_path, monk
   png = tmp_path / "one.png"
   plots.plt.imsave(png, np.zeros((8, 8)))
   seen = {}
-  save = plots._save  # pylint: disable=protected-access
+  save = plots.save
 
   def keep(fig, path):
     seen["titles"] = [ax.get_title() for ax in fig.axes]
     return save(fig, path)
 
-  monkeypatch.setattr(plots, "_save", keep)
+  monkeypatch.setattr(plots, "save", keep)
   caption = "Linear probe: ROC curves on the test split (epoch chosen on validation)"
   plots.figure_grid([(caption, png), ("Short", png)], tmp_path / "grid.png")
   assert (tmp_path / "grid.png").exists()

@@ -38,7 +38,7 @@ def _jsonable(value):
   return value
 
 
-def _save(fig, path: str | os.PathLike[str], data=None, title: str | None = None) -> Path:
+def save(fig, path: str | os.PathLike[str], data=None, title: str | None = None) -> Path:
   """Saves the figure, and beside it (`<name>.json`) the data it draws, so every figure
   can be checked or redrawn without its PNG."""
   fig.tight_layout()
@@ -78,7 +78,7 @@ def sample_grid(images: Mapping[str, np.ndarray], path: str | os.PathLike[str],
         ax.set_ylabel(name, fontsize=11)
   if title:
     fig.suptitle(title, fontsize=11)
-  return _save(fig, path, {"images": dict(images), "captions": dict(captions or {})}, title)
+  return save(fig, path, {"images": dict(images), "captions": dict(captions or {})}, title)
 
 
 def loss_curves(history: list[dict], path: str | os.PathLike[str],
@@ -105,7 +105,7 @@ def loss_curves(history: list[dict], path: str | os.PathLike[str],
   ax.legend()
   if title:
     ax.set_title(title)
-  return _save(fig, path, {"history": history, "phase_starts": list(phase_starts or []),
+  return save(fig, path, {"history": history, "phase_starts": list(phase_starts or []),
                            "ylabel": ylabel}, title)
 
 
@@ -132,7 +132,7 @@ def reconstructions(rows: Mapping[str, np.ndarray], path: str | os.PathLike[str]
         ax.set_ylabel(name, fontsize=9)
   if title:
     fig.suptitle(title, fontsize=10)
-  return _save(fig, path, {"rows": dict(rows)}, title)
+  return save(fig, path, {"rows": dict(rows)}, title)
 
 
 def roc(curves: Mapping[str, tuple], path: str | os.PathLike[str], title: str | None = None,
@@ -160,7 +160,7 @@ def roc(curves: Mapping[str, tuple], path: str | os.PathLike[str], title: str | 
   ax.grid(alpha=0.3)
   if title:
     ax.set_title(title, fontsize=10)
-  return _save(fig, path, {"curves": {k: {"fpr": c[0], "tpr": c[1], "auc": c[2]} for k, c in curves.items()},
+  return save(fig, path, {"curves": {k: {"fpr": c[0], "tpr": c[1], "auc": c[2]} for k, c in curves.items()},
                            "baseline": {k: {"fpr": c[0], "tpr": c[1], "auc": c[2]}
                                         for k, c in (baseline or {}).items()}}, title)
 
@@ -212,7 +212,7 @@ def label_efficiency(summary: list[dict], path: str | os.PathLike[str],
     ax.legend(fontsize=8, loc="lower right")
   if title:
     fig.suptitle(title, fontsize=12)
-  return _save(fig, path, {"summary": summary, "goals": goals or []}, title)
+  return save(fig, path, {"summary": summary, "goals": goals or []}, title)
 
 
 def confusion(matrix, class_names, path: str | os.PathLike[str],
@@ -232,7 +232,7 @@ def confusion(matrix, class_names, path: str | os.PathLike[str],
   ax.set_ylabel("true")
   if title:
     ax.set_title(title, fontsize=10)
-  return _save(fig, path, {"matrix": np.asarray(matrix), "class_names": list(class_names)},
+  return save(fig, path, {"matrix": np.asarray(matrix), "class_names": list(class_names)},
                title)
 
 
@@ -262,7 +262,7 @@ def figure_grid(figures: list[tuple[str, str | os.PathLike[str]]],
     ax.set_title(textwrap.fill(caption, 45), fontsize=12)
   if title:
     fig.suptitle(title, fontsize=14)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def _samples_from_folder(data: str, per_class: int):
