@@ -203,7 +203,7 @@ def classifier_config(preset: str, stage: str) -> ml_collections.ConfigDict:
   config.fit_baseline = True
   # What validation and test are scored with (mae_jax/eval/evaluators.py), and the
   # validation number that chooses the epoch test reports.
-  config.evals = ("auc", "accuracy", "balanced_accuracy", "confusion_matrix")
+  config.evals = ("auc", "accuracy", "balanced_accuracy", "ece", "confusion_matrix")
   config.select_by = "macro_auc"
   # Validation every this many epochs, and after the last one.
   config.eval_every_epochs = 1

@@ -4,6 +4,8 @@ and the config's `evals` / `select_by` are checked."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from sklearn import metrics as skm
@@ -108,3 +110,36 @@ def test_balanced_accuracy_equals_scikit_learn_and_weighs_each_class_alike():
   always = np.tile([1.0, 0.0, 0.0], (100, 1))
   m = evaluators.evaluate(always, skewed, ("accuracy", "balanced_accuracy"))
   assert m["accuracy"] == 0.8 and m["balanced_accuracy"] == pytest.approx(1 / 3)
+
+
+def _ece_by_hand(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+  conf, pred = probs.max(1), probs.argmax(1)
+  total = 0.0
+  for b in range(bins):
+    lo, hi = b / bins, (b + 1) / bins
+    members = (conf >= lo) & ((conf < hi) if b < bins - 1 else (conf <= hi))
+    if members.any():
+      total += members.mean() * abs((pred[members] == labels[members]).mean()
+                                    - conf[members].mean())
+  return total
+
+
+def test_ece_equals_the_binned_definition_and_lower_is_better(tmp_path):
+  probs, labels = _probs(300, seed=8)
+  m = evaluators.evaluate(probs, labels, ("ece",), seed=0, resamples=200)
+  assert m["ece"] == pytest.approx(_ece_by_hand(probs, labels), abs=1e-12)
+  lo, hi = m.interval("ece")
+  assert lo <= m["ece"] <= hi
+  # Confident and always right: calibrated only where the confidence is 1.
+  perfect = np.eye(3)[labels]
+  assert evaluators.evaluate(perfect, labels, ("ece",))["ece"] == pytest.approx(0.0)
+  # Always 0.9 sure, right half the time: ECE 0.4.
+  half = np.tile([0.9, 0.05, 0.05], (100, 1))
+  half_labels = np.array([0, 1] * 50)
+  assert evaluators.evaluate(half, half_labels, ("ece",))["ece"] == pytest.approx(0.4)
+  assert evaluators.lower_is_better("ece") and evaluators.is_better("ece", 0.02, 0.05)
+  assert evaluators.problems(("auc", "ece"), "ece") == []
+  png = evaluators.figures(probs, labels, ("auc", "ece"), tmp_path, "test")["ece"]
+  assert png == tmp_path / "reliability.png" and png.read_bytes()[:4] == b"\x89PNG"
+  drawn = json.loads(png.with_suffix(".json").read_text())["data"]
+  assert sum(drawn["counts"]) == 300 and drawn["ece"] == pytest.approx(m["ece"], abs=1e-4)

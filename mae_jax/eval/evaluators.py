@@ -20,6 +20,7 @@ from sklearn import metrics as skm
 
 from mae_jax.data import layout
 from mae_jax.eval import metrics
+from mae_jax.eval import plots
 from mae_jax.eval import results
 
 Array = np.ndarray
@@ -33,7 +34,8 @@ class Evaluator:
   weights, class_names)` -> {name: (R,) values, or a per-class dict of them, or None where
   undefined}, or no `resampled` for numbers without an interval; `titles`: each scalar it
   yields -> its name in tables; `lower_is_better`: those of its numbers a smaller value of
-  which is better (for `select_by`); `figure(probs, labels, path, title)` draws it.
+  which is better (for `select_by`); `figure(probs, labels, folder, title)` draws it into
+  `folder` and returns its path.
   """
   point: Callable[..., dict[str, Any]]
   titles: dict[str, str]
@@ -104,6 +106,59 @@ def _balanced_resampled(probs: Array, labels: Array, weights: Array,
   return {"balanced_accuracy": np.mean(recalls, axis=0)}
 
 
+ECE_BINS = 15   # equal-width confidence bins (Guo et al. 2017)
+
+
+def _calibration_bins(probs: Array, labels: Array) -> tuple[Array, Array, Array]:
+  """(bin of each example's confidence, its confidence, whether it is right)."""
+  confidence = probs.max(axis=1)
+  bins = np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)
+  return np.eye(ECE_BINS)[bins], confidence, probs.argmax(axis=1) == labels
+
+
+def _ece_resampled(probs: Array, labels: Array, weights: Array,
+                   class_names: Sequence[str]) -> dict[str, Any]:
+  """Expected calibration error under each row of example weights: the sum over bins of
+  |weighted right answers - weighted confidence| over the examples counted."""
+  del class_names
+  in_bin, confidence, right = _calibration_bins(probs, labels)
+  gap = weights @ (in_bin * right[:, None]) - weights @ (in_bin * confidence[:, None])
+  return {"ece": np.abs(gap).sum(axis=1) / weights.sum(axis=1)}
+
+
+def _ece_point(probs: Array, labels: Array, class_names: Sequence[str]) -> dict[str, Any]:
+  """The expected calibration error: how far the top class's probability lies from how
+  often it is right, averaged over equal-width confidence bins weighted by their counts."""
+  return {"ece": float(_ece_resampled(probs, labels, np.ones((1, len(labels))),
+                                      class_names)["ece"][0])}
+
+
+def _reliability_figure(probs: Array, labels: Array, folder: Path, title: str) -> Path:
+  """plots/reliability.png: accuracy against confidence per bin (the diagonal is perfect
+  calibration), with each bin's share of the examples."""
+  in_bin, confidence, right = _calibration_bins(probs, labels)
+  counts = in_bin.sum(0)
+  seen = counts > 0
+  accuracy = np.where(seen, (in_bin * right[:, None]).sum(0) / np.maximum(counts, 1), np.nan)
+  mean_conf = np.where(seen, (in_bin * confidence[:, None]).sum(0) / np.maximum(counts, 1),
+                       np.nan)
+  edges = np.linspace(0, 1, ECE_BINS + 1)
+  ece = _ece_point(probs, labels, ())["ece"]
+  fig, (ax, share) = plots.plt.subplots(2, 1, figsize=(5, 5.6), sharex=True,
+                                        gridspec_kw={"height_ratios": (3, 1)})
+  ax.bar(edges[:-1], np.nan_to_num(accuracy), width=1 / ECE_BINS, align="edge",
+         edgecolor="k", label="accuracy in the bin")
+  ax.plot(mean_conf, accuracy, "o", color="C1", label="bin at its mean confidence")
+  ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+  ax.set(ylabel="accuracy", ylim=(0, 1), title=f"{title}\nECE {ece:.4f}")
+  ax.legend(loc="upper left", fontsize=8)
+  share.bar(edges[:-1], counts / len(labels), width=1 / ECE_BINS, align="edge", color="0.6")
+  share.set(xlabel="confidence (top class probability)", ylabel="share", xlim=(0, 1))
+  return plots.save(fig, folder / "reliability.png",
+                    {"edges": edges, "accuracy": accuracy, "confidence": mean_conf,
+                     "counts": counts, "ece": ece}, title)
+
+
 def _confusion_point(probs: Array, labels: Array, class_names: Sequence[str]) -> dict[str, Any]:
   return {"confusion_matrix": skm.confusion_matrix(
       labels, probs.argmax(axis=1), labels=list(range(len(class_names)))).tolist()}
@@ -115,6 +170,8 @@ EVALUATORS: dict[str, Evaluator] = {
     "accuracy": Evaluator(_accuracy_point, {"accuracy": "accuracy"}, _accuracy_resampled),
     "balanced_accuracy": Evaluator(_balanced_point, {"balanced_accuracy": "balanced accuracy"},
                                    _balanced_resampled),
+    "ece": Evaluator(_ece_point, {"ece": "ECE"}, _ece_resampled, lower_is_better=("ece",),
+                     figure=_reliability_figure),
     "confusion_matrix": Evaluator(_confusion_point, {}),
 }
 
@@ -191,7 +248,6 @@ def evaluate(probs: Array, labels: Array, evals: Sequence[str], *, seed: int | N
 
 def figures(probs: Array, labels: Array, evals: Sequence[str], folder: Path,
             title: str) -> dict[str, Path]:
-  """The figure of every evaluator of `evals` that draws one, as `folder/<name>.png`."""
-  return {e: EVALUATORS[e].figure(np.asarray(probs), np.asarray(labels), folder / f"{e}.png",
-                                  title)
+  """The figure of every evaluator of `evals` that draws one, into `folder`."""
+  return {e: EVALUATORS[e].figure(np.asarray(probs), np.asarray(labels), folder, title)
           for e in evals if EVALUATORS[e].figure is not None}
