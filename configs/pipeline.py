@@ -38,11 +38,11 @@ def stage_keys(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  preset = common.parse_preset(arg)
+  preset, _ = common.parse(arg)
   config = ml_collections.ConfigDict()
   config.stage = "pipeline"
   config.preset = preset
-  config.data = common.data_config(preset)   # shared by every stage
+  config.data = data_config.get_config(preset).data   # shared by every stage
   # Stages run in this order; leave some out with e.g. --config.stages='("data", "pretrain")'.
   config.stages = ("data", "pretrain", "probe", "finetune")
   # Where the fine-tune starts: 'pretrain' (a new head) or 'probe' (with

@@ -18,7 +18,7 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  preset = common.parse_preset(arg)
+  preset, _ = common.parse(arg)
   config = ml_collections.ConfigDict()
   config.stage = "predict"
   config.preset = preset

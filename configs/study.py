@@ -9,9 +9,9 @@ the class away no more than the radial baseline shows and the substructure itsel
 the signal): one MAE pretrained on the unlabelled pool, then for each label budget and
 seed the arms MAE fine-tune, scratch fine-tune (its own learning rate, chosen on
 validation from `scratch_lrs`), MAE probe (features chosen on validation) and the
-radial-profile baseline; and once per seed the supervised ceiling (the ViT from
-scratch on every label). All scored on the test split, beside the substructure's
-signal-to-noise ratio per variant.
+radial-profile baseline; and once per seed the supervised ceilings (the ViT and the CNN
+from scratch on every label). All scored on the test split, beside the substructure's
+signal-to-noise ratio per variant (docs/study.md).
 Each stage's keys are those of its own config file, under the stage's name
 (`--config.finetune.optim.layer_decay=0.75`, `--config.pretrain.phase_epochs='(10, 20)'`).
 Running the command again skips finished runs and resumes the rest.
@@ -26,75 +26,77 @@ from configs import pipeline as pipeline_config
 from configs import pretrain as pretrain_config
 from configs import probe as probe_config
 
+_ALL_ARMS = ("mae_finetune", "mae_partial", "scratch_finetune", "mae_probe", "radial",
+             "supervised", "supervised_cnn")
+_SEED = {"labels_per_class": (10, 30, 100, 300, 1000, 0), "arms": _ALL_ARMS,
+         "variant_arms.model_ii": (), "variant_arms.substructure": (),
+         "variant_labels_per_class.substructure": (),
+         "scratch_lrs": (1e-4, 3e-4, 1e-3), "finetune_steps": 5000, "probe_steps": 2000,
+         "finetune_budget_steps": (), "probe_budget_steps": (), "supervised_steps": 20000,
+         "supervised_lrs.supervised": 3e-4, "poll_seconds": 60.0, "snr_images": 300,
+         "evaluations": 10}
+_GPU = common.GPU_BATCH["finetune"] / 64   # seed_gpu's fine-tune batch grows 8-fold
+# What each preset changes from the demo study.
+PRESETS = {
+    "tiny": {**{k: v for k, v in _SEED.items() if k.startswith("variant_")},
+             "labels_per_class": (2, 0), "seeds": (0,), "arms": _ALL_ARMS, "scratch_lrs": (1e-3,),
+             "finetune_steps": 4, "probe_steps": 4, "finetune_budget_steps": (),
+             "probe_budget_steps": (), "supervised_steps": 4, "poll_seconds": 1.0,
+             "snr_images": 2, "evaluations": 2},
+    "seed": _SEED,
+    "seed_gpu": {**_SEED, "scratch_lrs": tuple(lr * _GPU for lr in _SEED["scratch_lrs"]),
+                 "supervised_lrs.supervised": 3e-4 * _GPU,
+                 "supervised_lrs.supervised_cnn": 1e-3 * _GPU},
+}
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  preset = common.parse_preset(arg)
+  preset, _ = common.parse(arg)
   config = ml_collections.ConfigDict()
   config.stage = "study"
   config.preset = preset
-  config.data = common.data_config(preset)   # shared by every run; the variant is set per run
+  config.data = data_config.get_config(preset).data   # shared; the variant is set per run
   config.variants = ("model_ii", "substructure")
   config.data_dirs = ml_collections.ConfigDict(
       {v: common.data_dir(v, preset) for v in common.VARIANTS})
   # Labelled images per class drawn from the train split (0: all of it).
-  config.labels_per_class = {"seed": (10, 30, 100, 300, 1000, 0), "demo": (100,),
-                             "tiny": (2, 0)}[common.size(preset)]
-  config.seeds = {"seed": (0, 1, 2), "demo": (0, 1, 2), "tiny": (0,)}[common.size(preset)]
-  config.arms = {"seed": ("mae_finetune", "mae_partial", "scratch_finetune", "mae_probe", "radial",
-                          "supervised", "supervised_cnn"),
-                 # demo: the CNN is the cheaper ceiling; `substructure` adds the ViT (below).
-                 "demo": ("mae_finetune", "scratch_finetune", "mae_probe", "radial",
-                          "supervised_cnn"),
-                 "tiny": ("mae_finetune", "mae_partial", "scratch_finetune", "mae_probe", "radial",
-                          "supervised", "supervised_cnn")}[common.size(preset)]
-  # Per variant, a ladder and arms other than the above; () keeps the above (the demo cuts
-  # what does not inform on a 2-core CPU: model_ii's ceiling is its radial baseline's).
+  config.labels_per_class = (100,)
+  config.seeds = (0, 1, 2)
+  # demo: the CNN is the cheaper ceiling; `substructure` adds the ViT (below).
+  config.arms = ("mae_finetune", "scratch_finetune", "mae_probe", "radial", "supervised_cnn")
+  # Per variant, a ladder and arms other than the above; () keeps the above. The demo
+  # cuts what does not inform on a 2-core CPU (model_ii's ceiling is its radial
+  # baseline's); on substructure it runs the ladder to every label with both ceilings.
   config.variant_labels_per_class = ml_collections.ConfigDict({v: () for v in common.VARIANTS})
   config.variant_arms = ml_collections.ConfigDict({v: () for v in common.VARIANTS})
-  if common.size(preset) == "demo":
-    config.variant_arms.model_ii = ("mae_finetune", "scratch_finetune", "mae_probe", "radial")
-    # substructure: the ladder up to every label, with both ceilings (docs/substructure.md:
-    # the ViT from scratch leaves chance after ~1,100 steps on every label; the MAE
-    # fine-tune gains most at 300 labels per class).
-    config.variant_labels_per_class.substructure = (100, 300, 0)
-    config.variant_arms.substructure = ("mae_finetune", "scratch_finetune", "mae_probe",
-                                        "radial", "supervised", "supervised_cnn")
+  config.variant_arms.model_ii = ("mae_finetune", "scratch_finetune", "mae_probe", "radial")
+  config.variant_labels_per_class.substructure = (100, 300, 0)
+  config.variant_arms.substructure = ("mae_finetune", "scratch_finetune", "mae_probe", "radial",
+                                      "supervised", "supervised_cnn")
   # mae_partial: the MAE fine-tune with only the encoder's last this many blocks training.
   config.partial_blocks = 1
   # The scratch fine-tune's learning rates (every param), chosen on validation.
-  config.scratch_lrs = {"seed": (1e-4, 3e-4, 1e-3), "demo": (1e-3, 3e-3),
-                        "tiny": (1e-3,)}[common.size(preset)]
-  # seed_gpu: the fine-tune's batch grows 8-fold there: rates scale with it.
-  factor = common.GPU_BATCH["finetune"] / finetune_config.get_config("seed").batch_size
-  if preset == "seed_gpu":
-    config.scratch_lrs = tuple(lr * factor for lr in config.scratch_lrs)
+  config.scratch_lrs = (1e-3, 3e-3)
   # About this many optimiser steps per run, whatever the budget (epochs follow); the
   # batch shrinks to at most half the labelled images.
-  config.finetune_steps = {"seed": 5000, "demo": 200, "tiny": 4}[common.size(preset)]
-  config.probe_steps = {"seed": 2000, "demo": 300, "tiny": 4}[common.size(preset)]
+  config.finetune_steps = 200
+  config.probe_steps = 300
   # Per label budget ((labels per class, steps), ...; 0: every label), steps other than the
-  # above. demo: the schedules the substructure arms measured (docs/substructure.md):
-  # fine-tunes of 120 epochs at 300 per class and 40 on every label (batch 64); the
-  # probe's 20 epochs on every label (batch 128).
-  config.finetune_budget_steps = {"demo": ((300, 1680), (0, 3320))}.get(common.size(preset), ())
-  config.probe_budget_steps = {"demo": ((0, 820),)}.get(common.size(preset), ())
-  # The supervised ceiling (the ViT and the small CNN from scratch on every label):
+  # above: the schedules the substructure arms measured (docs/substructure.md).
+  config.finetune_budget_steps = ((300, 1680), (0, 3320))
+  config.probe_budget_steps = ((0, 820),)
+  # The supervised ceilings (the ViT and the small CNN from scratch on every label):
   # optimiser steps and each arm's learning rate.
-  # demo: 40 epochs at 1e-3, the best from-scratch ViT of the substructure arms.
-  config.supervised_steps = {"seed": 20000, "demo": 3320, "tiny": 4}[common.size(preset)]
-  config.supervised_lrs = ml_collections.ConfigDict({
-      "supervised": {"seed": 3e-4, "demo": 1e-3, "tiny": 1e-3}[common.size(preset)],
-      "supervised_cnn": {"seed": 1e-3, "demo": 1e-3, "tiny": 1e-3}[common.size(preset)]})
-  if preset == "seed_gpu":
-    for arm in config.supervised_lrs:
-      config.supervised_lrs[arm] *= factor
-  # Substructure SNR measured on this many images per class of each simulated variant.
+  config.supervised_steps = 3320
+  config.supervised_lrs = ml_collections.ConfigDict({"supervised": 1e-3,
+                                                     "supervised_cnn": 1e-3})
   # Workers: any number of processes may run this study on one workdir (each run is
   # claimed by one); a worker whose remaining runs others hold looks again this often.
-  config.poll_seconds = {"seed": 60.0, "demo": 30.0, "tiny": 1.0}[common.size(preset)]
-  config.snr_images = {"seed": 300, "demo": 200, "tiny": 2}[common.size(preset)]
+  config.poll_seconds = 30.0
+  # Substructure SNR measured on this many images per class of each simulated variant.
+  config.snr_images = 200
   # Validation passes per run (they choose the epoch that test reports).
-  config.evaluations = {"seed": 10, "demo": 5, "tiny": 2}[common.size(preset)]
+  config.evaluations = 5
   # The goals the study checks (table) and draws (figure), at `goal_labels` per class:
   # the MAE fine-tune above the scratch fine-tune by `goal_over_scratch` and, per variant,
   # above the radial baseline by `goal_over_radial`; the MAE probe at most
@@ -111,5 +113,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.pretrain = pipeline_config.stage_keys(pretrain_config.get_config(preset))
   config.finetune = pipeline_config.stage_keys(finetune_config.get_config(preset))
   config.probe = pipeline_config.stage_keys(probe_config.get_config(preset))
-  config.probe.select_features = True
-  return config
+  return common.apply_preset(config, preset, PRESETS)

@@ -327,11 +327,12 @@ def test_flag_mistakes_end_in_one_line_in_process(tmp_path, args, message):
     ("finetune", "labels_per_class", -3, "labels_per_class=-3 must be a whole number >= 0"),
     ("pretrain", "pool_size", -1, "pool_size=-1 must be a whole number >= 0"),
     ("pretrain", "micro_batch.cpu", -2, "micro_batch.cpu=-2 must be a whole number >= 0"),
-    ("finetune", "select_features", True, "select_features=True needs the encoder frozen"),
+    ("probe", "optim.frozen", (), "select_features=True needs the encoder frozen"),
 ])
 def test_settings_of_splits_feeds_chunks_and_budgets(tmp_path, stage, key, value, message):
-  config = {"pretrain": pretrain_config, "finetune": finetune_config}[stage].get_config("tiny")
-  if stage == "finetune":
+  config = {"pretrain": pretrain_config, "finetune": finetune_config,
+            "probe": probe_config}[stage].get_config("tiny")
+  if stage != "pretrain":
     config.init_from = ""   # from scratch: no source checkpoint needed
   node, *path = config, *key.split(".")
   for part in path[:-1]:

@@ -12,12 +12,15 @@ who keep their data as tfds. TensorFlow loads only when `tfds` is chosen.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import jax
 from jax.experimental import multihost_utils
 
 from mae_jax.data import arrays
+from mae_jax.data import feeds
+from mae_jax.data import layout
 from mae_jax.data import simulate
 from mae_jax.data import splits
 from mae_jax.train import batching
@@ -109,3 +112,42 @@ def load(data: DataSettings, progress: bool = True) -> arrays.Dataset:
   dataset = _make(data, progress) if jax.process_index() == 0 else None
   multihost_utils.sync_global_devices("mae_jax: data prepared")
   return dataset if dataset is not None else _make(data, progress=False)
+
+
+def problems(data: Any) -> list[str]:
+  """Problems of a config's `data` keys (and of a DeepLense folder's layout), one line each."""
+  found = []
+  if data.get("source") not in SOURCES:
+    found.append(f"data.source={data.get('source')!r} must be one of {', '.join(SOURCES)}")
+  if "validation_fraction" in data:
+    try:
+      splits.SplitRule(data.validation_fraction, data.get("test_fraction", 0.0))
+    except ValueError as e:
+      found.append(f"data.{e}")
+  if data.get("reader", "files") not in READERS:
+    found.append(f"data.reader={data.reader!r} must be one of {', '.join(READERS)}")
+  if data.get("feed", "auto") not in feeds.FEEDS:
+    found.append(f"data.feed={data.feed!r} must be one of {', '.join(feeds.FEEDS)}")
+  share = data.get("device_memory_share", 0.5)
+  if not 0.0 < share <= 1.0:
+    found.append(f"data.device_memory_share={share} must lie in (0, 1]")
+  variant = data.get("sim", {}).get("variant")
+  if variant is not None and variant not in simulate.VARIANTS:
+    found.append(f"data.sim.variant={variant!r} must be one of {', '.join(simulate.VARIANTS)}")
+  spread = data.get("sim", {}).get("source_spread", 0)
+  if isinstance(spread, bool) or not isinstance(spread, int) \
+      or not 0 <= spread <= simulate.SOURCE_SPREAD_MAX:
+    found.append(f"data.sim.source_spread={spread!r} must be an integer in "
+                 f"[0, {simulate.SOURCE_SPREAD_MAX}]")
+  elif spread and variant != "substructure":
+    found.append(f"data.sim.source_spread={spread} applies to the substructure variant "
+                 f"only (data.sim.variant={variant!r})")
+  if data.get("on_bad_file") not in (None, "error", "skip"):
+    found.append(f"data.on_bad_file={data.on_bad_file!r} must be 'error' or 'skip'")
+  if data.get("source") == "deeplense":
+    root = Path(data.dir)
+    missing = [c for c in layout.CLASS_NAMES if not (root / c).is_dir()]
+    if missing:
+      what = "does not exist" if not root.is_dir() else f"lacks the class folder(s) {', '.join(missing)}"
+      found.append(f"data folder {root} {what}.\n" + layout.expected_layout_message(root))
+  return found

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mae_jax.models import cnn
+from mae_jax.models import convs
 from mae_jax.models import heads
 from mae_jax.models import mae as mae_lib
 from mae_jax.models import masking
@@ -29,6 +30,48 @@ ARCHS = ("vit", "cnn")
 # starts from another stage's checkpoint must agree with it on each.
 ENCODER_KEYS = ("image_size", "channels", "patch", "dim", "depth", "heads", "mlp_ratio", "stem",
                 "stem_width")
+
+
+# Each architecture's own model keys: a config carries those of its architecture only.
+ARCH_KEYS = {"vit": ("patch", "dim", "depth", "heads"), "cnn": ("cnn_widths", "cnn_stem")}
+
+
+def problems(model: Any) -> list[str]:
+  """Problems of a config's `model` keys, one line each."""
+  arch = model.get("arch", "vit")
+  if arch not in ARCHS:
+    return [f"model.arch={arch!r} must be one of {', '.join(ARCHS)}"]
+  lacking = [k for k in ARCH_KEYS[arch] if k not in model]
+  if lacking:
+    return [f"model.arch={arch!r} comes with its own keys ({', '.join(ARCH_KEYS[arch])}), which "
+            f"this config lacks: choose the architecture in the config argument, "
+            f"--config=configs/finetune.py:PRESET,arch={arch}"]
+  found = []
+  get = model.get
+  if get("image_size") and get("patch") and model.image_size % model.patch:
+    found.append(f"model.image_size={model.image_size} is not divisible by "
+                 f"model.patch={model.patch}")
+  for dim, heads in (("dim", "heads"), ("decoder_dim", "decoder_heads")):
+    if get(dim) and get(heads) and model[dim] % model[heads]:
+      found.append(f"model.{dim}={model[dim]} is not divisible by model.{heads}={model[heads]}")
+  if "mask_ratio" in model and not 0.0 <= model.mask_ratio < 1.0:
+    found.append(f"model.mask_ratio={model.mask_ratio} must lie in [0, 1)")
+  if "dtype" in model and model.dtype not in DTYPES:
+    found.append(f"model.dtype={model.dtype!r} must be one of {', '.join(DTYPES)}")
+  if get("stem", "linear") not in convs.STEMS:
+    found.append(f"model.stem={model.stem!r} must be one of {', '.join(convs.STEMS)}")
+  elif get("stem") == "conv" and get("patch") and model.patch % 2:
+    found.append(f"model.stem='conv' needs an even model.patch, got {model.patch}")
+  if "stem_width" in model and (not isinstance(model.stem_width, int) or model.stem_width < 1):
+    found.append(f"model.stem_width={model.stem_width!r} must be a whole number >= 1")
+  if get("arch") == "cnn" and (not get("cnn_widths") or any(
+      not isinstance(w, int) or w < 1 for w in model.cnn_widths)
+      or 2 ** (len(model.cnn_widths) - 1) > model.image_size):
+    found.append(f"model.cnn_widths={get('cnn_widths')} must be positive channel counts, "
+                 f"at most {model.image_size.bit_length()} stages (each halves the image)")
+  return found
+
+
 
 
 def dtype_of(name: str, backend: str | None = None) -> jnp.dtype:

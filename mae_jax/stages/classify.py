@@ -71,16 +71,16 @@ def _initial_params(config, opt: optim.ClassifierOptimSettings, model,
       model, jax.random.fold_in(jax.random.key(config.seed), 0))
   frozen_encoder = all(jax.tree.leaves(optim.match(params, opt.frozen)["encoder"]))
   if checkpoint.latest_step(workdir) is None or frozen_encoder:
-    if config.init_weights:
+    if config.get("init_weights"):
       params = load.import_weights(config.init_weights, params, model.vit.num_patches)
-    elif config.init_from:
+    elif config.get("init_from"):
       validate.check_source_encoder(config)
       params, batch_stats, src_step, fresh = load.restore_from_stage(
           config.init_from, params, batch_stats, dont_load=list(config.dont_load),
           make_it=_source_stage(config))
       logging.info("initialised from %s step %d; fresh: %s", config.init_from, src_step,
                    ", ".join(sorted({n.rsplit("/", 2)[0] for n in fresh})) or "none")
-    else:
+    elif "init_from" in config:
       logging.warning("init_from is empty: training the encoder from scratch")
   return params, batch_stats
 
@@ -202,7 +202,7 @@ def _choose_features(run: _Run, bank: dict) -> heads.FeatureChoice:
     return read_feature_choice(run.workdir)
   scores = {}
   chosen = heads.FeatureChoice(config.model.feature_block, config.model.pool)
-  if config.select_features:
+  if config.get("select_features"):
     scores = features_lib.score_candidates(bank["train"], run.splits["train"].labels,
                                            bank["validation"], run.splits["validation"].labels)
     candidates = {c.name: c for c in heads.feature_candidates(config.model.depth)}
@@ -239,13 +239,13 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
   data = source.DataSettings.from_config(config.data)
   splits = _labelled_splits(config, data)
   trainable = config.get("trainable_blocks", -1)
-  frozen_blocks = config.model.depth - trainable if trainable >= 0 else 0
+  depth = config.model.get("depth", 0)   # the ViT's; the CNN has no blocks to freeze
+  frozen_blocks = depth - trainable if trainable >= 0 else 0
   model = build.build_classifier(config.model, len(layout.CLASS_NAMES), parallel.AXIS,
                                  frozen_blocks=frozen_blocks)
   logging.info("%s: compute dtype %s", config.stage, build.describe_dtype(config.model.dtype))
   opt = optim.ClassifierOptimSettings.from_config(config.optim)
-  opt = dataclasses.replace(opt, frozen=opt.frozen + optim.frozen_below(config.model.depth,
-                                                                        trainable))
+  opt = dataclasses.replace(opt, frozen=opt.frozen + optim.frozen_below(depth, trainable))
   params, batch_stats = _initial_params(config, opt, model, workdir)
   run = _Run(config=config, data=data, opt=opt, workdir=workdir, mesh=mesh, splits=splits,
              model=model, params=params, batch_stats=batch_stats,
@@ -265,7 +265,7 @@ def _optimizer(run: _Run, steps_per_epoch: int) -> tuple[Any, Any]:
   total_steps = config.epochs * steps_per_epoch
   tx, peaks = optim.classifier_optimizer(
       run.params, run.opt, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-      global_batch=config.batch_size, depth=config.model.depth)
+      global_batch=config.batch_size, depth=config.model.get("depth", 0))
   trained = sum(int(np.prod(p.shape)) for p, f in zip(jax.tree.leaves(run.params),
                                                      jax.tree.leaves(run.frozen)) if not f)
   logging.info("%s: %s params, %s trained; %d labelled images, %d steps per epoch%s",

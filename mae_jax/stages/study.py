@@ -81,7 +81,8 @@ ARM_TITLES = {"mae_finetune": "MAE fine-tune", "mae_partial": "MAE partial fine-
               "supervised": "supervised ViT (all labels)",
               "supervised_cnn": "supervised CNN (all labels)"}
 # The ceiling arms: a network from scratch on every label, with its model overrides.
-SUPERVISED = {"supervised": {}, "supervised_cnn": {"model.arch": "cnn"}}
+# The ceiling arms: a network from scratch on every label, with its config-argument options.
+SUPERVISED = {"supervised": {}, "supervised_cnn": {"arch": "cnn"}}
 # The arms that read the variant's MAE (its pretraining).
 MAE_ARMS = ("mae_finetune", "mae_partial", "mae_probe")
 RESULTS_FILE, TABLE_FILE, FIGURE_FILE = "study.json", "study.md", "label_efficiency.png"
@@ -118,7 +119,7 @@ def _stage(sub: ml_collections.ConfigDict, name: str, config: ml_collections.Con
   stage.stage = name
   stage.preset = config.preset
   stage.data = data.copy_and_resolve_references()
-  if name in ("probe", "finetune"):
+  if "init_from" in stage:
     stage.init_from, stage.init_from_stage = "", "pretrain"
   for key, value in overrides.items():
     node = stage
@@ -592,12 +593,36 @@ def _run_budget(config, data, variant: str, arms: tuple[str, ...], labels: int,
   return rows
 
 
-def _scratch(config, data, lr: float, run_dir: Path, **overrides) -> tuple[dict, Path]:
-  """A fine-tune from a random encoder, every param at `lr`."""
-  return _ensure("finetune", _stage(
-      config.finetune, "finetune", config, data, init_from="",
-      **{"optim.lr_groups": ((".*", lr),), "optim.layer_decay": 1.0}, **overrides),
-      run_dir), run_dir
+def _finetune_keys(config: ml_collections.ConfigDict,
+                   options: dict[str, str]) -> ml_collections.ConfigDict:
+  """The fine-tune keys of a run with config-argument `options` (the CNN's `arch=cnn`):
+  the stock config of those options, with every key it shares with the study's
+  `finetune` taken from there (an override of the study's fine-tune applies to both)."""
+  if not options:
+    return config.finetune
+  stock = validate.reference_config("finetune", config.preset, options)
+  ours = validate.flat_keys(config.finetune)
+  for key, value in validate.flat_keys(stock).items():
+    if key in ours and ours[key] != value:
+      *parents, leaf = key.split(".")
+      node = stock
+      for p in parents:
+        node = node[p]
+      node[leaf] = ours[key]
+  return stock
+
+
+def _scratch(config, data, lr: float, run_dir: Path, options: dict[str, str] | None = None,
+             **overrides) -> tuple[dict, Path]:
+  """A fine-tune from a random initialisation, every param at `lr`."""
+  sub = _finetune_keys(config, options or {})
+  rates = {"optim.lr_groups": ((".*", lr),)}
+  if "layer_decay" in sub.optim:
+    rates["optim.layer_decay"] = 1.0
+  if "init_from" in sub:
+    rates["init_from"] = ""
+  return _ensure("finetune", _stage(sub, "finetune", config, data, **rates, **overrides),
+                 run_dir), run_dir
 
 
 def _run_supervised(config, data, variant: str, train_size: int, sdir: Path, *,
@@ -612,7 +637,7 @@ def _run_supervised(config, data, variant: str, train_size: int, sdir: Path, *,
     for arm in (a for a in SUPERVISED if a in arms):
       lr = config.supervised_lrs[arm]
       ok, out = pass_.attempt(_scratch, config, data, lr, sdir / arm / f"seed{seed}",
-                              labels_per_class=0, seed=seed, **SUPERVISED[arm], **schedule)
+                              options=SUPERVISED[arm], labels_per_class=0, seed=seed, **schedule)
       if ok:
         runs[arm] = out
         rows.append(_row(variant, 0, seed, arm, *out, lr=lr))

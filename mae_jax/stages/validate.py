@@ -1,9 +1,12 @@
 """Config checks that run before any data is read or any function compiled.
 
-Every problem found is reported at once, one line each, in a `ConfigError`:
-unknown or missing keys (with the closest valid key), impossible model or batch
-settings, a missing or mismatched source checkpoint, an unwritable workdir, a
-data folder without the class folders.
+Every problem found is reported at once, one line each, in a `ConfigError`. This module
+gathers them: each owner checks its own keys (`models.build.problems`, `objectives`,
+`data.source.problems`, `train.optim.problems`, `train.loop.problems`,
+`eval.evaluators.problems`); here are the checks of the config as a whole (unknown or
+missing keys against the stock config, with the closest valid key), of the stage's own
+keys, and of what lies outside the config (a missing or mismatched source checkpoint, an
+unwritable workdir).
 """
 
 from __future__ import annotations
@@ -21,20 +24,18 @@ import ml_collections
 from flax import traverse_util
 
 from mae_jax import objectives
-from mae_jax.data import feeds
-from mae_jax.data import layout
-from mae_jax.data import simulate
 from mae_jax.data import source
-from mae_jax.data import splits
 from mae_jax.eval import evaluators
 from mae_jax.models import build
-from mae_jax.models import convs
 from mae_jax.runtime import checkpoint
 from mae_jax.runtime import errors
 from mae_jax.runtime import parallel
 from mae_jax.runtime import workdir as workdir_lib
+from mae_jax.train import loop
+from mae_jax.train import optim
 
 TRAINING_STAGES = ("pretrain", "probe", "finetune")
+OPTION_CHANGED = " comes with its own keys"
 ConfigError = errors.ConfigError
 
 
@@ -78,14 +79,61 @@ def unknown_key_message(key: str, valid: dict[str, Any] | list[str]) -> str:
   return f"unknown config key {key}{hint}"
 
 
-def reference_config(stage: str, preset: str | None) -> ml_collections.ConfigDict | None:
-  """The stock config of `stage` (`configs/<stage>.py`), or None if there is none."""
+def _config_module(stage: str) -> Any:
   try:
-    module = importlib.import_module(f"configs.{stage}")
+    return importlib.import_module(f"configs.{stage}")
   except ImportError:
     return None
-  get = getattr(module, "get_config", None)
-  return get(preset) if get else None
+
+
+def reference_config(stage: str, preset: str | None,
+                     options: dict[str, str] | None = None) -> ml_collections.ConfigDict | None:
+  """The stock config of `stage` (`configs/<stage>.py`) for `preset` and the config
+  argument's `options` (`{"arch": "cnn"}`), or None if there is none."""
+  get = getattr(_config_module(stage), "get_config", None)
+  if get is None:
+    return None
+  return get(",".join([preset or "demo", *(f"{k}={v}" for k, v in (options or {}).items())]))
+
+
+def options_of(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """The config-argument options a config was made with, read from the keys they set
+  (`configs/<stage>.py`'s OPTION_KEYS: option -> dotted key)."""
+  keys = getattr(_config_module(config.get("stage", "")), "OPTION_KEYS", {})
+  out = {}
+  for option, dotted in keys.items():
+    node = config
+    for part in dotted.split("."):
+      node = node.get(part) if hasattr(node, "get") else None
+    if node is not None:
+      out[option] = node
+  return out
+
+
+def _reference_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """Unknown and missing keys against the stock config of the same stage, preset and
+  options; one line where an option's key was changed without its keys (an override of
+  `model.arch` instead of the config argument's `arch=cnn`)."""
+  stage, preset = config.get("stage", ""), config.get("preset")
+  module = _config_module(stage)
+  options = options_of(config)
+  try:
+    reference = reference_config(stage, preset, options)
+  except ValueError as e:   # an option's key set to a value no option has
+    return [f"{e}"]
+  if reference is None:
+    return []
+  found = key_problems(config, reference)
+  if not found:
+    return []
+  for option, values in getattr(module, "OPTIONS", {}).items():
+    for value in values:
+      if value != options.get(option) and not key_problems(
+          config, reference_config(stage, preset, {**options, option: value})):
+        return [f"{module.OPTION_KEYS[option]}={options[option]!r}{OPTION_CHANGED}: "
+                f"choose it in the config argument, --config=configs/{stage}.py:"
+                f"{preset},{option}={options[option]}"]
+  return found
 
 
 def key_problems(config: ml_collections.ConfigDict,
@@ -100,35 +148,6 @@ def key_problems(config: ml_collections.ConfigDict,
   return problems
 
 
-def _model_problems(model: ml_collections.ConfigDict) -> list[str]:
-  problems = []
-  get = model.get
-  if get("image_size") and get("patch") and model.image_size % model.patch:
-    problems.append(f"model.image_size={model.image_size} is not divisible by "
-                    f"model.patch={model.patch}")
-  for dim, heads in (("dim", "heads"), ("decoder_dim", "decoder_heads")):
-    if get(dim) and get(heads) and model[dim] % model[heads]:
-      problems.append(f"model.{dim}={model[dim]} is not divisible by model.{heads}={model[heads]}")
-  if "mask_ratio" in model and not 0.0 <= model.mask_ratio < 1.0:
-    problems.append(f"model.mask_ratio={model.mask_ratio} must lie in [0, 1)")
-  if "dtype" in model and model.dtype not in build.DTYPES:
-    problems.append(f"model.dtype={model.dtype!r} must be one of {', '.join(build.DTYPES)}")
-  if get("stem", "linear") not in convs.STEMS:
-    problems.append(f"model.stem={model.stem!r} must be one of {', '.join(convs.STEMS)}")
-  elif get("stem") == "conv" and get("patch") and model.patch % 2:
-    problems.append(f"model.stem='conv' needs an even model.patch, got {model.patch}")
-  if "stem_width" in model and (not isinstance(model.stem_width, int) or model.stem_width < 1):
-    problems.append(f"model.stem_width={model.stem_width!r} must be a whole number >= 1")
-  if get("arch", "vit") not in build.ARCHS:
-    problems.append(f"model.arch={model.arch!r} must be one of {', '.join(build.ARCHS)}")
-  if get("arch") == "cnn" and (not get("cnn_widths") or any(
-      not isinstance(w, int) or w < 1 for w in model.cnn_widths)
-      or 2 ** (len(model.cnn_widths) - 1) > model.image_size):
-    problems.append(f"model.cnn_widths={get('cnn_widths')} must be positive channel counts, "
-                    f"at most {model.image_size.bit_length()} stages (each halves the image)")
-  return problems
-
-
 def _partial_problems(config: ml_collections.ConfigDict) -> list[str]:
   """`trainable_blocks`: -1 (every param) or a count of the encoder's last blocks."""
   k = config.get("trainable_blocks", -1)
@@ -136,24 +155,14 @@ def _partial_problems(config: ml_collections.ConfigDict) -> list[str]:
   if isinstance(k, bool) or not isinstance(k, int) or not -1 <= k <= depth:
     return [f"trainable_blocks={k!r} must be -1 (every param trains) or a whole number of "
             f"the encoder's last blocks, 0 to model.depth={depth}"]
-  if k >= 0 and config.get("model", {}).get("arch", "vit") == "cnn":
-    return ["trainable_blocks applies to the ViT encoder: set it to -1 with model.arch='cnn'"]
   return []
 
 
 def _cnn_problems(config: ml_collections.ConfigDict) -> list[str]:
-  """The CNN is a supervised model trained from scratch: nothing pretrained to start from,
-  no frozen encoder to probe."""
-  if config.get("model", {}).get("arch") != "cnn":
-    return []
-  problems = []
-  if config.get("init_from") or config.get("init_weights"):
-    problems.append("model.arch='cnn' trains from scratch: set init_from='' and "
-                    "init_weights='' (the MAE pretrains a ViT, not the CNN)")
-  if config.get("select_features") or config.get("optim", {}).get("frozen"):
-    problems.append("model.arch='cnn' has no pretrained encoder to freeze or probe: set "
-                    "select_features=False and optim.frozen=()")
-  return problems
+  """The CNN is a supervised model trained from scratch: no pretrained encoder to freeze."""
+  if config.get("model", {}).get("arch") == "cnn" and config.get("optim", {}).get("frozen"):
+    return ["model.arch='cnn' has no pretrained encoder to freeze: set optim.frozen=()"]
+  return []
 
 
 def _batch_problems(config: ml_collections.ConfigDict) -> list[str]:
@@ -168,7 +177,8 @@ def _micro_batch_problems(config: ml_collections.ConfigDict) -> list[str]:
           if not isinstance(size, int) or isinstance(size, bool) or size < 0]
 
 
-def _schedule_problems(config: ml_collections.ConfigDict) -> list[str]:
+def _stage_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """The stage's own keys: phases, pool and label budgets, epochs, frozen features."""
   problems = []
   if "phase_epochs" in config:
     epochs, augment = tuple(config.phase_epochs), tuple(config.get("phase_augment", ()))
@@ -176,16 +186,6 @@ def _schedule_problems(config: ml_collections.ConfigDict) -> list[str]:
         not isinstance(e, int) or e < 0 for e in epochs):
       problems.append(f"phase_epochs={epochs} and phase_augment={augment} must be equally "
                       "long (one entry per phase), with whole epochs >= 0")
-  if "steps_per_call" in config and (not isinstance(config.steps_per_call, int)
-                                     or config.steps_per_call < 1):
-    problems.append(f"steps_per_call={config.steps_per_call} must be a whole number >= 1")
-  profile = tuple(config.get("profile_steps", ()) or ())
-  if profile and (len(profile) != 2 or not all(isinstance(s, int) for s in profile)
-                  or not 0 <= profile[0] < profile[1]):
-    problems.append(f"profile_steps={profile} must be () or (first, last) steps, first < last")
-  if "eval_every_epochs" in config and (not isinstance(config.eval_every_epochs, int)
-                                        or config.eval_every_epochs < 1):
-    problems.append(f"eval_every_epochs={config.eval_every_epochs} must be a whole number >= 1")
   for key in ("labels_per_class", "pool_size"):
     if key in config and (not isinstance(config[key], int) or config[key] < 0):
       problems.append(f"{key}={config[key]} must be a whole number >= 0 (0: all)")
@@ -195,44 +195,6 @@ def _schedule_problems(config: ml_collections.ConfigDict) -> list[str]:
                     "and augment=False: the features are computed once and chosen on validation")
   if "epochs" in config and (not isinstance(config.epochs, int) or config.epochs < 1):
     problems.append(f"epochs={config.epochs} must be a whole number >= 1")
-  return problems
-
-
-def _data_problems(data: ml_collections.ConfigDict) -> list[str]:
-  problems = []
-  if data.get("source") not in source.SOURCES:
-    problems.append(f"data.source={data.get('source')!r} must be one of {', '.join(source.SOURCES)}")
-  if "validation_fraction" in data:
-    try:
-      splits.SplitRule(data.validation_fraction, data.get("test_fraction", 0.0))
-    except ValueError as e:
-      problems.append(f"data.{e}")
-  if data.get("reader", "files") not in source.READERS:
-    problems.append(f"data.reader={data.reader!r} must be one of {', '.join(source.READERS)}")
-  if data.get("feed", "auto") not in feeds.FEEDS:
-    problems.append(f"data.feed={data.feed!r} must be one of {', '.join(feeds.FEEDS)}")
-  share = data.get("device_memory_share", 0.5)
-  if not 0.0 < share <= 1.0:
-    problems.append(f"data.device_memory_share={share} must lie in (0, 1]")
-  variant = data.get("sim", {}).get("variant")
-  if variant is not None and variant not in simulate.VARIANTS:
-    problems.append(f"data.sim.variant={variant!r} must be one of {', '.join(simulate.VARIANTS)}")
-  spread = data.get("sim", {}).get("source_spread", 0)
-  if isinstance(spread, bool) or not isinstance(spread, int) \
-      or not 0 <= spread <= simulate.SOURCE_SPREAD_MAX:
-    problems.append(f"data.sim.source_spread={spread!r} must be an integer in "
-                    f"[0, {simulate.SOURCE_SPREAD_MAX}]")
-  elif spread and variant != "substructure":
-    problems.append(f"data.sim.source_spread={spread} applies to the substructure variant "
-                    f"only (data.sim.variant={variant!r})")
-  if data.get("on_bad_file") not in (None, "error", "skip"):
-    problems.append(f"data.on_bad_file={data.on_bad_file!r} must be 'error' or 'skip'")
-  if data.get("source") == "deeplense":
-    root = Path(data.dir)
-    missing = [c for c in layout.CLASS_NAMES if not (root / c).is_dir()]
-    if missing:
-      what = "does not exist" if not root.is_dir() else f"lacks the class folder(s) {', '.join(missing)}"
-      problems.append(f"data folder {root} {what}.\n" + layout.expected_layout_message(root))
   return problems
 
 
@@ -266,13 +228,13 @@ def _source_checkpoint_problems(config: ml_collections.ConfigDict, workdir: Path
   if not config.get("init_from") or config.get("init_weights") or \
       checkpoint.latest_step(workdir) is not None:
     return []  # from scratch or public weights, or resuming this workdir's own checkpoint
-  source = Path(config.init_from)
-  if checkpoint.latest_step(source) is None:
+  src = Path(config.init_from)
+  if checkpoint.latest_step(src) is None:
     make = (f"python main.py --config=configs/{config.get('init_from_stage', 'pretrain')}.py:"
-            f"{config.get('preset', 'demo')} --workdir={source}")
-    return [f"init_from: no checkpoint in {source.absolute() / workdir_lib.CHECKPOINTS}; "
+            f"{config.get('preset', 'demo')} --workdir={src}")
+    return [f"init_from: no checkpoint in {src.absolute() / workdir_lib.CHECKPOINTS}; "
             f"make one with:\n  {make}"]
-  return encoder_problems(config.model, source)
+  return encoder_problems(config.model, src)
 
 
 def _resume_loss_problems(config: ml_collections.ConfigDict, workdir: Path) -> list[str]:
@@ -297,19 +259,19 @@ def _resume_loss_problems(config: ml_collections.ConfigDict, workdir: Path) -> l
 
 def problems(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> list[str]:
   """Every problem of `config` for a run in `workdir`, cheapest checks first."""
-  found = []
-  reference = reference_config(config.get("stage", ""), config.get("preset"))
-  if reference is not None:
-    found += key_problems(config, reference)
-  if "model" in config:
-    found += _model_problems(config.model) + _cnn_problems(config) + _partial_problems(config)
+  found = _reference_problems(config)
+  option_changed = any(OPTION_CHANGED in p for p in found)   # says it all about the model
+  if "model" in config and not option_changed:
+    found += build.problems(config.model) + _cnn_problems(config) + _partial_problems(config)
   if config.get("stage") in TRAINING_STAGES:
-    found += _batch_problems(config) + _schedule_problems(config) + _micro_batch_problems(config)
-    found += objectives.problems(config)
+    found += (_batch_problems(config) + _stage_problems(config) + _micro_batch_problems(config)
+              + loop.problems(config) + objectives.problems(config))
+  if "name" in config.get("optim", {}):
+    found += optim.problems(config.optim)
   if "evals" in config:
     found += evaluators.problems(config.evals, config.get("select_by"))
   if "data" in config:
-    found += _data_problems(config.data)
+    found += source.problems(config.data)
   # Process 0 writes the run's files (other processes only join collective saves).
   unwritable = workdir_lib.writable_problem(workdir) if jax.process_index() == 0 else None
   weights = config.get("init_weights")

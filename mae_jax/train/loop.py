@@ -95,6 +95,22 @@ def hparams(config: Mapping[str, Any]) -> dict[str, Any]:
 # --- The epoch loop ----------------------------------------------------------------
 
 
+def problems(config: Any) -> list[str]:
+  """Problems of a training stage's loop keys (`LoopSettings`, `eval_every_epochs`)."""
+  found = []
+  if "steps_per_call" in config and (not isinstance(config.steps_per_call, int)
+                                     or config.steps_per_call < 1):
+    found.append(f"steps_per_call={config.steps_per_call} must be a whole number >= 1")
+  profile = tuple(config.get("profile_steps", ()) or ())
+  if profile and (len(profile) != 2 or not all(isinstance(s, int) for s in profile)
+                  or not 0 <= profile[0] < profile[1]):
+    found.append(f"profile_steps={profile} must be () or (first, last) steps, first < last")
+  if "eval_every_epochs" in config and (not isinstance(config.eval_every_epochs, int)
+                                        or config.eval_every_epochs < 1):
+    found.append(f"eval_every_epochs={config.eval_every_epochs} must be a whole number >= 1")
+  return found
+
+
 @dataclasses.dataclass(frozen=True)
 class LoopSettings:
   """The loop keys of a training stage's config (defaults in `configs/common.py`)."""

@@ -139,36 +139,55 @@ def frozen_below(depth: int, trainable_blocks: int) -> tuple[str, ...]:
           *(rf"encoder/block_{i}/.*" for i in range(below)))
 
 
+# Each classifier optimiser's own keys: a config carries those of its optimiser only.
+OWN_KEYS = {"lars": ("momentum", "trust_coefficient"), "adamw": ("b1", "b2", "layer_decay")}
+
+
+def problems(optim: Any) -> list[str]:
+  """Problems of a classifier config's `optim` keys, one line each."""
+  name = optim.get("name")
+  if name not in OWN_KEYS:
+    return [f"optim.name={name!r} must be one of {', '.join(OWN_KEYS)}"]
+  other = next((n for n, keys in OWN_KEYS.items() if n != name
+                and any(k in optim for k in keys)), None)
+  if other:
+    return [f"optim.name={name!r}, but optim holds {other.upper()}'s keys "
+            f"({', '.join(k for k in OWN_KEYS[other] if k in optim)}): a config's optimiser is "
+            f"its stage's (the probe's LARS, the fine-tune's AdamW); freeze params with "
+            f"optim.frozen instead"]
+  return []
+
+
 @dataclasses.dataclass(frozen=True)
 class ClassifierOptimSettings:
-  """The probe / fine-tune optimiser: a classifier config's `optim` (defaults in
-  `configs/common.py`, `classifier_optim`)."""
+  """The probe / fine-tune optimiser: a classifier config's `optim` (`configs/common.py`:
+  `lars`, `adamw`). Keys of the other optimiser are absent from a config and keep the
+  defaults here."""
   name: str                                   # 'lars' or 'adamw'
   lr_groups: tuple[tuple[str, float], ...]    # (name pattern, base lr); first match wins
   lr_scaling: str                             # 'linear': rates x global batch / 256; 'none'
-  layer_decay: float                          # MAE's layer-wise decay of encoder rates; 1: off
   frozen: tuple[str, ...]                     # name patterns of params that never change
   weight_decay: float
-  b1: float                                   # AdamW
-  b2: float
-  momentum: float                             # LARS
-  trust_coefficient: float
   warmup_epochs: float
   min_lr: float
   grad_clip_norm: float                       # 0: none
   no_decay: tuple[str, ...]                   # name patterns of params without weight decay
+  layer_decay: float = 1.0                    # AdamW: MAE's layer-wise decay; 1: off
+  b1: float = 0.9                             # AdamW
+  b2: float = 0.999
+  momentum: float = 0.9                       # LARS
+  trust_coefficient: float = 0.001
 
   @classmethod
   def from_config(cls, optim: Any) -> "ClassifierOptimSettings":
-    """From a config's `optim` (anything with the keys above)."""
+    """From a config's `optim` (the keys above; its optimiser's own ones where it has them)."""
+    own = {k: float(optim[k]) for keys in OWN_KEYS.values() for k in keys if k in optim}
     return cls(name=str(optim.name),
                lr_groups=tuple((str(p), float(lr)) for p, lr in optim.lr_groups),
-               lr_scaling=str(optim.lr_scaling), layer_decay=float(optim.layer_decay),
-               frozen=tuple(optim.frozen), weight_decay=float(optim.weight_decay),
-               b1=float(optim.b1), b2=float(optim.b2), momentum=float(optim.momentum),
-               trust_coefficient=float(optim.trust_coefficient),
-               warmup_epochs=float(optim.warmup_epochs), min_lr=float(optim.min_lr),
-               grad_clip_norm=float(optim.grad_clip_norm), no_decay=tuple(optim.no_decay))
+               lr_scaling=str(optim.lr_scaling), frozen=tuple(optim.frozen),
+               weight_decay=float(optim.weight_decay), warmup_epochs=float(optim.warmup_epochs),
+               min_lr=float(optim.min_lr), grad_clip_norm=float(optim.grad_clip_norm),
+               no_decay=tuple(optim.no_decay), **own)
 
 
 def classifier_optimizer(params: PyTree, optim: ClassifierOptimSettings, *,
