@@ -1,4 +1,4 @@
-"""benchmarks/accelerator_run.sh end to end at test sizes on this CPU: it simulates,
+"""tools/accelerator/run.sh end to end at test sizes on this CPU: it simulates,
 benchmarks, profiles, runs the whole pipeline and writes its summary."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def test_accelerator_script_runs_end_to_end_at_tiny_size(tmp_path):
   out = tmp_path / "out"
   env = {**os.environ, "PYTHON": sys.executable, "RUN_DIR": str(tmp_path / "run"), "DATA": str(tmp_path / "sim"),
          "DATA_CACHE": str(tmp_path / "cache"), "MAE_JAX_COMPILATION_CACHE": str(tmp_path / "xla")}
-  result = subprocess.run(["bash", str(ROOT / "benchmarks" / "accelerator_run.sh"), "tiny",
+  result = subprocess.run(["bash", str(ROOT / "tools" / "accelerator" / "run.sh"), "tiny",
                            str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=1200)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -45,7 +45,7 @@ def test_seed_gpu_stops_at_once_without_an_accelerator(tmp_path):
   out = tmp_path / "out"
   env = {**os.environ, "PYTHON": sys.executable, "RUN_DIR": str(tmp_path / "run"),
          "DATA": str(tmp_path / "sim"), "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.Popen(["bash", str(ROOT / "benchmarks" / "accelerator_run.sh"), "seed_gpu",
+  proc = subprocess.Popen(["bash", str(ROOT / "tools" / "accelerator" / "run.sh"), "seed_gpu",
                            str(out), "bench"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL, start_new_session=True)
   try:

@@ -1,5 +1,5 @@
 """The GPU machine's run, rehearsed here (docs/accelerator.md): the wheel set that travels
-there (benchmarks/wheels.py) builds, is complete and small enough, installs without pip,
+there (tools/accelerator/wheels.py) builds, is complete and small enough, installs without pip,
 and the tiny accelerator run's two device commands, (A) `bench` and (B) `short`, pass
 where TensorFlow, tfds, clu and torch cannot be imported and ml_collections, lenstronomy
 and astropy come only from the unzipped wheels:
@@ -28,7 +28,7 @@ import pytest
 pytestmark = pytest.mark.slow   # builds a Python 3.12 environment and runs the device commands
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tools" / "accelerator"))
 
 import wheels  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -132,7 +132,7 @@ def _run_parts(python: str, site: Path, tmp_path: Path, parts=tuple(PARTS)) -> N
     files = PARTS[part]
     out = tmp_path / f"out_{part}"
     start = time.time()
-    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "accelerator_run.sh"), "tiny",
+    result = subprocess.run(["bash", str(ROOT / "tools" / "accelerator" / "run.sh"), "tiny",
                              str(out), part], cwd=ROOT, capture_output=True, text=True,
                             env={**env, "RUN_DIR": str(tmp_path / f"run_{part}")}, timeout=1200)
     log = (out / "accelerator_run.log").read_text() if (out / "accelerator_run.log").exists() else ""

@@ -27,7 +27,7 @@ from mae_jax.stages import validate
 from tests.conftest import write_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "research"))
 
 import study_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -166,7 +166,7 @@ def test_goals_give_each_gap_to_its_target(tmp_path):
 
 
 def test_a_figure_of_one_studys_mae_arms_beside_a_reference_study(tmp_path):
-  """benchmarks/study_figure.py: the MAE arms of the study (a `demo_long` run of those
+  """research/study_figure.py: the MAE arms of the study (a `demo_long` run of those
   alone), every other arm of the reference, the reference's MAE arms renamed; goals
   recomputed on the study's MAE arms."""
   cell = lambda arm, n, auc, v="substructure": {  # pylint: disable=unnecessary-lambda-assignment

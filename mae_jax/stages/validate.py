@@ -66,8 +66,27 @@ def load_config_file(file: str, preset: str | None) -> ml_collections.ConfigDict
     raise ConfigError(f"{file}: {e}") from None
 
 
+# Keys that exist in some configs only: where a config lacks one, where it lives instead.
+ELSEWHERE = {
+    "model.cnn_widths": "the CNN's key: choose the CNN with the config argument, "
+                        "--config=configs/finetune.py:PRESET,arch=cnn",
+    "optim.momentum": "LARS's key (the probe's optimiser)",
+    "optim.trust_coefficient": "LARS's key (the probe's optimiser)",
+    "optim.b1": "AdamW's key (the fine-tune's optimiser)",
+    "optim.b2": "AdamW's key (the fine-tune's optimiser)",
+    "optim.layer_decay": "AdamW's key for the ViT's encoder (the fine-tune's)",
+    "select_features": "the probe's key (its frozen features)",
+    "trainable_blocks": "the ViT fine-tune's key",
+}
+ELSEWHERE["model.cnn_stem"] = ELSEWHERE["model.cnn_widths"]
+
+
 def unknown_key_message(key: str, valid: dict[str, Any] | list[str]) -> str:
-  """`unknown config key KEY; did you mean K?`: the closest valid key, siblings first."""
+  """`unknown config key KEY; did you mean K?`: the closest valid key, siblings first;
+  for a key other configs have (`ELSEWHERE`), where it lives."""
+  leaf_path = next((k for k in ELSEWHERE if key == k or key.endswith("." + k)), None)
+  if leaf_path:
+    return f"unknown config key {key}: {ELSEWHERE[leaf_path]}"
   valid = list(valid)
   parent = key.rsplit(".", 1)[0] if "." in key else ""
   siblings = [v for v in valid if (v.rsplit(".", 1)[0] if "." in v else "") == parent]

@@ -1,6 +1,6 @@
 """How far above the noise the substructure lies, per simulator variant and dial level.
 
-  python benchmarks/substructure_snr.py [--images 100] [--out docs/substructure_snr.png]
+  python research/substructure_snr.py [--images 100] [--out docs/substructure_snr.png]
 
 For `model_ii`, `hard` and every `substructure` source-spread level, draws the first
 `--images` images per class of seed 0 (parameters only, as `params.csv` would hold them)

@@ -4,8 +4,8 @@ the same images (and the same masking noise for an MAE), and prints the largest 
 difference of the outputs, their scale, and each one's distance from the export run in
 float64 (how much of the difference is float32 rounding).
 
-  python benchmarks/export_parity.py --workdir runs/pretrain_demo --data data/model_ii_sim_demo
-  python benchmarks/export_parity.py --workdir runs/finetune_demo --data DIR --encoder_only
+  python tools/export_parity.py --workdir runs/pretrain_demo --data data/model_ii_sim_demo
+  python tools/export_parity.py --workdir runs/finetune_demo --data DIR --encoder_only
 
 A pretraining workdir is compared on the reconstruction logits (and the mask); a probe or
 fine-tune workdir on the class scores, or with --encoder_only on the CLS features. Needs

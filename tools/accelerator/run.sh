@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The seed recipe on one accelerator, in one command per part (docs/accelerator.md):
 #
-#   benchmarks/accelerator_run.sh [PRESET] [OUT] [PART]
+#   tools/accelerator/run.sh [PRESET] [OUT] [PART]
 #     PRESET: seed_gpu (the default) or tiny (test sizes, float32, for a CPU rehearsal)
 #     PART:   bench  (A) the real-loop throughput only: pretraining at batch 1024 and
 #                    fine-tuning at 512, device feed, bfloat16, the attention
@@ -18,11 +18,11 @@
 # Made for a bare GPU machine that has JAX, flax, optax and orbax but no TensorFlow, tfds,
 # clu or network, and maybe no `python -m pip`: the device feed and the safe reader need
 # none of them. What is missing there travels as wheels in .whl/, built here with
-# `python benchmarks/wheels.py build` and installed there by unzipping them
-# (`benchmarks/wheels.py install`, no pip). Torch is optional everywhere: a PyTorch worker
+# `python tools/accelerator/wheels.py build` and installed there by unzipping them
+# (`tools/accelerator/wheels.py install`, no pip). Torch is optional everywhere: a PyTorch worker
 # that fails, times out or finds no GPU is reported and skipped.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PRESET=${1:-seed_gpu}
 OUT=${2:-${OUT:-runs/accelerator}}
 PART=${3:-${PART:-all}}
@@ -37,7 +37,7 @@ PY=${PYTHON:-python3}
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   SITE=${WHEEL_SITE:-/tmp/mae_jax_site}
-  "$PY" benchmarks/wheels.py install --dest .whl --target "$SITE" 2>&1 | tee -a "$LOG"
+  "$PY" tools/accelerator/wheels.py install --dest .whl --target "$SITE" 2>&1 | tee -a "$LOG"
   export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
 # XLA's and cuDNN's warnings (not their info lines) reach the log.
@@ -117,14 +117,14 @@ finish() {   # finish PROFILE: the profile summary, the report's files and summa
   for f in report.md report.json ${COPY_FIGURES:+figures.json}; do
     if [ -f "$RUN/$f" ]; then cp "$RUN/$f" "$OUT/"; fi
   done
-  "$PY" benchmarks/accelerator_summary.py --epochs "$RUN" > "$OUT/epochs.md"
-  "$PY" benchmarks/accelerator_summary.py "$RUN" "$OUT/throughput.txt" \
+  "$PY" tools/accelerator/summary.py --epochs "$RUN" > "$OUT/epochs.md"
+  "$PY" tools/accelerator/summary.py "$RUN" "$OUT/throughput.txt" \
     --seconds $(( $(date +%s) - START )) > "$OUT/summary.md"
   cat "$OUT/summary.md"
 }
 
 bench_summary() {   # (A): summary.md from the benchmark's printout so far (replaced whole)
-  "$PY" benchmarks/accelerator_summary.py "$RUN" "$OUT/throughput.txt" \
+  "$PY" tools/accelerator/summary.py "$RUN" "$OUT/throughput.txt" \
     --seconds $(( $(date +%s) - START )) > "$OUT/summary.md.tmp"
   mv "$OUT/summary.md.tmp" "$OUT/summary.md"
   cat "$OUT/summary.md"

@@ -1,7 +1,7 @@
-"""The table of an accelerator run (benchmarks/accelerator_run.sh): speed and results.
+"""The table of an accelerator run (tools/accelerator/run.sh): speed and results.
 
-  python benchmarks/accelerator_summary.py RUN_DIR THROUGHPUT_TXT [--seconds N]
-  python benchmarks/accelerator_summary.py --epochs RUN_DIR      # the per-epoch table only
+  python tools/accelerator/summary.py RUN_DIR THROUGHPUT_TXT [--seconds N]
+  python tools/accelerator/summary.py --epochs RUN_DIR      # the per-epoch table only
 
 Reads the pipeline's `report.json` in RUN_DIR and the benchmark's printout (either may
 be missing: a part of the run that did not happen is left out), and prints a markdown

@@ -5,7 +5,7 @@ radial baseline and ceilings do not depend on the pretraining, so they are not r
 The reference's MAE arms stay in the figure, renamed with `--reference-tag`; the goals
 are recomputed with the MAE arms of the first study.
 
-  python benchmarks/study_figure.py --study runs/study_long180/study.json \\
+  python research/study_figure.py --study runs/study_long180/study.json \\
       --reference docs/label_efficiency_substructure_demo.json --variant substructure \\
       --reference-tag "20 epochs" --out docs/label_efficiency_substructure_demo_long.png
 

@@ -1,8 +1,8 @@
 """The wheel set a bare GPU machine needs, built and checked here; installed there without pip.
 
-  python benchmarks/wheels.py build [--dest .whl] [--python-version 3.12]
-  python benchmarks/wheels.py check [--dest .whl]
-  python benchmarks/wheels.py install [--dest .whl] --target /tmp/mae_jax_site
+  python tools/accelerator/wheels.py build [--dest .whl] [--python-version 3.12]
+  python tools/accelerator/wheels.py check [--dest .whl]
+  python tools/accelerator/wheels.py install [--dest .whl] --target /tmp/mae_jax_site
 
 The device machine (docs/accelerator.md) has Python 3.12 with JAX, flax, optax, orbax,
 numpy, scipy, matplotlib, scikit-learn, scikit-image, h5py, numba, mpmath, tensorboard,
@@ -145,7 +145,7 @@ def install(wheels: list[Path] | Path, target: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("action", choices=("build", "check", "install"))
-  parser.add_argument("--dest", default=str(Path(__file__).resolve().parents[1] / ".whl"),
+  parser.add_argument("--dest", default=str(Path(__file__).resolve().parents[2] / ".whl"),
                       help="the wheel folder (default: .whl at the repository root)")
   parser.add_argument("--python-version", default="3.12", help="the device's Python")
   parser.add_argument("--target", help="install: the folder to unzip into")

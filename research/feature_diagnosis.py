@@ -1,6 +1,6 @@
 """What a frozen encoder's features hold: rank, spread and linear separability per block.
 
-  python benchmarks/feature_diagnosis.py --data DIR [--pretrain WORKDIR ...] [--random]
+  python research/feature_diagnosis.py --data DIR [--pretrain WORKDIR ...] [--random]
       [--labels_per_class 100] [--config configs/finetune.py:demo] [--json out.json]
 
 For each encoder (a pretraining workdir's latest checkpoint, or a random initialisation
