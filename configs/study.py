@@ -31,23 +31,43 @@ _ALL_ARMS = ("mae_finetune", "mae_partial", "scratch_finetune", "mae_probe", "ra
 _SEED = {"labels_per_class": (10, 30, 100, 300, 1000, 0), "arms": _ALL_ARMS,
          "variant_arms.model_ii": (), "variant_arms.substructure": (),
          "variant_labels_per_class.substructure": (),
-         "scratch_lrs": (1e-4, 3e-4, 1e-3), "finetune_steps": 5000, "probe_steps": 2000,
-         "finetune_budget_steps": (), "probe_budget_steps": (), "supervised_steps": 20000,
-         "supervised_lrs.supervised": 3e-4, "poll_seconds": 60.0, "snr_images": 300,
-         "evaluations": 10}
+         "arm_table.scratch_finetune.lrs": (1e-4, 3e-4, 1e-3), "finetune_steps": 5000,
+         "probe_steps": 2000, "finetune_budget_steps": (), "probe_budget_steps": (),
+         "supervised_steps": 20000, "arm_table.supervised.lrs": (3e-4,), "poll_seconds": 60.0,
+         "snr_images": 300, "evaluations": 10}
 _GPU = common.GPU_BATCH["finetune"] / 64   # seed_gpu's fine-tune batch grows 8-fold
 # What each preset changes from the demo study.
 PRESETS = {
     "tiny": {**{k: v for k, v in _SEED.items() if k.startswith("variant_")},
-             "labels_per_class": (2, 0), "seeds": (0,), "arms": _ALL_ARMS, "scratch_lrs": (1e-3,),
-             "finetune_steps": 4, "probe_steps": 4, "finetune_budget_steps": (),
-             "probe_budget_steps": (), "supervised_steps": 4, "poll_seconds": 1.0,
-             "snr_images": 2, "evaluations": 2},
+             "labels_per_class": (2, 0), "seeds": (0,), "arms": _ALL_ARMS,
+             "arm_table.scratch_finetune.lrs": (1e-3,), "finetune_steps": 4, "probe_steps": 4,
+             "finetune_budget_steps": (), "probe_budget_steps": (), "supervised_steps": 4,
+             "poll_seconds": 1.0, "snr_images": 2, "evaluations": 2},
     "seed": _SEED,
-    "seed_gpu": {**_SEED, "scratch_lrs": tuple(lr * _GPU for lr in _SEED["scratch_lrs"]),
-                 "supervised_lrs.supervised": 3e-4 * _GPU,
-                 "supervised_lrs.supervised_cnn": 1e-3 * _GPU},
+    "seed_gpu": {**_SEED, "arm_table.scratch_finetune.lrs": tuple(
+        lr * _GPU for lr in _SEED["arm_table.scratch_finetune.lrs"]),
+                 "arm_table.supervised.lrs": (3e-4 * _GPU,),
+                 "arm_table.supervised_cnn.lrs": (1e-3 * _GPU,)},
 }
+
+
+def arm_table() -> ml_collections.ConfigDict:
+  """The arms that train, as data: the `stage` a run is, where it `start`s ('mae': the
+  variant's pretraining; 'scratch'), the `lrs` a scratch arm tries (every param at one
+  rate; chosen on validation with the first seed, kept for the others), whether it is a
+  `ceiling` (every label, once per seed, `supervised_steps` steps), the config-argument
+  option `arch`, and any other key (a stage key it sets, `trainable_blocks`). The
+  `radial` arm trains nothing: it is the radial baseline each run fits on its labels."""
+  return ml_collections.ConfigDict({
+      "mae_finetune": {"stage": "finetune", "start": "mae"},
+      # The MAE fine-tune with only the encoder's last block (and its final norm) training.
+      "mae_partial": {"stage": "finetune", "start": "mae", "trainable_blocks": 1},
+      "scratch_finetune": {"stage": "finetune", "start": "scratch", "lrs": (1e-3, 3e-3)},
+      "mae_probe": {"stage": "probe", "start": "mae"},
+      "supervised": {"stage": "finetune", "start": "scratch", "lrs": (1e-3,), "ceiling": True},
+      "supervised_cnn": {"stage": "finetune", "start": "scratch", "lrs": (1e-3,),
+                         "ceiling": True, "arch": "cnn"},
+  })
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -73,10 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.variant_labels_per_class.substructure = (100, 300, 0)
   config.variant_arms.substructure = ("mae_finetune", "scratch_finetune", "mae_probe", "radial",
                                       "supervised", "supervised_cnn")
-  # mae_partial: the MAE fine-tune with only the encoder's last this many blocks training.
-  config.partial_blocks = 1
-  # The scratch fine-tune's learning rates (every param), chosen on validation.
-  config.scratch_lrs = (1e-3, 3e-3)
+  config.arm_table = arm_table()
   # About this many optimiser steps per run, whatever the budget (epochs follow); the
   # batch shrinks to at most half the labelled images.
   config.finetune_steps = 200
@@ -85,11 +102,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # above: the schedules the substructure arms measured (docs/substructure.md).
   config.finetune_budget_steps = ((300, 1680), (0, 3320))
   config.probe_budget_steps = ((0, 820),)
-  # The supervised ceilings (the ViT and the small CNN from scratch on every label):
-  # optimiser steps and each arm's learning rate.
+  # The ceilings' optimiser steps (the ViT and the small CNN from scratch on every label).
   config.supervised_steps = 3320
-  config.supervised_lrs = ml_collections.ConfigDict({"supervised": 1e-3,
-                                                     "supervised_cnn": 1e-3})
   # Workers: any number of processes may run this study on one workdir (each run is
   # claimed by one); a worker whose remaining runs others hold looks again this often.
   config.poll_seconds = 30.0

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs import study as study_config  # pylint: disable=g-import-not-at-top
 from mae_jax.eval import plots  # pylint: disable=g-import-not-at-top
 from mae_jax.stages import study  # pylint: disable=g-import-not-at-top
+from mae_jax.stages import study_tables  # pylint: disable=g-import-not-at-top
 
 
 def read_summary(path: Path) -> list[dict]:
@@ -36,15 +37,20 @@ def read_summary(path: Path) -> list[dict]:
   return summary
 
 
+# The arms that start from the MAE (the stock study's arm table).
+MAE_ARMS = tuple(name for name, arm in study.arm_table(study_config.get_config("demo")).items()
+                 if arm.start == "mae")
+
+
 def merge(mine: list[dict], reference: list[dict], variant: str, tag: str) -> list[dict]:
   """`mine`'s MAE arms; the reference's other arms; the reference's MAE arms renamed
   '<arm> (<tag>)'. Only `variant`."""
-  own = [s for s in mine if s["variant"] == variant and s["arm"] in study.MAE_ARMS]
+  own = [s for s in mine if s["variant"] == variant and s["arm"] in MAE_ARMS]
   if not own:
     raise SystemExit(f"the study has no MAE arm on {variant!r}")
   ref = [s for s in reference if s["variant"] == variant]
-  renamed = [{**s, "arm": f"{s['arm']} ({tag})"} for s in ref if s["arm"] in study.MAE_ARMS]
-  return own + [s for s in ref if s["arm"] not in study.MAE_ARMS] + renamed
+  renamed = [{**s, "arm": f"{s['arm']} ({tag})"} for s in ref if s["arm"] in MAE_ARMS]
+  return own + [s for s in ref if s["arm"] not in MAE_ARMS] + renamed
 
 
 def main() -> None:
@@ -60,7 +66,7 @@ def main() -> None:
   args = parser.parse_args()
   summary = merge(read_summary(args.study), read_summary(args.reference), args.variant,
                   args.reference_tag)
-  goal_rows = study.config_goals(summary, study_config.get_config(args.preset))
+  goal_rows = study_tables.config_goals(summary, study_config.get_config(args.preset))
   plots.label_efficiency(summary, args.out, title=args.title or None, goals=goal_rows)
   for g in goal_rows:
     print(f"{g['goal']:18s} {g['arm']:16s} {g['labels_per_class']:>4d}/class "

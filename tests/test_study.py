@@ -23,6 +23,7 @@ from mae_jax.runtime import workdir as workdir_lib
 from mae_jax.stages import classify
 from mae_jax.stages import common
 from mae_jax.stages import study
+from mae_jax.stages import study_tables
 from mae_jax.stages import validate
 from tests.conftest import write_folder
 
@@ -93,7 +94,7 @@ def test_demo_substructure_study_runs_the_ladder_with_both_ceilings_at_measured_
                                       config.evaluations)["epochs"] for n in (100, 300, 0)}
   assert epochs == {100: 50, 300: 120, 0: 40}
   whole = study._budget_schedule(sub, 0, train, 1, config.supervised_steps, config.evaluations)
-  assert whole["epochs"] == 40 and config.supervised_lrs.supervised == 1e-3
+  assert whole["epochs"] == 40 and tuple(config.arm_table.supervised.lrs) == (1e-3,)
   probe = study._budget_schedule(config.probe, 0, train, 1, study.budget_steps(config, "probe", 0),
                                  config.evaluations)
   assert probe["epochs"] == 20
@@ -119,13 +120,13 @@ def test_budget_steps_that_are_not_label_step_pairs_are_refused():
   config.finetune_budget_steps = ((300, 1680), (0, 0))
   config.probe_budget_steps = ((-1, 500),)
   with pytest.raises(errors.ConfigError) as e:
-    validate.check_study(config, study.ARMS)
+    validate.check_study(config, study.arm_problems(config))
   assert "finetune_budget_steps: (0, 0) is not a (labels per class, steps) pair" in str(e.value)
   assert "probe_budget_steps: (-1, 500) is not" in str(e.value)
   # A budget no ladder runs is no error: the ladder may be overridden on its own.
   config = study_config.get_config("demo")
   config.variant_labels_per_class.substructure = (10, 100)
-  validate.check_study(config, study.ARMS)
+  validate.check_study(config, study.arm_problems(config))
 
 
 def test_goals_give_each_gap_to_its_target(tmp_path):
@@ -140,7 +141,7 @@ def test_goals_give_each_gap_to_its_target(tmp_path):
              cell("substructure", "supervised", 0, 0.93), cell("substructure", "radial", 0, 0.70),
              cell("model_ii", "mae_finetune", 100, 0.70), cell("model_ii", "scratch_finetune", 100, 0.68),
              cell("model_ii", "mae_probe", 100, 0.90), cell("model_ii", "radial", 100, 0.95)]
-  got = study.goals(summary, 100, 0.05, over_radial={"substructure": 0.15},
+  got = study_tables.goals(summary, 100, 0.05, over_radial={"substructure": 0.15},
                     probe_near_radial={"model_ii": 0.03},
                     ceiling_at_least={"substructure": 0.9}, radial_at_most={"substructure": 0.65})
   assert [(g["goal"], g["variant"], g["arm"], g["labels_per_class"]) for g in got] == [
@@ -152,7 +153,7 @@ def test_goals_give_each_gap_to_its_target(tmp_path):
       ("probe_near_radial", "model_ii", "mae_probe", 100)]
   assert [round(g["gap"], 6) for g in got] == [0.03, -0.05, 0.03, -0.05, -0.03, -0.02]
   assert got[1]["target"] == pytest.approx(0.65)
-  blocks = study.tables(study.summarise([]) + summary, {"substructure": {"snr": {
+  blocks = study_tables.tables(study_tables.summarise([]) + summary, {"substructure": {"snr": {
       "cdm": {"median": 34.0, "p10": 9.0, "p90": 80.0}}}, "model_ii": {"snr": None}}, got)
   tables = [b for b in blocks if b[0] == "table"]
   assert [len(t[2]) for t in tables] == [len(summary), 2, len(got)]
@@ -162,7 +163,7 @@ def test_goals_give_each_gap_to_its_target(tmp_path):
   drawn = json.loads(png.with_suffix(".json").read_text())
   assert [g["gap"] for g in drawn["data"]["goals"]] == [g["gap"] for g in got]
   # The stock config's goal keys give the same goals.
-  assert study.config_goals(summary, study_config.get_config("demo")) == got
+  assert study_tables.config_goals(summary, study_config.get_config("demo")) == got
 
 
 def test_a_figure_of_one_studys_mae_arms_beside_a_reference_study(tmp_path):
@@ -184,7 +185,7 @@ def test_a_figure_of_one_studys_mae_arms_beside_a_reference_study(tmp_path):
   assert [(s["arm"], s["mean_test_macro_auc"]) for s in merged] == [
       ("mae_finetune", 0.61), ("mae_probe", 0.58), ("scratch_finetune", 0.51),
       ("radial", 0.55), ("supervised_cnn", 0.86), ("mae_finetune (20 epochs)", 0.53)]
-  goal = study.config_goals(merged, study_config.get_config("demo"))[0]
+  goal = study_tables.config_goals(merged, study_config.get_config("demo"))[0]
   assert (goal["goal"], goal["value"], round(goal["gap"], 6)) == ("mae_over_scratch", 0.61, 0.05)
   with pytest.raises(SystemExit, match="no MAE arm on 'hard'"):
     study_figure.merge(mine, reference, "hard", "x")
@@ -232,10 +233,12 @@ def test_study_table_is_the_stages_own_numbers(tmp_path):
           "--config.data.sim.workers=1"]
   result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
-  out = json.loads((tmp_path / "study" / study.RESULTS_FILE).read_text())
+  out = json.loads((tmp_path / "study" / study_tables.RESULTS_FILE).read_text())
+  table = study.arm_table(study_config.get_config("tiny"))
+  ceilings = {a for a, arm in table.items() if arm.ceiling}
   assert {(r["arm"], r["labels_per_class"]) for r in out["rows"]} == ({
-      (a, n) for a in study.ARMS if a not in study.SUPERVISED for n in (2, 0)} | {
-      (a, 0) for a in study.SUPERVISED}) - {("scratch_finetune", 0)}   # that is `supervised`
+      (a, n) for a in (*table, "radial") if a not in ceilings for n in (2, 0)} | {
+      (a, 0) for a in ceilings}) - {("scratch_finetune", 0)}   # that is `supervised`
   assert set(out["ceilings"]["model_ii"]["snr"]) == {"cdm", "axion"}   # simulated: measured
   assert out["ceilings"]["model_ii"]["snr"]["cdm"]["median"] > 0
   for row in out["rows"]:
@@ -256,9 +259,9 @@ def test_study_table_is_the_stages_own_numbers(tmp_path):
     members = [r["test_macro_auc"] for r in out["rows"]
                if (r["arm"], r["labels_per_class"]) == (s["arm"], s["labels_per_class"])]
     assert s["mean_test_macro_auc"] == pytest.approx(np.mean(members))
-  for name in (study.TABLE_FILE, study.FIGURE_FILE, "report.md", "report.html", "figures.json"):
+  for name in (study_tables.TABLE_FILE, study_tables.FIGURE_FILE, "report.md", "report.html", "figures.json"):
     assert (tmp_path / "study" / name).stat().st_size > 0
-  for name in (study.TABLE_FILE, "report.md"):   # the ceiling arms are in the tables
+  for name in (study_tables.TABLE_FILE, "report.md"):   # the ceiling arms are in the tables
     text = (tmp_path / "study" / name).read_text()
     assert "| model_ii | supervised CNN (all labels) | all | 1 |" in text
     assert "| model_ii | supervised ViT (all labels) | all | 1 |" in text
@@ -267,7 +270,7 @@ def test_study_table_is_the_stages_own_numbers(tmp_path):
   # Run again: everything is complete and skipped; the table is the same.
   again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert again.returncode == 0 and "running it" not in again.stderr
-  assert json.loads((tmp_path / "study" / study.RESULTS_FILE).read_text())["rows"] == out["rows"]
+  assert json.loads((tmp_path / "study" / study_tables.RESULTS_FILE).read_text())["rows"] == out["rows"]
 
 
 def test_unknown_arms_and_variants_are_refused_before_anything_runs(tmp_path):
@@ -300,7 +303,7 @@ def test_two_workers_one_killed_give_the_one_process_study(tmp_path):
   alone = subprocess.run(_study_args(tmp_path, tmp_path / "one"), cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
   assert alone.returncode == 0, alone.stderr[-3000:]
-  want = json.loads((tmp_path / "one" / study.RESULTS_FILE).read_text())["rows"]
+  want = json.loads((tmp_path / "one" / study_tables.RESULTS_FILE).read_text())["rows"]
 
   shared = tmp_path / "two"
   logs = [open(tmp_path / f"worker{i}.log", "w+", encoding="utf-8") for i in range(2)]
@@ -322,6 +325,6 @@ def test_two_workers_one_killed_give_the_one_process_study(tmp_path):
   second = (tmp_path / "worker1.log").read_text()
   assert "is being run by another worker" in second
   assert "wait for other workers" in second
-  got = json.loads((shared / study.RESULTS_FILE).read_text())["rows"]
+  got = json.loads((shared / study_tables.RESULTS_FILE).read_text())["rows"]
   assert _comparable(got) == _comparable(want)
-  assert (shared / study.TABLE_FILE).exists() and (shared / study.FIGURE_FILE).exists()
+  assert (shared / study_tables.TABLE_FILE).exists() and (shared / study_tables.FIGURE_FILE).exists()

@@ -2,56 +2,32 @@
 
   python main.py --config=configs/study.py:demo --workdir=runs/study_demo
 
-For each simulator variant: prepare the data, pretrain one MAE on the unlabelled
-pool, then for each label budget (images per class from the train split) and each
-seed, run the arms:
+For each simulator variant: prepare the data, pretrain one MAE on the unlabelled pool,
+then for each label budget (images per class from the train split) and each seed, run the
+arms the config's `arm_table` states as data (configs/study.py): a fine-tune or probe
+that starts from the MAE or from scratch (a scratch arm's rate chosen on validation with
+the first seed of each budget, kept for the others), and the radial baseline each run
+fits on its labels; the `ceiling` arms once per seed on every label. Where the `supervised`
+ceiling runs on the scratch fine-tune's schedule it is also the scratch ViT on every label:
+the `all` budget does not train `scratch_finetune` again (`budget_arms`).
 
-- `mae_finetune`: the fine-tune stage from the MAE;
-- `scratch_finetune`: the same fine-tune from a random encoder, at its own learning
-  rate, chosen on validation from `scratch_lrs` (with the first seed of each budget;
-  the other seeds reuse it);
-- `mae_partial`: the fine-tune stage from the MAE training only the encoder's last
-  `partial_blocks` blocks (and its final norm) with the head (`trainable_blocks`);
-- `mae_probe`: the probe stage on the MAE's frozen features, block and pooling
-  chosen on validation;
-- `radial`: the radial-profile logistic regression, fitted on the same labelled
-  images (read from the fine-tune's `eval_metrics.json`);
-- `supervised` / `supervised_cnn`: the ceiling, once per seed: the same ViT, and the
-  small CNN (`models/cnn.py`), trained from scratch on every label of the train split
-  for `supervised_steps` steps at their `supervised_lrs` (with the radial baseline on
-  all labels beside them). Where `supervised` runs on the scratch fine-tune's schedule,
-  it is also the scratch ViT on every label: the `all` budget does not train
-  `scratch_finetune` again (`budget_arms`).
+Each run takes about `finetune_steps` (`probe_steps`) optimiser steps, or its budget's own
+count in `finetune_budget_steps` (`probe_budget_steps`). For simulated variants the study
+also measures how far above the noise the substructure lies (`snr_ceiling`).
 
-Each run takes about `finetune_steps` (`probe_steps`) optimiser steps, or its budget's
-own count in `finetune_budget_steps` (`probe_budget_steps`): a few labels need few
-steps, every label thousands.
-
-For simulated variants the study also measures how far above the noise the
-substructure lies (`simulate.substructure_snr` on `snr_images` images per class), so
-every AUC is read against what is reachable, and checks its goals (`goals`).
-
-Every run is an ordinary stage in its own sub-workdir
-(`WORKDIR/<variant>/<budget>/<arm>/...`), skipped when complete and resumed when
-not, so the command can be stopped and run again. Any number of processes (one per
-GPU, a Slurm job array) may run the same command on one shared workdir: each run is
-claimed by one of them (its workdir lock), a worker skips the runs others hold and
-those that wait for them (the MAE, the scratch rate chosen with the first seed), and
-comes back to them every `poll_seconds`; a dead worker's claim ends with it and the
-run is taken over, resuming from its checkpoint. Each worker writes the tables once
-every run is complete, as a plain rerun does. Every number comes from a run's
-`eval_metrics.json` (test split, epoch chosen on validation, bootstrap interval);
-the study writes `study.json` (rows, summary, ceilings, goals), `study.md`,
-`report.md` / `report.html` (the same tables, rendered from the same rows) and
-`label_efficiency.png`.
+Every run is an ordinary stage in its own sub-workdir (`WORKDIR/<variant>/<budget>/<arm>/
+...`), skipped when complete and resumed when not. Any number of processes may run the
+same command on one workdir: each run is claimed by one (`runtime.claims`). The rows,
+tables, goals and figure come from the runs' results records (`study_tables`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -60,9 +36,8 @@ from absl import logging
 
 from mae_jax.data import layout
 from mae_jax.data import simulate
-from mae_jax.eval import plots
 from mae_jax.eval import results
-from mae_jax.runtime import errors
+from mae_jax.runtime import claims
 from mae_jax.runtime import fileio
 from mae_jax.runtime import workdir as workdir_lib
 from mae_jax.stages import classify  # pylint: disable=unused-import (registers probe, finetune)
@@ -70,23 +45,55 @@ from mae_jax.stages import data as data_stage  # pylint: disable=unused-import (
 from mae_jax.stages import registry
 from mae_jax.stages import report
 from mae_jax.stages import runs as runs_lib
+from mae_jax.stages import study_tables as tables_lib
 from mae_jax.stages import validate
 from mae_jax.train import loop
 
-ARMS = ("mae_finetune", "mae_partial", "scratch_finetune", "mae_probe", "radial", "supervised",
-        "supervised_cnn")
-ARM_TITLES = {"mae_finetune": "MAE fine-tune", "mae_partial": "MAE partial fine-tune",
-              "scratch_finetune": "scratch fine-tune",
-              "mae_probe": "MAE probe", "radial": "radial-profile baseline",
-              "supervised": "supervised ViT (all labels)",
-              "supervised_cnn": "supervised CNN (all labels)"}
-# The ceiling arms: a network from scratch on every label, with its model overrides.
-# The ceiling arms: a network from scratch on every label, with its config-argument options.
-SUPERVISED = {"supervised": {}, "supervised_cnn": {"arch": "cnn"}}
-# The arms that read the variant's MAE (its pretraining).
-MAE_ARMS = ("mae_finetune", "mae_partial", "mae_probe")
-RESULTS_FILE, TABLE_FILE, FIGURE_FILE = "study.json", "study.md", "label_efficiency.png"
+RADIAL = tables_lib.RADIAL
 SNR_FILE = "substructure_snr.json"   # per variant folder: the measured SNR, kept
+STAGES, STARTS = ("finetune", "probe"), ("mae", "scratch")
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """One arm of the config's `arm_table`."""
+  name: str
+  stage: str                                   # 'finetune' or 'probe'
+  start: str                                   # 'mae' (the variant's pretraining) or 'scratch'
+  lrs: tuple[float, ...] = ()                  # scratch: every param at one of these rates
+  ceiling: bool = False                        # every label, once per seed
+  options: dict[str, str] = dataclasses.field(default_factory=dict)   # config argument
+  overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # stage keys
+
+
+def arm_table(config: ml_collections.ConfigDict) -> dict[str, Arm]:
+  """The arms the config's `arm_table` states."""
+  out = {}
+  for name, spec in config.arm_table.items():
+    spec = dict(spec)
+    own = {k: spec.pop(k) for k in ("stage", "start", "lrs", "ceiling", "arch") if k in spec}
+    out[name] = Arm(name, own.get("stage", ""), own.get("start", ""),
+                    tuple(own.get("lrs", ())), bool(own.get("ceiling", False)),
+                    {"arch": own["arch"]} if "arch" in own else {}, spec)
+  return out
+
+
+def arm_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """Problems of the `arm_table` and of `arms` / `variant_arms` naming arms it lacks."""
+  table = arm_table(config)
+  found = []
+  for arm in table.values():
+    if arm.stage not in STAGES or arm.start not in STARTS:
+      found.append(f"arm_table.{arm.name}: stage must be one of {', '.join(STAGES)} and start "
+                   f"one of {', '.join(STARTS)}, got {arm.stage!r} and {arm.start!r}")
+    elif (arm.start == "scratch") != bool(arm.lrs) or (arm.ceiling and arm.start != "scratch"):
+      found.append(f"arm_table.{arm.name}: a scratch arm (and only it) has `lrs`; a ceiling "
+                   "starts from scratch")
+  known = (*table, RADIAL)
+  named = dict.fromkeys((*config.arms, *(a for v in config.variant_arms.values() for a in v)))
+  found += [f"unknown arm {a!r}; choose among {', '.join(known)}" for a in named
+            if a not in known]
+  return found
 
 
 def budget_name(labels_per_class: int) -> str:
@@ -104,31 +111,23 @@ def budget_arms(config: ml_collections.ConfigDict, arms: tuple[str, ...],
                 labels: int) -> tuple[str, ...]:
   """The arms a budget runs. On every label the scratch fine-tune is not run where the
   `supervised` ViT is an arm on the same schedule (its steps equal the budget's, its
-  rate one of `scratch_lrs`): that run is the scratch ViT on every label."""
-  same = (budget_steps(config, "finetune", 0) == config.supervised_steps
-          and config.supervised_lrs.supervised in tuple(config.scratch_lrs))
+  rate one of the scratch arm's): that run is the scratch ViT on every label."""
+  table = arm_table(config)
+  same = ("supervised" in table and "scratch_finetune" in table
+          and budget_steps(config, "finetune", 0) == config.supervised_steps
+          and set(table["supervised"].lrs) <= set(table["scratch_finetune"].lrs))
   if labels <= 0 and "supervised" in arms and same:
     return tuple(a for a in arms if a != "scratch_finetune")
   return arms
 
 
-def _stage(sub: ml_collections.ConfigDict, name: str, config: ml_collections.ConfigDict,
-           data: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:
-  stage = sub.copy_and_resolve_references()
-  stage.unlock()
-  stage.stage = name
-  stage.preset = config.preset
-  stage.data = data.copy_and_resolve_references()
-  if "init_from" in stage:
-    stage.init_from, stage.init_from_stage = "", "pretrain"
-  for key, value in overrides.items():
-    node = stage
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  stage.lock()
-  return stage
+def radial_beside_supervised(config: ml_collections.ConfigDict, arms: tuple[str, ...],
+                             ladder: tuple[int, ...]) -> bool:
+  """Whether the radial baseline on every label is read from the ceiling arms' runs:
+  where the ladder's `all` budget runs no arm that carries it (every run does)."""
+  table = arm_table(config)
+  carriers = {a for a in budget_arms(config, arms, 0) if a in table and not table[a].ceiling}
+  return 0 not in ladder or not carriers
 
 
 def _budget_schedule(sub: ml_collections.ConfigDict, labels: int, train_size: int,
@@ -149,50 +148,95 @@ def _budget_schedule(sub: ml_collections.ConfigDict, labels: int, train_size: in
           "optim.warmup_epochs": min(sub.optim.warmup_epochs, epochs / 10)}
 
 
-class Deferred(Exception):
-  """A run another worker holds (its workdir lock), or one waiting for such a run."""
+def _set(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  *parents, leaf = key.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
 
 
-class _Pass:
-  """One pass over the study's runs in their fixed order: the runs it could not do now
-  because another worker holds them, or they wait for one that does."""
+def _stage(sub: ml_collections.ConfigDict, name: str, config: ml_collections.ConfigDict,
+           data: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:
+  """A stage's full config: its keys `sub`, the study's preset and the run's data, a
+  source the run sets itself (none unless an override names one), and `overrides`."""
+  stage = sub.copy_and_resolve_references()
+  stage.unlock()
+  stage.stage = name
+  stage.preset = config.preset
+  stage.data = data.copy_and_resolve_references()
+  if "init_from" in stage:
+    stage.init_from, stage.init_from_stage = "", "pretrain"
+  for key, value in overrides.items():
+    _set(stage, key, value)
+  stage.lock()
+  return stage
 
-  def __init__(self):
-    self.deferred: list[str] = []
 
-  def attempt(self, fn: Callable, *args, **kwargs) -> tuple[bool, Any]:
-    """(True, fn(...)), or (False, None) where the run (or one it needs) is deferred."""
-    try:
-      return True, fn(*args, **kwargs)
-    except Deferred as e:
-      self.deferred.append(str(e))
-      return False, None
+def _stage_keys(config: ml_collections.ConfigDict, arm: Arm) -> ml_collections.ConfigDict:
+  """The stage keys of an arm's runs: the study's `finetune` / `probe`; with config-argument
+  options (the CNN's `arch=cnn`), the stock config of those options with every key it
+  shares with the study's taken from there (an override of the study's applies to both)."""
+  if not arm.options:
+    return config[arm.stage]
+  stock = validate.reference_config(arm.stage, config.preset, arm.options)
+  ours = validate.flat_keys(config[arm.stage])
+  for key, value in validate.flat_keys(stock).items():
+    if key in ours and ours[key] != value:
+      _set(stock, key, ours[key])
+  return stock
 
-  def wait_for(self, what: str) -> tuple[bool, None]:
-    self.deferred.append(what)
-    return False, None
+
+@dataclasses.dataclass
+class _Variant:
+  """What every run of one variant shares."""
+  config: ml_collections.ConfigDict
+  name: str
+  data: ml_collections.ConfigDict      # the variant's data settings
+  folder: Path                         # WORKDIR/<variant>
+  train_size: int
+  pass_: claims.Pass
+  mae_ready: bool = True               # the pretraining is complete
+
+  @property
+  def pretrain_dir(self) -> Path:
+    return self.folder / "pretrain"
+
+  def schedule_of(self, stage: str, labels: int, steps: int | None = None) -> dict[str, Any]:
+    config = self.config
+    steps = budget_steps(config, stage, labels) if steps is None else steps
+    return _budget_schedule(config[stage], labels, self.train_size, jax.device_count(), steps,
+                            config.evaluations)
 
 
 def _ensure(name: str, config: ml_collections.ConfigDict,
             stage_dir: Path) -> results.EvalRecord | None:
-  """Runs stage `name` in `stage_dir` unless complete; returns its results record (None
-  for a stage that writes none).
-
-  Raises:
-    Deferred: another worker holds the run (it is running it now).
-  """
+  """Runs stage `name` in `stage_dir` unless complete (a run another worker holds raises
+  `claims.Deferred`); returns its results record (None for a stage that writes none)."""
   record = runs_lib.read_record(stage_dir)
   why = runs_lib.incomplete_reason(name, stage_dir, config, record)
   if why is None:
     logging.info("study: %s complete, skipped", stage_dir)
   else:
     logging.info("study: %s: %s; running it", stage_dir, why)
-    try:
-      runs_lib.run_stage(name, registry.get(name), config, stage_dir, record)
-    except errors.WorkdirBusyError:
-      logging.info("study: %s is being run by another worker; on to the next run", stage_dir)
-      raise Deferred(str(stage_dir)) from None
+    claims.claimed(lambda: runs_lib.run_stage(name, registry.get(name), config, stage_dir,
+                                              record), f"study: {stage_dir}")
   return results.read(stage_dir, name) if results.exists(stage_dir) else None
+
+
+def _arm_run(v: _Variant, arm: Arm, labels: int, seed: int, lr: float | None,
+             run_dir: Path, schedule: dict[str, Any]) -> tuple[results.EvalRecord, Path]:
+  """One run of an arm: from the variant's MAE, or from scratch with every param at `lr`."""
+  sub = _stage_keys(v.config, arm)
+  overrides = {**schedule, "labels_per_class": labels, "seed": seed, **arm.overrides}
+  if arm.start == "mae":
+    overrides["init_from"] = str(v.pretrain_dir)
+  else:
+    overrides["optim.lr_groups"] = ((".*", lr),)
+    if "layer_decay" in sub.optim:
+      overrides["optim.layer_decay"] = 1.0
+  config = _stage(sub, arm.stage, v.config, v.data, **overrides)
+  return _ensure(arm.stage, config, run_dir), run_dir
 
 
 def _val_auc(record: results.EvalRecord | None) -> float:
@@ -200,130 +244,122 @@ def _val_auc(record: results.EvalRecord | None) -> float:
   return -1.0 if value is None else value
 
 
-def _row(variant: str, labels: int, seed: int, arm: str, record: results.EvalRecord, run: Path,
-         **extra) -> dict[str, Any]:
-  """A study row of a probe's or fine-tune's record (test numbers of the chosen epoch)."""
-  return _scores_row(variant, labels, seed, arm, record.test, run,
-                     validation_macro_auc=record.validation.get("macro_auc"),
-                     epoch=record.chosen.epoch, train_examples=record.train_examples, **extra)
+def _scratch_run(v: _Variant, arm: Arm, labels: int, seed: int, chosen: dict[str, float],
+                 folder: Path, schedule: dict[str, Any]) -> tuple[results.EvalRecord, Path]:
+  """A scratch arm's run of one seed: with the arm's first seed, one run per rate in
+  `lrs` and the rate validation chooses (kept in `chosen`); later seeds at that rate."""
+  if len(arm.lrs) == 1:
+    chosen[arm.name] = arm.lrs[0]
+  lrs = (chosen[arm.name],) if arm.name in chosen else arm.lrs
+  tried = {lr: _arm_run(v, arm, labels, seed, lr,
+                        folder / (f"seed{seed}" if arm.ceiling else f"seed{seed}_lr{lr:g}"),
+                        schedule) for lr in lrs}
+  if len(tried) > 1:
+    chosen[arm.name] = max(tried, key=lambda lr: _val_auc(tried[lr][0]))
+    logging.info("study: %s, %s, %s: lr %g chosen on validation (%s)", v.name,
+                 budget_name(labels), arm.name, chosen[arm.name],
+                 ", ".join(f"{lr:g}: {_val_auc(m):.4f}" for lr, (m, _) in tried.items()))
+  return tried[chosen[arm.name]]
 
 
-def _radial_row(variant: str, labels: int, seed: int, record: results.EvalRecord,
-                run: Path) -> dict[str, Any]:
-  """A study row of the radial baseline a run fitted on its labelled images."""
-  base = record.baseline
-  return _scores_row(variant, labels, seed, "radial", base.scores, run,
-                     validation_macro_auc=base.validation_macro_auc, epoch=None,
-                     train_examples=base.train_examples)
+def _one(v: _Variant, arm: Arm, labels: int, seed: int, chosen: dict[str, float],
+         folder: Path, schedule: dict[str, Any]) -> tuple[results.EvalRecord, Path] | None:
+  """An arm's run of one seed, or None where it waits for a run another worker holds."""
+  if arm.start == "mae":
+    if not v.mae_ready:
+      return v.pass_.wait_for(f"{folder / f'seed{seed}'} (needs the MAE)")[1]
+    ok, out = v.pass_.attempt(_arm_run, v, arm, labels, seed, None, folder / f"seed{seed}",
+                              schedule)
+  else:
+    if len(arm.lrs) > 1 and arm.name not in chosen and seed != v.config.seeds[0]:
+      return v.pass_.wait_for(f"{folder} seed {seed} (needs the rate chosen with the first "
+                              "seed)")[1]
+    ok, out = v.pass_.attempt(_scratch_run, v, arm, labels, seed, chosen, folder, schedule)
+  return out if ok else None
 
 
-def _scores_row(variant: str, labels: int, seed: int, arm: str, scores: results.Scores,
-                run: Path, **extra) -> dict[str, Any]:
-  return {"variant": variant, "labels_per_class": labels, "seed": seed, "arm": arm,
-          "test_macro_auc": scores.get("macro_auc"),
-          "test_macro_auc_interval": scores.interval("macro_auc"),
-          "test_accuracy": scores.get("accuracy"), **extra, "run": str(run)}
+def _rows(v: _Variant, arms: list[Arm], labels: int, folder: Path, radial: bool,
+          schedules: dict[str, dict[str, Any]]) -> list[dict]:
+  """The rows of `arms` at one label budget, every seed: each run's, and the radial
+  baseline of the seed's first run where `radial`."""
+  rows, chosen = [], {}
+  for seed in v.config.seeds:
+    done = {}
+    for arm in arms:
+      out = _one(v, arm, labels, seed, chosen, folder / arm.name, schedules[arm.stage])
+      if out is not None:
+        done[arm.name] = out
+        extra = ({"lr": chosen[arm.name]} if arm.start == "scratch" else
+                 {"features": out[0].features} if arm.stage == "probe" else {})
+        rows.append(tables_lib.row(v.name, labels, seed, arm.name, *out, **extra))
+    if radial and done:   # fitted on the same labelled images
+      rows.append(tables_lib.radial_row(v.name, labels, seed, *next(iter(done.values()))))
+  return rows
 
 
-def summarise(rows: list[dict]) -> list[dict[str, Any]]:
-  """Per (variant, arm, budget): the mean test macro AUC over seeds, its spread, and the
-  mean of the seeds' bootstrap intervals."""
-  cells: dict[tuple, list[dict]] = {}
-  for r in rows:
-    cells.setdefault((r["variant"], r["arm"], r["labels_per_class"]), []).append(r)
-  out = []
-  for (variant, arm, labels), members in sorted(cells.items(), key=lambda kv: (
-      kv[0][0], ARMS.index(kv[0][1]), kv[0][2] <= 0, kv[0][2])):
-    aucs = [m["test_macro_auc"] for m in members if m["test_macro_auc"] is not None]
-    cis = [m["test_macro_auc_interval"] for m in members if m["test_macro_auc_interval"]]
-    out.append({"variant": variant, "arm": arm, "labels_per_class": labels, "seeds": len(aucs),
-                "mean_test_macro_auc": float(np.mean(aucs)) if aucs else None,
-                "min": float(np.min(aucs)) if aucs else None,
-                "max": float(np.max(aucs)) if aucs else None,
-                "mean_interval": ([float(np.mean([c[0] for c in cis])),
-                                   float(np.mean([c[1] for c in cis]))] if cis else None)})
-  return out
+def _variant_rows(v: _Variant) -> list[dict]:
+  """Every row of one variant: each budget's arms, then the ceilings."""
+  config, table = v.config, arm_table(v.config)
+  names = tuple(config.variant_arms.get(v.name) or config.arms)
+  ladder = tuple(config.variant_labels_per_class.get(v.name) or config.labels_per_class)
+  rows = []
+  for labels in ladder:
+    arms = [table[a] for a in budget_arms(config, names, labels)
+            if a in table and not table[a].ceiling]
+    schedules = {s: v.schedule_of(s, labels) for s in STAGES}
+    rows += _rows(v, arms, labels, v.folder / budget_name(labels), RADIAL in names, schedules)
+  ceilings = [table[a] for a in names if a in table and table[a].ceiling]
+  schedule = v.schedule_of("finetune", 0, config.supervised_steps)
+  rows += _rows(v, ceilings, 0, v.folder / "supervised",
+                RADIAL in names and radial_beside_supervised(config, names, ladder),
+                {"finetune": schedule, "probe": schedule})
+  return rows
 
 
-GOAL_TEXT = {
-    "mae_over_scratch": "MAE fine-tune ≥ scratch fine-tune + {margin}",
-    "mae_over_radial": "MAE fine-tune ≥ radial baseline + {margin}",
-    "probe_near_radial": "MAE probe ≥ radial baseline − {margin}",
-    "ceiling_at_least": "supervised ceiling ≥ {margin}",
-    "radial_at_most": "radial baseline (all labels) ≤ {margin}",
-}
+def _ensure_data(config: ml_collections.ConfigDict, data: ml_collections.ConfigDict,
+                 stage_dir: Path) -> dict:
+  stage = _stage(config.data_stage, "data", config, data)
+  record = runs_lib.read_record(stage_dir)
+  if runs_lib.incomplete_reason("data", stage_dir, stage, record) is not None:
+    claims.claimed(lambda: runs_lib.run_stage("data", registry.get("data"), stage, stage_dir,
+                                              record), f"study: {stage_dir}")
+  return json.loads((stage_dir / workdir_lib.DATA_SUMMARY).read_text())
 
 
-def goals(summary: list[dict], labels: int, over_scratch: float,
-          over_radial: dict[str, float] | None = None,
-          probe_near_radial: dict[str, float] | None = None,
-          ceiling_at_least: dict[str, float] | None = None,
-          radial_at_most: dict[str, float] | None = None) -> list[dict[str, Any]]:
-  """The study's goals, each with the arm's mean test macro AUC (`value`), the AUC it had
-  to reach (`target`) and the margin by which it was met (`gap`; negative: missed by that
-  much). At `labels` per class, on every variant with both arms:
-  - `mae_over_scratch`: the MAE fine-tune above the scratch fine-tune by `over_scratch`;
-  per variant, where the dict names it:
-  - `mae_over_radial`: the MAE fine-tune above the radial-profile baseline by a margin;
-  - `probe_near_radial`: the MAE probe at most a margin below the radial baseline;
-  and on all labels:
-  - `ceiling_at_least`: the better supervised arm at least this AUC (the task is
-    learnable);
-  - `radial_at_most`: the radial baseline at most this AUC (the lens mass gives the class
-    away no more than this)."""
-  mean = {(s["variant"], s["arm"], s["labels_per_class"]): s["mean_test_macro_auc"]
-          for s in summary if s["mean_test_macro_auc"] is not None}
-  margins = {"mae_over_radial": over_radial or {}, "probe_near_radial": probe_near_radial or {},
-             "ceiling_at_least": ceiling_at_least or {}, "radial_at_most": radial_at_most or {}}
-  out = []
-  for variant in dict.fromkeys(v for v, _, _ in mean):
-    out += _variant_goals(mean, variant, labels, over_scratch, margins)
-  return out
+def _run_variant(config: ml_collections.ConfigDict, name: str, folder: Path,
+                 pass_: claims.Pass) -> tuple[list[dict], dict[str, Any]]:
+  """Every run of one variant: its data, its MAE, its arms. Returns its rows and its
+  ceilings (substructure SNR); runs another worker holds (and those that need them)
+  are left to a later pass."""
+  data = config.data.copy_and_resolve_references()
+  data.sim.variant = name
+  data.dir = config.data_dirs[name]
+  ready, summary = pass_.attempt(_ensure_data, config, data, folder / "data")
+  if not ready:
+    return [], {}
+  v = _Variant(config, name, data, folder, sum(summary["counts"]["train"].values()), pass_)
+  table = arm_table(config)
+  names = tuple(config.variant_arms.get(name) or config.arms)
+  if any(a in table and table[a].start == "mae" for a in names):
+    v.mae_ready, _ = pass_.attempt(_ensure, "pretrain",
+                                   _stage(config.pretrain, "pretrain", config, data),
+                                   v.pretrain_dir)
+  return _variant_rows(v), {"snr": _snr(data, config.snr_images, folder / SNR_FILE)}
 
 
-def config_goals(summary: list[dict], config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
-  """`goals` at the study config's `goal_*` keys."""
-  return goals(summary, config.goal_labels, config.goal_over_scratch,
-               over_radial=config.goal_over_radial.to_dict(),
-               probe_near_radial=config.goal_probe_near_radial.to_dict(),
-               ceiling_at_least=config.goal_ceiling_at_least.to_dict(),
-               radial_at_most=config.goal_radial_at_most.to_dict())
+def _all_runs(config: ml_collections.ConfigDict, workdir: Path
+              ) -> tuple[list[dict], dict[str, Any]]:
+  """Every run of every variant, pass after pass until none is left to another worker
+  (`claims.until_done`). Returns the rows and ceilings of the complete pass."""
 
+  def one_pass(pass_: claims.Pass) -> tuple[list[dict], dict[str, Any]]:
+    rows, ceilings = [], {}
+    for variant in config.variants:
+      variant_rows, ceilings[variant] = _run_variant(config, variant, workdir / variant, pass_)
+      rows += variant_rows
+    return rows, ceilings
 
-def _goal(mean: dict, goal: str, variant: str, n: int, arm: str, target: float | None,
-          margin: float, at_most: bool = False) -> dict[str, Any] | None:
-  """One goal's row (`goals`), or None where the arm or the target is missing."""
-  value = mean.get((variant, arm, n))
-  if value is None or target is None:
-    return None
-  return {"goal": goal, "variant": variant, "labels_per_class": n, "arm": arm, "value": value,
-          "target": target, "margin": margin,
-          "gap": (target - value) if at_most else (value - target)}
-
-
-def _variant_goals(mean: dict, variant: str, labels: int, over_scratch: float,
-                   margins: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
-  """The goals of one variant (`goals`), in their fixed order."""
-  get = lambda arm, n=labels: mean.get((variant, arm, n))  # pylint: disable=unnecessary-lambda-assignment
-  found = []
-  if get("scratch_finetune") is not None:
-    found.append(_goal(mean, "mae_over_scratch", variant, labels, "mae_finetune",
-                       get("scratch_finetune") + over_scratch, over_scratch))
-  for goal, arm, sign in (("mae_over_radial", "mae_finetune", 1),
-                          ("probe_near_radial", "mae_probe", -1)):
-    if variant in margins[goal] and get("radial") is not None:
-      margin = margins[goal][variant]
-      found.append(_goal(mean, goal, variant, labels, arm, get("radial") + sign * margin, margin))
-  ceiling = [a for a in SUPERVISED if get(a, 0) is not None]
-  if variant in margins["ceiling_at_least"] and ceiling:
-    margin = margins["ceiling_at_least"][variant]
-    found.append(_goal(mean, "ceiling_at_least", variant, 0,
-                       max(ceiling, key=lambda a: get(a, 0)), margin, margin))
-  if variant in margins["radial_at_most"]:
-    margin = margins["radial_at_most"][variant]
-    found.append(_goal(mean, "radial_at_most", variant, 0, "radial", margin, margin,
-                       at_most=True))
-  return [g for g in found if g is not None]
+  return claims.until_done(one_pass, config.poll_seconds)
 
 
 def snr_ceiling(data: ml_collections.ConfigDict, images_per_class: int) -> dict[str, Any] | None:
@@ -349,161 +385,6 @@ def snr_ceiling(data: ml_collections.ConfigDict, images_per_class: int) -> dict[
   return out
 
 
-def _f3(value: float | None) -> str:
-  return "" if value is None else f"{value:.3f}"
-
-
-def _summary_blocks(summary: list[dict]) -> list[tuple]:
-  """The label-efficiency table: per variant, arm and budget, the mean over seeds."""
-  rows = []
-  for s in summary:
-    ci = s["mean_interval"]
-    rows.append([s["variant"], ARM_TITLES[s["arm"]],
-                 "all" if s["labels_per_class"] <= 0 else str(s["labels_per_class"]),
-                 str(s["seeds"]), _f3(s["mean_test_macro_auc"]),
-                 f"{_f3(s['min'])} – {_f3(s['max'])}",
-                 f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""])
-  return [("p", "Test macro AUC (the test split chose nothing: epochs and learning rates were "
-                "chosen on validation), mean over seeds, with the lowest and highest seed and "
-                "the mean of the seeds' bootstrap 95% intervals."),
-          ("table", ["variant", "arm", "labels per class", "seeds", "mean test macro AUC",
-                     "min – max", "mean 95% interval"], rows)]
-
-
-def _ceiling_blocks(summary: list[dict], ceilings: dict[str, dict]) -> list[tuple]:
-  """Per variant: the substructure's SNR and what training on every label reaches."""
-  mean = {(s["variant"], s["arm"], s["labels_per_class"]): s for s in summary}
-  crow = []
-  for variant, c in ceilings.items():
-    snr = c.get("snr") or {}
-    cell = lambda name: (f"{snr[name]['median']:.0f} [{snr[name]['p10']:.0f}, "  # pylint: disable=unnecessary-lambda-assignment,cell-var-from-loop
-                         f"{snr[name]['p90']:.0f}]" if name in snr else "")
-    auc = lambda arm: _f3((mean.get((variant, arm, 0)) or {}).get("mean_test_macro_auc"))  # pylint: disable=unnecessary-lambda-assignment,cell-var-from-loop
-    crow.append([variant, cell("cdm"), cell("axion"), *(auc(a) for a in SUPERVISED),
-                 auc("radial")])
-  if not crow:
-    return []
-  return [("p", "Ceilings: how far above the noise the substructure lies (median "
-                "[10th, 90th percentile] of its noise-weighted signal, the SNR a matched "
-                "filter with the true smooth lens reaches), and what a network trained on "
-                "every label reaches (test macro AUC, mean over seeds)."),
-          ("table", ["variant", "cdm substructure SNR", "axion substructure SNR",
-                     *(ARM_TITLES[a] for a in SUPERVISED), "radial baseline (all labels)"],
-           crow)]
-
-
-def _goal_blocks(goal_rows: list[dict]) -> list[tuple]:
-  """The goals (`goals`): each arm's mean against its target, met or missed by how much."""
-  if not goal_rows:
-    return []
-  return [("p", "Goals (test macro AUC; a negative gap is the amount by which a goal was "
-                "missed):"),
-          ("table", ["variant", "labels per class", "goal", "arm", "mean test macro AUC",
-                     "target", "gap"],
-           [[g["variant"], "all" if g["labels_per_class"] <= 0 else str(g["labels_per_class"]),
-             GOAL_TEXT[g["goal"]].format(margin=g["margin"]), ARM_TITLES[g["arm"]],
-             f"{g['value']:.3f}", f"{g['target']:.3f}",
-             f"{g['gap']:+.3f} {'(met)' if g['gap'] >= 0 else '(missed)'}"]
-            for g in goal_rows])]
-
-
-def tables(summary: list[dict], ceilings: dict[str, dict], goal_rows: list[dict]
-           ) -> list[tuple]:
-  """The study's tables as report blocks (`report.to_markdown` / `to_html` render them):
-  the label-efficiency table, the ceilings per variant, the goals."""
-  return (_summary_blocks(summary) + _ceiling_blocks(summary, ceilings)
-          + _goal_blocks(goal_rows))
-
-
-@registry.register("study")
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) every run of the study; writes its tables, figure and report."""
-  workdir = Path(workdir)
-  start = time.time()
-  validate.check_study(config, ARMS)
-  _warn_unused_budget_steps(config)
-  first = config.data.copy_and_resolve_references()
-  first.dir = config.data_dirs[config.variants[0]]
-  validate.check_chain({name: _stage(sub, name, config, first) for name, sub in (
-      ("data", config.data_stage), ("pretrain", config.pretrain), ("probe", config.probe),
-      ("finetune", config.finetune))}, workdir / config.variants[0])
-  rows, ceilings = _all_runs(config, workdir)
-  summary = summarise(rows)
-  goal_rows = config_goals(summary, config)
-  seconds = time.time() - start
-  if loop.is_main_process():
-    _write(workdir, config, rows, summary, ceilings, goal_rows, seconds)
-  logging.info("study done in %s: %s", report.duration(seconds), workdir / TABLE_FILE)
-  return {"rows": len(rows), "table": str(workdir / TABLE_FILE)}
-
-
-def radial_beside_supervised(config: ml_collections.ConfigDict, arms: tuple[str, ...],
-                             ladder: tuple[int, ...]) -> bool:
-  """Whether the radial baseline on every label is read from the supervised arms' runs:
-  where the ladder's `all` budget runs no arm that carries it (every fine-tune and
-  probe does)."""
-  carriers = {"mae_finetune", "mae_partial", "mae_probe", "scratch_finetune"}
-  return 0 not in ladder or not carriers & set(budget_arms(config, arms, 0))
-
-
-def _warn_unused_budget_steps(config: ml_collections.ConfigDict) -> None:
-  """A `<stage>_budget_steps` entry for a budget no variant's ladder has (a ladder
-  overridden on the command line) does nothing: say so, rather than refuse the run."""
-  ladders = {max(n, 0) for v in config.variants
-             for n in (config.variant_labels_per_class.get(v) or config.labels_per_class)}
-  for stage in ("finetune", "probe"):
-    unused = [labels for labels, _ in config[f"{stage}_budget_steps"] if labels not in ladders]
-    if unused:
-      logging.warning("study: %s_budget_steps names budgets no ladder runs (%s); they are "
-                      "not used", stage, ", ".join(budget_name(n) for n in unused))
-
-
-def _all_runs(config: ml_collections.ConfigDict, workdir: Path
-              ) -> tuple[list[dict], dict[str, Any]]:
-  """Every run of every variant, pass after pass until none is left to another worker:
-  any number of processes may run the same study on one workdir, each run claimed by
-  one (its workdir lock; a dead worker's lock ends with it and the run is taken over,
-  resuming from its checkpoint). Returns the rows and ceilings of the complete pass."""
-  while True:
-    pass_, rows, ceilings = _Pass(), [], {}
-    for variant in config.variants:
-      variant_rows, ceilings[variant] = _run_variant(config, variant, workdir / variant, pass_)
-      rows += variant_rows
-    if not pass_.deferred:
-      return rows, ceilings
-    logging.info("study: %d run(s) wait for other workers (%s); looking again in %g s",
-                 len(pass_.deferred), ", ".join(pass_.deferred[:3]), config.poll_seconds)
-    time.sleep(config.poll_seconds)
-
-
-def _run_variant(config: ml_collections.ConfigDict, variant: str, vdir: Path, pass_: _Pass
-                 ) -> tuple[list[dict], dict[str, Any]]:
-  """Every run of one variant: data, MAE, each budget's arms, the supervised ceiling.
-  Returns its rows and its ceilings (substructure SNR); runs held by another worker
-  (and those that need them) are left to a later pass (`pass_`)."""
-  data = config.data.copy_and_resolve_references()
-  data.sim.variant = variant
-  data.dir = config.data_dirs[variant]
-  ready, summary = pass_.attempt(_ensure_data, config, data, vdir / "data")
-  if not ready:
-    return [], {}
-  train_size = sum(summary["counts"]["train"].values())
-  pre_dir = vdir / "pretrain"
-  arms = tuple(config.variant_arms.get(variant) or config.arms)
-  ladder = tuple(config.variant_labels_per_class.get(variant) or config.labels_per_class)
-  mae_ready = True
-  if any(a in arms for a in MAE_ARMS):
-    mae_ready, _ = pass_.attempt(_ensure, "pretrain",
-                                 _stage(config.pretrain, "pretrain", config, data), pre_dir)
-  rows = []
-  for labels in ladder:
-    rows += _run_budget(config, data, variant, arms, labels, train_size, pre_dir,
-                        vdir / budget_name(labels), pass_, mae_ready)
-  rows += _run_supervised(config, data, variant, train_size, vdir / "supervised", arms=arms,
-                          radial=radial_beside_supervised(config, arms, ladder), pass_=pass_)
-  return rows, {"snr": _snr(data, config.snr_images, vdir / SNR_FILE)}
-
-
 def _snr(data: ml_collections.ConfigDict, images: int, path: Path) -> dict | None:
   """`snr_ceiling`, measured once per variant folder and kept in `path`."""
   key = {"dir": str(Path(data.dir).resolve()), "images": images}
@@ -517,162 +398,41 @@ def _snr(data: ml_collections.ConfigDict, images: int, path: Path) -> dict | Non
   return snr
 
 
-def _mae_arm(config, data, stage: str, pre_dir: Path, run_dir: Path,
-             **overrides) -> tuple[dict, Path]:
-  """A fine-tune or probe (`stage`) of the variant's MAE: (its metrics, its run dir)."""
-  return _ensure(stage, _stage(config[stage], stage, config, data, init_from=str(pre_dir),
-                               **overrides), run_dir), run_dir
+def _warn_unused_budget_steps(config: ml_collections.ConfigDict) -> None:
+  """A `<stage>_budget_steps` entry for a budget no variant's ladder has (a ladder
+  overridden on the command line) does nothing: say so, rather than refuse the run."""
+  ladders = {max(n, 0) for v in config.variants
+             for n in (config.variant_labels_per_class.get(v) or config.labels_per_class)}
+  for stage in STAGES:
+    unused = [labels for labels, _ in config[f"{stage}_budget_steps"] if labels not in ladders]
+    if unused:
+      logging.warning("study: %s_budget_steps names budgets no ladder runs (%s); they are "
+                      "not used", stage, ", ".join(budget_name(n) for n in unused))
 
 
-def _scratch_arm(config, data, variant: str, labels: int, bdir: Path,
-                 scratch_lr: float | None, **overrides) -> tuple[tuple[dict, Path], float]:
-  """The scratch fine-tune of one seed (`overrides["seed"]`): with the first seed, every
-  `scratch_lrs` rate and the one validation chooses; later seeds at that rate. Returns
-  (its metrics and run dir, the rate)."""
-  seed = overrides["seed"]
-  lrs = config.scratch_lrs if scratch_lr is None else (scratch_lr,)
-  tried = {lr: _scratch(config, data, lr, bdir / "scratch_finetune" / f"seed{seed}_lr{lr:g}",
-                        **overrides) for lr in lrs}
-  if scratch_lr is None:   # chosen on validation with the first seed
-    scratch_lr = max(tried, key=lambda lr: _val_auc(tried[lr][0]))
-    logging.info("study: %s, %s: scratch lr %g chosen on validation (%s)", variant,
-                 budget_name(labels), scratch_lr,
-                 ", ".join(f"{lr:g}: {_val_auc(m):.4f}" for lr, (m, _) in tried.items()))
-  return tried[scratch_lr], scratch_lr
+def _check(config: ml_collections.ConfigDict, workdir: Path) -> None:
+  """The study's own keys, then every stage's, before anything runs."""
+  validate.check_study(config, arm_problems(config))
+  _warn_unused_budget_steps(config)
+  first = config.data.copy_and_resolve_references()
+  first.dir = config.data_dirs[config.variants[0]]
+  validate.check_chain({name: _stage(sub, name, config, first) for name, sub in (
+      ("data", config.data_stage), ("pretrain", config.pretrain), ("probe", config.probe),
+      ("finetune", config.finetune))}, workdir / config.variants[0])
 
 
-def _seed_runs(config, data, variant: str, arms: tuple[str, ...], bdir: Path, pre_dir: Path,
-               pass_: _Pass, mae_ready: bool, scratch: list, common: dict, schedules: dict
-               ) -> dict[str, tuple[dict, Path]]:
-  """One seed's arms of a budget: arm -> (metrics, run dir), the deferred ones left out.
-  `scratch` holds the scratch rate chosen with the first seed ([None] until then; a
-  deferred choice makes the later seeds wait)."""
-  seed, runs = common["seed"], {}
-  for arm, stage, extra in (("mae_finetune", "finetune", {}),
-                            ("mae_partial", "finetune", {"trainable_blocks": config.partial_blocks}),
-                            ("mae_probe", "probe", {})):
-    if arm not in arms:
-      continue
-    ok, out = (pass_.attempt(_mae_arm, config, data, stage, pre_dir, bdir / arm / f"seed{seed}",
-                             **common, **schedules[stage], **extra) if mae_ready
-               else pass_.wait_for(f"{bdir / arm / f'seed{seed}'} (needs the MAE)"))
-    if ok:
-      runs[arm] = out
-  if "scratch_finetune" in arms:
-    first = seed == config.seeds[0]
-    ok, out = (pass_.attempt(_scratch_arm, config, data, variant, common["labels_per_class"],
-                             bdir, scratch[0], **common, **schedules["finetune"])
-               if first or scratch[0] is not None
-               else pass_.wait_for(f"{bdir} scratch seed {seed} (needs the chosen rate)"))
-    if ok:
-      runs["scratch_finetune"], scratch[0] = out
-  return {arm: runs[arm] for arm in ARMS if arm in runs}   # the study's fixed row order
-
-
-def _run_budget(config, data, variant: str, arms: tuple[str, ...], labels: int,
-                train_size: int, pre_dir: Path, bdir: Path, pass_: _Pass,
-                mae_ready: bool) -> list[dict]:
-  """The arms of one label budget, every seed (deferred runs left to a later pass)."""
-  devices = jax.device_count()
-  schedules = {stage: _budget_schedule(config[stage], labels, train_size, devices,
-                                       budget_steps(config, stage, labels), config.evaluations)
-               for stage in ("finetune", "probe")}
-  arms = budget_arms(config, arms, labels)
-  rows, scratch = [], [None]
-  for seed in config.seeds:
-    runs = _seed_runs(config, data, variant, arms, bdir, pre_dir, pass_, mae_ready, scratch,
-                      dict(labels_per_class=labels, seed=seed), schedules)
-    scratch_lr = scratch[0]
-    for arm, (metrics, run_dir) in runs.items():
-      extra = {"lr": scratch_lr} if arm == "scratch_finetune" else (
-          {"features": metrics.features} if arm == "mae_probe" else {})
-      rows.append(_row(variant, labels, seed, arm, metrics, run_dir, **extra))
-    if "radial" in arms and runs:   # fitted on the same labelled images
-      metrics, run_dir = next(iter(runs.values()))
-      rows.append(_radial_row(variant, labels, seed, metrics, run_dir))
-  return rows
-
-
-def _finetune_keys(config: ml_collections.ConfigDict,
-                   options: dict[str, str]) -> ml_collections.ConfigDict:
-  """The fine-tune keys of a run with config-argument `options` (the CNN's `arch=cnn`):
-  the stock config of those options, with every key it shares with the study's
-  `finetune` taken from there (an override of the study's fine-tune applies to both)."""
-  if not options:
-    return config.finetune
-  stock = validate.reference_config("finetune", config.preset, options)
-  ours = validate.flat_keys(config.finetune)
-  for key, value in validate.flat_keys(stock).items():
-    if key in ours and ours[key] != value:
-      *parents, leaf = key.split(".")
-      node = stock
-      for p in parents:
-        node = node[p]
-      node[leaf] = ours[key]
-  return stock
-
-
-def _scratch(config, data, lr: float, run_dir: Path, options: dict[str, str] | None = None,
-             **overrides) -> tuple[dict, Path]:
-  """A fine-tune from a random initialisation, every param at `lr`."""
-  sub = _finetune_keys(config, options or {})
-  rates = {"optim.lr_groups": ((".*", lr),)}
-  if "layer_decay" in sub.optim:
-    rates["optim.layer_decay"] = 1.0
-  if "init_from" in sub:
-    rates["init_from"] = ""
-  return _ensure("finetune", _stage(sub, "finetune", config, data, **rates, **overrides),
-                 run_dir), run_dir
-
-
-def _run_supervised(config, data, variant: str, train_size: int, sdir: Path, *,
-                    arms: tuple[str, ...], radial: bool, pass_: _Pass) -> list[dict]:
-  """The ceiling arms: each network from scratch on every label, once per seed (and,
-  with `radial`, the radial baseline on every label beside them)."""
-  schedule = _budget_schedule(config.finetune, 0, train_size, jax.device_count(),
-                              config.supervised_steps, config.evaluations)
-  rows = []
-  for seed in config.seeds:
-    runs = {}
-    for arm in (a for a in SUPERVISED if a in arms):
-      lr = config.supervised_lrs[arm]
-      ok, out = pass_.attempt(_scratch, config, data, lr, sdir / arm / f"seed{seed}",
-                              options=SUPERVISED[arm], labels_per_class=0, seed=seed, **schedule)
-      if ok:
-        runs[arm] = out
-        rows.append(_row(variant, 0, seed, arm, *out, lr=lr))
-    if radial and "radial" in arms and runs:
-      metrics, run_dir = next(iter(runs.values()))
-      rows.append(_radial_row(variant, 0, seed, metrics, run_dir))
-  return rows
-
-
-def _write(workdir: Path, config, rows, summary, ceilings, goal_rows, seconds: float) -> None:
-  """study.json, study.md, the figure and the report (tables rendered from the rows)."""
-  before = workdir / RESULTS_FILE
-  old = fileio.read_json(before) if before.exists() else {}
-  total = old.get("seconds_all_runs", old.get("seconds_this_run", 0.0)) + seconds
-  fileio.write_json_atomic(before, {
-      "rows": rows, "summary": summary, "ceilings": ceilings, "goals": goal_rows,
-      "seconds_this_run": round(seconds, 1), "seconds_all_runs": round(total, 1)})
-  blocks = tables(summary, ceilings, goal_rows) + [
-      ("p", f"Wall time: {report.duration(total)}, summed over every invocation in this "
-            "workdir (workers that ran at once each count theirs; a rerun skips finished runs).")]
-  table = report.to_markdown([("h1", f"Label-efficiency study ({config.preset})")] + blocks)
-  fileio.write_atomic(workdir / TABLE_FILE, lambda f: f.write(table.encode()))
-  plots.label_efficiency(summary, workdir / FIGURE_FILE,
-                         title=f"Label efficiency ({config.preset}): test macro AUC",
-                         goals=goal_rows)
-  report.write_study(workdir, config, blocks, FIGURE_FILE)
-
-
-def _ensure_data(config, data, stage_dir: Path) -> dict:
-  stage = _stage(config.data_stage, "data", config, data)
-  record = runs_lib.read_record(stage_dir)
-  if runs_lib.incomplete_reason("data", stage_dir, stage, record) is not None:
-    try:
-      runs_lib.run_stage("data", registry.get("data"), stage, stage_dir, record)
-    except errors.WorkdirBusyError:
-      logging.info("study: %s is being run by another worker; on to the next run", stage_dir)
-      raise Deferred(str(stage_dir)) from None
-  return json.loads((stage_dir / workdir_lib.DATA_SUMMARY).read_text())
+@registry.register("study")
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) every run of the study; writes its tables, figure and report."""
+  workdir = Path(workdir)
+  start = time.time()
+  _check(config, workdir)
+  rows, ceilings = _all_runs(config, workdir)
+  summary = tables_lib.summarise(rows)
+  goal_rows = tables_lib.config_goals(summary, config)
+  seconds = time.time() - start
+  if loop.is_main_process():
+    tables_lib.write(workdir, config, rows, summary, ceilings, goal_rows, seconds)
+  logging.info("study done in %s: %s", report.duration(seconds),
+               workdir / tables_lib.TABLE_FILE)
+  return {"rows": len(rows), "table": str(workdir / tables_lib.TABLE_FILE)}

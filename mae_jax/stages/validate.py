@@ -79,6 +79,14 @@ ELSEWHERE = {
     "trainable_blocks": "the ViT fine-tune's key",
 }
 ELSEWHERE["model.cnn_stem"] = ELSEWHERE["model.cnn_widths"]
+# The study's keys that became entries of its arm table (configs/study.py).
+ELSEWHERE.update({
+    "partial_blocks": "renamed arm_table.mae_partial.trainable_blocks",
+    "scratch_lrs": "renamed arm_table.scratch_finetune.lrs",
+    "supervised_lrs.supervised": "renamed arm_table.supervised.lrs (a tuple of rates)",
+    "supervised_lrs.supervised_cnn": "renamed arm_table.supervised_cnn.lrs (a tuple of rates)",
+    "supervised_lrs": "renamed arm_table.supervised.lrs and arm_table.supervised_cnn.lrs",
+})
 
 
 def unknown_key_message(key: str, valid: dict[str, Any] | list[str]) -> str:
@@ -324,13 +332,11 @@ def check(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str],
     raise ConfigError(f"{len(found)} config problem(s), nothing was run:\n{lines}")
 
 
-def check_study(config: ml_collections.ConfigDict, arms: Sequence[str]) -> None:
-  """The study's own keys, before anything runs (each stage's are `check_chain`'s):
-  every arm one of `arms`, every variant one with a data folder, every
-  `<stage>_budget_steps` entry a (labels per class, steps) pair."""
-  found = [f"unknown arm {a!r}; choose among {', '.join(arms)}"
-           for a in dict.fromkeys((*config.arms, *(a for v in config.variant_arms.values()
-                                                   for a in v))) if a not in arms]
+def check_study(config: ml_collections.ConfigDict, arm_problems: Sequence[str]) -> None:
+  """The study's own keys, before anything runs (each stage's are `check_chain`'s): the
+  arms' (`arm_problems`, the study's check of its arm table), every variant one with a
+  data folder, every `<stage>_budget_steps` entry a (labels per class, steps) pair."""
+  found = list(arm_problems)
   found += [f"unknown variant {v!r}; choose among {', '.join(config.data_dirs)} (or add "
             f"data_dirs.{v})" for v in config.variants if v not in config.data_dirs]
   for stage in ("finetune", "probe"):
