@@ -202,7 +202,7 @@ def _backward_block(qkv: jax.Array, o: jax.Array, lse: jax.Array, dout: jax.Arra
   dk = jnp.einsum("ckq,cqd->ckd", dst, q, preferred_element_type=f32)
   # dq = dst^T k contracts dst's leading axis, which XLA's CPU dot runs in a slow form;
   # dq^T = k^T dst is a plain matmul once k^T (small) is laid out (the barrier keeps XLA
-  # from folding the transpose back into the dot): 6.8 -> 3.1 + 0.5 ms per 16 examples.
+  # from folding the transpose back into the dot; timings in docs/results.md).
   kt = lax.optimization_barrier(jnp.swapaxes(k, 1, 2))
   dqt = jnp.einsum("cdk,ckq->cdq", kt, dst, preferred_element_type=f32) * (d ** -0.5)
   dq = dqt.transpose(0, 2, 1)

@@ -137,8 +137,8 @@ class PatchEmbed(nn.Module):
   """The stride-p, p x p convolution of ViT's patch embedding, computed on patches from
   `masking.patchify` (pixels in (row, column, channel) order, as the kernel's) as one
   matmul: the same parameters as `nn.Conv` (kernel (p, p, C, dim), bias) and the same
-  tokens, (N, L, dim). XLA's CPU backend ran the convolution's kernel gradient at a
-  fraction of matmul speed (0.3 s of the 8.2 s seed pretraining step at batch 256)."""
+  tokens, (N, L, dim). XLA's CPU backend runs the convolution's kernel gradient at a
+  fraction of matmul speed (docs/performance.md)."""
   dim: int
   patch: int
   channels: int = 1

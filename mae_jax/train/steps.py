@@ -154,8 +154,8 @@ def accumulated_value_and_grad(loss_fn: Callable, params: Any, batch: tuple,
 
   The same value and gradient (to float rounding) from a working set `pieces` times
   smaller. On a CPU that is most of the gain: XLA allocates a call's working memory
-  afresh and the kernel zeroes every page of it at first touch (measured on the seed
-  pretraining step at batch 256: 4.3 GB per device, 29% of the CPU time in the kernel).
+  afresh and the kernel zeroes every page of it at first touch (docs/performance.md;
+  measurements in docs/results.md).
   """
   grad_fn = jax.value_and_grad(loss_fn)
   if pieces == 1:

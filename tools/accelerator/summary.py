@@ -91,18 +91,20 @@ def summary(run: Path, throughput: str, seconds: float | None) -> str:
   if seconds is not None:
     lines.append(f"| **whole run** | {seconds:.0f} s |")
   lines += [""] + epoch_table(run)
-  if not data.get("metrics"):
+  records = data.get("records") or {}   # each stage's eval_metrics.json (test split)
+  if not records:
     return "\n".join(lines) + "\n"
   lines += ["| model (test split) | micro AUC | macro AUC [95%] | accuracy | seed, published |",
             "|---|---|---|---|---|"]
   for stage in ("probe", "finetune"):
-    m = data.get("metrics", {}).get(stage)
+    m = records.get(stage)
     published = data.get("seed_published", {}).get(stage, {}).get("micro_auc")
     if m:
       lines.append(f"| {stage} | {m['micro_auc']:.3f} | {m['macro_auc']:.3f}{_ci(m)} | "
                    f"{m['accuracy']:.3f} | {published} |")
-  for name, b in data.get("baselines", {}).items():
-    lines.append(f"| {name} (radial profile) | {b['micro_auc']:.3f} | "
+  b = next((r["baseline"] for r in records.values() if r.get("baseline")), None)
+  if b:
+    lines.append(f"| baseline (radial profile) | {b['micro_auc']:.3f} | "
                  f"{b['macro_auc']:.3f}{_ci(b)} | {b['accuracy']:.3f} | |")
   return "\n".join(lines) + "\n"
 
