@@ -17,9 +17,9 @@ CPU core; this only matters on a CPU), `ours_1dev` on a single device.
 
 Per system: a warm-up (compilation, reported apart and excluded), then `repeats`
 timed runs of `steps` steps on a fixed batch; the line shows the median images/s
-(min and max). The input pipeline's images/s (tf.data batches of the same size
-from a prepared tfds set of random images, pretraining's augmentation on) is
-printed beside the steps. With a known GPU it also prints achieved TFLOP/s and
+(min and max). The input feed's images/s (the device feed making training batches of
+the same size from random images in device memory: order, normalisation and, in
+pretraining, augmentation) is printed beside the steps. With a known GPU it also prints achieved TFLOP/s and
 model-FLOPs utilisation (MFU) from an analytic count of the matmul FLOPs
 (forward x 3 for a training step). The last line is
 `ratio ours/pytorch-eager: pretrain X.XX finetune Y.YY`.
