@@ -228,11 +228,14 @@ def test_pipeline_end_to_end_then_only_the_report(tmp_path):
     row = next(line for line in md.splitlines() if line.startswith(f"| **{title}** (epoch"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     lo, hi = m["intervals"]["macro_auc"]
+    extra = [f"{m[k]:.4f} [{m['intervals'][k][0]:.4f}, {m['intervals'][k][1]:.4f}]"
+             for k in ("balanced_accuracy", "ece")]   # the evaluators beyond the fixed columns
     assert cells[1:] == [str(m["num_examples"]), f"{m['micro_auc']:.4f}",
                          f"{m['macro_auc']:.4f} [{lo:.4f}, {hi:.4f}]",
                          *(f"{m['auc'][c]:.4f}" for c in ("no_sub", "cdm", "axion")),
-                         f"{m['accuracy']:.4f}"]
+                         f"{m['accuracy']:.4f}", *extra]
     assert f"({stage}/plots/roc.png)" in md and f"({stage}/plots/confusion.png)" in md
+    assert f"({stage}/plots/reliability.png)" in md   # the ECE evaluator's figure
   for fig in ("figures.png", "data/plots/samples.png", "pretrain/plots/loss_curve.png",
               "pretrain/plots/reconstructions.png"):
     assert f"]({fig})" in md

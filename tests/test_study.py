@@ -328,3 +328,22 @@ def test_two_workers_one_killed_give_the_one_process_study(tmp_path):
   got = json.loads((shared / study_tables.RESULTS_FILE).read_text())["rows"]
   assert _comparable(got) == _comparable(want)
   assert (shared / study_tables.TABLE_FILE).exists() and (shared / study_tables.FIGURE_FILE).exists()
+
+
+def test_the_cnn_arm_takes_the_cnn_config_and_the_studys_fine_tune_overrides():
+  """An arm with a config-argument option (the CNN's `arch=cnn`) runs the stock config of
+  that option, with the keys it shares with the study's `finetune` taken from there."""
+  config = study_config.get_config("tiny")
+  config.finetune.model.dropout = 0.3
+  table = study.arm_table(config)
+  cnn = study._stage_keys(config, table["supervised_cnn"])  # pylint: disable=protected-access
+  assert cnn.model.arch == "cnn" and "cnn_widths" in cnn.model and "patch" not in cnn.model
+  assert cnn.model.dropout == 0.3 and "init_from" not in cnn
+  stage = study._stage(cnn, "finetune", config, config.data)  # pylint: disable=protected-access
+  assert validate.key_problems(stage, validate.reference_config("finetune", "tiny",
+                                                                {"arch": "cnn"})) == []
+  vit = study._stage(config.finetune, "finetune", config, config.data)  # pylint: disable=protected-access
+  assert vit.init_from == "" and vit.init_from_stage == "pretrain"
+  assert study.arm_problems(config) == []
+  config.arm_table.mae_probe.start = "scratch"
+  assert any("a scratch arm (and only it) has `lrs`" in p for p in study.arm_problems(config))

@@ -165,7 +165,8 @@ def _stage(sub: ml_collections.ConfigDict, name: str, config: ml_collections.Con
   stage.stage = name
   stage.preset = config.preset
   stage.data = data.copy_and_resolve_references()
-  if "init_from" in stage:
+  stock = validate.reference_config(name, config.preset, validate.options_of(stage))
+  if stock is not None and "init_from" in stock:   # a ViT classifier (not the CNN)
     stage.init_from, stage.init_from_stage = "", "pretrain"
   for key, value in overrides.items():
     _set(stage, key, value)
@@ -181,8 +182,9 @@ def _stage_keys(config: ml_collections.ConfigDict, arm: Arm) -> ml_collections.C
     return config[arm.stage]
   stock = validate.reference_config(arm.stage, config.preset, arm.options)
   ours = validate.flat_keys(config[arm.stage])
+  chosen = validate.option_keys(arm.stage)   # what the options set stays theirs
   for key, value in validate.flat_keys(stock).items():
-    if key in ours and ours[key] != value:
+    if key in ours and ours[key] != value and key not in chosen:
       _set(stock, key, ours[key])
   return stock
 

@@ -123,6 +123,11 @@ def reference_config(stage: str, preset: str | None,
   return get(",".join([preset or "demo", *(f"{k}={v}" for k, v in (options or {}).items())]))
 
 
+def option_keys(stage: str) -> tuple[str, ...]:
+  """The dotted keys the config-argument options of `stage` set (`OPTION_KEYS`)."""
+  return tuple(getattr(_config_module(stage), "OPTION_KEYS", {}).values())
+
+
 def options_of(config: ml_collections.ConfigDict) -> dict[str, str]:
   """The config-argument options a config was made with, read from the keys they set
   (`configs/<stage>.py`'s OPTION_KEYS: option -> dotted key)."""
