@@ -12,6 +12,8 @@ short: flags, joining a multi-process run, then `launch.run`.
 """
 
 import os
+import shlex
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -23,6 +25,7 @@ from ml_collections import config_flags
 
 from mae_jax.runtime import distributed
 from mae_jax.runtime import errors
+from mae_jax.runtime import preemption
 from mae_jax.stages import launch
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -39,6 +42,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 _CACHE = flags.DEFINE_string(
     "compilation_cache", os.environ.get("MAE_JAX_COMPILATION_CACHE", "~/.cache/mae_jax/xla"),
     "Folder of XLA's compiled steps, reused by later runs and stages ('' turns it off).")
+_STOP_SIGNAL = flags.DEFINE_string(
+    "stop_signal", preemption.DEFAULT_SIGNAL,
+    "Besides SIGTERM and SIGINT, the signal on which a run saves a checkpoint at the step it "
+    "is at and stops (Slurm: --signal=USR1@120); '' for none.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -62,7 +69,18 @@ def main(argv):
   logging.info("stage %s, workdir %s, config:\n%s", _CONFIG.value.stage, _WORKDIR.value,
                _CONFIG.value)
   try:
-    launch.run(_CONFIG.value, _WORKDIR.value)
+    preemption.signal_names(_STOP_SIGNAL.value)
+  except ValueError as e:
+    raise SystemExit(f"error: --{e}") from None
+  try:
+    with preemption.watching(_STOP_SIGNAL.value):
+      launch.run(_CONFIG.value, _WORKDIR.value)
+  except preemption.Preempted as e:
+    # A cluster's stop: one line, then the status a requeueing job script tests for.
+    if jax.process_index() == 0:
+      command = shlex.join([os.path.basename(sys.executable), *sys.argv])
+      print(f"{e}; resume with: {command}", file=sys.stderr, flush=True)
+    sys.exit(preemption.EXIT_STATUS)
   except errors.UserError as e:
     # Problems with the user's config, data or workdir, or a diverging run: one clear
     # message, no traceback.

@@ -4,6 +4,8 @@
 training step 5 (once checkpoints already being written have finished, so the
 point is the same every run), or right after the save of step 8 has started (its
 files half written). `MAE_JAX_FAIL_SAVE_AT` makes a save fail as a full disk would.
+`MAE_JAX_SIGNAL_AT="step:5"` (or `save:8`, `eval:2`: as an epoch's evaluation starts)
+sends the process `MAE_JAX_SIGNAL` (SIGTERM by default), as a cluster would.
 Unset, every call is a no-op. Only the tests set them.
 """
 
@@ -15,6 +17,7 @@ import signal
 
 ENV = "MAE_JAX_KILL_AT"
 POINTS = ("step", "save")
+SIGNAL_ENV, SIGNAL_NAME_ENV = "MAE_JAX_SIGNAL_AT", "MAE_JAX_SIGNAL"
 # `MAE_JAX_FAIL_SAVE_AT="8"`: the save of step 8 fails as a full disk would (ENOSPC).
 FAIL_ENV = "MAE_JAX_FAIL_SAVE_AT"
 
@@ -42,3 +45,11 @@ def maybe_kill(point: str, step: int) -> None:
     raise ValueError(f"unknown crash point {point!r}; known: {POINTS}")
   if f"{point}:{step}" in (s.strip() for s in spec.split(",")):
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_signal(point: str, step: int) -> None:
+  """Sends this process $MAE_JAX_SIGNAL (default SIGTERM) if `point:step` is listed in
+  $MAE_JAX_SIGNAL_AT (points: step, save, eval)."""
+  spec = os.environ.get(SIGNAL_ENV)
+  if spec and f"{point}:{step}" in (s.strip() for s in spec.split(",")):
+    os.kill(os.getpid(), getattr(signal, os.environ.get(SIGNAL_NAME_ENV, "SIGTERM")))

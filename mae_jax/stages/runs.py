@@ -25,6 +25,7 @@ import ml_collections
 from mae_jax.models import build
 from mae_jax.runtime import checkpoint
 from mae_jax.runtime import fileio
+from mae_jax.runtime import preemption
 from mae_jax.runtime import workdir as workdir_lib
 from mae_jax.train import loop
 
@@ -108,6 +109,8 @@ def _now() -> str:
 def run_stage(name: str, fn: Callable, config: ml_collections.ConfigDict, stage_dir: Path,
               record: dict | None) -> None:
   """Runs one stage under its workdir lock and records the run (also a failed one)."""
+  if preemption.received() is not None:   # a stop asked for before this stage began
+    raise preemption.Preempted(preemption.received())
   main = loop.is_main_process()
   source = None
   if "init_from" in config and config.init_from:

@@ -27,6 +27,7 @@ from mae_jax.runtime import checkpoint
 from mae_jax.runtime import errors
 from mae_jax.runtime import faults
 from mae_jax.runtime import fileio
+from mae_jax.runtime import preemption
 from mae_jax.runtime import syncs
 from mae_jax.runtime import workdir as workdir_lib
 
@@ -302,6 +303,7 @@ def _record_epoch(loop: Loop, state: Any, epoch: int, step: int, losses: list[fl
   record = {"epoch": epoch + 1, "step": step,
             "train_loss": float(np.mean(losses)) if losses else None,
             "lr": host_lr(loop.schedule, step - 1), "seconds": round(seconds, 2)}
+  faults.maybe_signal("eval", epoch + 1)
   end_epoch(state, epoch, record)
   record["host_syncs"] = sum(syncs.since(synced).values())
   history.append(record)
@@ -355,11 +357,29 @@ class _Session:
 
 
 def _crash_points(mngr, step: int, num: int) -> None:
-  """The resume tests' crash points (MAE_JAX_KILL_AT) at the steps of one chunk."""
+  """The resume tests' crash points (MAE_JAX_KILL_AT) and stop signals
+  (MAE_JAX_SIGNAL_AT) at the steps of one chunk."""
   for s in range(step + 1, step + num + 1):
     if faults.armed("step", s):
-      mngr.wait_until_finished()
+      checkpoint.seal(mngr)
     faults.maybe_kill("step", s)
+    faults.maybe_signal("step", s)
+
+
+def _stop_if_asked(run: "_Session", step: int, state: Any, metrics: "_Metrics | None") -> None:
+  """Where a process received a stop signal (every process agrees, `stop_requested`):
+  the state saved at this step (a chunk boundary, so the resumed run dispatches the same
+  chunks), the save waited for, then `Preempted`."""
+  name = preemption.stop_requested()
+  if name is None:
+    return
+  losses = []
+  if metrics is not None:
+    metrics.flush()
+    losses = metrics.losses
+  checkpoint.save(run.mngr, step, state, _progress(run.loop, step, run.key, losses))
+  checkpoint.seal(run.mngr)
+  raise preemption.Preempted(name, step, str(run.mngr.directory / str(step)))
 
 
 def _train_epoch(run: _Session, epoch: int, step: int, state: Any,
@@ -392,6 +412,11 @@ def _train_epoch(run: _Session, epoch: int, step: int, state: Any,
     if _due(step, settings.checkpoint_every_steps) and start + num < loop.steps_per_epoch:
       metrics.flush()
       checkpoint.save(run.mngr, step, state, _progress(loop, step, run.key, metrics.losses))
+    # One process: its own flag, every chunk. Many: they agree where the metrics are
+    # fetched anyway (a log step), so the check adds no wait on the device.
+    if (jax.process_count() == 1 and preemption.received() is not None) or (
+        jax.process_count() > 1 and log_due):
+      _stop_if_asked(run, step, state, metrics)
   bar.close()
   return state, step
 
@@ -416,17 +441,27 @@ def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer: MetricW
   _catch_up(loop, step, history, carried, end_epoch)
   run = _Session(loop, mngr, writer, key, _Pace(loop.total_epochs * loop.steps_per_epoch, writer),
                  _Profile(settings.profile_steps, loop.workdir))
-  state = loop.state
+  with preemption.training():
+    return _epochs(run, step, history, carried, end_epoch)
+
+
+def _epochs(run: _Session, step: int, history: list[dict], carried: list[float],
+            end_epoch: Callable[[Any, int, dict], None]) -> Any:
+  """`run_epochs`' epochs; a stop signal ends them at the next chunk boundary or epoch end
+  with a checkpoint there (`_stop_if_asked`)."""
+  loop, settings, state = run.loop, run.loop.settings, run.loop.state
   synced = syncs.snapshot()
   for epoch in range(step // loop.steps_per_epoch, loop.total_epochs):
     metrics, t0 = _Metrics(carried if step - epoch * loop.steps_per_epoch else []), time.time()
     state, step = _train_epoch(run, epoch, step, state, metrics)
     metrics.flush()
-    writer.write_scalars(step, metrics.scalars(host_lr(loop.schedule, step - 1)))
-    _record_epoch(loop, state, epoch, step, metrics.losses, time.time() - t0, history, writer,
-                  end_epoch, synced)
+    run.writer.write_scalars(step, metrics.scalars(host_lr(loop.schedule, step - 1)))
+    _record_epoch(loop, state, epoch, step, metrics.losses, time.time() - t0, history,
+                  run.writer, end_epoch, synced)
     synced = syncs.snapshot()
     if _due(epoch + 1, settings.checkpoint_every_epochs) or epoch + 1 == loop.total_epochs or \
         _due(step, settings.checkpoint_every_steps):
-      checkpoint.save(mngr, step, state, _progress(loop, step, key, []))
+      checkpoint.save(run.mngr, step, state, _progress(loop, step, run.key, []))
+    if epoch + 1 < loop.total_epochs:
+      _stop_if_asked(run, step, state, None)
   return state
