@@ -23,7 +23,7 @@ def _state(value: float) -> dict:
 def test_state_and_progress_round_trip(tmp_path):
   with checkpoint.manager(tmp_path) as mngr:
     checkpoint.save(mngr, 5, _state(2.0), {"epoch": 2, "rng_key": [0, 7]})
-    mngr.wait_until_finished()
+    checkpoint.seal(mngr)
     state, step, progress = checkpoint.restore_latest(mngr, _state(0.0))
   assert step == 5 and progress == {"epoch": 2, "rng_key": [0, 7]}
   np.testing.assert_array_equal(state["params"]["w"], [2.0, 2.0, 2.0])
@@ -32,7 +32,7 @@ def test_state_and_progress_round_trip(tmp_path):
 def test_non_finite_state_is_never_saved(tmp_path):
   with checkpoint.manager(tmp_path) as mngr:
     checkpoint.save(mngr, 1, _state(1.0))
-    mngr.wait_until_finished()
+    checkpoint.seal(mngr)
     for bad in (np.nan, np.inf):
       with pytest.raises(errors.NonFiniteError, match="latest checkpoint stays step 1"):
         checkpoint.save(mngr, 2, _state(bad))
@@ -44,7 +44,7 @@ def test_non_finite_state_is_never_saved(tmp_path):
 def test_half_written_checkpoint_is_ignored_and_removed(tmp_path):
   with checkpoint.manager(tmp_path) as mngr:
     checkpoint.save(mngr, 3, _state(1.0))
-    mngr.wait_until_finished()
+    checkpoint.seal(mngr)
   tmp = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp"
   (tmp / "state").mkdir(parents=True)
   (tmp / "state" / "partial").write_bytes(b"\0" * 10)

@@ -190,7 +190,7 @@ def test_restore_errors_are_explicit(tmp_path):
                                                        jax.random.key(1))
   mngr = checkpoint.manager(tmp_path / "wide", 1)
   checkpoint.save(mngr, 1, {"params": other_params, "batch_stats": other_stats})
-  mngr.wait_until_finished()
+  checkpoint.seal(mngr)
   with pytest.raises(errors.IncompatibleCheckpointError,
                      match=r"param \S+ has shape \(.*64.*\) there but \(.*32.*\) in this"):
     load.restore_from_stage(tmp_path / "wide", params, stats, dont_load=[])
@@ -198,7 +198,7 @@ def test_restore_errors_are_explicit(tmp_path):
   mngr = checkpoint.manager(tmp_path / "same", 1)
   trained = jax.tree.map(lambda x: x + 1.0, params)
   checkpoint.save(mngr, 3, {"params": trained, "batch_stats": stats})
-  mngr.wait_until_finished()
+  checkpoint.seal(mngr)
   loaded, _, step, fresh = load.restore_from_stage(tmp_path / "same", params, stats,
                                                          dont_load=[r"classifier/.*"])
   assert step == 3 and fresh and all(n.startswith("classifier/") for n in fresh)
@@ -216,7 +216,7 @@ def test_restore_refuses_deeper_encoders(tmp_path):
   deep_params, _ = build.init_classifier(build.build_classifier(deeper.model, 3, parallel.AXIS), jax.random.key(1))
   mngr = checkpoint.manager(tmp_path / "deep", 1)
   checkpoint.save(mngr, 1, {"params": deep_params})
-  mngr.wait_until_finished()
+  checkpoint.seal(mngr)
   with pytest.raises(errors.IncompatibleCheckpointError, match="encoder param encoder/block_"):
     load.restore_from_stage(tmp_path / "deep", params, stats, dont_load=[])
 

@@ -35,7 +35,7 @@ def _workdir(path: Path, config, state: dict) -> Path:
   (path / workdir_lib.CONFIG_FILE).write_text(json.dumps(config.to_dict()))
   mngr = checkpoint.manager(path, 2)
   checkpoint.save(mngr, 7, state)
-  mngr.wait_until_finished()
+  checkpoint.seal(mngr)
   mngr.close()
   return path
 

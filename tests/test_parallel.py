@@ -63,7 +63,7 @@ state = parallel.replicate({{"params": {{"encoder": {{"w": np.arange(6.0).reshap
                              "step": np.int32(7)}}, mesh)
 mngr = checkpoint.manager({str(tmp_path)!r}, 1)
 checkpoint.save(mngr, 7, state)
-mngr.wait_until_finished()
+checkpoint.seal(mngr)
 """
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}

@@ -52,7 +52,7 @@ def finetuned(tmp_path_factory):
                                           tx=optax.sgd(0.1), batch_stats=stats)
   mngr = checkpoint.manager(run, 1, folder="best_checkpoint")
   checkpoint.save(mngr, 5, state)
-  mngr.wait_until_finished()
+  checkpoint.seal(mngr)
   mngr.close()
   fileio.write_json_atomic(run / "config.json", config.to_dict())
   return run, model, params, stats

@@ -129,7 +129,7 @@ def test_missing_source_checkpoint_says_how_to_make_it(tmp_path):
 def _fake_stage(workdir: Path, model: dict) -> None:
   with checkpoint.manager(workdir) as mngr:
     checkpoint.save(mngr, 4, {"params": {"w": jnp.ones(2)}})
-    mngr.wait_until_finished()
+    checkpoint.seal(mngr)
   (workdir / "config.json").write_text(json.dumps({"model": model}))
 
 

@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
   # Written like a stage's checkpoint, so `--config.init_from=OUT` can start from it.
   mngr = checkpoint.manager(args.out, max_to_keep=1)
   checkpoint.save(mngr, 0, {"params": params})
-  mngr.wait_until_finished()
+  checkpoint.seal(mngr)
   mngr.close()
   saved = Path(args.out).absolute() / workdir_lib.CHECKPOINTS / "0"
   print(f"converted {args.checkpoint} -> {saved}; "

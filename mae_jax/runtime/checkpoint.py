@@ -8,10 +8,15 @@ folder and renames it when complete, so a half-written checkpoint is never
 taken as the latest (and leftover temporary folders are removed on start).
 A state holding NaN or inf is never saved.
 
-Damage after the fact (a truncated file, a bad copy) is survived: resuming takes the
-newest checkpoint that restores, says in one line which step it skipped and why, and
-sets the damaged step aside in `<workdir>/damaged_checkpoints/` (never deleted; it
-would otherwise stay the latest step and block the save of that step again). A save
+Once a save has finished, a manifest of its files (size and CRC-32 each) is written in
+its folder, last and atomically (`seal`). Every restore checks it first: a step whose
+files differ from it (truncated, missing, or bit rot at the same size), or that has none
+in a folder whose steps have one (a save killed before its manifest), is skipped without
+orbax reading it; restored values are checked finite. Checkpoints written before
+manifests existed are checked the old way (by reading them). Damage is survived: resuming
+takes the newest checkpoint that restores, says in one line which step it skipped and
+why, and sets the damaged step aside in `<workdir>/damaged_checkpoints/` (never deleted;
+it would otherwise stay the latest step and block the save of that step again). A save
 that fails (a full disk) stops the run with one line; the older checkpoints stand.
 """
 
@@ -22,6 +27,7 @@ import gc
 import logging as std_logging
 import sys
 import traceback
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,6 +39,7 @@ from jax.experimental import multihost_utils
 
 from mae_jax.runtime import errors
 from mae_jax.runtime import faults
+from mae_jax.runtime import fileio
 from mae_jax.runtime import syncs
 from mae_jax.runtime import workdir as workdir_lib
 
@@ -40,30 +47,99 @@ PyTree = Any
 STATE, PROGRESS = "state", "progress"
 LEGACY_STATE = "default"   # single-item checkpoints (mae_jax before progress records)
 DAMAGED = workdir_lib.DAMAGED_CHECKPOINTS   # where resume sets aside steps that do not restore
+# In each step folder, written last (atomically) once its save has finished: every file's
+# size and CRC-32. In the checkpoints folder, the marker of a folder whose steps have
+# one, naming the steps older than it (checked the old way, by reading them).
+MANIFEST, MANIFESTED = "manifest.json", "manifests.json"
 
 
 def manager(workdir: str | Path, max_to_keep: int = 3,
             folder: str = workdir_lib.CHECKPOINTS) -> ocp.CheckpointManager:
-  """A checkpoint manager over `<workdir>/<folder>` keeping the last `max_to_keep`."""
+  """A checkpoint manager over `<workdir>/<folder>` keeping the last `max_to_keep`
+  (orbax's `LatestN` preservation policy); its steps get manifests (`seal`)."""
   path = Path(workdir).absolute() / folder
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                         enable_async_checkpointing=True,
-                                         cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(path, options=options)
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep), create=True,
+      enable_async_checkpointing=True, cleanup_tmp_directories=True)
+  mngr = ocp.CheckpointManager(path, options=options)
+  _mark(mngr)
+  return mngr
+
+
+def _mark(mngr: ocp.CheckpointManager) -> None:
+  """Marks a checkpoints folder as one whose finished steps have manifests, naming the
+  steps already there without one (written before manifests existed)."""
+  folder = Path(mngr.directory)
+  if jax.process_index() == 0 and not (folder / MANIFESTED).exists():
+    legacy = sorted(s for s in mngr.all_steps() if not (folder / str(s) / MANIFEST).exists())
+    fileio.write_json_atomic(folder / MANIFESTED, {"version": 1, "older_steps": legacy})
+
+
+def _crc32(path: Path) -> int:
+  crc = 0
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      crc = zlib.crc32(block, crc)
+  return crc
+
+
+def write_manifest(step_dir: Path) -> None:
+  """`manifest.json`: the size and CRC-32 of every file under a finished step's folder."""
+  files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+  fileio.write_json_atomic(step_dir / MANIFEST, {"version": 1, "files": {
+      str(p.relative_to(step_dir)): {"size": p.stat().st_size, "crc32": _crc32(p)}
+      for p in files}})
+
+
+def seal(mngr: ocp.CheckpointManager) -> None:
+  """Waits for the manager's saves, then writes the manifest of each finished step that
+  has none (process 0). Also where a save failed: raises its one-line error."""
+  try:
+    mngr.wait_until_finished()
+  except (OSError, ValueError, RuntimeError) as e:   # an asynchronous save failed
+    raise _save_failed(mngr, None, e) from None
+  if jax.process_index() != 0:
+    return
+  folder = Path(mngr.directory)
+  for step in mngr.all_steps():
+    if (folder / str(step)).is_dir() and not (folder / str(step) / MANIFEST).exists():
+      write_manifest(folder / str(step))
+
+
+def manifest_problem(step_dir: Path) -> str | None:
+  """What is wrong with a step's files against its manifest, without reading them as a
+  checkpoint: None where they match (or the step predates manifests: checked the old
+  way), else one phrase (a missing manifest in a folder that has them is a save that did
+  not finish)."""
+  marker = step_dir.parent / MANIFESTED
+  path = step_dir / MANIFEST
+  if not path.exists():
+    older = fileio.read_json(marker).get("older_steps", []) if marker.exists() else None
+    if older is None or int(step_dir.name) in older:
+      return None
+    return "it has no manifest: its save did not finish"
+  for name, want in fileio.read_json(path)["files"].items():
+    file = step_dir / name
+    if not file.is_file():
+      return f"{name} is missing"
+    size = file.stat().st_size
+    if size != want["size"]:
+      return f"{name} is {size} bytes, {want['size']} when saved"
+    if _crc32(file) != want["crc32"]:
+      return f"{name} changed since it was saved (CRC-32 differs at the same size)"
+  return None
 
 
 @contextlib.contextmanager
 def finishing(*managers: ocp.CheckpointManager) -> Iterator[None]:
   """Waits for the managers' asynchronous saves on the way out, also when an error
-  (a non-finite step, an interrupt) ends the run: a save in flight completes."""
+  (a non-finite step, an interrupt) ends the run: a save in flight completes, and its
+  manifest is written (`seal`)."""
   try:
     yield
   finally:
     for mngr in managers:
-      try:
-        mngr.wait_until_finished()
-      except (OSError, ValueError, RuntimeError) as e:   # an asynchronous save failed
-        raise _save_failed(mngr, None, e) from None
+      seal(mngr)
 
 
 @jax.jit
@@ -106,6 +182,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: PyTree,
   if not all_finite(state):
     raise errors.NonFiniteError(f"refusing to save the state of step {step}: it holds NaN or inf "
                          f"values; the latest checkpoint stays step {mngr.latest_step()}")
+  seal(mngr)   # the previous save finished (orbax would wait for it here anyway)
   syncs.note("checkpoint save")   # orbax copies the state to the host before it returns
   items = {STATE: ocp.args.StandardSave(state)}
   if progress is not None:
@@ -116,6 +193,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: PyTree,
   except (OSError, ValueError, RuntimeError) as e:
     raise _save_failed(mngr, step, e) from None
   faults.maybe_kill("save", step)
+  faults.maybe_signal("save", step)
 
 
 def damage(e: BaseException) -> str:
@@ -230,11 +308,33 @@ def _set_aside(mngr: ocp.CheckpointManager, step: int) -> Path:
   return target
 
 
+def _restore_step(mngr: ocp.CheckpointManager, step: int, abstract: PyTree
+                  ) -> tuple[PyTree, dict[str, Any] | None] | str:
+  """(state, progress) of one step, or what is wrong with it: its manifest's verdict
+  first (orbax never reads a step that fails it), then orbax's read, then a finite check."""
+  folder = Path(mngr.directory) / str(step)
+  problem = manifest_problem(folder)
+  if problem:
+    return problem
+  items = {STATE: ocp.args.StandardRestore(abstract)}
+  if (folder / PROGRESS).is_dir():
+    items[PROGRESS] = ocp.args.JsonRestore()
+  try:
+    with _quiet_failed_reads():
+      restored = mngr.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:  # pylint: disable=broad-except
+    return damage(e)
+  if not all_finite(restored[STATE]):
+    return "it holds NaN or inf values"
+  return restored[STATE], (restored[PROGRESS] if PROGRESS in items else None)
+
+
 def restore_latest(mngr: ocp.CheckpointManager, template: PyTree
                    ) -> tuple[PyTree, int, dict[str, Any] | None] | None:
   """The newest checkpoint that restores, shaped and sharded like `template`. A newer
-  one that does not (a truncated or missing file) is logged in one line and set aside
-  in `<workdir>/damaged_checkpoints/`, never deleted.
+  one that does not (its files differ from its manifest, a truncated or missing file,
+  values that are not finite) is logged in one line and set aside in
+  `<workdir>/damaged_checkpoints/`, never deleted.
 
   Returns:
     (state, step, progress record or None if the checkpoint has none), or None
@@ -251,20 +351,14 @@ def restore_latest(mngr: ocp.CheckpointManager, template: PyTree
       raise errors.IncompatibleCheckpointError(
           f"checkpoint {folder} was written by an older mae_jax (no '{STATE}' item); "
           "start this stage in a new workdir")
-    items = {STATE: ocp.args.StandardRestore(abstract)}
-    if (folder / PROGRESS).is_dir():
-      items[PROGRESS] = ocp.args.JsonRestore()
-    try:
-      with _quiet_failed_reads():
-        restored = mngr.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:  # pylint: disable=broad-except
-      why = damage(e)
+    out = _restore_step(mngr, step, abstract)
+    if isinstance(out, str):
       moved = _set_aside(mngr, step)
       logging.warning("checkpoint step %d skipped: %s is damaged (%s); moved to %s, not "
-                      "deleted; trying the one before", step, folder, why, moved)
-      skipped.append(f"step {step} ({why}; now in {moved})")
+                      "deleted; trying the one before", step, folder, out, moved)
+      skipped.append(f"step {step} ({out}; now in {moved})")
       continue
-    return restored[STATE], step, (restored[PROGRESS] if PROGRESS in items else None)
+    return out[0], step, out[1]
   if skipped:
     raise errors.DamagedCheckpointError(
         f"no checkpoint in {mngr.directory} restores: {'; '.join(skipped)}. Start this stage "
@@ -332,15 +426,19 @@ def restore_latest_on_one_device(folder: str | Path) -> tuple[dict, int]:
   skipped = []
   for step in steps:
     item = folder / str(step) / STATE
-    try:
-      with _quiet_failed_reads():
-        tree = restore_on_one_device(item if item.is_dir() else item.with_name(LEGACY_STATE))
-      return tree, step
-    except Exception as e:  # pylint: disable=broad-except
-      why = damage(e)
-      logging.warning("checkpoint %s skipped: it is damaged (%s); trying the one before",
-                      item.parent, why)
-      skipped.append(f"step {step}: {item.parent} ({why})")
+    why = manifest_problem(item.parent)
+    if why is None:
+      try:
+        with _quiet_failed_reads():
+          tree = restore_on_one_device(item if item.is_dir() else item.with_name(LEGACY_STATE))
+        if all_finite(tree):
+          return tree, step
+        why = "it holds NaN or inf values"
+      except Exception as e:  # pylint: disable=broad-except
+        why = damage(e)
+    logging.warning("checkpoint %s skipped: it is damaged (%s); trying the one before",
+                    item.parent, why)
+    skipped.append(f"step {step}: {item.parent} ({why})")
   raise errors.DamagedCheckpointError(
       f"no checkpoint in {folder} restores: {'; '.join(skipped)}. Rerun the stage that "
       "wrote it (its resume sets the damaged steps aside) or point at another workdir")

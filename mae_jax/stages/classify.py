@@ -317,9 +317,9 @@ def _validation(run: _Run, evaluate: common.Evaluator, history: list[dict]) -> C
       best = record[key]
       # Never two managers' saves in flight at once: across processes, the orbax barriers
       # of two concurrent asynchronous saves can meet in different orders and deadlock.
-      run.mngr.wait_until_finished()
+      checkpoint.seal(run.mngr)
       checkpoint.save(run.best_mngr, record["step"], state)
-      run.best_mngr.wait_until_finished()
+      checkpoint.seal(run.best_mngr)
 
   return end_epoch
 
