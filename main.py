@@ -66,8 +66,8 @@ def main(argv):
   launch.enable_compilation_cache(_CACHE.value)
   if jax.process_index() > 0:  # process 0 speaks for the run
     logging.set_verbosity(logging.WARNING)
-  logging.info("stage %s, workdir %s, config:\n%s", _CONFIG.value.stage, _WORKDIR.value,
-               _CONFIG.value)
+  logging.info("stage %s in %s: %s", _CONFIG.value.stage, _WORKDIR.value,
+               launch.describe_config(_CONFIG.value))
   try:
     preemption.signal_names(_STOP_SIGNAL.value)
   except ValueError as e:

@@ -24,7 +24,8 @@ _SEED = {**_BCE, "classes": ("no_sub",), "phase_epochs": (100, 250), "batch_size
 PRESETS = {
     "demo_long": {"phase_epochs": (20, 160)},
     "tiny": {**_BCE, "phase_epochs": (1, 1), "batch_size": 8, "optim.lr": 1e-3,
-             "optim.warmup_epochs": 0.5, "checkpoint_every_epochs": 1, "plot_every_epochs": 1},
+             "optim.warmup_epochs": 0.5, "checkpoint_every_epochs": 1, "plot_every_epochs": 1,
+             "probe_every_epochs": 1, "probe_shots": 4, "probe_validation": 4},
     "seed": _SEED,
     # The host work after an epoch (validation, figures, a checkpoint) every few epochs:
     # an epoch is 23 steps of 1,024 images there.
@@ -77,4 +78,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.plot_every_epochs = 5
   config.num_reconstructions = 8      # columns of plots/reconstructions.png
+  # Watching the features (mae_jax/eval/online_probe.py): every this many epochs (and after
+  # the last; 0: off) a few-shot logistic regression on the frozen encoder's features,
+  # fitted on `probe_shots` labelled training images per class and scored (macro AUC) on
+  # `probe_validation` validation images per class; in history.json as probe_auc.
+  config.probe_every_epochs = 5
+  config.probe_shots = 50
+  config.probe_validation = 200
   return common.apply_preset(config, preset, PRESETS)

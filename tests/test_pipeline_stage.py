@@ -189,8 +189,8 @@ def _image_tags(folder: Path) -> set[str]:
   tags = set()
   for events in folder.glob("events.out.tfevents.*"):
     for event in tf.compat.v1.train.summary_iterator(str(events)):
-      tags |= {v.tag for v in event.summary.value
-               if v.metadata.plugin_data.plugin_name == "images"}
+      tags |= {v.tag for v in event.summary.value   # clu's tensors, or TensorBoard's image values
+               if v.metadata.plugin_data.plugin_name == "images" or v.HasField("image")}
   return tags
 
 

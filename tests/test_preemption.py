@@ -50,7 +50,7 @@ def _pretrain(workdir: Path, data: Path, env: dict[str, str] | None = None
 
 
 def _history(workdir: Path) -> list[dict]:
-  return [{k: v for k, v in h.items() if k not in ("seconds", "host_syncs")}
+  return [{k: v for k, v in h.items() if k != "host_syncs" and not k.endswith("seconds")}
           for h in json.loads((workdir / "history.json").read_text())]
 
 

@@ -40,6 +40,7 @@ def test_pretraining_epochs_record_their_syncs_and_stay_within_the_bound(tmp_pat
   config.phase_epochs, config.log_every_steps, config.steps_per_call = (2, 2), 100, 10
   config.eval_every_epochs = config.checkpoint_every_epochs = 2
   config.plot_every_epochs = 4
+  config.probe_every_epochs = 0   # its pass is one more sync (tests/test_online_probe.py)
   config.tensorboard = "none"
   pretrain_stage.run(config, str(tmp_path / "run"))
   history = json.loads((tmp_path / "run" / "history.json").read_text())

@@ -21,7 +21,7 @@ def _warnings(caplog) -> list[str]:
 
 
 def test_auto_without_any_event_writer_warns_once(tmp_path, monkeypatch, caplog, fresh_warning):
-  monkeypatch.setattr(writers, "clu_writers", None)
+  monkeypatch.setattr(writers, "_clu", lambda: None)
   monkeypatch.setattr(writers, "EventFileWriter", None)
   with caplog.at_level(logging.WARNING):
     writers.create(tmp_path / "a", True).write_scalars(3, {"loss": 0.5})
@@ -38,3 +38,22 @@ def test_none_asked_for_writes_metrics_without_a_warning(tmp_path, caplog, fresh
   assert not _warnings(caplog)
   assert (tmp_path / "metrics.jsonl").exists()
   assert not list(tmp_path.glob("events.out.tfevents*"))
+
+
+def test_auto_writes_events_without_importing_tensorflow_and_keeps_scalars_off_the_console(
+    tmp_path, caplog):
+  """'auto' writes TensorBoard event files through the tensorboard package's own file API:
+  TensorFlow is not imported (a second of start-up and its log noise); the per-step
+  scalars go to metrics.jsonl and the events, and to the log only at verbosity 1."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  script = ("import sys; from mae_jax.stages import writers; "
+            f"w = writers.create({str(tmp_path)!r}, True); w.write_scalars(1, {{'loss': 0.5}}); "
+            "w.flush(); w.close(); print('tensorflow' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       check=True, timeout=120)
+  assert out.stdout.strip() == "False", out.stderr[-2000:]
+  assert list(tmp_path.glob("events.out.tfevents*"))
+  with caplog.at_level(logging.INFO):
+    writers.create(tmp_path / "quiet", True, tensorboard="none").write_scalars(2, {"lr": 1.0})
+  assert not [r for r in caplog.records if "lr=" in r.getMessage()]

@@ -191,4 +191,6 @@ def make(kind: str, inputs: np.ndarray, labels: np.ndarray, mesh: Mesh, seed: in
 
 
 def log_choice(kind: str, why: str, what: str) -> None:
-  logging.info("feed for %s: %s (%s)", what, kind, why)
+  """The training feed's choice in the log; the feature passes' at verbosity 1 (`-v 1`)."""
+  log = (lambda *a: logging.vlog(1, *a)) if what.endswith("features") else logging.info
+  log("feed for %s: %s (%s)", what, kind, why)

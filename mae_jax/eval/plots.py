@@ -109,6 +109,38 @@ def loss_curves(history: list[dict], path: str | os.PathLike[str],
                            "ylabel": ylabel}, title)
 
 
+def online_probe(history: list[dict], path: str | os.PathLike[str],
+                 phase_starts: list[int] | None = None, title: str | None = None) -> Path:
+  """The online probe's validation macro AUC per epoch (history records with `probe_auc`)
+  beside the validation loss on a second axis: does the representation learn while the
+  loss falls?"""
+  fig, ax = plt.subplots(figsize=(7, 4))
+  pts = [(h["epoch"], h["probe_auc"]) for h in history if h.get("probe_auc") is not None]
+  if pts:
+    ax.plot(*zip(*pts), marker="o", ms=4, color="C2", label="few-shot probe (validation)")
+  ax.set_xlabel("epoch")
+  ax.set_ylabel("macro AUC of the few-shot probe")
+  ax.grid(alpha=0.3)
+  loss = [(h["epoch"], h["val_loss"]) for h in history if h.get("val_loss") is not None]
+  if loss:
+    twin = ax.twinx()
+    twin.plot(*zip(*loss), color="C1", alpha=0.6, lw=1, label="validation loss")
+    twin.set_ylabel("reconstruction loss (validation)")
+    lines = ax.get_legend_handles_labels()
+    more = twin.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower right", fontsize=8)
+  elif pts:
+    ax.legend(loc="lower right", fontsize=8)
+  for start in phase_starts or []:
+    if start > 0:
+      ax.axvline(start + 0.5, color="grey", ls="--", lw=1)
+  if title:
+    ax.set_title(title)
+  return save(fig, path, {"history": [{k: h.get(k) for k in ("epoch", "probe_auc", "probe_feature",
+                                                            "val_loss")} for h in history],
+                          "phase_starts": list(phase_starts or [])}, title)
+
+
 def reconstructions(rows: Mapping[str, np.ndarray], path: str | os.PathLike[str],
                     title: str | None = None) -> Path:
   """One row per entry of `rows` ((N, H, W[, 1]) images), one column per example.

@@ -121,6 +121,12 @@ def init_mae(mae: mae_lib.MAE, key: jax.Array) -> Any:
   return jax.jit(mae.init)(key, images, noise)["params"]
 
 
+def build_encoder_features(model: ml_collections.ConfigDict) -> heads.Classifier:
+  """A classifier around the encoder of a pretraining `model` config whose only use is
+  `feature_bank` (its head is never built): it reads `{"encoder": mae_params["encoder"]}`."""
+  return heads.Classifier(vit=vit_config(model), head="linear", dtype=dtype_of(model.dtype))
+
+
 def build_classifier(model: ml_collections.ConfigDict, num_classes: int,
                      bn_axis_name: str | None = None,
                      feature: heads.FeatureChoice | None = None, frozen_blocks: int = 0

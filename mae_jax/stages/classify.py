@@ -352,7 +352,8 @@ def _fit(run: _Run) -> tuple[Any, list[dict]]:
       settings=loop_lib.LoopSettings.from_config(config), workdir=run.workdir, state=state,
       run_chunk=lambda s, e, f, n, k: chunks(s, e, f, n, k, augmentation),
       train_examples=len(run.splits["train"]), global_batch=config.batch_size,
-      steps_per_epoch=steps_per_epoch, total_epochs=config.epochs, schedule=schedule)
+      steps_per_epoch=steps_per_epoch, total_epochs=config.epochs, schedule=schedule,
+      name=config.stage, watch=(f"val_{config.select_by}",))
   end_epoch = _validation(run, evaluate_val, history)
   with checkpoint.finishing(run.mngr, run.best_mngr):   # saves in flight complete, even on failure
     state = loop_lib.run_epochs(loop, step, history, run.mngr, run.writer, end_epoch, progress)
@@ -404,15 +405,28 @@ def _close(run: _Run, state, history: list[dict], seconds: float) -> dict:
   run.writer.flush()
   run.mngr.close()
   run.best_mngr.close()
-  test, select = record.test, config.select_by
-  logging.info("%s done in %.1f s; test (epoch %s, chosen on validation %s): %s %s %s, "
-               "accuracy %s; final epoch: %s %s", config.stage, seconds, record.chosen.epoch,
-               select, select, test.get(select), test.interval(select), test.get("accuracy"),
-               select, record.final.scores.get(select))
-  if record.baseline:
-    logging.info("%s margin over the radial-profile baseline (test %s %s): %s", config.stage,
-                 select, record.baseline.scores.get(select), record.margin_over_baseline())
+  logging.info("%s done in %.1f s: %s; every number in %s", config.stage, seconds,
+               _headline(record), run.workdir / workdir_lib.EVAL_FILE)
   return record.to_json()
+
+
+def _number(value: float | None, interval: list[float] | None = None) -> str:
+  if value is None:
+    return "n/a"
+  return f"{value:.4f}" + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "")
+
+
+def _headline(record: results.EvalRecord) -> str:
+  """The stage's result in one line: the test number that matters (`select_by`) of the
+  epoch validation chose, the final epoch's, and the baseline's."""
+  select, test = record.select_by, record.test
+  line = (f"test {select} {_number(test.get(select), test.interval(select))} (epoch "
+          f"{record.chosen.epoch}, chosen on validation)")
+  if record.final and record.final.epoch != record.chosen.epoch:
+    line += f"; last epoch {_number(record.final.scores.get(select))}"
+  if record.baseline:
+    line += f"; radial baseline {_number(record.baseline.scores.get(select))}"
+  return line
 
 
 def _write_figures(run: _Run, title: str, probs: np.ndarray, record: results.EvalRecord,

@@ -125,3 +125,19 @@ def config_file_problems(argv: Sequence[str], name: str = "config") -> list[str]
   except errors.UserError as e:
     return [str(e)]
   return override_problems(argv, config, name)
+
+
+def describe_config(config: ml_collections.ConfigDict) -> str:
+  """What the console shows of a config: the keys that differ from its stock config (the
+  same stage, preset and options), one `key = value` each; the whole config is in the
+  workdir's config.json."""
+  stage, preset = config.get("stage"), config.get("preset")
+  reference = validate.reference_config(stage, preset, validate.options_of(config))
+  ours = validate.flat_keys(config.copy_and_resolve_references())
+  stock = validate.flat_keys(reference) if reference is not None else {}
+  changed = [f"  {k} = {v!r}" for k, v in ours.items() if stock.get(k, object()) != v]
+  defaults = validate.option_defaults(stage)
+  name = ",".join([f"configs/{stage}.py:{preset}",
+                   *(f"{k}={v}" for k, v in validate.options_of(config).items()
+                     if defaults.get(k) != v)])
+  return f"{name}" + (" with\n" + "\n".join(changed) if changed else " as it stands")

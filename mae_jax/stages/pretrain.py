@@ -27,6 +27,7 @@ from absl import logging
 from mae_jax import objectives
 from mae_jax.data import feeds
 from mae_jax.data import source
+from mae_jax.eval import online_probe
 from mae_jax.eval import plots
 from mae_jax.models import build
 from mae_jax.models import load
@@ -50,11 +51,12 @@ def _phase_of(epoch: int, phase_epochs: tuple[int, ...]) -> int:
   return int(np.searchsorted(ends, epoch, side="right"))
 
 
-def _pool(config: ml_collections.ConfigDict,
-          data: source.DataSettings) -> tuple[list[str], Any, Any]:
-  """(classes, pool, validation): the unlabelled pool is the train split's images of
-  `classes`, subsampled to `pool_size`; validation images of the same classes give the
-  validation loss. Test is never read."""
+def _pool(config: ml_collections.ConfigDict, data: source.DataSettings
+          ) -> tuple[list[str], Any, Any, Any]:
+  """(classes, pool, validation, probe): the unlabelled pool is the train split's images
+  of `classes`, subsampled to `pool_size`; validation images of the same classes give the
+  validation loss; `probe` (None when off) is the online probe's labelled images, its
+  few shots then its validation images (mae_jax/eval/online_probe.py). Test is never read."""
   classes = common.class_names_of(config.classes)
   dataset = common.load_dataset(data, config.model.image_size)
   pool = common.pool_subset(dataset["train"].of_classes(classes), config.pool_size, config.seed)
@@ -62,7 +64,45 @@ def _pool(config: ml_collections.ConfigDict,
   common.log_split_sizes("pretraining images", {"pool": pool, "validation": val})
   common.require(pool, config.batch_size, "/".join(classes), data.dir)
   common.require(val, 1, "/".join(classes), data.dir)
-  return classes, pool, val
+  probe = None
+  if online_probe.Settings.from_config(config).enabled:
+    shots, scored = online_probe.labelled_sets(dataset["train"], dataset["validation"],
+                                               online_probe.Settings.from_config(config),
+                                               config.seed)
+    probe = _Probe(images=np.concatenate([shots.images, scored.images]),
+                   labels=np.concatenate([shots.labels, scored.labels]), num_shots=len(shots))
+    logging.info("online probe: %d labelled training and %d validation images, every %d epochs",
+                 len(shots), len(scored), config.probe_every_epochs)
+  return classes, pool, val, probe
+
+
+@dataclasses.dataclass(frozen=True)
+class _Probe:
+  """The online probe's images: its labelled shots, then the validation images it scores."""
+  images: np.ndarray
+  labels: np.ndarray
+  num_shots: int
+
+
+def _prober(run: "_Run", feeding: steps.Feeding) -> Callable | None:
+  """probe(state) -> the online probe's record entries (None when it is off): the frozen
+  encoder's candidate features of the probe images in one pass, scored on the host."""
+  if run.probe is None:
+    return None
+  bank = common.Evaluator(steps.feature_bank_fn(build.build_encoder_features(run.config.model)),
+                          run.mesh, run.feeds["probe"],
+                          dataclasses.replace(feeding, local_batch=run.local_eval))
+
+  def probe(state) -> dict[str, Any]:
+    start = time.time()
+    out = online_probe.score(
+        bank({"params": {"encoder": state.params["encoder"]}, "batch_stats": {}}),
+        run.probe.labels, run.probe.num_shots)
+    logging.vlog(1, "online probe: validation macro AUC %.4f (%s) in %.1f s",
+                 out[online_probe.SCORE], out[online_probe.FEATURE], time.time() - start)
+    return {**out, "probe_seconds": round(time.time() - start, 2)}
+
+  return probe
 
 
 def _initial_state(config: ml_collections.ConfigDict, mae, workdir: Path, mesh,
@@ -98,6 +138,10 @@ def _plotter(config: ml_collections.ConfigDict, workdir: Path, mae, objective, v
     plots.loss_curves(history + ([record] if record else []),
                       workdir / workdir_lib.PLOTS / "loss_curve.png", phase_starts,
                       title=f"MAE pretraining: {objective.describe()}")
+    records = history + ([record] if record else [])
+    if any(h.get(online_probe.SCORE) is not None for h in records):
+      plots.online_probe(records, workdir / workdir_lib.PLOTS / "online_probe.png", phase_starts,
+                         title="Frozen features during pretraining: few-shot probe")
     rows = syncs.fetch(reconstruct(syncs.fetch(state.params, "figure"), plot_images, plot_key),
                        "figure")
     rows = {k: rows[k] for k in steps.RECONSTRUCTION_ROWS}   # device_get sorts dict keys
@@ -123,15 +167,19 @@ def _chunk_runner(config: ml_collections.ConfigDict, augmentation: batching.Augm
 
 
 def _epoch_end(config: ml_collections.ConfigDict, evaluate: common.Evaluator,
-               save_plots: Callable) -> Callable:
-  """The end of an epoch: its phase joins its record, and the validation loss every
-  `eval_every_epochs` epochs and after the last (short accelerator epochs would otherwise
-  wait on it each time); the figures every `plot_every_epochs` epochs and after the last."""
+               save_plots: Callable, probe: Callable | None) -> Callable:
+  """The end of an epoch: its phase joins its record; the online probe's score every
+  `probe_every_epochs` epochs; the validation loss every `eval_every_epochs` epochs
+  (short accelerator epochs would otherwise wait on it each time); the figures every
+  `plot_every_epochs` epochs; each also after the last epoch."""
   phase_epochs = tuple(int(e) for e in config.phase_epochs)
   total_epochs = sum(phase_epochs)
+  probing = online_probe.Settings.from_config(config)
 
   def end_epoch(state, epoch, record):
     record["phase"] = _phase_of(epoch, phase_epochs) + 1
+    if probe is not None and probing.due(epoch, total_epochs):
+      record.update(probe(state))
     if (epoch + 1) % config.eval_every_epochs and epoch + 1 != total_epochs:
       return
     out = evaluate(state.params)
@@ -156,8 +204,9 @@ class _Run:
   classes: tuple[str, ...]
   pool: Any                        # the unlabelled training images (an arrays.Split)
   val: Any                         # validation images of the same classes
+  probe: _Probe | None             # the online probe's images (None: off)
   kind: str                        # the feed: "device" or "host"
-  feeds: dict[str, Any]            # "pool" and "validation"
+  feeds: dict[str, Any]            # "pool", "validation" and (probing) "probe"
   local_batch: int                 # this process's share of batch_size
   local_eval: int                  # ... and of eval_batch_size
   steps_per_epoch: int
@@ -192,19 +241,22 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
   if loop_lib.is_main_process():
     workdir.mkdir(parents=True, exist_ok=True)
   data = source.DataSettings.from_config(config.data)
-  classes, pool, val = _pool(config, data)
-  kind = common.choose_feed(data, pool.images.nbytes + val.images.nbytes, "pretraining")
+  classes, pool, val, probe = _pool(config, data)
+  fed = [("pool", pool.images, pool.labels), ("validation", val.images, val.labels)]
+  if probe is not None:
+    fed.append(("probe", probe.images, probe.labels))
+  kind = common.choose_feed(data, sum(images.nbytes for _, images, _ in fed), "pretraining")
   # Raw images stay float32 in the feed: the step normalises them, then casts to the
   # compute dtype (bfloat16 raw pixels would quantise the reconstruction targets).
-  made = {name: feeds.make(kind, s.images, s.labels, mesh, config.seed, np.float32)
-          for name, s in (("pool", pool), ("validation", val))}
+  made = {name: feeds.make(kind, images, labels, mesh, config.seed, np.float32)
+          for name, images, labels in fed}
   steps_per_epoch = batching.steps_per_epoch(len(pool), mesh.devices.size, local_batch)
   if steps_per_epoch < 1:
     raise errors.InsufficientDataError(
         f"batch_size={config.batch_size} exceeds the {len(pool)} pretraining images of "
         f"{list(classes)} ({len(pool) // mesh.devices.size} per device)")
   return _Run(config=config, data=data, workdir=workdir, mesh=mesh, mae=mae, objective=objective,
-              classes=tuple(classes), pool=pool, val=val, kind=kind, feeds=made,
+              classes=tuple(classes), pool=pool, val=val, probe=probe, kind=kind, feeds=made,
               local_batch=local_batch, local_eval=local_eval, steps_per_epoch=steps_per_epoch)
 
 
@@ -233,8 +285,9 @@ def _fit(run: _Run) -> tuple[Any, list[dict]]:
       settings=loop_lib.LoopSettings.from_config(config), workdir=run.workdir, state=state,
       run_chunk=_chunk_runner(config, run.data.augment, chunks), train_examples=len(run.pool),
       global_batch=config.batch_size, steps_per_epoch=spe, total_epochs=run.total_epochs,
-      schedule=schedule, describe=lambda e: f" (phase {run.phase(e)})", phase=run.phase)
-  end_epoch = _epoch_end(config, evaluate, run.save_plots)
+      schedule=schedule, describe=lambda e: f" (phase {run.phase(e)})", phase=run.phase,
+      name="pretrain", watch=("val_loss", online_probe.SCORE))
+  end_epoch = _epoch_end(config, evaluate, run.save_plots, _prober(run, feeding))
   run.started = time.time()
   with checkpoint.finishing(run.mngr):   # saves in flight complete, even when training fails
     state = loop_lib.run_epochs(loop, step, history, run.mngr, run.writer, end_epoch, progress)
@@ -253,10 +306,16 @@ def _close(run: _Run, state, history: list[dict]) -> dict:
              "feed": run.kind,
              "final_train_loss": history[-1]["train_loss"] if history else None,
              "final_val_loss": history[-1].get("val_loss") if history else None,
+             "final_probe_auc": history[-1].get(online_probe.SCORE) if history else None,
              "wall_seconds_this_run": round(time.time() - run.started, 1)}
   if loop_lib.is_main_process():
     fileio.write_json_atomic(run.workdir / workdir_lib.PRETRAIN_SUMMARY, summary)
-  logging.info("pretraining done: %s", summary)
+  probed = summary["final_probe_auc"]
+  logging.info("pretraining done: %d steps, final train loss %.4g, validation loss %s%s (%s)",
+               summary["steps"], summary["final_train_loss"] or float("nan"),
+               "none" if summary["final_val_loss"] is None else f"{summary['final_val_loss']:.4g}",
+               "" if probed is None else f", few-shot probe macro AUC {probed:.4f}",
+               run.workdir / workdir_lib.PRETRAIN_SUMMARY)
   run.mngr.close()
   return summary
 

@@ -48,6 +48,8 @@ FIGURES = (
     ("data", "plots/samples.png", "Samples of the data (min-max normalised)"),
     ("pretrain", "plots/loss_curve.png", "MAE pretraining: loss per epoch"),
     ("pretrain", "plots/reconstructions.png", "MAE reconstructions of validation images"),
+    ("pretrain", "plots/online_probe.png",
+     "MAE pretraining: a few-shot probe of the frozen features on validation, per epoch"),
     ("probe", "plots/roc.png", "Linear probe: ROC curves on the test split (epoch chosen on validation)"),
     ("probe", "plots/confusion.png", "Linear probe: confusion matrix"),
     ("probe", "plots/loss_curve.png", "Linear probe: loss per epoch"),

@@ -3,10 +3,10 @@
 Every problem found is reported at once, one line each, in a `ConfigError`. This module
 gathers them: each owner checks its own keys (`models.build.problems`, `objectives`,
 `data.source.problems`, `train.optim.problems`, `train.loop.problems`,
-`eval.evaluators.problems`); here are the checks of the config as a whole (unknown or
-missing keys against the stock config, with the closest valid key), of the stage's own
-keys, and of what lies outside the config (a missing or mismatched source checkpoint, an
-unwritable workdir).
+`eval.evaluators.problems`, `eval.online_probe.problems`); here are the checks of the
+config as a whole (unknown or missing keys against the stock config, with the closest
+valid key), of the stage's own keys, and of what lies outside the config (a missing or
+mismatched source checkpoint, an unwritable workdir).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from flax import traverse_util
 from mae_jax import objectives
 from mae_jax.data import source
 from mae_jax.eval import evaluators
+from mae_jax.eval import online_probe
 from mae_jax.models import build
 from mae_jax.runtime import checkpoint
 from mae_jax.runtime import errors
@@ -126,6 +127,11 @@ def reference_config(stage: str, preset: str | None,
 def option_keys(stage: str) -> tuple[str, ...]:
   """The dotted keys the config-argument options of `stage` set (`OPTION_KEYS`)."""
   return tuple(getattr(_config_module(stage), "OPTION_KEYS", {}).values())
+
+
+def option_defaults(stage: str) -> dict[str, str]:
+  """Each config-argument option of `stage` and its default value."""
+  return {k: v[0] for k, v in getattr(_config_module(stage), "OPTIONS", {}).items()}
 
 
 def options_of(config: ml_collections.ConfigDict) -> dict[str, str]:
@@ -297,7 +303,8 @@ def problems(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str])
     found += build.problems(config.model) + _cnn_problems(config) + _partial_problems(config)
   if config.get("stage") in TRAINING_STAGES:
     found += (_batch_problems(config) + _stage_problems(config) + _micro_batch_problems(config)
-              + loop.problems(config) + objectives.problems(config))
+              + loop.problems(config) + objectives.problems(config)
+              + online_probe.problems(config))
   if "name" in config.get("optim", {}):
     found += optim.problems(config.optim)
   if "evals" in config:

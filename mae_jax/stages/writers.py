@@ -1,18 +1,22 @@
 """Where a stage's metrics go.
 
 Every stage writes `metrics.jsonl` (one JSON object per write: scalars with their
-step, hparams, and the names of the images written) and logs its scalars. Beside
-that, TensorBoard event files: through clu's writers when TensorFlow is installed,
-otherwise through the `tensorboard` package alone (its event-file writer needs no
-TensorFlow). Without either, a warning says that only `metrics.jsonl` is written;
-metrics are never dropped silently. Only process 0 writes files.
+step, hparams, and the names of the images written) and TensorBoard event files, through
+the `tensorboard` package (its event-file writer needs no TensorFlow), or with
+`tensorboard='clu'` through clu's writers (TensorFlow, imported only then). The console
+shows none of the per-step scalars (the stage's progress bar has the loss and the last
+validation score); absl's `-v 1` logs them too. Without a TensorBoard writer, a warning
+says that only `metrics.jsonl` is written; metrics are never dropped silently. Only
+process 0 writes files.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import sys
 import time
+import types
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,10 +26,10 @@ from matplotlib import image as mpl_image
 
 from mae_jax.runtime import workdir as workdir_lib
 
-try:  # TensorFlow-backed TensorBoard writer, where TensorFlow is installed.
-  from clu import metric_writers as clu_writers
-except ImportError:  # pragma: no cover - exercised by the TensorFlow-free test
-  clu_writers = None
+# tensorboard's event writer uses TensorFlow's file API where TensorFlow imports (a second
+# of import and its log noise in every process), its own stub where the marker module
+# tensorboard.compat.notf exists: the stub writes the same event files.
+sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
 try:  # Event files without TensorFlow (what torch.utils.tensorboard uses too).
   from tensorboard.compat.proto import event_pb2
   from tensorboard.compat.proto import summary_pb2
@@ -108,10 +112,10 @@ class EventsWriter:
 
 
 class LoggingWriter:
-  """Logs scalars (absl), as clu's logging writer does."""
+  """Logs scalars at absl verbosity 1 (`-v 1`), as clu's logging writer does at INFO."""
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-    logging.info("[%d] %s", step, ", ".join(f"{k}={float(v):.6g}" for k, v in scalars.items()))
+    logging.vlog(1, "[%d] %s", step, ", ".join(f"{k}={float(v):.6g}" for k, v in scalars.items()))
 
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
     del step, images
@@ -156,30 +160,38 @@ class MultiWriter:
 _WARNED = []
 
 
-def create(workdir: str | Path, main_process: bool, tensorboard: str = "auto") -> MultiWriter:
-  """The stage's writer: metrics.jsonl, logging, and TensorBoard events.
+def _clu() -> Any:
+  """clu's metric writers, imported only where asked for: they import TensorFlow."""
+  try:
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return metric_writers
 
-  `tensorboard`: 'clu' (TensorFlow's writer), 'events' (the tensorboard package),
-  'auto' (clu if it imports, else the tensorboard package) or 'none'.
+
+def create(workdir: str | Path, main_process: bool, tensorboard: str = "auto") -> MultiWriter:
+  """The stage's writer: metrics.jsonl, logging at verbosity 1, and TensorBoard events.
+
+  `tensorboard`: 'events' (the tensorboard package), 'clu' (clu's writer: TensorFlow),
+  'auto' (the tensorboard package, else clu where it imports) or 'none'.
   """
   workdir = Path(workdir)
   if not main_process:
     return MultiWriter([])
-  writers: list = [JsonLinesWriter(workdir)]
+  writers: list = [JsonLinesWriter(workdir), LoggingWriter()]
   kind = tensorboard
   if kind == "auto":
-    kind = "clu" if clu_writers is not None else ("events" if EventFileWriter else "none")
+    kind = "events" if EventFileWriter else ("clu" if _clu() is not None else "none")
   if kind == "clu":
+    clu_writers = _clu()
     if clu_writers is None:
       raise ImportError("clu's writers need TensorFlow; use tensorboard='events'")
-    writers.append(clu_writers.create_default_writer(str(workdir), asynchronous=True))
-  else:
-    writers.append(LoggingWriter())
-    if kind == "events":
-      writers.append(EventsWriter(workdir))
-    elif tensorboard == "auto" and not _WARNED:   # 'none' asked for is no news
-      _WARNED.append(True)
-      logging.warning("neither TensorFlow nor the tensorboard package is installed: no "
-                      "TensorBoard events are written; every metric is in %s",
-                      workdir / workdir_lib.METRICS_FILE)
+    writers.append(clu_writers.AsyncWriter(clu_writers.SummaryWriter(str(workdir))))
+  elif kind == "events":
+    writers.append(EventsWriter(workdir))
+  elif tensorboard == "auto" and not _WARNED:   # 'none' asked for is no news
+    _WARNED.append(True)
+    logging.warning("neither TensorFlow nor the tensorboard package is installed: no "
+                    "TensorBoard events are written; every metric is in %s",
+                    workdir / workdir_lib.METRICS_FILE)
   return MultiWriter(writers)

@@ -149,6 +149,8 @@ class Loop:
   schedule: optax.Schedule
   describe: Callable[[int], str] = lambda e: ""             # epoch -> progress-bar suffix
   phase: Callable[[int], int] = lambda e: 1                 # epoch -> phase (1-based)
+  name: str = "train"                                       # the progress bar's label
+  watch: tuple[str, ...] = ()         # the epoch record's numbers the progress bar shows
 
 
 def chunk_plan(epoch: int, first: int, loop: Loop) -> list[tuple[int, int]]:
@@ -247,7 +249,7 @@ class _Pace:
       return
     rate = (step - self.s0) / (now - self.t0)
     left = (self.total - step) / rate if rate > 0 else float("inf")
-    logging.info("step %d/%d: %.2f steps/s, %.1f min left", step, self.total, rate, left / 60)
+    logging.vlog(1, "step %d/%d: %.2f steps/s, %.1f min left", step, self.total, rate, left / 60)
     self.writer.write_scalars(step, {"steps_per_sec": rate})
     self.t0, self.s0 = now, step
 
@@ -309,7 +311,7 @@ def _record_epoch(loop: Loop, state: Any, epoch: int, step: int, losses: list[fl
   history.append(record)
   writer.write_scalars(step, {k: v for k, v in record.items()
                               if isinstance(v, (int, float)) and k not in ("epoch", "step")})
-  logging.info("epoch %d/%d%s: %s", epoch + 1, loop.total_epochs, loop.describe(epoch),
+  logging.vlog(1, "epoch %d/%d%s: %s", epoch + 1, loop.total_epochs, loop.describe(epoch),
                ", ".join(f"{k} {v:.5g}" for k, v in record.items()
                          if isinstance(v, float)))
   if is_main_process():
@@ -345,6 +347,37 @@ class _Metrics:
     return {f"train_{k}": v for k, v in self.last.items() if k != "finite"} | {"lr": lr}
 
 
+class _Bar:
+  """The stage's one progress bar (process 0): steps of the whole run with the rate and
+  the time left, and beside them the epoch, the current loss and the last value of each
+  of `loop.watch` (the per-step metrics go to metrics.jsonl and TensorBoard only)."""
+
+  def __init__(self, loop: Loop, step: int, history: list[dict]):
+    self.loop = loop
+    self.bar = tqdm(total=loop.total_epochs * loop.steps_per_epoch, initial=step, unit="step",
+                    desc=loop.name, disable=not is_main_process(), dynamic_ncols=True)
+    self.fields: dict[str, str] = {}
+    for key in loop.watch:
+      last = [h[key] for h in history if h.get(key) is not None]
+      if last:
+        self.fields[key] = f"{last[-1]:.4g}"
+
+  def show(self, epoch: int, steps: int = 0, loss: float | None = None,
+           record: dict | None = None) -> None:
+    self.fields = {"epoch": f"{epoch + 1}/{self.loop.total_epochs}{self.loop.describe(epoch)}",
+                   **{k: v for k, v in self.fields.items() if k != "epoch"}}
+    if loss is not None:
+      self.fields["loss"] = f"{loss:.4g}"
+    for key in self.loop.watch:
+      if record and record.get(key) is not None:
+        self.fields[key] = f"{record[key]:.4g}"
+    self.bar.set_postfix(self.fields, refresh=False)
+    self.bar.update(steps)
+
+  def close(self) -> None:
+    self.bar.close()
+
+
 @dataclasses.dataclass
 class _Session:
   """What the epochs of one `run_epochs` call share."""
@@ -354,6 +387,7 @@ class _Session:
   key: jax.Array
   pace: _Pace
   profile: _Profile
+  bar: _Bar
 
 
 def _crash_points(mngr, step: int, num: int) -> None:
@@ -390,9 +424,6 @@ def _train_epoch(run: _Session, epoch: int, step: int, state: Any,
   inside the epoch saves after its metrics are checked."""
   loop, settings = run.loop, run.loop.settings
   first = step - epoch * loop.steps_per_epoch
-  bar = tqdm(total=loop.steps_per_epoch, initial=first, disable=not is_main_process(),
-             unit="step", leave=False,
-             desc=f"epoch {epoch + 1}/{loop.total_epochs}{loop.describe(epoch)}")
   log_due = False
   for start, num in chunk_plan(epoch, first, loop):
     run.profile.before(step)
@@ -405,9 +436,7 @@ def _train_epoch(run: _Session, epoch: int, step: int, state: Any,
     step += num
     metrics.pending.append((step, chunk_metrics))
     run.profile.after(step, state)
-    bar.update(num)
-    if metrics.losses:
-      bar.set_postfix(loss=f"{metrics.losses[-1]:.4f}")
+    run.bar.show(epoch, num, metrics.losses[-1] if metrics.losses else None)
     run.pace(step)
     if _due(step, settings.checkpoint_every_steps) and start + num < loop.steps_per_epoch:
       metrics.flush()
@@ -417,7 +446,6 @@ def _train_epoch(run: _Session, epoch: int, step: int, state: Any,
     if (jax.process_count() == 1 and preemption.received() is not None) or (
         jax.process_count() > 1 and log_due):
       _stop_if_asked(run, step, state, metrics)
-  bar.close()
   return state, step
 
 
@@ -440,9 +468,12 @@ def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer: MetricW
   carried = list((progress or {}).get("epoch_losses", []))
   _catch_up(loop, step, history, carried, end_epoch)
   run = _Session(loop, mngr, writer, key, _Pace(loop.total_epochs * loop.steps_per_epoch, writer),
-                 _Profile(settings.profile_steps, loop.workdir))
-  with preemption.training():
-    return _epochs(run, step, history, carried, end_epoch)
+                 _Profile(settings.profile_steps, loop.workdir), _Bar(loop, step, history))
+  try:
+    with preemption.training():
+      return _epochs(run, step, history, carried, end_epoch)
+  finally:
+    run.bar.close()
 
 
 def _epochs(run: _Session, step: int, history: list[dict], carried: list[float],
@@ -458,6 +489,7 @@ def _epochs(run: _Session, step: int, history: list[dict], carried: list[float],
     run.writer.write_scalars(step, metrics.scalars(host_lr(loop.schedule, step - 1)))
     _record_epoch(loop, state, epoch, step, metrics.losses, time.time() - t0, history,
                   run.writer, end_epoch, synced)
+    run.bar.show(epoch, record=history[-1])
     synced = syncs.snapshot()
     if _due(epoch + 1, settings.checkpoint_every_epochs) or epoch + 1 == loop.total_epochs or \
         _due(step, settings.checkpoint_every_steps):

@@ -32,10 +32,11 @@ def match(params: PyTree, patterns: Sequence[str]) -> PyTree:
 
 
 def _log_matches(what: str, params: PyTree, selected: PyTree) -> None:
+  """How many params a name pattern selected (their names at absl verbosity 1)."""
   names = jax.tree.leaves(param_names(params))
   chosen = [n for n, s in zip(names, jax.tree.leaves(selected)) if s]
-  logging.info("%s: %d of %d params: %s", what, len(chosen), len(names),
-               ", ".join(chosen) if len(chosen) <= 12 else ", ".join(chosen[:12]) + ", ...")
+  logging.info("%s: %d of %d params", what, len(chosen), len(names))
+  logging.vlog(1, "%s: %s", what, ", ".join(chosen))
 
 
 def warmup_cosine(peak_lr: float, total_steps: int, warmup_steps: int,
