@@ -74,14 +74,20 @@ def _leaf_summary(tree: Any, prefix: str = "") -> dict[str, dict]:
                    "l2": float(np.sqrt(np.square(a.astype(np.float64)).sum()))}}
 
 
-def _checkpoint_params(folder: Path) -> tuple[int, dict]:
-  """(step, params) of the newest checkpoint in `folder`, read by orbax without a target."""
+def _checkpoint_params(folder: Path, best: bool = False) -> tuple[int, dict]:
+  """(step, params) of the newest checkpoint in `folder` (with `best`: of the epoch the
+  stage chose on validation), read by orbax without a target."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
-  path = folder / str(steps[-1])
+  from mae_jax.runtime import checkpoint  # pylint: disable=g-import-not-at-top
+  if best:
+    with ocp.CheckpointManager(folder.absolute()) as mngr:
+      step = checkpoint.ranked_steps(mngr)[0]
+  else:
+    step = max(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+  path = folder / str(step)
   item = path / "state" if (path / "state").exists() else path / "default"
   state = ocp.StandardCheckpointer().restore(item.absolute())
-  return steps[-1], state["params"]
+  return step, state["params"]
 
 
 def _numbers(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -111,11 +117,11 @@ def summarise(work: Path) -> dict[str, Any]:
   stages = {"pretrain": work / "pipe" / "pretrain" / "checkpoints",
             "highpass": work / "highpass" / "checkpoints",
             "probe": work / "pipe" / "probe" / "checkpoints",
-            "probe_best": work / "pipe" / "probe" / "best_checkpoint",
+            "probe_best": work / "pipe" / "probe" / "checkpoints",
             "finetune": work / "pipe" / "finetune" / "checkpoints",
-            "finetune_best": work / "pipe" / "finetune" / "best_checkpoint"}
+            "finetune_best": work / "pipe" / "finetune" / "checkpoints"}
   for name, folder in stages.items():
-    step, params = _checkpoint_params(folder)
+    step, params = _checkpoint_params(folder, best=name.endswith("_best"))
     out["params"][name] = {"step": step, "leaves": _leaf_summary(params)}
   for name in ("probe", "finetune"):
     metrics = json.loads((work / "pipe" / name / "eval_metrics.json").read_text())

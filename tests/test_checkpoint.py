@@ -54,6 +54,49 @@ def test_half_written_checkpoint_is_ignored_and_removed(tmp_path):
   assert step == 3 and progress is None and not tmp.exists()
 
 
+@pytest.mark.parametrize("lower", [False, True])
+def test_the_best_step_is_kept_beside_the_latest_and_restored(tmp_path, lower):
+  """One manager: LatestN keeps the last two, BestN the best-ranked step; a damaged best
+  is set aside and the next best restored."""
+  scores = {1: 0.5, 2: 0.7, 3: None, 4: 0.6, 5: None, 6: None}   # None: not a new best
+  if lower:
+    scores = {s: None if v is None else 1 - v for s, v in scores.items()}
+  with checkpoint.manager(tmp_path, 2, keep_best=True) as mngr:
+    for step, score in scores.items():
+      new_best = score is not None and step != 4
+      metrics = checkpoint.best_metrics("val_x", score, lower) if new_best else {}
+      checkpoint.save(mngr, step, _state(float(step)), metrics=metrics)
+      checkpoint.seal(mngr)
+    assert mngr.all_steps() == [2, 5, 6]          # 1 was overtaken by 2; 3 and 4 by newer ones
+    assert checkpoint.ranked_steps(mngr) == [2] and mngr.best_step() == 2
+    state, step, _ = checkpoint.restore_best(mngr, _state(0.0))
+    assert step == 2 and float(state["params"]["w"][0]) == 2.0
+    assert checkpoint.restore_latest(mngr, _state(0.0))[1] == 6
+  tree, step = checkpoint.restore_latest_on_one_device(tmp_path / "checkpoints", best=True)
+  assert step == 2 and float(tree["params"]["w"][0]) == 2.0
+
+
+def test_a_damaged_best_gives_way_to_the_next_best(tmp_path):
+  """Within the latest three, step 1 was a best before step 2: with 2 damaged, the
+  one-device read skips it (left in place) and resume's read sets it aside."""
+  with checkpoint.manager(tmp_path, 3, keep_best=True) as mngr:
+    for step, score in ((1, 0.5), (2, 0.7), (3, None)):
+      metrics = {} if score is None else checkpoint.best_metrics("val_x", score, False)
+      checkpoint.save(mngr, step, _state(float(step)), metrics=metrics)
+      checkpoint.seal(mngr)
+    assert checkpoint.ranked_steps(mngr) == [2, 1]
+  (tmp_path / "checkpoints" / "2" / "state" / "_METADATA").unlink()
+  with pytest.raises(errors.MissingCheckpointError, match="no checkpoint chosen on validation"):
+    checkpoint.restore_latest_on_one_device(tmp_path / "empty", best=True)
+  tree, step = checkpoint.restore_latest_on_one_device(tmp_path / "checkpoints", best=True)
+  assert step == 1 and float(tree["params"]["w"][0]) == 1.0
+  with checkpoint.manager(tmp_path, 3, keep_best=True) as mngr:
+    state, step, _ = checkpoint.restore_best(mngr, _state(0.0))
+    assert step == 1 and float(state["params"]["w"][0]) == 1.0
+    assert mngr.all_steps() == [1, 3]
+  assert (tmp_path / "damaged_checkpoints" / "checkpoints_2").is_dir()
+
+
 @pytest.mark.slow
 def test_crash_points(tmp_path, monkeypatch):
   monkeypatch.delenv(faults.ENV, raising=False)

@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
-from mae_jax.eval import plots
 from mae_jax.data import simulate
+from mae_jax.eval import plots
+from mae_jax.runtime import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -200,7 +202,8 @@ def test_pretrain_probe_finetune_chain(tmp_path):
         metrics["test_examples"]
     for fig in ("roc.png", "confusion.png", "loss_curve.png"):
       assert (run / "plots" / fig).read_bytes()[:4] == b"\x89PNG"
-    assert list((run / "best_checkpoint").iterdir())
+    with ocp.CheckpointManager(run / "checkpoints") as mngr:   # the chosen epoch is kept
+      assert checkpoint.ranked_steps(mngr)[0] == metrics["step"]
 
   wrong = _main("--config=configs/finetune.py:tiny", f"--workdir={tmp_path / 'wrong'}",
                 f"--config.init_from={pre}", "--config.model.dim=64", *data)

@@ -49,9 +49,9 @@ def test_labelled_sets_are_balanced_seeded_and_capped_by_the_split():
   assert again.keys.tolist() == shots.keys.tolist() != other.keys.tolist()
 
 
-def test_a_class_missing_from_the_labelled_images_is_refused_in_one_line():
+def test_a_class_missing_from_the_labelled_images_is_named():
   settings = online_probe.Settings(every_epochs=1, shots=3, validation=5)
-  with pytest.raises(errors.InsufficientDataError, match="probe_every_epochs=0"):
+  with pytest.raises(errors.InsufficientDataError, match="holds 1 cdm image"):
     online_probe.labelled_sets(_split((10, 1, 10)), _split((5, 5, 5), "validation"), settings, 0)
 
 
@@ -98,3 +98,15 @@ def test_pretraining_without_the_probe_reads_no_labels_for_it(tmp_path):
   assert not any(online_probe.SCORE in h for h in history)
   assert summary["final_probe_auc"] is None
   assert not (tmp_path / "run" / "plots" / "online_probe.png").exists()
+
+
+def test_pretraining_goes_on_without_the_probe_where_a_class_has_no_labelled_images(
+    tmp_path, caplog):
+  config = _tiny(tmp_path)
+  for extra in sorted((tmp_path / "src" / "cdm").iterdir())[1:]:   # one cdm image is left
+    extra.unlink()
+  with caplog.at_level("WARNING"):
+    summary = pretrain_stage.run(config, str(tmp_path / "run"))
+  assert summary["final_probe_auc"] is None
+  assert any("online probe off" in r.getMessage() and "cdm image" in r.getMessage()
+             for r in caplog.records)

@@ -125,10 +125,10 @@ def test_finetune_killed_inside_saves_resumes_bit_identical(tmp_path, data, feed
   history = json.loads((whole / "history.json").read_text())
   assert history[0]["step"] == 5 and len(history) == 2
 
-  # Inside the save of the best checkpoint at epoch 1's end (step 5): the regular
-  # checkpoint of step 5 was not yet made, so the run resumes from step 3.
+  # Inside the save at epoch 1's end (step 5, a new best: saved with its metrics), so the
+  # run resumes from step 3.
   _killed(_main(*args, f"--workdir={cut}", kill_at="save:5"))
-  assert _half_written(cut / "best_checkpoint")
+  assert _half_written(cut / "checkpoints")
   # Inside the step checkpoint of step 9.
   _killed(_main(*args, f"--workdir={cut}", kill_at="save:9"))
   assert _half_written(cut / "checkpoints")

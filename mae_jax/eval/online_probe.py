@@ -69,9 +69,9 @@ def _balanced(split: arrays.Split, per_class: int, seed: int, what: str) -> arra
   for label, name in enumerate(layout.CLASS_NAMES):
     members = np.flatnonzero(split.labels == label)
     if len(members) < 2:
-      raise errors.InsufficientDataError(f"the online probe needs {what} images of every class, but the "
-                       f"{split.name} split holds {len(members)} {name} image(s); set "
-                       "probe_every_epochs=0 to pretrain without it")
+      raise errors.InsufficientDataError(
+          f"the {split.name} split holds {len(members)} {name} image(s), fewer than the 2 "
+          f"{what} images of every class the online probe needs")
     chosen.append(rng.choice(members, min(per_class, len(members)), replace=False))
   return split.take(np.sort(np.concatenate(chosen)))
 

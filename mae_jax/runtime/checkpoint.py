@@ -8,6 +8,12 @@ folder and renames it when complete, so a half-written checkpoint is never
 taken as the latest (and leftover temporary folders are removed on start).
 A state holding NaN or inf is never saved.
 
+A classifier stage's manager also keeps the step of its best validation score: such a
+save carries metrics (`best_metrics`: the score and its `rank`, the score negated where
+lower is better), and orbax's `BestN` policy keeps the highest-ranked step beside the
+latest ones (`LatestN`), in the same folder; `restore_best` and
+`restore_best_on_one_device` read it.
+
 Once a save has finished, a manifest of its files (size and CRC-32 each) is written in
 its folder, last and atomically (`seal`). Every restore checks it first: a step whose
 files differ from it (truncated, missing, or bit rot at the same size), or that has none
@@ -51,16 +57,36 @@ DAMAGED = workdir_lib.DAMAGED_CHECKPOINTS   # where resume sets aside steps that
 # size and CRC-32. In the checkpoints folder, the marker of a folder whose steps have
 # one, naming the steps older than it (checked the old way, by reading them).
 MANIFEST, MANIFESTED = "manifest.json", "manifests.json"
+# The metric a best-keeping manager ranks its steps by (higher is better).
+RANK = "rank"
+
+
+def _rank(metrics: dict[str, Any] | None) -> float:
+  """A step's rank: its metrics' RANK, or -inf (a save that was not a new best)."""
+  return float((metrics or {}).get(RANK, float("-inf")))
+
+
+def best_metrics(name: str, value: float, lower_is_better: bool) -> dict[str, float]:
+  """The metrics of a save that is a new best `name`: the value and its rank."""
+  return {name: float(value), RANK: -float(value) if lower_is_better else float(value)}
 
 
 def manager(workdir: str | Path, max_to_keep: int = 3,
-            folder: str = workdir_lib.CHECKPOINTS) -> ocp.CheckpointManager:
+            folder: str = workdir_lib.CHECKPOINTS,
+            keep_best: bool = False) -> ocp.CheckpointManager:
   """A checkpoint manager over `<workdir>/<folder>` keeping the last `max_to_keep`
-  (orbax's `LatestN` preservation policy); its steps get manifests (`seal`)."""
+  (orbax's `LatestN` preservation policy) and, with `keep_best`, the best-ranked step
+  (`BestN` on the saves' metrics); its steps get manifests (`seal`)."""
   path = Path(workdir).absolute() / folder
+  policy = ocp.checkpoint_managers.LatestN(n=max_to_keep)
+  best = {}
+  if keep_best:
+    policy = ocp.checkpoint_managers.AnyPreservationPolicy([policy, ocp.checkpoint_managers.BestN(
+        get_metric_fn=_rank, n=1, keep_checkpoints_without_metrics=False)])
+    best = {"best_fn": _rank, "best_mode": "max"}
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep), create=True,
-      enable_async_checkpointing=True, cleanup_tmp_directories=True)
+      preservation_policy=policy, create=True, enable_async_checkpointing=True,
+      cleanup_tmp_directories=True, **best)
   mngr = ocp.CheckpointManager(path, options=options)
   _mark(mngr)
   return mngr
@@ -168,8 +194,10 @@ def _save_failed(mngr: ocp.CheckpointManager, step: int | None,
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: PyTree,
-         progress: dict[str, Any] | None = None) -> None:
-  """Starts an asynchronous save of `state` (and its `progress` record) at `step`.
+         progress: dict[str, Any] | None = None,
+         metrics: dict[str, float] | None = None) -> None:
+  """Starts an asynchronous save of `state` (and its `progress` record) at `step`;
+  a best-keeping manager's saves carry `metrics` ({} where the step is not a new best).
 
   A no-op if that step is already saved.
 
@@ -189,7 +217,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: PyTree,
     items[PROGRESS] = ocp.args.JsonSave(progress)
   try:
     faults.maybe_fail("save", step)
-    mngr.save(step, args=ocp.args.Composite(**items))
+    mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics)
   except (OSError, ValueError, RuntimeError) as e:
     raise _save_failed(mngr, step, e) from None
   faults.maybe_kill("save", step)
@@ -343,9 +371,36 @@ def restore_latest(mngr: ocp.CheckpointManager, template: PyTree
   Raises:
     errors.DamagedCheckpointError: there are checkpoints, but none restores.
   """
+  return _restore_first(mngr, template, sorted(mngr.all_steps(), reverse=True))
+
+
+def ranked_steps(mngr: ocp.CheckpointManager) -> list[int]:
+  """The steps of a best-keeping manager that were a new best, best first (a step whose
+  metrics cannot be read is left out; its restore would fail on its manifest anyway)."""
+  ranks = {}
+  for step in mngr.all_steps():
+    try:
+      rank = _rank(mngr.metrics(step))
+    except Exception:  # pylint: disable=broad-except
+      continue
+    if rank != float("-inf"):
+      ranks[step] = rank
+  return sorted(ranks, key=lambda s: (-ranks[s], s))
+
+
+def restore_best(mngr: ocp.CheckpointManager, template: PyTree
+                 ) -> tuple[PyTree, int, dict[str, Any] | None] | None:
+  """The best-ranked checkpoint that restores (`restore_latest`'s checks; a damaged one
+  is set aside and the next best taken), or None if no save was a new best."""
+  return _restore_first(mngr, template, ranked_steps(mngr), "next best")
+
+
+def _restore_first(mngr: ocp.CheckpointManager, template: PyTree, steps: list[int],
+                   then: str = "one before") -> tuple[PyTree, int, dict[str, Any] | None] | None:
+  """The first of `steps` that restores; the damaged ones before it set aside."""
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
   skipped = []
-  for step in sorted(mngr.all_steps(), reverse=True):
+  for step in steps:
     folder = Path(mngr.directory) / str(step)
     if not (folder / STATE).is_dir() and (folder / LEGACY_STATE).is_dir():
       raise errors.IncompatibleCheckpointError(
@@ -355,7 +410,7 @@ def restore_latest(mngr: ocp.CheckpointManager, template: PyTree
     if isinstance(out, str):
       moved = _set_aside(mngr, step)
       logging.warning("checkpoint step %d skipped: %s is damaged (%s); moved to %s, not "
-                      "deleted; trying the one before", step, folder, out, moved)
+                      "deleted; trying the %s", step, folder, out, moved, then)
       skipped.append(f"step {step} ({out}; now in {moved})")
       continue
     return out[0], step, out[1]
@@ -406,23 +461,25 @@ def restore_on_one_device(item: Path) -> dict:
     return ckptr.restore(item, abstract)
 
 
-def restore_latest_on_one_device(folder: str | Path) -> tuple[dict, int]:
+def restore_latest_on_one_device(folder: str | Path, best: bool = False) -> tuple[dict, int]:
   """(the newest checkpoint's state that restores, its step) of a checkpoint manager's
-  directory (`<workdir>/checkpoints`, `<workdir>/best_checkpoint`), on one device. A
-  newer damaged one is skipped with one warning (and left where it is: this reads
-  another stage's workdir).
+  directory (`<workdir>/checkpoints`), on one device; with `best`, the best-ranked
+  one's (the epoch a classifier stage chose on validation). One that does not restore is
+  skipped with one warning (and left where it is: this reads another stage's workdir).
 
   Raises:
-    errors.MissingCheckpointError: there is no complete checkpoint there.
+    errors.MissingCheckpointError: there is no complete checkpoint there (with `best`:
+      none that was a new best).
     errors.DamagedCheckpointError: there are checkpoints, but none restores.
   """
   folder = Path(folder).absolute()
   steps = []
   if folder.is_dir():
     with ocp.CheckpointManager(folder) as mngr:
-      steps = sorted(mngr.all_steps(), reverse=True)
+      steps = ranked_steps(mngr) if best else sorted(mngr.all_steps(), reverse=True)
   if not steps:
-    raise errors.MissingCheckpointError(f"no complete checkpoint in {folder}")
+    raise errors.MissingCheckpointError(
+        f"no {'checkpoint chosen on validation' if best else 'complete checkpoint'} in {folder}")
   skipped = []
   for step in steps:
     item = folder / str(step) / STATE
@@ -436,8 +493,8 @@ def restore_latest_on_one_device(folder: str | Path) -> tuple[dict, int]:
         why = "it holds NaN or inf values"
       except Exception as e:  # pylint: disable=broad-except
         why = damage(e)
-    logging.warning("checkpoint %s skipped: it is damaged (%s); trying the one before",
-                    item.parent, why)
+    logging.warning("checkpoint %s skipped: it is damaged (%s); trying the %s",
+                    item.parent, why, "next best" if best else "one before")
     skipped.append(f"step {step}: {item.parent} ({why})")
   raise errors.DamagedCheckpointError(
       f"no checkpoint in {folder} restores: {'; '.join(skipped)}. Rerun the stage that "

@@ -104,7 +104,6 @@ class _Run:
   feature: heads.FeatureChoice | None = None
   kind: str = ""                  # the feed: "device" or "host"
   mngr: Any = None
-  best_mngr: Any = None
   writer: Any = None
 
   @property
@@ -297,29 +296,16 @@ def _validation_numbers(scores: results.Scores) -> dict[str, Any]:
 
 def _validation(run: _Run, evaluate: common.Evaluator, history: list[dict]) -> Callable:
   """The end of an epoch: every `eval_every_epochs` epochs (and after the last) the
-  validation numbers of the `evals` join its record, and a new best `select_by` saves
-  best_checkpoint/."""
+  validation numbers of the `evals` join its record (the loop saves a new best
+  `select_by`, `Loop.keep_best`)."""
   config = run.config
-  key = f"val_{config.select_by}"
-  best = None
-  for h in history:
-    if evaluators.is_better(config.select_by, h.get(key), best):
-      best = h[key]
 
   def end_epoch(state, epoch, record):
-    nonlocal best
     if (epoch + 1) % config.eval_every_epochs and epoch + 1 != config.epochs:
       return
     probs = metrics_lib.softmax(evaluate(_tree(state)))
     record.update(_validation_numbers(evaluators.evaluate(
         probs, run.splits["validation"].labels, tuple(config.evals))))
-    if evaluators.is_better(config.select_by, record.get(key), best):
-      best = record[key]
-      # Never two managers' saves in flight at once: across processes, the orbax barriers
-      # of two concurrent asynchronous saves can meet in different orders and deadlock.
-      checkpoint.seal(run.mngr)
-      checkpoint.save(run.best_mngr, record["step"], state)
-      checkpoint.seal(run.best_mngr)
 
   return end_epoch
 
@@ -333,13 +319,11 @@ def _fit(run: _Run) -> tuple[Any, list[dict]]:
   tx, schedule = _optimizer(run, steps_per_epoch)
   state = parallel.replicate(steps.ClassifierState.create(
       apply_fn=run.model.apply, params=run.params, tx=tx, batch_stats=run.batch_stats), run.mesh)
-  run.mngr = checkpoint.manager(run.workdir, config.keep_checkpoints)
-  run.best_mngr = checkpoint.manager(run.workdir, 1, folder=workdir_lib.BEST_CHECKPOINT)
+  # The latest `keep_checkpoints` and the epoch chosen on validation (orbax's BestN).
+  run.mngr = checkpoint.manager(run.workdir, config.keep_checkpoints, keep_best=True)
   run.writer = common.metric_writer(run.workdir, config)
   state, step, history, progress = loop_lib.open_run(
       run.workdir, config.to_dict(), state, steps_per_epoch, run.mngr, run.writer)
-  for stale in [s for s in run.best_mngr.all_steps() if s > step]:  # a run not continued
-    run.best_mngr.delete(stale)
   body = steps.classifier_body(run.model, frozen_encoder=run.frozen_encoder,
                                label_smoothing=config.label_smoothing,
                                inputs_are_features=run.cached)
@@ -353,9 +337,10 @@ def _fit(run: _Run) -> tuple[Any, list[dict]]:
       run_chunk=lambda s, e, f, n, k: chunks(s, e, f, n, k, augmentation),
       train_examples=len(run.splits["train"]), global_batch=config.batch_size,
       steps_per_epoch=steps_per_epoch, total_epochs=config.epochs, schedule=schedule,
-      name=config.stage, watch=(f"val_{config.select_by}",))
+      name=config.stage, watch=(f"val_{config.select_by}",),
+      keep_best=(f"val_{config.select_by}", evaluators.lower_is_better(config.select_by)))
   end_epoch = _validation(run, evaluate_val, history)
-  with checkpoint.finishing(run.mngr, run.best_mngr):   # saves in flight complete, even on failure
+  with checkpoint.finishing(run.mngr):   # saves in flight complete, even on failure
     state = loop_lib.run_epochs(loop, step, history, run.mngr, run.writer, end_epoch, progress)
   return state, history
 
@@ -366,7 +351,7 @@ def _test(run: _Run, state, history: list[dict]) -> dict[str, tuple[np.ndarray, 
   config = run.config
   evaluate = common.Evaluator(steps.logits_fn(run.model, inputs_are_features=run.cached),
                               run.mesh, run.feed("test"), run.feeding(config.eval_batch_size))
-  chosen_state, chosen_step, _ = checkpoint.restore_latest(run.best_mngr, state)
+  chosen_state, chosen_step, _ = checkpoint.restore_best(run.mngr, state)
   out = {}
   for name, s, at in (("chosen", chosen_state, chosen_step), ("final", state, int(state.step))):
     probs = metrics_lib.softmax(evaluate(_tree(s)))
@@ -404,7 +389,6 @@ def _close(run: _Run, state, history: list[dict], seconds: float) -> dict:
     record.write(run.workdir)
   run.writer.flush()
   run.mngr.close()
-  run.best_mngr.close()
   logging.info("%s done in %.1f s: %s; every number in %s", config.stage, seconds,
                _headline(record), run.workdir / workdir_lib.EVAL_FILE)
   return record.to_json()

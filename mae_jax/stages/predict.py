@@ -53,6 +53,8 @@ PREDICTIONS_FILE = "predictions.csv"
 BAD_FILES = "bad_files.tsv"
 METRICS_FILE = "metrics.json"
 SUMMARY_FILE = "prediction_summary.json"
+# Where fine-tunes before the BestN policy kept their chosen epoch (still read).
+_LEGACY_BEST = workdir_lib.BEST_CHECKPOINT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,20 +96,38 @@ def list_inputs(input_path: str | os.PathLike[str]) -> list[InputFile]:
   return files
 
 
+def _is_classifier_run(folder: Path) -> bool:
+  """A probe or fine-tune workdir with checkpoints (the epoch it chose among them)."""
+  config = folder / workdir_lib.CONFIG_FILE
+  if not config.exists():
+    return False
+  stage = fileio.read_json(config).get("stage")
+  return stage in ("probe", "finetune") and (
+      (folder / workdir_lib.CHECKPOINTS).is_dir() or (folder / _LEGACY_BEST).is_dir())
+
+
+def _chosen_folder(run_dir: Path) -> tuple[Path, bool]:
+  """(the checkpoint folder of the epoch a classifier run chose, whether to rank it):
+  `checkpoints/` ranked by the saves' metrics, or the `best_checkpoint/` folder a run
+  of mae_jax before the BestN policy wrote."""
+  if (run_dir / _LEGACY_BEST).is_dir():
+    return run_dir / _LEGACY_BEST, False
+  return run_dir / workdir_lib.CHECKPOINTS, True
+
+
 def find_model(model_dir: str | os.PathLike[str]) -> Path:
-  """The fine-tune workdir holding `best_checkpoint/`: `model_dir` or its `finetune/`.
+  """The fine-tune (or probe) workdir: `model_dir` or its `finetune/`.
 
   Raises:
-    errors.MissingCheckpointError: neither has one (says how to make it).
+    errors.MissingCheckpointError: neither is one (says how to make it).
   """
   root = Path(model_dir)
   for candidate in (root, root / "finetune"):
-    if ((candidate / workdir_lib.BEST_CHECKPOINT).is_dir()
-        and (candidate / workdir_lib.CONFIG_FILE).exists()):
+    if _is_classifier_run(candidate):
       return candidate
   raise errors.MissingCheckpointError(
-      f"no fine-tuned model in {root}: expected {root}/best_checkpoint/ (a fine-tune workdir) "
-      f"or {root}/finetune/best_checkpoint/ (a pipeline workdir); make one with:\n"
+      f"no fine-tuned model in {root}: expected a fine-tune workdir (config.json and "
+      f"checkpoints/) there or in {root}/finetune/ (a pipeline workdir); make one with:\n"
       f"  python main.py --config=configs/pipeline.py:demo --workdir={root}")
 
 
@@ -124,7 +144,8 @@ def load_model(run_dir: str | os.PathLike[str]):
   model = build.build_classifier(config.model, len(layout.CLASS_NAMES),
                                  feature=classify.read_feature_choice(run_dir))
   params, batch_stats = build.init_classifier(model, jax.random.key(0))
-  restored, step = checkpoint.restore_latest_on_one_device(run_dir / workdir_lib.BEST_CHECKPOINT)
+  folder, ranked = _chosen_folder(run_dir)
+  restored, step = checkpoint.restore_latest_on_one_device(folder, best=ranked)
   loaded = {"params": restored.get("params"), "batch_stats": restored.get("batch_stats") or {}}
   template = {"params": params, "batch_stats": batch_stats}
   def shapes(tree):
@@ -133,7 +154,7 @@ def load_model(run_dir: str | os.PathLike[str]):
   if jax.tree.structure(shapes(loaded)) != jax.tree.structure(shapes(template)) or \
       jax.tree.leaves(shapes(loaded)) != jax.tree.leaves(shapes(template)):
     raise errors.IncompatibleCheckpointError(
-        f"the checkpoint in {run_dir / workdir_lib.BEST_CHECKPOINT} does not fit the model its "
+        f"the checkpoint {folder}/{step} does not fit the model its "
         f"config.json describes")
   return model, loaded["params"], loaded["batch_stats"], config, step
 
@@ -235,7 +256,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run_dir = find_model(config.model_dir)
   model, params, batch_stats, run_config, step = load_model(run_dir)
   logging.info("classifying %d file(s) of %s with %s step %d", len(files), config.input,
-               run_dir / workdir_lib.BEST_CHECKPOINT, step)
+               _chosen_folder(run_dir)[0], step)
   done, bad = classify_files(files, model, params, batch_stats, run_config.model.image_size,
                              config.batch_size)
   labelled = any(f.label is not None for f, _ in done)

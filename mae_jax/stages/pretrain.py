@@ -66,9 +66,13 @@ def _pool(config: ml_collections.ConfigDict, data: source.DataSettings
   common.require(val, 1, "/".join(classes), data.dir)
   probe = None
   if online_probe.Settings.from_config(config).enabled:
-    shots, scored = online_probe.labelled_sets(dataset["train"], dataset["validation"],
-                                               online_probe.Settings.from_config(config),
-                                               config.seed)
+    try:
+      shots, scored = online_probe.labelled_sets(dataset["train"], dataset["validation"],
+                                                 online_probe.Settings.from_config(config),
+                                                 config.seed)
+    except errors.InsufficientDataError as e:   # the pretraining itself needs no labels
+      logging.warning("online probe off: %s (probe_every_epochs=0 turns it off quietly)", e)
+      return classes, pool, val, None
     probe = _Probe(images=np.concatenate([shots.images, scored.images]),
                    labels=np.concatenate([shots.labels, scored.labels]), num_shots=len(shots))
     logging.info("online probe: %d labelled training and %d validation images, every %d epochs",

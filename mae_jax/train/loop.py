@@ -151,6 +151,27 @@ class Loop:
   phase: Callable[[int], int] = lambda e: 1                 # epoch -> phase (1-based)
   name: str = "train"                                       # the progress bar's label
   watch: tuple[str, ...] = ()         # the epoch record's numbers the progress bar shows
+  # (record key, lower is better): an epoch whose record is a new best of it is saved
+  # with it as metrics, which the manager's BestN policy keeps (checkpoint.manager).
+  keep_best: tuple[str, bool] | None = None
+
+
+def best_metrics(loop: Loop, history: list[dict], record: dict) -> dict[str, float] | None:
+  """The metrics of a save at `record`'s epoch: with `loop.keep_best`, its value if it
+  beats every earlier record's (ties keep the first), else {}; None without it."""
+  if loop.keep_best is None:
+    return None
+  key, lower = loop.keep_best
+  best = None
+  for h in history:
+    value = h.get(key)
+    if h is not record and value is not None and (
+        best is None or (value < best if lower else value > best)):
+      best = value
+  value = record.get(key)
+  if value is None or (best is not None and not (value < best if lower else value > best)):
+    return {}
+  return checkpoint.best_metrics(key, value, lower)
 
 
 def chunk_plan(epoch: int, first: int, loop: Loop) -> list[tuple[int, int]]:
@@ -281,9 +302,10 @@ class _Profile:
 
 
 def _catch_up(loop: Loop, step: int, history: list[dict], carried: list[float],
-              end_epoch: Callable[[Any, int, dict], None]) -> None:
+              end_epoch: Callable[[Any, int, dict], None], mngr, progress: dict | None) -> None:
   """A step checkpoint at an epoch's last step, then a stop before that epoch's
-  evaluation: the resumed run evaluates and records the epoch first."""
+  evaluation: the resumed run evaluates and records the epoch first (and where it is a
+  new best, saves that step again with its metrics)."""
   done = step // loop.steps_per_epoch
   if step and step % loop.steps_per_epoch == 0 and (not history or history[-1]["epoch"] < done):
     record = {"epoch": done, "step": step,
@@ -293,6 +315,10 @@ def _catch_up(loop: Loop, step: int, history: list[dict], carried: list[float],
     history.append(record)
     if is_main_process():
       fileio.write_json_atomic(loop.workdir / workdir_lib.HISTORY_FILE, history)
+    if best_metrics(loop, history, record):   # saved before it was evaluated: save it ranked
+      mngr.delete(step)
+      checkpoint.save(mngr, step, loop.state, progress, best_metrics(loop, history, record))
+      checkpoint.seal(mngr)
 
 
 def _record_epoch(loop: Loop, state: Any, epoch: int, step: int, losses: list[float],
@@ -411,7 +437,8 @@ def _stop_if_asked(run: "_Session", step: int, state: Any, metrics: "_Metrics | 
   if metrics is not None:
     metrics.flush()
     losses = metrics.losses
-  checkpoint.save(run.mngr, step, state, _progress(run.loop, step, run.key, losses))
+  checkpoint.save(run.mngr, step, state, _progress(run.loop, step, run.key, losses),
+                  {} if run.loop.keep_best else None)
   checkpoint.seal(run.mngr)
   raise preemption.Preempted(name, step, str(run.mngr.directory / str(step)))
 
@@ -440,7 +467,8 @@ def _train_epoch(run: _Session, epoch: int, step: int, state: Any,
     run.pace(step)
     if _due(step, settings.checkpoint_every_steps) and start + num < loop.steps_per_epoch:
       metrics.flush()
-      checkpoint.save(run.mngr, step, state, _progress(loop, step, run.key, metrics.losses))
+      checkpoint.save(run.mngr, step, state, _progress(loop, step, run.key, metrics.losses),
+                      {} if loop.keep_best else None)
     # One process: its own flag, every chunk. Many: they agree where the metrics are
     # fetched anyway (a log step), so the check adds no wait on the device.
     if (jax.process_count() == 1 and preemption.received() is not None) or (
@@ -466,7 +494,7 @@ def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer: MetricW
   settings = loop.settings
   key = _resume_key(loop, step, progress, jax.random.fold_in(jax.random.key(settings.seed), 1))
   carried = list((progress or {}).get("epoch_losses", []))
-  _catch_up(loop, step, history, carried, end_epoch)
+  _catch_up(loop, step, history, carried, end_epoch, mngr, progress)
   run = _Session(loop, mngr, writer, key, _Pace(loop.total_epochs * loop.steps_per_epoch, writer),
                  _Profile(settings.profile_steps, loop.workdir), _Bar(loop, step, history))
   try:
@@ -491,9 +519,10 @@ def _epochs(run: _Session, step: int, history: list[dict], carried: list[float],
                   run.writer, end_epoch, synced)
     run.bar.show(epoch, record=history[-1])
     synced = syncs.snapshot()
+    best = best_metrics(loop, history, history[-1])
     if _due(epoch + 1, settings.checkpoint_every_epochs) or epoch + 1 == loop.total_epochs or \
-        _due(step, settings.checkpoint_every_steps):
-      checkpoint.save(run.mngr, step, state, _progress(loop, step, run.key, []))
+        _due(step, settings.checkpoint_every_steps) or best:
+      checkpoint.save(run.mngr, step, state, _progress(loop, step, run.key, []), best)
     if epoch + 1 < loop.total_epochs:
       _stop_if_asked(run, step, state, None)
   return state
