@@ -66,13 +66,13 @@ def main(argv):
   launch.enable_compilation_cache(_CACHE.value)
   if jax.process_index() > 0:  # process 0 speaks for the run
     logging.set_verbosity(logging.WARNING)
-  logging.info("stage %s in %s: %s", _CONFIG.value.stage, _WORKDIR.value,
-               launch.describe_config(_CONFIG.value))
   try:
     preemption.signal_names(_STOP_SIGNAL.value)
   except ValueError as e:
     raise SystemExit(f"error: --{e}") from None
   try:
+    logging.info("stage %s in %s: %s", _CONFIG.value.stage, _WORKDIR.value,
+                 launch.describe_config(_CONFIG.value))
     with preemption.watching(_STOP_SIGNAL.value):
       launch.run(_CONFIG.value, _WORKDIR.value)
   except preemption.Preempted as e:

@@ -80,8 +80,7 @@ def _checkpoint_params(folder: Path, best: bool = False) -> tuple[int, dict]:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from mae_jax.runtime import checkpoint  # pylint: disable=g-import-not-at-top
   if best:
-    with ocp.CheckpointManager(folder.absolute()) as mngr:
-      step = checkpoint.ranked_steps(mngr)[0]
+    step = checkpoint.ranked_steps(folder)[0]
   else:
     step = max(int(p.name) for p in folder.iterdir() if p.name.isdigit())
   path = folder / str(step)

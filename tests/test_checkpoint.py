@@ -68,7 +68,7 @@ def test_the_best_step_is_kept_beside_the_latest_and_restored(tmp_path, lower):
       checkpoint.save(mngr, step, _state(float(step)), metrics=metrics)
       checkpoint.seal(mngr)
     assert mngr.all_steps() == [2, 5, 6]          # 1 was overtaken by 2; 3 and 4 by newer ones
-    assert checkpoint.ranked_steps(mngr) == [2] and mngr.best_step() == 2
+    assert checkpoint.ranked_steps(mngr.directory) == [2] and mngr.best_step() == 2
     state, step, _ = checkpoint.restore_best(mngr, _state(0.0))
     assert step == 2 and float(state["params"]["w"][0]) == 2.0
     assert checkpoint.restore_latest(mngr, _state(0.0))[1] == 6
@@ -84,7 +84,7 @@ def test_a_damaged_best_gives_way_to_the_next_best(tmp_path):
       metrics = {} if score is None else checkpoint.best_metrics("val_x", score, False)
       checkpoint.save(mngr, step, _state(float(step)), metrics=metrics)
       checkpoint.seal(mngr)
-    assert checkpoint.ranked_steps(mngr) == [2, 1]
+    assert checkpoint.ranked_steps(mngr.directory) == [2, 1]
   (tmp_path / "checkpoints" / "2" / "state" / "_METADATA").unlink()
   with pytest.raises(errors.MissingCheckpointError, match="no checkpoint chosen on validation"):
     checkpoint.restore_latest_on_one_device(tmp_path / "empty", best=True)
@@ -95,6 +95,34 @@ def test_a_damaged_best_gives_way_to_the_next_best(tmp_path):
     assert step == 1 and float(state["params"]["w"][0]) == 1.0
     assert mngr.all_steps() == [1, 3]
   assert (tmp_path / "damaged_checkpoints" / "checkpoints_2").is_dir()
+
+
+def test_a_metrics_file_that_does_not_parse_is_set_aside_before_orbax_opens_the_folder(
+    tmp_path, caplog):
+  """orbax reads every step's metrics when it opens a folder: a cut metrics file would stop
+  resume, test scoring and predict with a JSON traceback."""
+  with checkpoint.manager(tmp_path, 3, keep_best=True) as mngr:
+    for step, score in ((1, 0.5), (2, 0.7)):
+      checkpoint.save(mngr, step, _state(float(step)),
+                      metrics=checkpoint.best_metrics("val_x", score, False))
+      checkpoint.seal(mngr)
+  metrics = tmp_path / "checkpoints" / "2" / "metrics" / "metrics"
+  metrics.write_text(metrics.read_text()[:5])
+  assert checkpoint.latest_step(tmp_path) == 2
+  with caplog.at_level("WARNING"):
+    tree, step = checkpoint.restore_latest_on_one_device(tmp_path / "checkpoints", best=True)
+  assert step == 1 and float(tree["params"]["w"][0]) == 1.0   # another workdir: left in place
+  assert "metrics/metrics does not parse" in caplog.text and metrics.exists()
+  with checkpoint.manager(tmp_path, 3, keep_best=True) as mngr:   # its own: set aside
+    assert mngr.all_steps() == [1]
+    assert checkpoint.restore_best(mngr, _state(0.0))[1] == 1
+  assert (tmp_path / "damaged_checkpoints" / "checkpoints_2").is_dir()
+
+
+def test_a_non_finite_rank_is_never_the_best():
+  assert checkpoint._rank({"rank": float("nan")}) == float("-inf")  # pylint: disable=protected-access
+  assert checkpoint._rank({"rank": "x"}) == checkpoint._rank({}) == float("-inf")  # pylint: disable=protected-access
+  assert checkpoint._rank(checkpoint.best_metrics("val_ece", 0.2, True)) == -0.2  # pylint: disable=protected-access
 
 
 @pytest.mark.slow

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from mae_jax.runtime import checkpoint
@@ -339,8 +338,7 @@ def test_export_and_predict_take_the_checkpoint_before_a_damaged_one(tmp_path):
   assert not any(n in export.stderr for n in NOISE), export.stderr[-3000:]
 
   # The epoch the fine-tune chose, then any earlier best: predict takes the next best.
-  with ocp.CheckpointManager(fine / "checkpoints") as mngr:
-    ranked = checkpoint.ranked_steps(mngr)
+  ranked = checkpoint.ranked_steps(fine / "checkpoints")
   assert ranked and ranked[0] == json.loads((fine / "eval_metrics.json").read_text())["step"]
   remove_a_file(fine / "checkpoints" / str(ranked[0]))
   predict = _main("--config=configs/predict.py:tiny", f"--workdir={tmp_path / 'predict'}",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from mae_jax.runtime import checkpoint
 from mae_jax.runtime import preemption
 from tests import test_multihost
 
@@ -140,3 +141,34 @@ def test_two_hosts_stop_at_the_same_step_when_one_gets_the_signal(tmp_path):
     assert p.returncode == preemption.EXIT_STATUS, err[-3000:]
   assert "stopped on SIGTERM at step 3 with the checkpoint saved" in outs[0][1]
   assert max(_steps(tmp_path / "runs" / "pre")) == 3
+
+
+@pytest.mark.slow
+def test_a_classifier_stopped_before_an_epochs_evaluation_ranks_that_step_when_resumed(
+    tmp_path):
+  """A fine-tune stopped at epoch 1's last step, before its evaluation: the resumed run
+  evaluates epoch 1 first and, that epoch being a new best, saves the step again with its
+  metrics; the chosen epoch and every test number equal an uninterrupted run's."""
+  def finetune(workdir: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    args = [sys.executable, str(ROOT / "main.py"), "--config=configs/finetune.py:tiny,arch=cnn",
+            f"--workdir={workdir}", f"--config.data.dir={tmp_path / 'sim'}",
+            f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.data.sim.workers=1"]
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})})
+
+  whole = finetune(tmp_path / "whole")
+  assert whole.returncode == 0, whole.stderr[-3000:]
+  spe = _history(tmp_path / "whole")[0]["step"]
+  run = tmp_path / "cut"
+  stopped = finetune(run, {"MAE_JAX_SIGNAL_AT": f"step:{spe}", "MAE_JAX_SIGNAL": "SIGTERM"})
+  assert stopped.returncode == preemption.EXIT_STATUS, stopped.stderr[-3000:]
+  assert not (run / "history.json").exists() or not json.loads((run / "history.json").read_text())
+  assert checkpoint.ranked_steps(run / "checkpoints") == []   # saved before its evaluation
+  resumed = finetune(run)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resuming from checkpoint step {spe}" in resumed.stderr
+  if (run / "checkpoints" / str(spe)).is_dir():   # kept: the best, or among the latest
+    assert spe in checkpoint.ranked_steps(run / "checkpoints")   # epoch 1 was a new best
+  assert _history(run) == _history(tmp_path / "whole")
+  metrics = [json.loads((r / "eval_metrics.json").read_text()) for r in (tmp_path / "whole", run)]
+  assert metrics[0] == metrics[1]

@@ -12,7 +12,9 @@ A classifier stage's manager also keeps the step of its best validation score: s
 save carries metrics (`best_metrics`: the score and its `rank`, the score negated where
 lower is better), and orbax's `BestN` policy keeps the highest-ranked step beside the
 latest ones (`LatestN`), in the same folder; `restore_best` and
-`restore_best_on_one_device` read it.
+`restore_latest_on_one_device(best=True)` read it. orbax reads every step's metrics when
+it opens a folder, so a step whose metrics file does not parse is set aside first (or,
+in another stage's workdir, skipped) instead of failing the whole folder.
 
 Once a save has finished, a manifest of its files (size and CRC-32 each) is written in
 its folder, last and atomically (`seal`). Every restore checks it first: a step whose
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging as std_logging
 import sys
 import traceback
@@ -57,18 +60,68 @@ DAMAGED = workdir_lib.DAMAGED_CHECKPOINTS   # where resume sets aside steps that
 # size and CRC-32. In the checkpoints folder, the marker of a folder whose steps have
 # one, naming the steps older than it (checked the old way, by reading them).
 MANIFEST, MANIFESTED = "manifest.json", "manifests.json"
-# The metric a best-keeping manager ranks its steps by (higher is better).
-RANK = "rank"
+# The metric a best-keeping manager ranks its steps by (higher is better), and orbax's
+# item of a save's metrics (`<step>/metrics/metrics`).
+RANK, METRICS = "rank", "metrics"
 
 
 def _rank(metrics: dict[str, Any] | None) -> float:
-  """A step's rank: its metrics' RANK, or -inf (a save that was not a new best)."""
-  return float((metrics or {}).get(RANK, float("-inf")))
+  """A step's rank: its metrics' RANK, or -inf (a save that was not a new best, or a
+  rank that is not a finite number)."""
+  rank = (metrics or {}).get(RANK) if isinstance(metrics, dict) else None
+  try:
+    rank = float(rank)
+  except (TypeError, ValueError):
+    return float("-inf")
+  return rank if rank == rank and abs(rank) != float("inf") else float("-inf")
 
 
 def best_metrics(name: str, value: float, lower_is_better: bool) -> dict[str, float]:
   """The metrics of a save that is a new best `name`: the value and its rank."""
   return {name: float(value), RANK: -float(value) if lower_is_better else float(value)}
+
+
+def _step_dirs(folder: Path) -> list[int]:
+  """The steps of a checkpoints folder by its listing (a step's folder is named by its
+  number once orbax finished writing it; the manifest check catches the rest)."""
+  if not folder.is_dir():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _metrics_of(step_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+  """(a step's saved metrics or None, what is wrong with its metrics file or None)."""
+  file = step_dir / METRICS / METRICS
+  if not file.exists():
+    return None, None
+  try:
+    return json.loads(file.read_text()), None
+  except (OSError, ValueError) as e:
+    return None, f"{METRICS}/{METRICS} does not parse ({type(e).__name__})"
+
+
+def ranked_steps(folder: str | Path) -> list[int]:
+  """The steps of a checkpoints folder that were a new best, best first (read from each
+  step's metrics file; one that does not parse is left out)."""
+  ranks = {}
+  for step in _step_dirs(Path(folder)):
+    rank = _rank(_metrics_of(Path(folder) / str(step))[0])
+    if rank != float("-inf"):
+      ranks[step] = rank
+  return sorted(ranks, key=lambda s: (-ranks[s], s))
+
+
+def _set_aside_unreadable_metrics(folder: Path) -> None:
+  """Before orbax opens this stage's own folder (it reads every step's metrics and would
+  fail on one): steps whose metrics file does not parse are set aside, one line each."""
+  bad = {step: why for step in _step_dirs(folder)
+         for why in [_metrics_of(folder / str(step))[1]] if why}
+  if jax.process_count() > 1:   # every process lists before any moves
+    multihost_utils.sync_global_devices("mae_jax listed checkpoint metrics")
+  for step, why in bad.items():
+    target = _set_aside_folder(folder, step)
+    logging.warning("checkpoint step %d skipped: %s is damaged (%s); moved to %s, not deleted",
+                    step, folder / str(step), why, target)
 
 
 def manager(workdir: str | Path, max_to_keep: int = 3,
@@ -78,6 +131,7 @@ def manager(workdir: str | Path, max_to_keep: int = 3,
   (orbax's `LatestN` preservation policy) and, with `keep_best`, the best-ranked step
   (`BestN` on the saves' metrics); its steps get manifests (`seal`)."""
   path = Path(workdir).absolute() / folder
+  _set_aside_unreadable_metrics(path)
   policy = ocp.checkpoint_managers.LatestN(n=max_to_keep)
   best = {}
   if keep_best:
@@ -319,9 +373,15 @@ def _quiet_failed_reads() -> Iterator[None]:
 
 
 def _set_aside(mngr: ocp.CheckpointManager, step: int) -> Path:
-  """Moves a damaged step out of the manager's folder into
+  """Moves a damaged step out of the manager's folder (`_set_aside_folder`)."""
+  target = _set_aside_folder(Path(mngr.directory), step)
+  mngr.reload()
+  return target
+
+
+def _set_aside_folder(folder: Path, step: int) -> Path:
+  """Moves a damaged step out of `folder` into
   `<workdir>/damaged_checkpoints/<folder>_<step>` (process 0; the others wait)."""
-  folder = Path(mngr.directory)
   target = folder.parent / DAMAGED / f"{folder.name}_{step}"
   if jax.process_index() == 0:
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -332,7 +392,6 @@ def _set_aside(mngr: ocp.CheckpointManager, step: int) -> Path:
     (folder / str(step)).rename(target)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"mae_jax set aside checkpoint {step}")
-  mngr.reload()
   return target
 
 
@@ -374,25 +433,11 @@ def restore_latest(mngr: ocp.CheckpointManager, template: PyTree
   return _restore_first(mngr, template, sorted(mngr.all_steps(), reverse=True))
 
 
-def ranked_steps(mngr: ocp.CheckpointManager) -> list[int]:
-  """The steps of a best-keeping manager that were a new best, best first (a step whose
-  metrics cannot be read is left out; its restore would fail on its manifest anyway)."""
-  ranks = {}
-  for step in mngr.all_steps():
-    try:
-      rank = _rank(mngr.metrics(step))
-    except Exception:  # pylint: disable=broad-except
-      continue
-    if rank != float("-inf"):
-      ranks[step] = rank
-  return sorted(ranks, key=lambda s: (-ranks[s], s))
-
-
 def restore_best(mngr: ocp.CheckpointManager, template: PyTree
                  ) -> tuple[PyTree, int, dict[str, Any] | None] | None:
   """The best-ranked checkpoint that restores (`restore_latest`'s checks; a damaged one
   is set aside and the next best taken), or None if no save was a new best."""
-  return _restore_first(mngr, template, ranked_steps(mngr), "next best")
+  return _restore_first(mngr, template, ranked_steps(mngr.directory), "next best")
 
 
 def _restore_first(mngr: ocp.CheckpointManager, template: PyTree, steps: list[int],
@@ -426,8 +471,11 @@ def latest_step(workdir: str | Path) -> int | None:
   path = Path(workdir).absolute() / workdir_lib.CHECKPOINTS
   if not path.is_dir():
     return None
-  with ocp.CheckpointManager(path) as mngr:
-    return mngr.latest_step()
+  try:
+    with ocp.CheckpointManager(path) as mngr:
+      return mngr.latest_step()
+  except ValueError:   # a step's metrics file does not parse: orbax cannot open the folder
+    return max(_step_dirs(path), default=None)
 
 
 class _NoItemMetadataNote(std_logging.Filter):
@@ -473,17 +521,20 @@ def restore_latest_on_one_device(folder: str | Path, best: bool = False) -> tupl
     errors.DamagedCheckpointError: there are checkpoints, but none restores.
   """
   folder = Path(folder).absolute()
-  steps = []
-  if folder.is_dir():
-    with ocp.CheckpointManager(folder) as mngr:
-      steps = ranked_steps(mngr) if best else sorted(mngr.all_steps(), reverse=True)
+  # Listed, and ranked, without orbax opening the folder: it would read every step's
+  # metrics and fail on one that does not parse.
+  unreadable = {s: why for s in _step_dirs(folder) for why in [_metrics_of(folder / str(s))[1]]
+                if why}
+  steps = sorted(_step_dirs(folder), reverse=True)
+  if best:   # a step whose metrics file does not parse might have been the best: tried first
+    steps = sorted(unreadable, reverse=True) + ranked_steps(folder)
   if not steps:
     raise errors.MissingCheckpointError(
         f"no {'checkpoint chosen on validation' if best else 'complete checkpoint'} in {folder}")
   skipped = []
   for step in steps:
     item = folder / str(step) / STATE
-    why = manifest_problem(item.parent)
+    why = unreadable.get(step) or manifest_problem(item.parent)
     if why is None:
       try:
         with _quiet_failed_reads():

@@ -44,6 +44,7 @@ from mae_jax.models import build
 from mae_jax.models import heads
 from mae_jax.models import load
 from mae_jax.runtime import checkpoint
+from mae_jax.runtime import errors
 from mae_jax.runtime import fileio
 from mae_jax.runtime import parallel
 from mae_jax.runtime import workdir as workdir_lib
@@ -173,7 +174,7 @@ def _baseline(config: ml_collections.ConfigDict, splits: dict[str, Any]) -> base
       (profiles["train"], splits["train"].labels),
       {name: (profiles[name], splits[name].labels) for name in ("validation", "test")},
       tuple(config.evals), intervals_seed=config.seed)
-  logging.info("baseline, %s: validation %s %s", baseline.DESCRIPTION, config.select_by,
+  logging.info("baseline, %s: validation %s %.4f", baseline.DESCRIPTION, config.select_by,
                base.scores["validation"].get(config.select_by))
   return base
 
@@ -351,7 +352,16 @@ def _test(run: _Run, state, history: list[dict]) -> dict[str, tuple[np.ndarray, 
   config = run.config
   evaluate = common.Evaluator(steps.logits_fn(run.model, inputs_are_features=run.cached),
                               run.mesh, run.feed("test"), run.feeding(config.eval_batch_size))
-  chosen_state, chosen_step, _ = checkpoint.restore_best(run.mngr, state)
+  chosen = checkpoint.restore_best(run.mngr, state)
+  legacy = run.workdir / workdir_lib.BEST_CHECKPOINT
+  if chosen is None and legacy.is_dir():   # begun before the BestN policy: its best is there
+    with checkpoint.manager(run.workdir, 1, folder=workdir_lib.BEST_CHECKPOINT) as old:
+      chosen = checkpoint.restore_latest(old, state)
+  if chosen is None:
+    raise errors.NonFiniteError(
+        f"no epoch of {run.workdir} had a finite validation {config.select_by} to be chosen by; "
+        "the final epoch's numbers are in history.json")
+  chosen_state, chosen_step, _ = chosen
   out = {}
   for name, s, at in (("chosen", chosen_state, chosen_step), ("final", state, int(state.step))):
     probs = metrics_lib.softmax(evaluate(_tree(s)))

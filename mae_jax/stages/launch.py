@@ -132,7 +132,10 @@ def describe_config(config: ml_collections.ConfigDict) -> str:
   same stage, preset and options), one `key = value` each; the whole config is in the
   workdir's config.json."""
   stage, preset = config.get("stage"), config.get("preset")
-  reference = validate.reference_config(stage, preset, validate.options_of(config))
+  try:
+    reference = validate.reference_config(stage, preset, validate.options_of(config))
+  except ValueError:   # an unknown preset or option: the config checks say so in one line
+    return f"configs/{stage}.py:{preset}"
   ours = validate.flat_keys(config.copy_and_resolve_references())
   stock = validate.flat_keys(reference) if reference is not None else {}
   changed = [f"  {k} = {v!r}" for k, v in ours.items() if stock.get(k, object()) != v]

@@ -108,11 +108,12 @@ def _is_classifier_run(folder: Path) -> bool:
 
 def _chosen_folder(run_dir: Path) -> tuple[Path, bool]:
   """(the checkpoint folder of the epoch a classifier run chose, whether to rank it):
-  `checkpoints/` ranked by the saves' metrics, or the `best_checkpoint/` folder a run
-  of mae_jax before the BestN policy wrote."""
-  if (run_dir / _LEGACY_BEST).is_dir():
+  `checkpoints/` ranked by the saves' metrics; where no step there is ranked, the
+  `best_checkpoint/` folder a run begun before the BestN policy wrote."""
+  ranked = run_dir / workdir_lib.CHECKPOINTS
+  if not checkpoint.ranked_steps(ranked) and (run_dir / _LEGACY_BEST).is_dir():
     return run_dir / _LEGACY_BEST, False
-  return run_dir / workdir_lib.CHECKPOINTS, True
+  return ranked, True
 
 
 def find_model(model_dir: str | os.PathLike[str]) -> Path:

@@ -93,9 +93,11 @@ def _prober(run: "_Run", feeding: steps.Feeding) -> Callable | None:
   encoder's candidate features of the probe images in one pass, scored on the host."""
   if run.probe is None:
     return None
+  feed = run.feeds["probe"]
   bank = common.Evaluator(steps.feature_bank_fn(build.build_encoder_features(run.config.model)),
-                          run.mesh, run.feeds["probe"],
-                          dataclasses.replace(feeding, local_batch=run.local_eval))
+                          run.mesh, feed,
+                          dataclasses.replace(feeding, source=feed.source,
+                                              local_batch=run.local_eval))
 
   def probe(state) -> dict[str, Any]:
     start = time.time()
@@ -246,14 +248,14 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
     workdir.mkdir(parents=True, exist_ok=True)
   data = source.DataSettings.from_config(config.data)
   classes, pool, val, probe = _pool(config, data)
-  fed = [("pool", pool.images, pool.labels), ("validation", val.images, val.labels)]
-  if probe is not None:
-    fed.append(("probe", probe.images, probe.labels))
-  kind = common.choose_feed(data, sum(images.nbytes for _, images, _ in fed), "pretraining")
+  kind = common.choose_feed(data, pool.images.nbytes + val.images.nbytes, "pretraining")
   # Raw images stay float32 in the feed: the step normalises them, then casts to the
   # compute dtype (bfloat16 raw pixels would quantise the reconstruction targets).
-  made = {name: feeds.make(kind, images, labels, mesh, config.seed, np.float32)
-          for name, images, labels in fed}
+  made = {name: feeds.make(kind, s.images, s.labels, mesh, config.seed, np.float32)
+          for name, s in (("pool", pool), ("validation", val))}
+  if probe is not None:   # its own feed: turning the probe on never changes training's
+    made["probe"] = feeds.make(common.choose_feed(data, probe.images.nbytes, "online probe"),
+                               probe.images, probe.labels, mesh, config.seed, np.float32)
   steps_per_epoch = batching.steps_per_epoch(len(pool), mesh.devices.size, local_batch)
   if steps_per_epoch < 1:
     raise errors.InsufficientDataError(

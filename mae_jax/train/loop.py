@@ -158,18 +158,20 @@ class Loop:
 
 def best_metrics(loop: Loop, history: list[dict], record: dict) -> dict[str, float] | None:
   """The metrics of a save at `record`'s epoch: with `loop.keep_best`, its value if it
-  beats every earlier record's (ties keep the first), else {}; None without it."""
+  is finite and beats every earlier record's (ties keep the first), else {}; None
+  without it."""
   if loop.keep_best is None:
     return None
   key, lower = loop.keep_best
+  finite = lambda v: v is not None and bool(np.isfinite(v))  # pylint: disable=unnecessary-lambda-assignment
   best = None
   for h in history:
     value = h.get(key)
-    if h is not record and value is not None and (
+    if h is not record and finite(value) and (
         best is None or (value < best if lower else value > best)):
       best = value
   value = record.get(key)
-  if value is None or (best is not None and not (value < best if lower else value > best)):
+  if not finite(value) or (best is not None and not (value < best if lower else value > best)):
     return {}
   return checkpoint.best_metrics(key, value, lower)
 
@@ -313,12 +315,13 @@ def _catch_up(loop: Loop, step: int, history: list[dict], carried: list[float],
               "lr": host_lr(loop.schedule, step - 1), "seconds": 0.0}
     end_epoch(loop.state, done - 1, record)
     history.append(record)
+    ranked = best_metrics(loop, history, record)
+    if ranked:   # saved before it was evaluated: saved again with its metrics, before the
+      mngr.delete(step)   # record joins history.json (a kill in between repeats this)
+      checkpoint.save(mngr, step, loop.state, progress, ranked)
+      checkpoint.seal(mngr)
     if is_main_process():
       fileio.write_json_atomic(loop.workdir / workdir_lib.HISTORY_FILE, history)
-    if best_metrics(loop, history, record):   # saved before it was evaluated: save it ranked
-      mngr.delete(step)
-      checkpoint.save(mngr, step, loop.state, progress, best_metrics(loop, history, record))
-      checkpoint.seal(mngr)
 
 
 def _record_epoch(loop: Loop, state: Any, epoch: int, step: int, losses: list[float],
@@ -494,11 +497,11 @@ def run_epochs(loop: Loop, step: int, history: list[dict], mngr, writer: MetricW
   settings = loop.settings
   key = _resume_key(loop, step, progress, jax.random.fold_in(jax.random.key(settings.seed), 1))
   carried = list((progress or {}).get("epoch_losses", []))
-  _catch_up(loop, step, history, carried, end_epoch, mngr, progress)
   run = _Session(loop, mngr, writer, key, _Pace(loop.total_epochs * loop.steps_per_epoch, writer),
                  _Profile(settings.profile_steps, loop.workdir), _Bar(loop, step, history))
   try:
-    with preemption.training():
+    with preemption.training():   # a stop signal waits for the catch-up's save, too
+      _catch_up(loop, step, history, carried, end_epoch, mngr, progress)
       return _epochs(run, step, history, carried, end_epoch)
   finally:
     run.bar.close()
