@@ -50,9 +50,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietLibraries(logging.logging.Filter):
-  """Drops the INFO chatter of orbax and tfds (warnings and errors still pass)."""
+  """Drops the INFO chatter of orbax, tfds and JAX, and below INFO (`-v 1`) every
+  library's debug lines but mae_jax's own (warnings and errors always pass)."""
 
   def filter(self, record):
+    if record.levelno < logging.logging.INFO:
+      return "/mae_jax/" in record.pathname or record.pathname == __file__
     noisy = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/")
     return record.levelno > logging.logging.INFO or not any(n in record.pathname for n in noisy)
 

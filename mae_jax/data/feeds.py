@@ -193,6 +193,6 @@ def make(kind: str, inputs: np.ndarray, labels: np.ndarray, mesh: Mesh, seed: in
 def log_choice(kind: str, why: str, what: str) -> None:
   """The training feed's choice in the log; the feature passes' and the online probe's at
   verbosity 1 (`-v 1`)."""
-  log = (lambda *a: logging.vlog(1, *a)) if what.endswith(("features", "probe")) \
-      else logging.info
+  log = (lambda *a: logging.vlog(1, *a)) if what.endswith("features") or \
+      what == "online probe" else logging.info
   log("feed for %s: %s (%s)", what, kind, why)
