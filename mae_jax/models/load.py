@@ -347,10 +347,23 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
   return obj
 
 
+def adapt_bands(name: str, value: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+  """A single-band patch-embedding kernel `value` for a model of `shape[2]` bands: repeated
+  over the bands and scaled by 1/bands, so an image whose bands are equal embeds as the
+  single-band image did; None where `name` and the shapes are not such a pair."""
+  value = np.asarray(value)
+  if not (name.startswith("encoder/patch_embed/") and name.endswith("kernel")) or \
+      value.ndim != 4 or len(shape) != 4 or value.shape[2] != 1 or shape[2] < 2 or \
+      value.shape[:2] != tuple(shape[:2]) or value.shape[3] != shape[3]:
+    return None
+  return np.repeat(value, shape[2], axis=2) / shape[2]
+
+
 def _merge(template: PyTree, loaded: dict[str, Any], dont_load: list[str], required: str,
            what: str) -> tuple[PyTree, list[str]]:
   """`template` with each leaf replaced by the same-named (`/`-joined) loaded one,
-  shape-checked; returns it and the names left as they were."""
+  shape-checked (a single-band patch embedding adapted to more bands, `adapt_bands`, in
+  one log line); returns it and the names left as they were."""
   fresh, out = [], {}
   for name, node in traverse_util.flatten_dict(template, sep="/").items():
     if any(re.fullmatch(p, name) for p in dont_load) or name not in loaded:
@@ -362,6 +375,11 @@ def _merge(template: PyTree, loaded: dict[str, Any], dont_load: list[str], requi
       out[name] = node
       continue
     value = loaded[name]
+    adapted = adapt_bands(name, value, tuple(node.shape))
+    if adapted is not None:
+      logging.info("%s: %s of one band repeated over %d bands and scaled by 1/%d", what, name,
+                   node.shape[2], node.shape[2])
+      value = adapted
     if tuple(value.shape) != tuple(node.shape):
       raise errors.IncompatibleCheckpointError(
           f"{what}: param {name} has shape {tuple(value.shape)} there but "

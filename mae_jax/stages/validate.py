@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import jax
 import ml_collections
+from absl import logging
 from flax import traverse_util
 
 from mae_jax import objectives
@@ -236,16 +237,36 @@ def _stage_problems(config: ml_collections.ConfigDict) -> list[str]:
   return problems
 
 
+def _source_model(source: Path) -> dict:
+  saved = source / workdir_lib.CONFIG_FILE
+  return json.loads(saved.read_text()).get("model", {}) if saved.exists() else {}
+
+
+def encoder_adaptations(model: ml_collections.ConfigDict, source: Path) -> list[str]:
+  """How an encoder from the stage in `source` is adapted to `model`'s image size, in a
+  line: the same patch on a new grid, its fixed sin-cos positions computed for that grid
+  (one band adapted to several is `load.adapt_bands`', logged where it is done)."""
+  theirs, notes = _source_model(source), []
+  if theirs.get("image_size") not in (None, model.image_size):
+    grid, old = model.image_size // model.patch, theirs["image_size"] // model.patch
+    notes.append(f"the encoder of {source} ({theirs['image_size']} px, a {old}x{old} grid of "
+                 f"patches) runs at {model.image_size} px: sin-cos positions of the {grid}x{grid} "
+                 "grid")
+  return notes
+
+
 def encoder_problems(model: ml_collections.ConfigDict, source: Path) -> list[str]:
   """Each encoder key (`build.ENCODER_KEYS`) on which `model` differs from the model the
-  stage in `source` saved in its config.json (none when it saved none)."""
-  saved = source / workdir_lib.CONFIG_FILE
-  if not saved.exists():
-    return []
-  theirs = json.loads(saved.read_text()).get("model", {})
+  stage in `source` saved in its config.json (none when it saved none), but for what
+  `encoder_adaptations` adapts: another image size (the positions are fixed sin-cos, the
+  params do not depend on it) and one band to several."""
+  theirs = _source_model(source)
+  adaptable = {"image_size"} | ({"channels"} if theirs.get("channels") == 1 else set())
   return [f"init_from: the source stage {source} used model.{k}={theirs[k]}, this one "
           f"model.{k}={model[k]}; the encoder config must match"
-          for k in build.ENCODER_KEYS if k in theirs and k in model and theirs[k] != model[k]]
+          + (" (only one band adapts to several)" if k == "channels" else "")
+          for k in build.ENCODER_KEYS
+          if k in theirs and k in model and theirs[k] != model[k] and k not in adaptable]
 
 
 def check_source_encoder(config: ml_collections.ConfigDict) -> None:
@@ -258,6 +279,8 @@ def check_source_encoder(config: ml_collections.ConfigDict) -> None:
   found = encoder_problems(config.model, Path(config.init_from))
   if found:
     raise ConfigError("; ".join(found))
+  for note in encoder_adaptations(config.model, Path(config.init_from)):
+    logging.info("%s", note)
 
 
 def _source_checkpoint_problems(config: ml_collections.ConfigDict, workdir: Path) -> list[str]:
