@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 import logging as std_logging
 import sys
 import traceback
@@ -68,12 +69,12 @@ RANK, METRICS = "rank", "metrics"
 def _rank(metrics: dict[str, Any] | None) -> float:
   """A step's rank: its metrics' RANK, or -inf (a save that was not a new best, or a
   rank that is not a finite number)."""
-  rank = (metrics or {}).get(RANK) if isinstance(metrics, dict) else None
+  rank = metrics.get(RANK) if isinstance(metrics, dict) else None
   try:
     rank = float(rank)
   except (TypeError, ValueError):
     return float("-inf")
-  return rank if rank == rank and abs(rank) != float("inf") else float("-inf")
+  return rank if math.isfinite(rank) else float("-inf")
 
 
 def best_metrics(name: str, value: float, lower_is_better: bool) -> dict[str, float]:
@@ -523,9 +524,9 @@ def restore_latest_on_one_device(folder: str | Path, best: bool = False) -> tupl
   folder = Path(folder).absolute()
   # Listed, and ranked, without orbax opening the folder: it would read every step's
   # metrics and fail on one that does not parse.
-  unreadable = {s: why for s in _step_dirs(folder) for why in [_metrics_of(folder / str(s))[1]]
-                if why}
-  steps = sorted(_step_dirs(folder), reverse=True)
+  listed = _step_dirs(folder)
+  unreadable = {s: why for s in listed for why in [_metrics_of(folder / str(s))[1]] if why}
+  steps = sorted(listed, reverse=True)
   if best:   # a step whose metrics file does not parse might have been the best: tried first
     steps = sorted(unreadable, reverse=True) + ranked_steps(folder)
   if not steps:

@@ -257,7 +257,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run_dir = find_model(config.model_dir)
   model, params, batch_stats, run_config, step = load_model(run_dir)
   logging.info("classifying %d file(s) of %s with %s step %d", len(files), config.input,
-               _chosen_folder(run_dir)[0], step)
+               run_dir, step)
   done, bad = classify_files(files, model, params, batch_stats, run_config.model.image_size,
                              config.batch_size)
   labelled = any(f.label is not None for f, _ in done)

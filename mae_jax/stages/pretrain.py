@@ -64,12 +64,11 @@ def _pool(config: ml_collections.ConfigDict, data: source.DataSettings
   common.log_split_sizes("pretraining images", {"pool": pool, "validation": val})
   common.require(pool, config.batch_size, "/".join(classes), data.dir)
   common.require(val, 1, "/".join(classes), data.dir)
-  probe = None
-  if online_probe.Settings.from_config(config).enabled:
+  probe, probing = None, online_probe.Settings.from_config(config)
+  if probing.enabled:
     try:
       shots, scored = online_probe.labelled_sets(dataset["train"], dataset["validation"],
-                                                 online_probe.Settings.from_config(config),
-                                                 config.seed)
+                                                 probing, config.seed)
     except errors.InsufficientDataError as e:   # the pretraining itself needs no labels
       logging.warning("online probe off: %s (probe_every_epochs=0 turns it off quietly)", e)
       return classes, pool, val, None
